@@ -1,0 +1,161 @@
+//! Command line: clap definitions and the glue from each command to the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::process::{self, ProcessOptions};
+use crate::runner::Shutdown;
+use crate::settings::Settings;
+
+/// Answers customer-support tickets with LLMs at a fraction of the usual cost.
+#[derive(Debug, Parser)]
+#[command(name = "ticketflow", version, about)]
+pub struct Cli {
+    /// Extra configuration file, layered over the defaults and `config/<TICKETFLOW_ENV>.toml`.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole pipeline on a JSONL file of tickets, in one process, with no
+    /// broker and no database.
+    Process {
+        /// JSONL file of tickets, or `-` for standard input.
+        input: PathBuf,
+        /// Directory for replies.jsonl, costs.jsonl and dead_letters.jsonl.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        /// No progress display.
+        #[arg(long)]
+        quiet: bool,
+        /// Seconds in-flight tickets may take to finish after Ctrl-C.
+        #[arg(long, default_value_t = 30)]
+        drain_timeout_secs: u64,
+    },
+    /// Validate the effective configuration and print it with secrets redacted.
+    Config,
+}
+
+/// A failure with the exit code it maps to (SPEC §2: 1 runtime, 2 usage or configuration).
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: 1,
+            error: e.into(),
+        }
+    }
+}
+
+fn config_failure(e: crate::settings::ConfigError) -> Failure {
+    Failure {
+        code: 2,
+        error: e.into(),
+    }
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Config => {
+            let settings = Settings::load(cli.config.as_deref()).map_err(config_failure)?;
+            print!("{}", settings.redacted_toml());
+            Ok(())
+        }
+        Command::Process {
+            input,
+            out,
+            quiet,
+            drain_timeout_secs,
+        } => {
+            let settings = Arc::new(Settings::load(cli.config.as_deref()).map_err(config_failure)?);
+            let shutdown = Shutdown::new(Duration::from_secs(drain_timeout_secs));
+            spawn_signal_handler(shutdown.clone());
+            let opts = ProcessOptions {
+                input,
+                out_dir: out.clone(),
+                progress: !quiet,
+                drain_timeout: shutdown.drain_timeout,
+            };
+            let report = process::run(settings, opts, shutdown)
+                .await
+                .context("process failed")?;
+            println!("{}", report.summary.render(report.elapsed.as_secs_f64()));
+            println!("outputs in {}", out.display());
+            if report.interrupted {
+                eprintln!(
+                    "interrupted: stopped reading input; {} in-flight ticket(s) were not finished and are not in the outputs",
+                    report.unfinished
+                );
+                return Err(Failure {
+                    code: 130,
+                    error: anyhow::anyhow!("interrupted"),
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
+/// First SIGINT/SIGTERM: stop intake and drain. Second: abandon in-flight work.
+fn spawn_signal_handler(shutdown: Shutdown) {
+    tokio::spawn(async move {
+        let mut count = 0;
+        loop {
+            wait_for_signal().await;
+            count += 1;
+            if count == 1 {
+                eprintln!(
+                    "stopping: finishing in-flight tickets (press Ctrl-C again to stop at once)"
+                );
+                shutdown.stop_intake.cancel();
+            } else {
+                shutdown.abort.cancel();
+                return;
+            }
+        }
+    });
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,251 @@
+//! In-memory ledger with the same semantics as the PostgreSQL one. Used by
+//! `ticketflow process` and tests. Keys are 128-bit hashes of the unit id and a
+//! finished unit keeps no text once published, so a million units cost tens of
+//! megabytes, not gigabytes.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::{Claim, Ledger, LedgerError};
+use crate::ticket::Output;
+
+#[derive(Debug)]
+enum State {
+    InProgress,
+    Finished {
+        dead_letter: bool,
+        unpublished: Option<Box<Output>>,
+    },
+}
+
+#[derive(Debug)]
+struct Entry {
+    state: State,
+    attempts: u32,
+    replay_count: u32,
+    cost_usd: f64,
+}
+
+/// A ledger that lives as long as the process.
+#[derive(Debug, Default)]
+pub struct MemoryLedger {
+    units: Mutex<HashMap<u128, Entry>>,
+}
+
+impl MemoryLedger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn key(unit_id: &str) -> u128 {
+        xxhash_rust::xxh3::xxh3_128(unit_id.as_bytes())
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<u128, Entry>>, LedgerError> {
+        self.units
+            .lock()
+            .map_err(|_| LedgerError::Other("memory ledger lock poisoned".into()))
+    }
+
+    /// Units known to the ledger (for tests and summaries).
+    pub fn len(&self) -> usize {
+        self.units.lock().map(|u| u.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl Ledger for MemoryLedger {
+    async fn claim(
+        &self,
+        unit_id: &str,
+        _ticket_id: &str,
+        replay_count: u32,
+        _worker_id: &str,
+    ) -> Result<Claim, LedgerError> {
+        let mut units = self.lock()?;
+        let entry = units.entry(Self::key(unit_id)).or_insert(Entry {
+            state: State::InProgress,
+            attempts: 0,
+            replay_count,
+            cost_usd: 0.0,
+        });
+        match &mut entry.state {
+            State::InProgress if entry.attempts > 0 => Ok(Claim::Busy),
+            State::InProgress => {
+                entry.attempts = 1;
+                Ok(Claim::Fresh {
+                    attempts: 1,
+                    prior_cost_usd: 0.0,
+                })
+            }
+            State::Finished {
+                dead_letter: true,
+                unpublished: None,
+            } if replay_count > entry.replay_count => {
+                entry.state = State::InProgress;
+                entry.attempts += 1;
+                entry.replay_count = replay_count;
+                Ok(Claim::Fresh {
+                    attempts: entry.attempts,
+                    prior_cost_usd: entry.cost_usd,
+                })
+            }
+            State::Finished {
+                unpublished: Some(output),
+                ..
+            } => Ok(Claim::Unpublished(output.clone())),
+            State::Finished { .. } => Ok(Claim::Done),
+        }
+    }
+
+    async fn finish(&self, unit_id: &str, output: &Output) -> Result<(), LedgerError> {
+        let mut units = self.lock()?;
+        let entry = units
+            .get_mut(&Self::key(unit_id))
+            .ok_or_else(|| LedgerError::Other(format!("finish of unclaimed unit {unit_id}")))?;
+        entry.cost_usd += output.costs().iter().map(|c| c.cost_usd).sum::<f64>();
+        entry.state = State::Finished {
+            dead_letter: matches!(output, Output::DeadLetter { .. }),
+            unpublished: Some(Box::new(output.clone())),
+        };
+        Ok(())
+    }
+
+    async fn mark_published(&self, unit_id: &str) -> Result<(), LedgerError> {
+        let mut units = self.lock()?;
+        if let Some(Entry {
+            state: State::Finished { unpublished, .. },
+            ..
+        }) = units.get_mut(&Self::key(unit_id))
+        {
+            *unpublished = None;
+        }
+        Ok(())
+    }
+
+    async fn release(&self, unit_id: &str) -> Result<(), LedgerError> {
+        let mut units = self.lock()?;
+        if let Some(entry) = units.get_mut(&Self::key(unit_id)) {
+            if matches!(entry.state, State::InProgress) {
+                if entry.attempts <= 1 {
+                    units.remove(&Self::key(unit_id));
+                } else {
+                    // A replayed unit goes back to its dead-lettered state.
+                    entry.state = State::Finished {
+                        dead_letter: true,
+                        unpublished: None,
+                    };
+                    entry.replay_count = entry.replay_count.saturating_sub(1);
+                    entry.attempts -= 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ticket::*;
+
+    fn dead_letter_output() -> Output {
+        Output::DeadLetter {
+            dead_letter: DeadLetter {
+                schema_version: 1,
+                ticket_id: Some("T".into()),
+                unit_id: Some("T:1".into()),
+                error: DeadLetterError {
+                    kind: ErrorKind::ProvidersExhausted,
+                    message: "down".into(),
+                },
+                attempts: 1,
+                replay_count: 0,
+                source: SourceRef {
+                    topic: "t".into(),
+                    partition: 0,
+                    offset: 0,
+                },
+                failed_at: now_rfc3339(),
+                worker_id: "w".into(),
+                payload: "{}".into(),
+                payload_encoding: PayloadEncoding::Utf8,
+            },
+            costs: vec![CostRecord {
+                schema_version: 1,
+                ticket_id: "T".into(),
+                unit_id: "T:1".into(),
+                call_id: "c".into(),
+                stage: Stage::Triage,
+                provider: "p".into(),
+                model: "m".into(),
+                input_tokens: 1,
+                cached_input_tokens: 0,
+                output_tokens: 1,
+                cost_usd: 0.5,
+                outcome: CallOutcome::Error,
+                latency_ms: 1,
+                at: now_rfc3339(),
+                estimated: false,
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn second_claim_while_in_progress_is_busy_then_done() {
+        let l = MemoryLedger::new();
+        assert!(matches!(
+            l.claim("T:1", "T", 0, "w").await.unwrap(),
+            Claim::Fresh { attempts: 1, .. }
+        ));
+        assert!(matches!(
+            l.claim("T:1", "T", 0, "w").await.unwrap(),
+            Claim::Busy
+        ));
+        l.finish("T:1", &dead_letter_output()).await.unwrap();
+        assert!(matches!(
+            l.claim("T:1", "T", 0, "w").await.unwrap(),
+            Claim::Unpublished(_)
+        ));
+        l.mark_published("T:1").await.unwrap();
+        assert!(matches!(
+            l.claim("T:1", "T", 0, "w").await.unwrap(),
+            Claim::Done
+        ));
+    }
+
+    #[tokio::test]
+    async fn replay_of_a_dead_letter_is_fresh_and_carries_prior_cost() {
+        let l = MemoryLedger::new();
+        l.claim("T:1", "T", 0, "w").await.unwrap();
+        l.finish("T:1", &dead_letter_output()).await.unwrap();
+        l.mark_published("T:1").await.unwrap();
+        match l.claim("T:1", "T", 1, "w").await.unwrap() {
+            Claim::Fresh {
+                attempts,
+                prior_cost_usd,
+            } => {
+                assert_eq!(attempts, 2);
+                assert!((prior_cost_usd - 0.5).abs() < 1e-12);
+            }
+            other => panic!("expected fresh, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn released_unit_can_be_claimed_again() {
+        let l = MemoryLedger::new();
+        l.claim("T:1", "T", 0, "w").await.unwrap();
+        l.release("T:1").await.unwrap();
+        assert!(matches!(
+            l.claim("T:1", "T", 0, "w").await.unwrap(),
+            Claim::Fresh { attempts: 1, .. }
+        ));
+    }
+}

@@ -1,0 +1,59 @@
+//! The ledger: the memory of which units of work were claimed, answered, paid for and
+//! published, so that redelivery and replay never answer or pay twice.
+//!
+//! Protocol for one unit: [`Ledger::claim`] → work → [`Ledger::finish`] (outcome and
+//! costs, not yet published) → publish → [`Ledger::mark_published`] → ack. A crash
+//! anywhere leaves a state from which redelivery does the right thing.
+
+pub mod memory;
+
+use async_trait::async_trait;
+
+use crate::ticket::Output;
+
+/// What the worker should do with a unit of work it just received.
+#[derive(Debug)]
+pub enum Claim {
+    /// Do the work. `prior_cost_usd` is what earlier attempts of this unit already
+    /// spent (a replay after an outage); it is added to the reply's `cost_usd`.
+    Fresh { attempts: u32, prior_cost_usd: f64 },
+    /// Already finished and published: acknowledge and move on.
+    Done,
+    /// Finished, but publishing was never confirmed: publish this stored output.
+    Unpublished(Box<Output>),
+    /// Another worker holds a live lease on it: hand the message back for later.
+    Busy,
+}
+
+/// A ledger failure: the message must not be acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger unavailable: {0}")]
+    Unavailable(String),
+    #[error("ledger error: {0}")]
+    Other(String),
+}
+
+/// Storage of units of work. Implementations: [`memory::MemoryLedger`] (embedded mode,
+/// tests) and PostgreSQL (worker).
+#[async_trait]
+pub trait Ledger: Send + Sync {
+    /// Claims `unit_id` for `worker_id`. A dead-lettered unit becomes claimable again
+    /// when it comes back with a higher `replay_count`.
+    async fn claim(
+        &self,
+        unit_id: &str,
+        ticket_id: &str,
+        replay_count: u32,
+        worker_id: &str,
+    ) -> Result<Claim, LedgerError>;
+
+    /// Records the outcome and its cost records; the unit counts as finished but unpublished.
+    async fn finish(&self, unit_id: &str, output: &Output) -> Result<(), LedgerError>;
+
+    /// Records that the output was confirmed published.
+    async fn mark_published(&self, unit_id: &str) -> Result<(), LedgerError>;
+
+    /// Gives a claim back without finishing it (shutdown, or a publish that failed).
+    async fn release(&self, unit_id: &str) -> Result<(), LedgerError>;
+}

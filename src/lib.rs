@@ -1,0 +1,41 @@
+//! ticketflow answers customer-support tickets with LLMs at a fraction of the usual
+//! cost: a cheap model triages every ticket, declarative rules route it, and only the
+//! tickets that need a premium or specialist model (or a person) get one.
+//!
+//! # The pipeline
+//!
+//! ```text
+//! source (kafka | rabbitmq | file)  ->  intake (size, utf-8, json, validate)
+//!   -> ledger claim (idempotency)  ->  triage (cheap tier + local signals)
+//!   -> route (rules)  ->  respond (provider chain, retries, failover,
+//!      moderation bypass)  ->  publish (reply, cost records | dead letter)
+//!   -> ledger record  ->  ack
+//! ```
+//!
+//! # Layout
+//!
+//! - [`cli`]: commands → library calls. [`settings`]: layered config, validation, redaction.
+//! - [`ticket`]: the wire contract. [`intake`]: bytes → [`ticket::Ticket`] or a rejection.
+//! - [`triage`]: prompts, the defensive answer parser, local signals and heuristics.
+//! - [`routing`]: ordered rules. [`moderation`]: our own check after a refusal.
+//! - [`providers`]: the provider trait, the simulated provider, pricing, model chains.
+//! - [`pipeline`]: one ticket through every stage; knows no broker.
+//! - [`runner`]: bounded concurrency, ack/nack from completions, graceful drain.
+//! - [`broker`]: sources and publishers (in-memory queue, output files).
+//! - [`ledger`]: idempotency and cost memory (in-memory).
+//! - [`process`]: the embedded `ticketflow process` command. [`summary`]: its report.
+
+pub mod broker;
+pub mod cli;
+pub mod intake;
+pub mod ledger;
+pub mod moderation;
+pub mod pipeline;
+pub mod process;
+pub mod providers;
+pub mod routing;
+pub mod runner;
+pub mod settings;
+pub mod summary;
+pub mod ticket;
+pub mod triage;

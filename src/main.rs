@@ -1,0 +1,39 @@
+//! The `ticketflow` binary: parse the command line, set up logging, run a command,
+//! map failures to exit codes (0 ok, 1 runtime failure, 2 usage or configuration).
+
+use clap::Parser;
+use ticketflow::cli::{self, Cli, LogFormat};
+
+fn main() {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(failure) = runtime.block_on(cli::run(cli)) {
+        if failure.code != 130 {
+            eprintln!("error: {:#}", failure.error);
+        }
+        std::process::exit(failure.code);
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("TICKETFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,558 @@
+//! One ticket through every stage, knowing no broker:
+//! intake → ledger claim → triage → route → respond (chains, moderation bypass)
+//! → ledger finish → publish → ledger mark published. The caller acks afterwards.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::broker::{BrokerError, Delivery, Publisher};
+use crate::intake::{self, Rejection};
+use crate::ledger::{Claim, Ledger, LedgerError};
+use crate::moderation::{Moderator, Verdict};
+use crate::providers::chain::{ChainResult, ChainRunner, UnitCalls};
+use crate::providers::pricing::PriceTable;
+use crate::providers::{ChatRequest, Providers};
+use crate::routing::{self, Facts, HUMAN};
+use crate::settings::Settings;
+use crate::ticket::{
+    encode_payload, now_rfc3339, DeadLetter, DeadLetterError, ErrorKind, ModerationView, Output,
+    Reply, ReplyStatus, RouteView, Stage, Ticket, SCHEMA_VERSION,
+};
+use crate::triage::{self, parse::parse_triage, prompt, Analyzer, Triage};
+
+/// How long a delivery whose unit is busy elsewhere waits for it before being handed back.
+const BUSY_WAIT: Duration = Duration::from_secs(5);
+
+/// What became of a delivery. Every variant means the delivery may be acked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Handled {
+    Replied(ReplyStatus),
+    DeadLettered(ErrorKind),
+    /// Already answered and published earlier: nothing to do.
+    Duplicate,
+    /// Already answered earlier but never confirmed published: published now.
+    Republished,
+}
+
+/// Why a delivery must not be acked: it is handed back to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Publish(#[from] BrokerError),
+    #[error("unit {0} is being processed by another worker")]
+    Busy(String),
+}
+
+/// Everything the stages need, built once per process.
+pub struct Pipeline {
+    settings: Arc<Settings>,
+    analyzer: Arc<Analyzer>,
+    providers: Providers,
+    prices: PriceTable,
+    moderator: Moderator,
+    triage_system: String,
+    ledger: Arc<dyn Ledger>,
+    publisher: Arc<dyn Publisher>,
+    worker_id: String,
+}
+
+/// State of the moderation bypass for one ticket.
+#[derive(Debug, Default)]
+struct ModerationState {
+    verdict: Option<Verdict>,
+}
+
+impl Pipeline {
+    pub fn new(
+        settings: Arc<Settings>,
+        analyzer: Arc<Analyzer>,
+        providers: Providers,
+        ledger: Arc<dyn Ledger>,
+        publisher: Arc<dyn Publisher>,
+    ) -> Self {
+        let prices = PriceTable::from_settings(&settings);
+        let moderator = Moderator::new(&settings.moderation);
+        let triage_system = prompt::triage_system(&settings.triage.categories);
+        let worker_id = settings.worker_id();
+        Pipeline {
+            settings,
+            analyzer,
+            providers,
+            prices,
+            moderator,
+            triage_system,
+            ledger,
+            publisher,
+            worker_id,
+        }
+    }
+
+    pub fn prices(&self) -> &PriceTable {
+        &self.prices
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// Handles one delivery up to the point where it may be acked.
+    pub async fn handle(&self, delivery: &Delivery) -> Result<Handled, HandleError> {
+        let limit = self.settings.limits.max_message_bytes;
+        let parsed = match delivery.full_len {
+            Some(full) if full > limit as u64 => Err(Rejection {
+                kind: ErrorKind::TooLarge,
+                message: format!("message is {full} bytes, limit is {limit}"),
+                ticket_id: None,
+            }),
+            _ => intake::parse(&delivery.payload, limit),
+        };
+        let ticket = match parsed {
+            Ok(ticket) => ticket,
+            Err(rejection) => {
+                tracing::info!(source = ?delivery.source, kind = rejection.kind.as_str(), error = %rejection.message, "rejected input");
+                let output = Output::DeadLetter {
+                    dead_letter: self.rejected(delivery, rejection),
+                    costs: Vec::new(),
+                };
+                self.publisher.publish(&output).await?;
+                let kind = match &output {
+                    Output::DeadLetter { dead_letter, .. } => dead_letter.error.kind,
+                    Output::Reply { .. } => ErrorKind::Internal,
+                };
+                return Ok(Handled::DeadLettered(kind));
+            }
+        };
+        let claim = self.claim(&ticket, delivery.replay_count).await?;
+        let (attempts, prior_cost_usd) = match claim {
+            Claim::Fresh {
+                attempts,
+                prior_cost_usd,
+            } => (attempts, prior_cost_usd),
+            Claim::Done => return Ok(Handled::Duplicate),
+            Claim::Unpublished(output) => {
+                self.publisher.publish(&output).await?;
+                self.ledger.mark_published(&ticket.unit_id).await?;
+                return Ok(Handled::Republished);
+            }
+            Claim::Busy => return Err(HandleError::Busy(ticket.unit_id.clone())),
+        };
+        let output = self
+            .answer(&ticket, delivery, attempts, prior_cost_usd)
+            .await;
+        let handled = match &output {
+            Output::Reply { reply, .. } => Handled::Replied(reply.status),
+            Output::DeadLetter { dead_letter, .. } => Handled::DeadLettered(dead_letter.error.kind),
+        };
+        if let Err(e) = self.ledger.finish(&ticket.unit_id, &output).await {
+            self.release(&ticket.unit_id).await;
+            return Err(e.into());
+        }
+        // The ledger now holds the output as unpublished: if publishing fails, a
+        // redelivery republishes it instead of calling providers again.
+        self.publisher.publish(&output).await?;
+        self.ledger.mark_published(&ticket.unit_id).await?;
+        Ok(handled)
+    }
+
+    /// Claims the unit, waiting a little while another worker holds it.
+    async fn claim(&self, ticket: &Ticket, replay_count: u32) -> Result<Claim, HandleError> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let claim = self
+                .ledger
+                .claim(
+                    &ticket.unit_id,
+                    &ticket.ticket_id,
+                    replay_count,
+                    &self.worker_id,
+                )
+                .await?;
+            if !matches!(claim, Claim::Busy) || started.elapsed() >= BUSY_WAIT {
+                return Ok(claim);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    async fn release(&self, unit_id: &str) {
+        if let Err(e) = self.ledger.release(unit_id).await {
+            tracing::warn!(unit_id, error = %e, "could not release a claim; its lease will expire");
+        }
+    }
+
+    /// Triage, route and respond: the unit's output. Never fails: every failure is a
+    /// dead letter of the right kind.
+    pub async fn answer(
+        &self,
+        ticket: &Ticket,
+        delivery: &Delivery,
+        attempts: u32,
+        prior_cost_usd: f64,
+    ) -> Output {
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(self.settings.limits.ticket_deadline_ms);
+        let mut unit = UnitCalls::new(&ticket.ticket_id, &ticket.unit_id, deadline);
+        let runner = ChainRunner {
+            providers: &self.providers,
+            prices: &self.prices,
+            retry: &self.settings.retry,
+        };
+        let mut moderation = ModerationState::default();
+        let ticket_data = prompt::ticket_data(ticket);
+
+        let signals = self.analyzer.signals(ticket);
+        let triage = self
+            .triage(
+                ticket,
+                &signals,
+                &ticket_data,
+                &runner,
+                &mut unit,
+                &mut moderation,
+            )
+            .await;
+        let finish = |unit: &UnitCalls,
+                      status,
+                      reply: Option<String>,
+                      route: RouteView,
+                      moderation: &ModerationState| {
+            self.reply_output(
+                ticket,
+                &triage,
+                unit,
+                status,
+                reply,
+                route,
+                moderation,
+                prior_cost_usd,
+                started,
+            )
+        };
+        if let Some(Verdict::Flagged { reason }) = &moderation.verdict {
+            let route = human_route(vec!["moderation:flagged".into(), reason.clone()]);
+            return finish(&unit, ReplyStatus::NeedsHuman, None, route, &moderation);
+        }
+
+        let facts = Facts {
+            ticket,
+            triage: &triage,
+            signals: &signals,
+        };
+        let decision = routing::route(&self.settings.routing.rules, &facts);
+        if decision.target == HUMAN {
+            return finish(
+                &unit,
+                ReplyStatus::NeedsHuman,
+                None,
+                human_route(decision.reasons),
+                &moderation,
+            );
+        }
+        let Some(tier) = self.settings.tiers.get(&decision.target) else {
+            // Validation rejects unknown targets; reaching this is a bug worth a dead letter.
+            let message = format!(
+                "route target `{}` is not a configured tier",
+                decision.target
+            );
+            return self.failed(
+                ticket,
+                delivery,
+                ErrorKind::Internal,
+                message,
+                unit,
+                attempts,
+            );
+        };
+        let system = prompt::reply_system(
+            &triage.category,
+            self.settings
+                .policies
+                .get(&triage.category)
+                .map(String::as_str),
+            &tier.instruction,
+            &triage.language,
+        );
+        let request = ChatRequest {
+            model: String::new(),
+            stage: Stage::Reply,
+            system,
+            user: ticket_data,
+            json_mode: false,
+            max_output_tokens: 800,
+        };
+        let mut reasons = decision.reasons;
+        let mut result = runner
+            .run(Stage::Reply, &tier.chain, request.clone(), &mut unit)
+            .await;
+        let mut reply_attempts = attempts_of(&result);
+        if matches!(result, ChainResult::Refused { .. }) {
+            match self.moderate(ticket, &mut moderation) {
+                Verdict::Flagged { reason } => {
+                    reasons.extend(["moderation:flagged".into(), reason]);
+                    let route = RouteView {
+                        attempts: reply_attempts,
+                        ..human_route(reasons)
+                    };
+                    return finish(&unit, ReplyStatus::NeedsHuman, None, route, &moderation);
+                }
+                Verdict::Passed => {
+                    reasons.push("moderation:bypass".into());
+                    result = runner
+                        .run(Stage::Reply, &tier.bypass_chain, request, &mut unit)
+                        .await;
+                    reply_attempts += attempts_of(&result);
+                }
+            }
+        }
+        let route_for =
+            |provider: Option<String>, model: Option<String>, reasons: Vec<String>| RouteView {
+                tier: decision.target.clone(),
+                provider,
+                model,
+                reasons,
+                attempts: reply_attempts,
+            };
+        match result {
+            ChainResult::Answered {
+                provider,
+                model,
+                text,
+                ..
+            } => {
+                let route = route_for(Some(provider), Some(model), reasons);
+                finish(&unit, ReplyStatus::Answered, Some(text), route, &moderation)
+            }
+            ChainResult::Refused { .. } => {
+                // Refused everywhere although our own check passed: a person decides.
+                reasons.push("moderation:refused_by_every_provider".into());
+                let route = RouteView {
+                    attempts: reply_attempts,
+                    ..human_route(reasons)
+                };
+                finish(&unit, ReplyStatus::NeedsHuman, None, route, &moderation)
+            }
+            ChainResult::Exhausted { errors, .. } => {
+                let message = format!(
+                    "every model of tier `{}` failed: {}",
+                    decision.target,
+                    errors.join("; ")
+                );
+                self.failed(
+                    ticket,
+                    delivery,
+                    ErrorKind::ProvidersExhausted,
+                    message,
+                    unit,
+                    attempts,
+                )
+            }
+            ChainResult::Rejected { errors, .. } => {
+                let message = format!(
+                    "every model of tier `{}` rejected the request: {}",
+                    decision.target,
+                    errors.join("; ")
+                );
+                self.failed(
+                    ticket,
+                    delivery,
+                    ErrorKind::Rejected,
+                    message,
+                    unit,
+                    attempts,
+                )
+            }
+        }
+    }
+
+    /// The triage stage: the triage chain, its bypass after a refusal, and the
+    /// heuristics whenever no model gives a usable answer.
+    async fn triage(
+        &self,
+        ticket: &Ticket,
+        signals: &triage::Signals,
+        ticket_data: &str,
+        runner: &ChainRunner<'_>,
+        unit: &mut UnitCalls,
+        moderation: &mut ModerationState,
+    ) -> Triage {
+        let heuristic = self.analyzer.heuristic(ticket, signals);
+        let request = ChatRequest {
+            model: String::new(),
+            stage: Stage::Triage,
+            system: self.triage_system.clone(),
+            user: ticket_data.to_owned(),
+            json_mode: true,
+            max_output_tokens: 200,
+        };
+        let mut result = runner
+            .run(
+                Stage::Triage,
+                &self.settings.triage.chain,
+                request.clone(),
+                unit,
+            )
+            .await;
+        if matches!(result, ChainResult::Refused { .. }) {
+            if let Verdict::Flagged { .. } = self.moderate(ticket, moderation) {
+                return heuristic;
+            }
+            result = runner
+                .run(
+                    Stage::Triage,
+                    &self.settings.triage.bypass_chain,
+                    request,
+                    unit,
+                )
+                .await;
+        }
+        match result {
+            ChainResult::Answered { text, .. } => {
+                parse_triage(&text, &self.analyzer.categories, &heuristic, signals).unwrap_or_else(|| {
+                    tracing::info!(ticket_id = %ticket.ticket_id, "triage answer unusable; heuristics decide");
+                    heuristic
+                })
+            }
+            other => {
+                tracing::info!(ticket_id = %ticket.ticket_id, result = ?std::mem::discriminant(&other), "triage models failed; heuristics decide");
+                heuristic
+            }
+        }
+    }
+
+    /// Runs our own moderation check once per ticket.
+    fn moderate(&self, ticket: &Ticket, state: &mut ModerationState) -> Verdict {
+        state
+            .verdict
+            .get_or_insert_with(|| self.moderator.check(ticket))
+            .clone()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn reply_output(
+        &self,
+        ticket: &Ticket,
+        triage: &Triage,
+        unit: &UnitCalls,
+        status: ReplyStatus,
+        reply: Option<String>,
+        route: RouteView,
+        moderation: &ModerationState,
+        prior_cost_usd: f64,
+        started: Instant,
+    ) -> Output {
+        let moderation_view = (!unit.refused_by.is_empty()).then(|| {
+            let passed = !matches!(moderation.verdict, Some(Verdict::Flagged { .. }));
+            ModerationView {
+                refused_by: unit.refused_by.clone(),
+                check: if passed { "passed" } else { "flagged" }.into(),
+                bypassed: passed && status == ReplyStatus::Answered,
+            }
+        });
+        Output::Reply {
+            reply: Reply {
+                schema_version: SCHEMA_VERSION,
+                ticket_id: ticket.ticket_id.clone(),
+                unit_id: ticket.unit_id.clone(),
+                conversation_id: ticket.conversation_id.clone(),
+                status,
+                reply,
+                triage: triage.view(),
+                route,
+                moderation: moderation_view,
+                cost_usd: prior_cost_usd + unit.total_cost(),
+                latency_ms: started.elapsed().as_millis() as u64,
+                metadata: ticket.metadata.clone(),
+                processed_at: now_rfc3339(),
+                worker_id: self.worker_id.clone(),
+            },
+            costs: unit.costs.clone(),
+        }
+    }
+
+    fn failed(
+        &self,
+        ticket: &Ticket,
+        delivery: &Delivery,
+        kind: ErrorKind,
+        message: String,
+        unit: UnitCalls,
+        attempts: u32,
+    ) -> Output {
+        tracing::warn!(ticket_id = %ticket.ticket_id, kind = kind.as_str(), error = %message, "ticket dead-lettered");
+        let (payload, payload_encoding) = encode_payload(&delivery.payload);
+        Output::DeadLetter {
+            dead_letter: DeadLetter {
+                schema_version: SCHEMA_VERSION,
+                ticket_id: Some(ticket.ticket_id.clone()),
+                unit_id: Some(ticket.unit_id.clone()),
+                error: DeadLetterError { kind, message },
+                attempts,
+                replay_count: delivery.replay_count,
+                source: delivery.source.clone(),
+                failed_at: now_rfc3339(),
+                worker_id: self.worker_id.clone(),
+                payload,
+                payload_encoding,
+            },
+            costs: unit.costs,
+        }
+    }
+
+    /// Dead letter for input that never became a ticket. An oversized payload is kept
+    /// only up to the size limit, so a dead letter is never itself too large to publish.
+    fn rejected(&self, delivery: &Delivery, rejection: Rejection) -> DeadLetter {
+        let limit = self.settings.limits.max_message_bytes;
+        let (bytes, message) =
+            if rejection.kind == ErrorKind::TooLarge && delivery.payload.len() > limit {
+                (
+                    &delivery.payload[..limit],
+                    format!(
+                        "{}; payload cut to the first {limit} bytes",
+                        rejection.message
+                    ),
+                )
+            } else {
+                (&delivery.payload[..], rejection.message)
+            };
+        let (payload, payload_encoding) = encode_payload(bytes);
+        DeadLetter {
+            schema_version: SCHEMA_VERSION,
+            ticket_id: rejection.ticket_id,
+            unit_id: None,
+            error: DeadLetterError {
+                kind: rejection.kind,
+                message,
+            },
+            attempts: 1,
+            replay_count: delivery.replay_count,
+            source: delivery.source.clone(),
+            failed_at: now_rfc3339(),
+            worker_id: self.worker_id.clone(),
+            payload,
+            payload_encoding,
+        }
+    }
+}
+
+fn attempts_of(result: &ChainResult) -> u32 {
+    match result {
+        ChainResult::Answered { attempts, .. }
+        | ChainResult::Refused { attempts }
+        | ChainResult::Exhausted { attempts, .. }
+        | ChainResult::Rejected { attempts, .. } => *attempts,
+    }
+}
+
+fn human_route(reasons: Vec<String>) -> RouteView {
+    RouteView {
+        tier: HUMAN.into(),
+        provider: None,
+        model: None,
+        reasons,
+        attempts: 0,
+    }
+}

@@ -1,0 +1,285 @@
+//! `ticketflow process FILE|-`: the whole pipeline in one process. A reader streams
+//! the JSONL input into the in-memory queue; the runner drives it through the
+//! pipeline with the in-memory ledger and the file publisher. Memory stays flat:
+//! the queue is bounded, lines are read one at a time and capped at the size limit.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+
+use crate::broker::files::FilePublisher;
+use crate::broker::memory;
+use crate::ledger::memory::MemoryLedger;
+use crate::ledger::Ledger;
+use crate::pipeline::Pipeline;
+use crate::providers::pricing::PriceTable;
+use crate::providers::Providers;
+use crate::runner::{self, RunStats, Shutdown};
+use crate::settings::Settings;
+use crate::summary::Summary;
+use crate::ticket::SourceRef;
+use crate::triage::Analyzer;
+
+/// Options of one `process` run.
+#[derive(Debug, Clone)]
+pub struct ProcessOptions {
+    /// Input file, or `-` for standard input.
+    pub input: PathBuf,
+    pub out_dir: PathBuf,
+    /// Show a progress bar (when stderr is a terminal) or periodic progress lines.
+    pub progress: bool,
+    /// How long in-flight tickets may take after Ctrl-C before they are abandoned.
+    pub drain_timeout: Duration,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct ProcessReport {
+    pub summary: Summary,
+    pub elapsed: Duration,
+    pub interrupted: bool,
+    /// Tickets read but neither answered nor dead-lettered (only after an interruption).
+    pub unfinished: u64,
+}
+
+/// A failure that stops the run.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot open input {path}: {source}")]
+    Input {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create outputs in {path}: {source}")]
+    Output {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Providers(#[from] crate::providers::BuildError),
+    #[error("reading input: {0}")]
+    Read(std::io::Error),
+    #[error(transparent)]
+    Publish(#[from] crate::broker::BrokerError),
+}
+
+/// Runs the pipeline over a file. `shutdown.stop_intake` is cancelled by the caller on
+/// the first Ctrl-C and `shutdown.abort` on the second.
+pub async fn run(
+    settings: Arc<Settings>,
+    opts: ProcessOptions,
+    shutdown: Shutdown,
+) -> Result<ProcessReport, ProcessError> {
+    let started = Instant::now();
+    let analyzer = Arc::new(Analyzer::new(&settings.triage));
+    let providers = Providers::from_settings(&settings, analyzer.clone())?;
+    let publisher = Arc::new(
+        FilePublisher::create(&opts.out_dir, PriceTable::from_settings(&settings)).map_err(
+            |source| ProcessError::Output {
+                path: opts.out_dir.display().to_string(),
+                source,
+            },
+        )?,
+    );
+    let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::new());
+    let pipeline = Arc::new(Pipeline::new(
+        settings.clone(),
+        analyzer,
+        providers,
+        ledger,
+        publisher.clone(),
+    ));
+
+    let (reader, total_bytes): (Box<dyn AsyncBufRead + Unpin + Send>, Option<u64>) =
+        if opts.input == Path::new("-") {
+            (
+                Box::new(BufReader::with_capacity(1 << 16, tokio::io::stdin())),
+                None,
+            )
+        } else {
+            let file =
+                tokio::fs::File::open(&opts.input)
+                    .await
+                    .map_err(|source| ProcessError::Input {
+                        path: opts.input.display().to_string(),
+                        source,
+                    })?;
+            let len = file.metadata().await.ok().map(|m| m.len());
+            (Box::new(BufReader::with_capacity(1 << 16, file)), len)
+        };
+    let topic = if opts.input == Path::new("-") {
+        "stdin".to_owned()
+    } else {
+        opts.input.display().to_string()
+    };
+
+    let max_in_flight = settings.limits.max_in_flight;
+    let (producer, queue, _settled) = memory::queue(max_in_flight);
+    let bytes_read = Arc::new(AtomicU64::new(0));
+    let stats = Arc::new(RunStats::default());
+
+    let progress = opts
+        .progress
+        .then(|| Progress::start(total_bytes, bytes_read.clone(), stats.clone()));
+    let limit = settings.limits.max_message_bytes;
+    let read = {
+        let stop = shutdown.stop_intake.clone();
+        let bytes_read = bytes_read.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                r = feed(reader, producer, topic, limit, bytes_read) => r,
+                _ = stop.cancelled() => Ok(()),
+            }
+        })
+    };
+    runner::run(
+        queue,
+        pipeline,
+        max_in_flight,
+        shutdown.clone(),
+        stats.clone(),
+    )
+    .await;
+    let read_result = read.await;
+    if let Some(p) = progress {
+        p.finish();
+    }
+    let mut summary = publisher.finish()?;
+    summary.duplicates = stats
+        .acked
+        .load(Ordering::Relaxed)
+        .saturating_sub(summary.total());
+    match read_result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(ProcessError::Read(e)),
+        Err(join) => return Err(ProcessError::Read(std::io::Error::other(join.to_string()))),
+    }
+    let interrupted = shutdown.stop_intake.is_cancelled();
+    Ok(ProcessReport {
+        summary,
+        elapsed: started.elapsed(),
+        interrupted,
+        unfinished: stats.handed_back.load(Ordering::Relaxed),
+    })
+}
+
+/// Reads JSONL lines into the queue. Blank lines are skipped; a line longer than the
+/// size limit is not kept whole in memory: only `limit + 1` bytes of it are queued,
+/// with its real length, so intake rejects it as `too_large`.
+async fn feed(
+    mut reader: Box<dyn AsyncBufRead + Unpin + Send>,
+    producer: memory::MemoryProducer,
+    topic: String,
+    limit: usize,
+    bytes_read: Arc<AtomicU64>,
+) -> std::io::Result<()> {
+    let mut line_no: i64 = 0;
+    let mut line: Vec<u8> = Vec::new();
+    loop {
+        line.clear();
+        let mut full_len: u64 = 0;
+        let mut saw_any = false;
+        loop {
+            let buf = reader.fill_buf().await?;
+            if buf.is_empty() {
+                break;
+            }
+            saw_any = true;
+            let (chunk, consumed, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (&buf[..i], i + 1, true),
+                None => (buf, buf.len(), false),
+            };
+            full_len += chunk.len() as u64;
+            let room = (limit + 1).saturating_sub(line.len());
+            line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            reader.consume(consumed);
+            bytes_read.fetch_add(consumed as u64, Ordering::Relaxed);
+            if done {
+                break;
+            }
+        }
+        if !saw_any {
+            return Ok(());
+        }
+        line_no += 1;
+        if line.last() == Some(&b'\r') && full_len as usize == line.len() {
+            line.pop();
+            full_len -= 1;
+        }
+        if line.iter().all(u8::is_ascii_whitespace) && full_len as usize == line.len() {
+            continue;
+        }
+        let cut = (full_len as usize > line.len()).then_some(full_len);
+        let source = SourceRef {
+            topic: topic.clone(),
+            partition: 0,
+            offset: line_no,
+        };
+        if !producer
+            .send(Bytes::copy_from_slice(&line), cut, source, 0)
+            .await
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// Progress display: a bar on a terminal, otherwise a line every few seconds.
+struct Progress {
+    task: tokio::task::JoinHandle<()>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn start(total_bytes: Option<u64>, bytes_read: Arc<AtomicU64>, stats: Arc<RunStats>) -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        let bar = terminal.then(|| {
+            let bar = match total_bytes {
+                Some(n) => indicatif::ProgressBar::new(n),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            let style = indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar
+        });
+        let bar_for_task = bar.clone();
+        let started = Instant::now();
+        let task = tokio::spawn(async move {
+            let period = if bar_for_task.is_some() {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(5)
+            };
+            let mut tick = tokio::time::interval(period);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let done = stats.acked.load(Ordering::Relaxed);
+                let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                match &bar_for_task {
+                    Some(bar) => {
+                        bar.set_position(bytes_read.load(Ordering::Relaxed));
+                        bar.set_message(format!("{done} tickets, {rate:.0}/s"));
+                    }
+                    None => eprintln!("progress: {done} tickets done, {rate:.0} tickets/s"),
+                }
+            }
+        });
+        Progress { task, bar }
+    }
+
+    fn finish(self) {
+        self.task.abort();
+        if let Some(bar) = self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! A model chain: try each `provider/model` in order, retrying transient and
+//! rate-limited outcomes with exponential backoff and full jitter inside the
+//! ticket's deadline, then failing over to the next model. Every call that reached
+//! a provider leaves a [`CostRecord`]. A provider that refused the ticket is skipped
+//! for the rest of that ticket, so no refusal is paid for twice.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::pricing::PriceTable;
+use super::{estimate_tokens, ChatRequest, Outcome, Providers, Usage};
+use crate::settings::RetrySettings;
+use crate::ticket::{now_rfc3339, CallOutcome, CostRecord, Stage, SCHEMA_VERSION};
+
+/// Per-ticket state shared by every call made for one unit of work.
+#[derive(Debug)]
+pub struct UnitCalls {
+    pub ticket_id: String,
+    pub unit_id: String,
+    pub deadline: Instant,
+    /// Cost records of every call that reached a provider, in order.
+    pub costs: Vec<CostRecord>,
+    /// Providers that refused this ticket: skipped from now on.
+    pub refused_providers: BTreeSet<String>,
+    /// `provider/model` of each refusal.
+    pub refused_by: Vec<String>,
+}
+
+impl UnitCalls {
+    pub fn new(ticket_id: &str, unit_id: &str, deadline: Instant) -> Self {
+        UnitCalls {
+            ticket_id: ticket_id.to_owned(),
+            unit_id: unit_id.to_owned(),
+            deadline,
+            costs: Vec::new(),
+            refused_providers: BTreeSet::new(),
+            refused_by: Vec::new(),
+        }
+    }
+
+    pub fn total_cost(&self) -> f64 {
+        self.costs.iter().map(|c| c.cost_usd).sum()
+    }
+}
+
+/// How a chain ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChainResult {
+    Answered {
+        provider: String,
+        model: String,
+        text: String,
+        attempts: u32,
+    },
+    /// A provider's content filter refused (now, or earlier for every provider left).
+    Refused { attempts: u32 },
+    /// Only transient failures (or the deadline) stood in the way: an outage.
+    Exhausted { errors: Vec<String>, attempts: u32 },
+    /// Every model failed permanently.
+    Rejected { errors: Vec<String>, attempts: u32 },
+}
+
+/// What a chain call needs besides the unit's state.
+pub struct ChainRunner<'a> {
+    pub providers: &'a Providers,
+    pub prices: &'a PriceTable,
+    pub retry: &'a RetrySettings,
+}
+
+impl ChainRunner<'_> {
+    /// Runs `chain` for one stage. `request.model` is filled in per model.
+    pub async fn run(
+        &self,
+        stage: Stage,
+        chain: &[String],
+        mut request: ChatRequest,
+        unit: &mut UnitCalls,
+    ) -> ChainResult {
+        let mut errors = Vec::new();
+        let mut any_transient = false;
+        let mut attempts = 0u32;
+        let mut skipped_for_refusal = false;
+        for entry in chain {
+            let Some((provider_name, model)) = entry.split_once('/') else {
+                errors.push(format!("{entry}: not of the form provider/model"));
+                continue;
+            };
+            if unit.refused_providers.contains(provider_name) {
+                skipped_for_refusal = true;
+                continue;
+            }
+            let Some(provider) = self.providers.get(provider_name) else {
+                errors.push(format!("{entry}: no such provider"));
+                continue;
+            };
+            request.model = model.to_owned();
+            request.stage = stage;
+            for attempt in 0..self.retry.max_attempts_per_model {
+                if Instant::now() >= unit.deadline {
+                    errors.push(format!("{entry}: ticket deadline passed"));
+                    return ChainResult::Exhausted { errors, attempts };
+                }
+                attempts += 1;
+                let started = Instant::now();
+                let remaining = unit.deadline.saturating_duration_since(started);
+                let outcome =
+                    match tokio::time::timeout(remaining, provider.complete(&request)).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => Outcome::Transient {
+                            detail: "ticket deadline passed during the call".into(),
+                            timeout: true,
+                            reached: true,
+                        },
+                    };
+                let latency_ms = started.elapsed().as_millis() as u64;
+                self.record(
+                    unit,
+                    stage,
+                    provider_name,
+                    model,
+                    &request,
+                    &outcome,
+                    latency_ms,
+                );
+                let retry_after = match outcome {
+                    Outcome::Ok { text, .. } => {
+                        return ChainResult::Answered {
+                            provider: provider_name.to_owned(),
+                            model: model.to_owned(),
+                            text,
+                            attempts,
+                        }
+                    }
+                    Outcome::Refused { detail, .. } => {
+                        tracing::info!(ticket_id = %unit.ticket_id, provider = provider_name, model, %detail, "provider refused the ticket");
+                        unit.refused_providers.insert(provider_name.to_owned());
+                        unit.refused_by.push(entry.clone());
+                        return ChainResult::Refused { attempts };
+                    }
+                    Outcome::Permanent { detail } => {
+                        tracing::warn!(ticket_id = %unit.ticket_id, provider = provider_name, model, %detail, "permanent provider error");
+                        errors.push(format!("{entry}: {detail}"));
+                        break;
+                    }
+                    Outcome::RateLimited {
+                        retry_after,
+                        detail,
+                    } => {
+                        any_transient = true;
+                        errors.push(format!("{entry}: rate limited: {detail}"));
+                        retry_after
+                    }
+                    Outcome::Transient { detail, .. } => {
+                        any_transient = true;
+                        errors.push(format!("{entry}: {detail}"));
+                        None
+                    }
+                };
+                if attempt + 1 < self.retry.max_attempts_per_model {
+                    let delay = backoff(self.retry, attempt).max(retry_after.unwrap_or_default());
+                    if Instant::now() + delay >= unit.deadline {
+                        break;
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        if skipped_for_refusal && errors.is_empty() {
+            ChainResult::Refused { attempts }
+        } else if any_transient || errors.is_empty() {
+            ChainResult::Exhausted { errors, attempts }
+        } else {
+            ChainResult::Rejected { errors, attempts }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        unit: &mut UnitCalls,
+        stage: Stage,
+        provider: &str,
+        model: &str,
+        request: &ChatRequest,
+        outcome: &Outcome,
+        latency_ms: u64,
+    ) {
+        let (usage, call_outcome) = match outcome {
+            Outcome::Ok { usage, .. } => (*usage, CallOutcome::Ok),
+            Outcome::Refused { usage, .. } => (*usage, CallOutcome::Refused),
+            Outcome::RateLimited { .. } => (Some(Usage::default()), CallOutcome::RateLimited),
+            Outcome::Transient { reached: false, .. } => return,
+            Outcome::Transient { timeout: true, .. } => {
+                (Some(Usage::default()), CallOutcome::Timeout)
+            }
+            Outcome::Transient { .. } | Outcome::Permanent { .. } => {
+                (Some(Usage::default()), CallOutcome::Error)
+            }
+        };
+        // A refusal that arrived as an error has no usage: it costs nothing, and the
+        // token counts are our estimate of what was sent.
+        let estimated_input = || estimate_tokens(&request.system) + estimate_tokens(&request.user);
+        let (usage, cost_usd, estimated) = match (usage, outcome) {
+            (Some(u), _) => (u, self.prices.price(provider, model).cost(&u), false),
+            (None, Outcome::Refused { .. }) => (
+                Usage {
+                    input_tokens: estimated_input(),
+                    ..Usage::default()
+                },
+                0.0,
+                true,
+            ),
+            (None, Outcome::Ok { text, .. }) => {
+                let u = Usage {
+                    input_tokens: estimated_input(),
+                    cached_input_tokens: 0,
+                    output_tokens: estimate_tokens(text),
+                };
+                (u, self.prices.price(provider, model).cost(&u), true)
+            }
+            (None, _) => (Usage::default(), 0.0, true),
+        };
+        unit.costs.push(CostRecord {
+            schema_version: SCHEMA_VERSION,
+            ticket_id: unit.ticket_id.clone(),
+            unit_id: unit.unit_id.clone(),
+            call_id: uuid::Uuid::new_v4().to_string(),
+            stage,
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+            input_tokens: usage.input_tokens,
+            cached_input_tokens: usage.cached_input_tokens,
+            output_tokens: usage.output_tokens,
+            cost_usd,
+            outcome: call_outcome,
+            latency_ms,
+            at: now_rfc3339(),
+            estimated,
+        });
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(max, base * 2^attempt)].
+pub fn backoff(retry: &RetrySettings, attempt: u32) -> Duration {
+    let cap = retry
+        .base_delay_ms
+        .saturating_mul(1u64 << attempt.min(20))
+        .min(retry.max_delay_ms);
+    Duration::from_millis(if cap == 0 {
+        0
+    } else {
+        rand::thread_rng().gen_range(0..=cap)
+    })
+}

@@ -1,0 +1,188 @@
+//! The built-in offline provider. It behaves like its namesake closely enough to
+//! drive the embedded default, benchmarks and tests: a latency distribution, token
+//! usage, a content filter on a configurable word list (refusing DashScope-style or
+//! OpenAI-style), an injectable transient error rate, triage answers from the local
+//! keyword classifier and canned per-category replies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::Rng;
+
+use super::{estimate_tokens, ChatRequest, Outcome, Provider, Usage};
+use crate::settings::{ProviderSettings, RefusalStyle};
+use crate::ticket::{Message, Stage, Ticket};
+use crate::triage::keywords::KeywordSet;
+use crate::triage::{prompt, Analyzer};
+
+/// A simulated provider.
+pub struct Simulated {
+    name: String,
+    latency_ms: u64,
+    jitter_ms: u64,
+    error_rate: f64,
+    filter: KeywordSet,
+    refusal_style: RefusalStyle,
+    analyzer: Arc<Analyzer>,
+}
+
+impl Simulated {
+    pub fn new(name: &str, s: &ProviderSettings, analyzer: Arc<Analyzer>) -> Self {
+        Simulated {
+            name: name.to_owned(),
+            latency_ms: s.latency_ms,
+            jitter_ms: s.jitter_ms,
+            error_rate: s.error_rate,
+            filter: KeywordSet::new([("filter", s.filter_words.iter())]),
+            refusal_style: s.refusal_style,
+            analyzer,
+        }
+    }
+
+    fn latency(&self) -> Option<Duration> {
+        if self.latency_ms == 0 && self.jitter_ms == 0 {
+            return None;
+        }
+        let low = self.latency_ms.saturating_sub(self.jitter_ms);
+        let high = self.latency_ms + self.jitter_ms;
+        let ms = if high > low {
+            rand::thread_rng().gen_range(low..=high)
+        } else {
+            low
+        };
+        Some(Duration::from_millis(ms))
+    }
+
+    fn usage(request: &ChatRequest, output: &str) -> Usage {
+        Usage {
+            input_tokens: estimate_tokens(&request.system) + estimate_tokens(&request.user),
+            cached_input_tokens: 0,
+            output_tokens: estimate_tokens(output),
+        }
+    }
+
+    fn transcript_ticket(request: &ChatRequest) -> Option<Ticket> {
+        let t = prompt::parse_ticket_data(&request.user)?;
+        let messages: Vec<Message> = t
+            .messages
+            .into_iter()
+            .map(|m| Message {
+                role: m.role,
+                text: m.text,
+                sent_at: None,
+            })
+            .collect();
+        Some(Ticket {
+            ticket_id: String::new(),
+            unit_id: String::new(),
+            conversation_id: String::new(),
+            customer_id: None,
+            customer_tier: None,
+            locale: t.locale,
+            channel: None,
+            subject: t.subject,
+            messages,
+            metadata: None,
+            created_at: None,
+        })
+    }
+
+    fn triage_answer(&self, ticket: &Ticket) -> String {
+        let signals = self.analyzer.signals(ticket);
+        let t = self.analyzer.heuristic(ticket, &signals);
+        serde_json::json!({
+            "category": t.category,
+            "complexity": t.complexity,
+            "sentiment": t.sentiment,
+            "language": t.language,
+            "risk": t.risk,
+            "confidence": 0.85,
+        })
+        .to_string()
+    }
+
+    fn reply_answer(&self, request: &ChatRequest, ticket: &Ticket) -> String {
+        let signals = self.analyzer.signals(ticket);
+        let category = self.analyzer.heuristic(ticket, &signals).category;
+        let mut out = String::new();
+        out.push_str(greeting(&signals.language));
+        if request.system.contains("empathy") {
+            out.push_str("I'm truly sorry for the trouble this has caused you, and I understand how frustrating it is. ");
+        }
+        out.push_str(canned_reply(&category));
+        out
+    }
+}
+
+#[async_trait]
+impl Provider for Simulated {
+    async fn complete(&self, request: &ChatRequest) -> Outcome {
+        if let Some(delay) = self.latency() {
+            tokio::time::sleep(delay).await;
+        }
+        if self.error_rate > 0.0 && rand::thread_rng().gen_bool(self.error_rate) {
+            return Outcome::Transient {
+                detail: format!("{}: simulated 503 Service Unavailable", self.name),
+                timeout: false,
+                reached: true,
+            };
+        }
+        let lower = request.user.to_lowercase();
+        if let Some(word) = self.filter.first_match(&lower) {
+            let detail = format!(
+                "{}: content filter (data_inspection_failed) on `{word}`",
+                self.name
+            );
+            return match self.refusal_style {
+                RefusalStyle::Dashscope => Outcome::Refused {
+                    usage: None,
+                    detail,
+                },
+                RefusalStyle::FinishReason => Outcome::Refused {
+                    usage: Some(Self::usage(request, "")),
+                    detail,
+                },
+            };
+        }
+        let Some(ticket) = Self::transcript_ticket(request) else {
+            return Outcome::Permanent {
+                detail: format!("{}: 400 request has no ticket data", self.name),
+            };
+        };
+        let text = match request.stage {
+            Stage::Triage => self.triage_answer(&ticket),
+            Stage::Reply | Stage::Moderation => self.reply_answer(request, &ticket),
+        };
+        let usage = Self::usage(request, &text);
+        Outcome::Ok {
+            text,
+            usage: Some(usage),
+        }
+    }
+}
+
+fn greeting(language: &str) -> &'static str {
+    match language {
+        "zh" => "您好，感谢您联系我们。",
+        "es" => "Hola, gracias por escribirnos. ",
+        "th" => "สวัสดีค่ะ ขอบคุณที่ติดต่อเรา ",
+        "vi" => "Xin chào, cảm ơn bạn đã liên hệ với chúng tôi. ",
+        _ => "Hello, and thank you for contacting us. ",
+    }
+}
+
+fn canned_reply(category: &str) -> &'static str {
+    match category {
+        "order_status" => "Your order is on its way. You can follow it with the tracking link in your confirmation email; most orders arrive within 3-5 business days of dispatch.",
+        "return_policy" => "You can return unused items within 30 days of delivery. Start the return from your order page and we will email you a prepaid label.",
+        "shipping" => "Standard shipping takes 3-5 business days and is free on orders over $50. Express shipping is available at checkout.",
+        "account" => "You can reset your password from the sign-in page with 'Forgot password'. For security we never change account details over chat.",
+        "billing" => "I have checked your billing question. Any duplicate authorisation is released by your bank within 5-7 business days; your invoice is in your account under Orders.",
+        "refund_dispute" => "I have reviewed your refund request against our refund policy and escalated it to our refunds team, who will reply within 2 business days.",
+        "technical" => "Please try a full restart: hold the power button for 10 seconds, then update to the latest firmware from the app. If the problem persists, reply with the model and serial number.",
+        "product_question" => "The full specifications, dimensions and compatibility list are on the product page under 'Details'.",
+        "complaint" => "Thank you for telling us. I have shared your feedback with the team responsible so we can put this right.",
+        _ => "A member of our team has your message and will follow up shortly.",
+    }
+}

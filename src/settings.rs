@@ -1,0 +1,587 @@
+//! Settings: layered configuration (SPEC §7), validation and secret redaction.
+//!
+//! Layers, later wins: the embedded `config/default.toml`, then
+//! `config/<TICKETFLOW_ENV>.toml` when present, then `--config FILE`, then
+//! `TICKETFLOW__SECTION__KEY` environment variables.
+//!
+//! Unknown keys are errors. Structs do not use `deny_unknown_fields`, because serde
+//! stops at the first unknown key; instead [`serde_ignored`] collects every unknown
+//! key so that `ticketflow config` can list all problems in one run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The shipped defaults, compiled in so the binary runs from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Every problem found while loading or validating, one line each.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(problem: impl Into<String>) -> Self {
+        ConfigError {
+            problems: vec![problem.into()],
+        }
+    }
+}
+
+/// The whole effective configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    /// This worker's identity in outputs and leases.
+    pub worker: WorkerSettings,
+    /// Input limits and concurrency.
+    pub limits: Limits,
+    /// Retry policy for transient and rate-limited provider outcomes.
+    pub retry: RetrySettings,
+    /// Message broker for `worker`, `produce` and `replay`.
+    pub broker: BrokerSettings,
+    /// PostgreSQL ledger.
+    pub database: DatabaseSettings,
+    /// Cost accounting.
+    pub pricing: PricingSettings,
+    /// LLM providers by stable name (`qwen`, `openai`, `anthropic`, `mistral`, `deepseek`, ...).
+    pub providers: BTreeMap<String, ProviderSettings>,
+    /// Triage: model chain, categories and local keyword lists.
+    pub triage: TriageSettings,
+    /// Reply tiers by name: `cheap`, `premium` and specialist chains.
+    pub tiers: BTreeMap<String, TierSettings>,
+    /// Ordered routing rules, first match wins.
+    pub routing: RoutingSettings,
+    /// Our own moderation check after a provider refusal.
+    pub moderation: ModerationSettings,
+    /// Store policy text per category, used to ground replies.
+    pub policies: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSettings {
+    /// Identity written to `worker_id`; empty means `worker-<4 random hex digits>`.
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Limits {
+    /// A raw message above this many bytes is a `too_large` dead letter, unparsed.
+    pub max_message_bytes: usize,
+    /// Tickets processed concurrently by one worker (the in-flight budget).
+    pub max_in_flight: usize,
+    /// Time budget for one ticket across all its provider calls and retries.
+    pub ticket_deadline_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RetrySettings {
+    /// Calls per model for transient or rate-limited outcomes before failing over.
+    pub max_attempts_per_model: u32,
+    /// First backoff; doubles per attempt, with full jitter.
+    pub base_delay_ms: u64,
+    /// Ceiling of one backoff.
+    pub max_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    Kafka,
+    Rabbitmq,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BrokerSettings {
+    /// `kafka` or `rabbitmq`.
+    pub kind: BrokerKind,
+    /// Topic (Kafka) or queue (RabbitMQ) names.
+    pub topics: TopicSettings,
+    pub kafka: KafkaSettings,
+    pub rabbitmq: RabbitSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopicSettings {
+    pub input: String,
+    pub replies: String,
+    pub costs: String,
+    pub dead_letters: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KafkaSettings {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Consumer group shared by all worker replicas.
+    pub group_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RabbitSettings {
+    /// AMQP URL; the password is redacted in `ticketflow config`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatabaseSettings {
+    /// PostgreSQL URL; the password is redacted in `ticketflow config`.
+    pub url: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PricingSettings {
+    /// Version tag of the price table, for auditing old cost records.
+    pub pricing_version: String,
+    /// `provider/model` that every ticket would have used without routing; savings are
+    /// measured against it with the same token counts.
+    pub baseline_model: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Simulated,
+    Openai,
+    Dashscope,
+    Anthropic,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Simulated => "simulated",
+            ProviderKind::Openai => "openai",
+            ProviderKind::Dashscope => "dashscope",
+            ProviderKind::Anthropic => "anthropic",
+        }
+    }
+}
+
+/// How a simulated provider signals a content-filter refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalStyle {
+    /// Like DashScope: an error without usage, so the call costs nothing.
+    Dashscope,
+    /// Like OpenAI/Anthropic: a completed call with usage, flagged as filtered.
+    FinishReason,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProviderSettings {
+    /// `simulated`, `openai`, `dashscope` or `anthropic`.
+    pub kind: ProviderKind,
+    /// API root; overridable so any provider can point at a local mock.
+    pub base_url: String,
+    /// Name of the environment variable holding the API key (never the key itself).
+    pub api_key_env: String,
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u64,
+    /// Timeout of one HTTP call.
+    pub timeout_ms: u64,
+    /// Simulated only: mean latency of a call.
+    pub latency_ms: u64,
+    /// Simulated only: latency varies uniformly by up to this much either way.
+    pub jitter_ms: u64,
+    /// Simulated only: share of calls (0..1) that fail with a transient error.
+    pub error_rate: f64,
+    /// Simulated only: words that trip the content filter (case-insensitive).
+    pub filter_words: Vec<String>,
+    /// Simulated only: how a refusal looks.
+    pub refusal_style: RefusalStyle,
+    /// Models served by this provider, with prices.
+    pub models: BTreeMap<String, ModelSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelSettings {
+    /// USD per million input tokens.
+    pub input_usd_per_mtok: f64,
+    /// USD per million cached input tokens (prompt-cache hits).
+    pub cached_input_usd_per_mtok: f64,
+    /// USD per million output tokens.
+    pub output_usd_per_mtok: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TriageSettings {
+    /// Models tried in order for triage (`provider/model`).
+    pub chain: Vec<String>,
+    /// Models used when a triage model refused the ticket and our own check passed.
+    pub bypass_chain: Vec<String>,
+    /// The category enum the triage model must answer with.
+    pub categories: Vec<String>,
+    /// Local keyword flags (e.g. `legal`, `safety`, `angry`), multilingual,
+    /// matched case-insensitively against customer messages.
+    pub keywords: BTreeMap<String, Vec<String>>,
+    /// Keywords that suggest each category, for the heuristic fallback and the
+    /// simulated providers' classifier.
+    pub category_keywords: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TierSettings {
+    /// Models tried in order (`provider/model`).
+    pub chain: Vec<String>,
+    /// Models used after a refusal whose own moderation check passed.
+    pub bypass_chain: Vec<String>,
+    /// Extra instruction for this tier's reply prompt.
+    pub instruction: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoutingSettings {
+    pub rules: Vec<crate::routing::Rule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModerationMode {
+    /// A local word list.
+    Local,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModerationSettings {
+    pub mode: ModerationMode,
+    /// Phrases that make our own check flag a ticket (case-insensitive).
+    pub flag_words: Vec<String>,
+}
+
+/// Where to look for `config/<TICKETFLOW_ENV>.toml`.
+fn config_dir() -> PathBuf {
+    std::env::var_os("TICKETFLOW_CONFIG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("config"))
+}
+
+impl Settings {
+    /// Loads the layered configuration from the process environment.
+    pub fn load(config_file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Self::load_from(config_file, &env)
+    }
+
+    /// Loads with an explicit environment (tests use this to avoid global state).
+    pub fn load_from(
+        config_file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Settings, ConfigError> {
+        use config::{Config, Environment, File, FileFormat};
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(profile) = env.get("TICKETFLOW_ENV").filter(|p| !p.is_empty()) {
+            let path = config_dir().join(format!("{profile}.toml"));
+            if path.exists() {
+                builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+            } else if profile != "default" {
+                // A named environment with no file is almost always a typo or a missing mount.
+                return Err(ConfigError::one(format!(
+                    "TICKETFLOW_ENV={profile} but {} does not exist",
+                    path.display()
+                )));
+            }
+        }
+        if let Some(path) = config_file {
+            if !path.exists() {
+                return Err(ConfigError::one(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        let vars: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("TICKETFLOW__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("TICKETFLOW")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(vars)),
+        );
+        let cfg = builder
+            .build()
+            .map_err(|e| ConfigError::one(e.to_string()))?;
+        let mut unknown = Vec::new();
+        let parsed: Result<Settings, _> =
+            serde_ignored::deserialize(cfg, |path| unknown.push(path.to_string()));
+        let mut problems: Vec<String> = unknown
+            .into_iter()
+            .map(|key| format!("unknown key `{key}`"))
+            .collect();
+        match parsed {
+            Ok(settings) => {
+                problems.extend(settings.validate());
+                if problems.is_empty() {
+                    Ok(settings)
+                } else {
+                    Err(ConfigError { problems })
+                }
+            }
+            Err(e) => {
+                problems.push(e.to_string());
+                Err(ConfigError { problems })
+            }
+        }
+    }
+
+    /// Cross-field checks; returns every problem found.
+    pub fn validate(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.limits.max_message_bytes == 0 {
+            problems.push("limits.max_message_bytes must be at least 1".into());
+        }
+        if self.limits.max_in_flight == 0 {
+            problems.push("limits.max_in_flight must be at least 1".into());
+        }
+        if self.limits.ticket_deadline_ms == 0 {
+            problems.push("limits.ticket_deadline_ms must be at least 1".into());
+        }
+        if self.retry.max_attempts_per_model == 0 {
+            problems.push("retry.max_attempts_per_model must be at least 1".into());
+        }
+        for (name, p) in &self.providers {
+            if p.models.is_empty() {
+                problems.push(format!(
+                    "providers.{name}.models: a provider needs at least one model"
+                ));
+            }
+            if !(0.0..=1.0).contains(&p.error_rate) {
+                problems.push(format!(
+                    "providers.{name}.error_rate must be between 0 and 1"
+                ));
+            }
+            if p.requests_per_minute == 0 || p.tokens_per_minute == 0 {
+                problems.push(format!(
+                    "providers.{name}: requests_per_minute and tokens_per_minute must be at least 1"
+                ));
+            }
+            if p.kind != ProviderKind::Simulated && p.api_key_env.trim().is_empty() {
+                problems.push(format!(
+                    "providers.{name}.api_key_env is required for kind `{}`",
+                    p.kind.as_str()
+                ));
+            }
+            for (model, price) in &p.models {
+                let prices = [
+                    price.input_usd_per_mtok,
+                    price.cached_input_usd_per_mtok,
+                    price.output_usd_per_mtok,
+                ];
+                if prices.iter().any(|v| !v.is_finite() || *v < 0.0) {
+                    problems.push(format!(
+                        "providers.{name}.models.{model}: prices must be finite and not negative"
+                    ));
+                }
+            }
+        }
+        let mut check_chain = |what: String, chain: &[String], may_be_empty: bool| {
+            if chain.is_empty() && !may_be_empty {
+                problems.push(format!("{what}: must name at least one model"));
+            }
+            for entry in chain {
+                if let Err(e) = self.model(entry) {
+                    problems.push(format!("{what}: {e}"));
+                }
+            }
+        };
+        check_chain("triage.chain".into(), &self.triage.chain, false);
+        check_chain(
+            "triage.bypass_chain".into(),
+            &self.triage.bypass_chain,
+            true,
+        );
+        check_chain(
+            "pricing.baseline_model".into(),
+            std::slice::from_ref(&self.pricing.baseline_model),
+            false,
+        );
+        for (name, tier) in &self.tiers {
+            check_chain(format!("tiers.{name}.chain"), &tier.chain, false);
+            check_chain(
+                format!("tiers.{name}.bypass_chain"),
+                &tier.bypass_chain,
+                true,
+            );
+        }
+        if self.tiers.contains_key(crate::routing::HUMAN) {
+            problems
+                .push("tiers.human: `human` is reserved for handoff and cannot be a tier".into());
+        }
+        if self.triage.categories.is_empty() {
+            problems.push("triage.categories: at least one category is required".into());
+        }
+        for category in self.triage.category_keywords.keys() {
+            if !self.triage.categories.contains(category) {
+                problems.push(format!(
+                    "triage.category_keywords.{category}: not in triage.categories"
+                ));
+            }
+        }
+        for category in self.policies.keys() {
+            if !self.triage.categories.contains(category) {
+                problems.push(format!("policies.{category}: not in triage.categories"));
+            }
+        }
+        problems.extend(crate::routing::validate_rules(&self.routing.rules, self));
+        problems
+    }
+
+    /// Resolves `provider/model` to its provider and model settings.
+    pub fn model(&self, reference: &str) -> Result<(&ProviderSettings, &ModelSettings), String> {
+        let (provider, model) = reference
+            .split_once('/')
+            .ok_or_else(|| format!("`{reference}` is not of the form provider/model"))?;
+        let p = self
+            .providers
+            .get(provider)
+            .ok_or_else(|| format!("`{reference}`: no provider named `{provider}`"))?;
+        let m = p.models.get(model).ok_or_else(|| {
+            format!("`{reference}`: provider `{provider}` has no model `{model}`")
+        })?;
+        Ok((p, m))
+    }
+
+    /// The worker identity: configured, or generated once per process.
+    pub fn worker_id(&self) -> String {
+        if self.worker.id.is_empty() {
+            format!("worker-{:04x}", rand::random::<u16>())
+        } else {
+            self.worker.id.clone()
+        }
+    }
+
+    /// The effective configuration as TOML with every secret redacted.
+    pub fn redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        copy.database.url = redact_url(&copy.database.url);
+        copy.broker.rabbitmq.url = redact_url(&copy.broker.rabbitmq.url);
+        for p in copy.providers.values_mut() {
+            p.base_url = redact_url(&p.base_url);
+        }
+        toml::to_string_pretty(&copy)
+            .unwrap_or_else(|e| format!("# could not render configuration: {e}\n"))
+    }
+}
+
+/// Replaces the password (and any query string, which may carry tokens) of a URL.
+pub fn redact_url(url: &str) -> String {
+    let (without_query, had_query) = match url.split_once('?') {
+        Some((base, _)) => (base, true),
+        None => (url, false),
+    };
+    let redacted = match (without_query.find("://"), without_query.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &without_query[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!(
+                "{}{user}:REDACTED{}",
+                &without_query[..scheme_end + 3],
+                &without_query[at..]
+            )
+        }
+        _ => without_query.to_owned(),
+    };
+    if had_query {
+        format!("{redacted}?REDACTED")
+    } else {
+        redacted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn shipped_defaults_are_valid() {
+        let s = Settings::load_from(None, &env(&[])).unwrap();
+        for name in ["qwen", "openai", "anthropic", "mistral", "deepseek"] {
+            assert_eq!(s.providers[name].kind, ProviderKind::Simulated, "{name}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_fixed_keys() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("TICKETFLOW__BROKER__KIND", "rabbitmq"),
+                (
+                    "TICKETFLOW__PROVIDERS__QWEN__BASE_URL",
+                    "http://127.0.0.1:8089/v1",
+                ),
+                ("TICKETFLOW__PROVIDERS__QWEN__LATENCY_MS", "7"),
+                ("TICKETFLOW__LIMITS__MAX_IN_FLIGHT", "33"),
+                ("TICKETFLOW__DATABASE__URL", "postgres://a:b@h/db"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.broker.kind, BrokerKind::Rabbitmq);
+        assert_eq!(s.providers["qwen"].base_url, "http://127.0.0.1:8089/v1");
+        assert_eq!(s.providers["qwen"].latency_ms, 7);
+        assert_eq!(s.limits.max_in_flight, 33);
+        assert_eq!(s.database.url, "postgres://a:b@h/db");
+    }
+
+    #[test]
+    fn every_unknown_key_is_named() {
+        let err = Settings::load_from(
+            None,
+            &env(&[
+                ("TICKETFLOW__LIMITS__MAX_INFLIGHT", "3"),
+                ("TICKETFLOW__NOPE", "1"),
+            ]),
+        )
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("limits.max_inflight"), "{all}");
+        assert!(all.contains("nope"), "{all}");
+    }
+
+    #[test]
+    fn cross_field_problems_are_all_listed() {
+        let err = Settings::load_from(
+            None,
+            &env(&[
+                ("TICKETFLOW__LIMITS__MAX_IN_FLIGHT", "0"),
+                ("TICKETFLOW__PRICING__BASELINE_MODEL", "nobody/nothing"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{:?}", err.problems);
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:REDACTED@h:5432/db"
+        );
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:REDACTED@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("https://api.x/v1?key=abc"),
+            "https://api.x/v1?REDACTED"
+        );
+        assert_eq!(redact_url("http://h/v1"), "http://h/v1");
+    }
+}

@@ -61,18 +61,12 @@ pub struct Failure {
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure {
-            code: 1,
-            error: e.into(),
-        }
+        Failure { code: 1, error: e.into() }
     }
 }
 
 fn config_failure(e: crate::settings::ConfigError) -> Failure {
-    Failure {
-        code: 2,
-        error: e.into(),
-    }
+    Failure { code: 2, error: e.into() }
 }
 
 /// Runs the parsed command.
@@ -83,24 +77,13 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             print!("{}", settings.redacted_toml());
             Ok(())
         }
-        Command::Process {
-            input,
-            out,
-            quiet,
-            drain_timeout_secs,
-        } => {
+        Command::Process { input, out, quiet, drain_timeout_secs } => {
             let settings = Arc::new(Settings::load(cli.config.as_deref()).map_err(config_failure)?);
             let shutdown = Shutdown::new(Duration::from_secs(drain_timeout_secs));
             spawn_signal_handler(shutdown.clone());
-            let opts = ProcessOptions {
-                input,
-                out_dir: out.clone(),
-                progress: !quiet,
-                drain_timeout: shutdown.drain_timeout,
-            };
-            let report = process::run(settings, opts, shutdown)
-                .await
-                .context("process failed")?;
+            let opts =
+                ProcessOptions { input, out_dir: out.clone(), progress: !quiet, drain_timeout: shutdown.drain_timeout };
+            let report = process::run(settings, opts, shutdown).await.context("process failed")?;
             println!("{}", report.summary.render(report.elapsed.as_secs_f64()));
             println!("outputs in {}", out.display());
             if report.interrupted {
@@ -108,10 +91,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     "interrupted: stopped reading input; {} in-flight ticket(s) were not finished and are not in the outputs",
                     report.unfinished
                 );
-                return Err(Failure {
-                    code: 130,
-                    error: anyhow::anyhow!("interrupted"),
-                });
+                return Err(Failure { code: 130, error: anyhow::anyhow!("interrupted") });
             }
             Ok(())
         }
@@ -126,9 +106,7 @@ fn spawn_signal_handler(shutdown: Shutdown) {
             wait_for_signal().await;
             count += 1;
             if count == 1 {
-                eprintln!(
-                    "stopping: finishing in-flight tickets (press Ctrl-C again to stop at once)"
-                );
+                eprintln!("stopping: finishing in-flight tickets (press Ctrl-C again to stop at once)");
                 shutdown.stop_intake.cancel();
             } else {
                 shutdown.abort.cancel();

@@ -27,11 +27,7 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Rejection {
-            kind,
-            message: message.into(),
-            ticket_id: None,
-        }
+        Rejection { kind, message: message.into(), ticket_id: None }
     }
 }
 
@@ -62,68 +58,70 @@ pub fn parse(raw: &[u8], max_message_bytes: usize) -> Result<Ticket, Rejection> 
     if raw.len() > max_message_bytes {
         return Err(Rejection::new(
             ErrorKind::TooLarge,
-            format!(
-                "message is {} bytes, limit is {max_message_bytes}",
-                raw.len()
-            ),
+            format!("message is {} bytes, limit is {max_message_bytes}", raw.len()),
         ));
     }
     let raw = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw);
     let text = std::str::from_utf8(raw).map_err(|e| {
         Rejection::new(
             ErrorKind::InvalidEncoding,
-            format!(
-                "not valid UTF-8: invalid byte at offset {}",
-                e.valid_up_to()
-            ),
+            format!("not valid UTF-8: invalid byte at offset {}", e.valid_up_to()),
         )
     })?;
+    // serde would read a struct from an array too; the contract wants an object.
+    if !text.trim_start().starts_with('{') {
+        return Err(not_an_object(text));
+    }
     let mut de = serde_json::Deserializer::from_str(text);
     let wire: WireTicket = match serde_path_to_error::deserialize(&mut de) {
         Ok(wire) => wire,
         Err(err) => return Err(classify_parse_error(text, err)),
     };
-    de.end().map_err(|e| {
-        Rejection::new(
-            ErrorKind::InvalidJson,
-            format!("trailing characters after the ticket: {e}"),
-        )
-    })?;
+    de.end()
+        .map_err(|e| Rejection::new(ErrorKind::InvalidJson, format!("trailing characters after the ticket: {e}")))?;
     if contains_lone_surrogate_escape(text) {
         return Err(Rejection::new(
             ErrorKind::InvalidJson,
             "lone surrogate in a \\u escape (not a valid Unicode character)",
         ));
     }
-    validate(wire).map_err(|(ticket_id, message)| Rejection {
-        kind: ErrorKind::InvalidTicket,
-        message,
-        ticket_id,
-    })
+    validate(wire).map_err(|(ticket_id, message)| Rejection { kind: ErrorKind::InvalidTicket, message, ticket_id })
 }
 
 /// Splits serde errors into syntax (`invalid_json`) and shape (`invalid_ticket`),
 /// naming the offending field for the latter.
-fn classify_parse_error(
-    text: &str,
-    err: serde_path_to_error::Error<serde_json::Error>,
-) -> Rejection {
+fn classify_parse_error(text: &str, err: serde_path_to_error::Error<serde_json::Error>) -> Rejection {
     let path = err.path().to_string();
     let inner = err.into_inner();
     match inner.classify() {
         serde_json::error::Category::Data => {
             // Wrong shape: a field of the wrong type, a missing or duplicated field,
             // or a document that is not an object at all.
-            let message = if path.is_empty() || path == "." {
-                format!("ticket: {inner}")
-            } else {
-                format!("{path}: {inner}")
-            };
+            let message =
+                if path.is_empty() || path == "." { format!("ticket: {inner}") } else { format!("{path}: {inner}") };
             let mut rejection = Rejection::new(ErrorKind::InvalidTicket, message);
             rejection.ticket_id = sniff_ticket_id(text);
             rejection
         }
         _ => Rejection::new(ErrorKind::InvalidJson, inner.to_string()),
+    }
+}
+
+/// Valid JSON of the wrong shape is `invalid_ticket`; anything else `invalid_json`.
+fn not_an_object(text: &str) -> Rejection {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) => {
+            let found = match v {
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Null => "null",
+                serde_json::Value::Object(_) => "an object",
+            };
+            Rejection::new(ErrorKind::InvalidTicket, format!("ticket: must be a JSON object, found {found}"))
+        }
+        Err(e) => Rejection::new(ErrorKind::InvalidJson, e.to_string()),
     }
 }
 
@@ -146,36 +144,21 @@ fn validate(wire: WireTicket) -> Result<Ticket, (Option<String>, String)> {
         return Err((None, "ticket_id: must not be empty or blank".into()));
     }
     if id_chars > MAX_TICKET_ID_CHARS {
-        return Err((
-            None,
-            format!("ticket_id: {id_chars} characters, at most {MAX_TICKET_ID_CHARS}"),
-        ));
+        return Err((None, format!("ticket_id: {id_chars} characters, at most {MAX_TICKET_ID_CHARS}")));
     }
     let id = Some(wire.ticket_id.clone());
     if wire.messages.is_empty() {
         return Err((id, "messages: must hold at least one message".into()));
     }
     if wire.messages.len() > MAX_MESSAGES {
-        return Err((
-            id,
-            format!(
-                "messages: {} items, at most {MAX_MESSAGES}",
-                wire.messages.len()
-            ),
-        ));
+        return Err((id, format!("messages: {} items, at most {MAX_MESSAGES}", wire.messages.len())));
     }
     for (i, m) in wire.messages.iter().enumerate() {
         if m.text.trim().is_empty() {
             return Err((id, format!("messages[{i}].text: must not be blank")));
         }
         if m.text.len() > MAX_TEXT_BYTES {
-            return Err((
-                id,
-                format!(
-                    "messages[{i}].text: {} bytes, at most {MAX_TEXT_BYTES}",
-                    m.text.len()
-                ),
-            ));
+            return Err((id, format!("messages[{i}].text: {} bytes, at most {MAX_TEXT_BYTES}", m.text.len())));
         }
     }
     if let Some(meta) = &wire.metadata {
@@ -184,10 +167,7 @@ fn validate(wire: WireTicket) -> Result<Ticket, (Option<String>, String)> {
         }
     }
     let unit_id = unit_id(&wire.ticket_id, &wire.messages);
-    let conversation_id = wire
-        .conversation_id
-        .filter(|c| !c.is_empty())
-        .unwrap_or_else(|| wire.ticket_id.clone());
+    let conversation_id = wire.conversation_id.filter(|c| !c.is_empty()).unwrap_or_else(|| wire.ticket_id.clone());
     Ok(Ticket {
         ticket_id: wire.ticket_id,
         unit_id,
@@ -282,11 +262,7 @@ mod tests {
 
     #[test]
     fn minimal_ticket_parses_with_defaults() {
-        let t = parse(
-            br#"{"ticket_id":"T-1","messages":[{"role":"customer","text":"hi"}]}"#,
-            LIMIT,
-        )
-        .unwrap();
+        let t = parse(br#"{"ticket_id":"T-1","messages":[{"role":"customer","text":"hi"}]}"#, LIMIT).unwrap();
         assert_eq!(t.conversation_id, "T-1");
         assert!(t.unit_id.starts_with("T-1:"));
         assert_eq!(t.unit_id.len(), "T-1:".len() + 8);
@@ -308,19 +284,12 @@ mod tests {
     fn metadata_is_kept_as_exact_text() {
         let raw = br#"{"ticket_id":"T-1","messages":[{"role":"customer","text":"hi"}],"metadata":{"n":123456789012345678901234567890,"z":"\u0000","f":1.10}}"#;
         let t = parse(raw, LIMIT).unwrap();
-        assert_eq!(
-            t.metadata.unwrap().get(),
-            r#"{"n":123456789012345678901234567890,"z":"\u0000","f":1.10}"#
-        );
+        assert_eq!(t.metadata.unwrap().get(), r#"{"n":123456789012345678901234567890,"z":"\u0000","f":1.10}"#);
     }
 
     #[test]
     fn unit_id_changes_with_a_new_turn_only() {
-        let a = parse(
-            br#"{"ticket_id":"T","messages":[{"role":"customer","text":"a"}]}"#,
-            LIMIT,
-        )
-        .unwrap();
+        let a = parse(br#"{"ticket_id":"T","messages":[{"role":"customer","text":"a"}]}"#, LIMIT).unwrap();
         let same = parse(
             br#"{"ticket_id":"T","subject":"x","messages":[{"role":"customer","text":"a","sent_at":"2026-01-01T00:00:00Z"}]}"#,
             LIMIT,
@@ -339,10 +308,7 @@ mod tests {
     fn size_is_checked_before_parsing_and_the_limit_itself_passes() {
         let base = br#"{"ticket_id":"T","messages":[{"role":"customer","text":"a"}]}"#;
         assert!(parse(base, base.len()).is_ok());
-        assert_eq!(
-            parse(base, base.len() - 1).unwrap_err().kind,
-            ErrorKind::TooLarge
-        );
+        assert_eq!(parse(base, base.len() - 1).unwrap_err().kind, ErrorKind::TooLarge);
         assert_eq!(parse(b"garbage", 3).unwrap_err().kind, ErrorKind::TooLarge);
     }
 
@@ -355,19 +321,17 @@ mod tests {
 
     #[test]
     fn encoding_and_syntax_errors() {
-        assert_eq!(
-            kind(b"{\"ticket_id\":\"\xff\"}"),
-            ErrorKind::InvalidEncoding
-        );
+        assert_eq!(kind(b"{\"ticket_id\":\"\xff\"}"), ErrorKind::InvalidEncoding);
         assert_eq!(kind(b"{"), ErrorKind::InvalidJson);
         assert_eq!(kind(b"{\"ticket_id\":\"T\",}"), ErrorKind::InvalidJson);
-        assert_eq!(kind(b"{} {}"), ErrorKind::InvalidJson);
-        assert_eq!(kind(b"\0"), ErrorKind::InvalidJson);
-        let deep = format!(
-            r#"{{"ticket_id":"T","messages":{}{}}}"#,
-            "[".repeat(10_000),
-            "]".repeat(10_000)
+        assert_eq!(
+            kind(br#"{"ticket_id":"T","messages":[{"role":"customer","text":"a"}]} {}"#),
+            ErrorKind::InvalidJson
         );
+        assert_eq!(kind(b"[1,"), ErrorKind::InvalidJson);
+        assert_eq!(kind(b""), ErrorKind::InvalidJson);
+        assert_eq!(kind(b"\0"), ErrorKind::InvalidJson);
+        let deep = format!(r#"{{"ticket_id":"T","messages":{}{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(kind(deep.as_bytes()), ErrorKind::InvalidJson);
     }
 
@@ -375,18 +339,11 @@ mod tests {
     fn lone_surrogates_are_invalid_json_anywhere() {
         let in_text = br#"{"ticket_id":"T","messages":[{"role":"customer","text":"\ud800"}]}"#;
         let in_meta = br#"{"ticket_id":"T","messages":[{"role":"customer","text":"a"}],"metadata":{"k":"\udc00"}}"#;
-        let in_unknown =
-            br#"{"ticket_id":"T","x":"\ud83d","messages":[{"role":"customer","text":"a"}]}"#;
+        let in_unknown = br#"{"ticket_id":"T","x":"\ud83d","messages":[{"role":"customer","text":"a"}]}"#;
         for raw in [&in_text[..], in_meta, in_unknown] {
-            assert_eq!(
-                kind(raw),
-                ErrorKind::InvalidJson,
-                "{}",
-                String::from_utf8_lossy(raw)
-            );
+            assert_eq!(kind(raw), ErrorKind::InvalidJson, "{}", String::from_utf8_lossy(raw));
         }
-        let pair =
-            br#"{"ticket_id":"T","messages":[{"role":"customer","text":"\ud83d\ude00 \\ud800"}]}"#;
+        let pair = br#"{"ticket_id":"T","messages":[{"role":"customer","text":"\ud83d\ude00 \\ud800"}]}"#;
         assert!(parse(pair, LIMIT).is_ok());
     }
 
@@ -395,50 +352,19 @@ mod tests {
         let cases: &[(&[u8], &str)] = &[
             (br#"[1,2]"#, "ticket"),
             (br#""T""#, "ticket"),
-            (
-                br#"{"messages":[{"role":"customer","text":"a"}]}"#,
-                "ticket_id",
-            ),
-            (
-                br#"{"ticket_id":5,"messages":[{"role":"customer","text":"a"}]}"#,
-                "ticket_id",
-            ),
-            (
-                br#"{"ticket_id":"","messages":[{"role":"customer","text":"a"}]}"#,
-                "ticket_id",
-            ),
+            (br#"{"messages":[{"role":"customer","text":"a"}]}"#, "ticket_id"),
+            (br#"{"ticket_id":5,"messages":[{"role":"customer","text":"a"}]}"#, "ticket_id"),
+            (br#"{"ticket_id":"","messages":[{"role":"customer","text":"a"}]}"#, "ticket_id"),
             (br#"{"ticket_id":"T","messages":[]}"#, "messages"),
-            (
-                br#"{"ticket_id":"T","messages":[{"role":"Customer","text":"a"}]}"#,
-                "messages[0].role",
-            ),
-            (
-                br#"{"ticket_id":"T","messages":[{"role":"customer","text":"  "}]}"#,
-                "messages[0].text",
-            ),
-            (
-                br#"{"ticket_id":"T","messages":[{"role":"customer","text":"a"}],"metadata":[1]}"#,
-                "metadata",
-            ),
-            (
-                br#"{"ticket_id":"T","ticket_id":"U","messages":[{"role":"customer","text":"a"}]}"#,
-                "ticket_id",
-            ),
+            (br#"{"ticket_id":"T","messages":[{"role":"Customer","text":"a"}]}"#, "messages[0].role"),
+            (br#"{"ticket_id":"T","messages":[{"role":"customer","text":"  "}]}"#, "messages[0].text"),
+            (br#"{"ticket_id":"T","messages":[{"role":"customer","text":"a"}],"metadata":[1]}"#, "metadata"),
+            (br#"{"ticket_id":"T","ticket_id":"U","messages":[{"role":"customer","text":"a"}]}"#, "ticket_id"),
         ];
         for (raw, field) in cases {
             let r = parse(raw, LIMIT).unwrap_err();
-            assert_eq!(
-                r.kind,
-                ErrorKind::InvalidTicket,
-                "{}",
-                String::from_utf8_lossy(raw)
-            );
-            assert!(
-                r.message.starts_with(field),
-                "{} -> {}",
-                String::from_utf8_lossy(raw),
-                r.message
-            );
+            assert_eq!(r.kind, ErrorKind::InvalidTicket, "{}", String::from_utf8_lossy(raw));
+            assert!(r.message.contains(field), "{} -> {}", String::from_utf8_lossy(raw), r.message);
         }
     }
 

@@ -23,10 +23,7 @@ pub struct Moderator {
 
 impl Moderator {
     pub fn new(s: &ModerationSettings) -> Self {
-        Moderator {
-            mode: s.mode,
-            flag_words: KeywordSet::new([("flag", s.flag_words.iter())]),
-        }
+        Moderator { mode: s.mode, flag_words: KeywordSet::new([("flag", s.flag_words.iter())]) }
     }
 
     /// Checks the customer's messages.
@@ -36,9 +33,7 @@ impl Moderator {
                 for m in ticket.messages.iter().filter(|m| m.role == Role::Customer) {
                     let lower = m.text.to_lowercase();
                     if let Some(word) = self.flag_words.first_match(&lower) {
-                        return Verdict::Flagged {
-                            reason: format!("local rule list: `{word}`"),
-                        };
+                        return Verdict::Flagged { reason: format!("local rule list: `{word}`") };
                     }
                 }
                 Verdict::Passed

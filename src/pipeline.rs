@@ -15,8 +15,8 @@ use crate::providers::{ChatRequest, Providers};
 use crate::routing::{self, Facts, HUMAN};
 use crate::settings::Settings;
 use crate::ticket::{
-    encode_payload, now_rfc3339, DeadLetter, DeadLetterError, ErrorKind, ModerationView, Output,
-    Reply, ReplyStatus, RouteView, Stage, Ticket, SCHEMA_VERSION,
+    encode_payload, now_rfc3339, DeadLetter, DeadLetterError, ErrorKind, ModerationView, Output, Reply, ReplyStatus,
+    RouteView, Stage, Ticket, SCHEMA_VERSION,
 };
 use crate::triage::{self, parse::parse_triage, prompt, Analyzer, Triage};
 
@@ -76,17 +76,7 @@ impl Pipeline {
         let moderator = Moderator::new(&settings.moderation);
         let triage_system = prompt::triage_system(&settings.triage.categories);
         let worker_id = settings.worker_id();
-        Pipeline {
-            settings,
-            analyzer,
-            providers,
-            prices,
-            moderator,
-            triage_system,
-            ledger,
-            publisher,
-            worker_id,
-        }
+        Pipeline { settings, analyzer, providers, prices, moderator, triage_system, ledger, publisher, worker_id }
     }
 
     pub fn prices(&self) -> &PriceTable {
@@ -112,10 +102,7 @@ impl Pipeline {
             Ok(ticket) => ticket,
             Err(rejection) => {
                 tracing::info!(source = ?delivery.source, kind = rejection.kind.as_str(), error = %rejection.message, "rejected input");
-                let output = Output::DeadLetter {
-                    dead_letter: self.rejected(delivery, rejection),
-                    costs: Vec::new(),
-                };
+                let output = Output::DeadLetter { dead_letter: self.rejected(delivery, rejection), costs: Vec::new() };
                 self.publisher.publish(&output).await?;
                 let kind = match &output {
                     Output::DeadLetter { dead_letter, .. } => dead_letter.error.kind,
@@ -126,10 +113,7 @@ impl Pipeline {
         };
         let claim = self.claim(&ticket, delivery.replay_count).await?;
         let (attempts, prior_cost_usd) = match claim {
-            Claim::Fresh {
-                attempts,
-                prior_cost_usd,
-            } => (attempts, prior_cost_usd),
+            Claim::Fresh { attempts, prior_cost_usd } => (attempts, prior_cost_usd),
             Claim::Done => return Ok(Handled::Duplicate),
             Claim::Unpublished(output) => {
                 self.publisher.publish(&output).await?;
@@ -138,9 +122,7 @@ impl Pipeline {
             }
             Claim::Busy => return Err(HandleError::Busy(ticket.unit_id.clone())),
         };
-        let output = self
-            .answer(&ticket, delivery, attempts, prior_cost_usd)
-            .await;
+        let output = self.answer(&ticket, delivery, attempts, prior_cost_usd).await;
         let handled = match &output {
             Output::Reply { reply, .. } => Handled::Replied(reply.status),
             Output::DeadLetter { dead_letter, .. } => Handled::DeadLettered(dead_letter.error.kind),
@@ -161,15 +143,7 @@ impl Pipeline {
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
         loop {
-            let claim = self
-                .ledger
-                .claim(
-                    &ticket.unit_id,
-                    &ticket.ticket_id,
-                    replay_count,
-                    &self.worker_id,
-                )
-                .await?;
+            let claim = self.ledger.claim(&ticket.unit_id, &ticket.ticket_id, replay_count, &self.worker_id).await?;
             if !matches!(claim, Claim::Busy) || started.elapsed() >= BUSY_WAIT {
                 return Ok(claim);
             }
@@ -186,93 +160,38 @@ impl Pipeline {
 
     /// Triage, route and respond: the unit's output. Never fails: every failure is a
     /// dead letter of the right kind.
-    pub async fn answer(
-        &self,
-        ticket: &Ticket,
-        delivery: &Delivery,
-        attempts: u32,
-        prior_cost_usd: f64,
-    ) -> Output {
+    pub async fn answer(&self, ticket: &Ticket, delivery: &Delivery, attempts: u32, prior_cost_usd: f64) -> Output {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.settings.limits.ticket_deadline_ms);
         let mut unit = UnitCalls::new(&ticket.ticket_id, &ticket.unit_id, deadline);
-        let runner = ChainRunner {
-            providers: &self.providers,
-            prices: &self.prices,
-            retry: &self.settings.retry,
-        };
+        let runner = ChainRunner { providers: &self.providers, prices: &self.prices, retry: &self.settings.retry };
         let mut moderation = ModerationState::default();
         let ticket_data = prompt::ticket_data(ticket);
 
-        let signals = self.analyzer.signals(ticket);
-        let triage = self
-            .triage(
-                ticket,
-                &signals,
-                &ticket_data,
-                &runner,
-                &mut unit,
-                &mut moderation,
-            )
-            .await;
-        let finish = |unit: &UnitCalls,
-                      status,
-                      reply: Option<String>,
-                      route: RouteView,
-                      moderation: &ModerationState| {
-            self.reply_output(
-                ticket,
-                &triage,
-                unit,
-                status,
-                reply,
-                route,
-                moderation,
-                prior_cost_usd,
-                started,
-            )
-        };
+        let (signals, heuristic) = self.analyzer.analyze(ticket);
+        let triage = self.triage(ticket, &signals, heuristic, &ticket_data, &runner, &mut unit, &mut moderation).await;
+        let finish =
+            |unit: &UnitCalls, status, reply: Option<String>, route: RouteView, moderation: &ModerationState| {
+                self.reply_output(ticket, &triage, unit, status, reply, route, moderation, prior_cost_usd, started)
+            };
         if let Some(Verdict::Flagged { reason }) = &moderation.verdict {
             let route = human_route(vec!["moderation:flagged".into(), reason.clone()]);
             return finish(&unit, ReplyStatus::NeedsHuman, None, route, &moderation);
         }
 
-        let facts = Facts {
-            ticket,
-            triage: &triage,
-            signals: &signals,
-        };
+        let facts = Facts { ticket, triage: &triage, signals: &signals };
         let decision = routing::route(&self.settings.routing.rules, &facts);
         if decision.target == HUMAN {
-            return finish(
-                &unit,
-                ReplyStatus::NeedsHuman,
-                None,
-                human_route(decision.reasons),
-                &moderation,
-            );
+            return finish(&unit, ReplyStatus::NeedsHuman, None, human_route(decision.reasons), &moderation);
         }
         let Some(tier) = self.settings.tiers.get(&decision.target) else {
             // Validation rejects unknown targets; reaching this is a bug worth a dead letter.
-            let message = format!(
-                "route target `{}` is not a configured tier",
-                decision.target
-            );
-            return self.failed(
-                ticket,
-                delivery,
-                ErrorKind::Internal,
-                message,
-                unit,
-                attempts,
-            );
+            let message = format!("route target `{}` is not a configured tier", decision.target);
+            return self.failed(ticket, delivery, ErrorKind::Internal, message, unit, attempts);
         };
         let system = prompt::reply_system(
             &triage.category,
-            self.settings
-                .policies
-                .get(&triage.category)
-                .map(String::as_str),
+            self.settings.policies.get(&triage.category).map(String::as_str),
             &tier.instruction,
             &triage.language,
         );
@@ -285,101 +204,65 @@ impl Pipeline {
             max_output_tokens: 800,
         };
         let mut reasons = decision.reasons;
-        let mut result = runner
-            .run(Stage::Reply, &tier.chain, request.clone(), &mut unit)
-            .await;
+        let mut result = runner.run(Stage::Reply, &tier.chain, request.clone(), &mut unit).await;
         let mut reply_attempts = attempts_of(&result);
         if matches!(result, ChainResult::Refused { .. }) {
             match self.moderate(ticket, &mut moderation) {
                 Verdict::Flagged { reason } => {
                     reasons.extend(["moderation:flagged".into(), reason]);
-                    let route = RouteView {
-                        attempts: reply_attempts,
-                        ..human_route(reasons)
-                    };
+                    let route = RouteView { attempts: reply_attempts, ..human_route(reasons) };
                     return finish(&unit, ReplyStatus::NeedsHuman, None, route, &moderation);
                 }
                 Verdict::Passed => {
                     reasons.push("moderation:bypass".into());
-                    result = runner
-                        .run(Stage::Reply, &tier.bypass_chain, request, &mut unit)
-                        .await;
+                    result = runner.run(Stage::Reply, &tier.bypass_chain, request, &mut unit).await;
                     reply_attempts += attempts_of(&result);
                 }
             }
         }
-        let route_for =
-            |provider: Option<String>, model: Option<String>, reasons: Vec<String>| RouteView {
-                tier: decision.target.clone(),
-                provider,
-                model,
-                reasons,
-                attempts: reply_attempts,
-            };
+        let route_for = |provider: Option<String>, model: Option<String>, reasons: Vec<String>| RouteView {
+            tier: decision.target.clone(),
+            provider,
+            model,
+            reasons,
+            attempts: reply_attempts,
+        };
         match result {
-            ChainResult::Answered {
-                provider,
-                model,
-                text,
-                ..
-            } => {
+            ChainResult::Answered { provider, model, text, .. } => {
                 let route = route_for(Some(provider), Some(model), reasons);
                 finish(&unit, ReplyStatus::Answered, Some(text), route, &moderation)
             }
             ChainResult::Refused { .. } => {
                 // Refused everywhere although our own check passed: a person decides.
                 reasons.push("moderation:refused_by_every_provider".into());
-                let route = RouteView {
-                    attempts: reply_attempts,
-                    ..human_route(reasons)
-                };
+                let route = RouteView { attempts: reply_attempts, ..human_route(reasons) };
                 finish(&unit, ReplyStatus::NeedsHuman, None, route, &moderation)
             }
             ChainResult::Exhausted { errors, .. } => {
-                let message = format!(
-                    "every model of tier `{}` failed: {}",
-                    decision.target,
-                    errors.join("; ")
-                );
-                self.failed(
-                    ticket,
-                    delivery,
-                    ErrorKind::ProvidersExhausted,
-                    message,
-                    unit,
-                    attempts,
-                )
+                let message = format!("every model of tier `{}` failed: {}", decision.target, errors.join("; "));
+                self.failed(ticket, delivery, ErrorKind::ProvidersExhausted, message, unit, attempts)
             }
             ChainResult::Rejected { errors, .. } => {
-                let message = format!(
-                    "every model of tier `{}` rejected the request: {}",
-                    decision.target,
-                    errors.join("; ")
-                );
-                self.failed(
-                    ticket,
-                    delivery,
-                    ErrorKind::Rejected,
-                    message,
-                    unit,
-                    attempts,
-                )
+                let message =
+                    format!("every model of tier `{}` rejected the request: {}", decision.target, errors.join("; "));
+                self.failed(ticket, delivery, ErrorKind::Rejected, message, unit, attempts)
             }
         }
     }
 
     /// The triage stage: the triage chain, its bypass after a refusal, and the
     /// heuristics whenever no model gives a usable answer.
+    #[allow(clippy::too_many_arguments)]
     async fn triage(
         &self,
         ticket: &Ticket,
         signals: &triage::Signals,
+        heuristic: Triage,
         ticket_data: &str,
         runner: &ChainRunner<'_>,
         unit: &mut UnitCalls,
         moderation: &mut ModerationState,
     ) -> Triage {
-        let heuristic = self.analyzer.heuristic(ticket, signals);
         let request = ChatRequest {
             model: String::new(),
             stage: Stage::Triage,
@@ -388,34 +271,19 @@ impl Pipeline {
             json_mode: true,
             max_output_tokens: 200,
         };
-        let mut result = runner
-            .run(
-                Stage::Triage,
-                &self.settings.triage.chain,
-                request.clone(),
-                unit,
-            )
-            .await;
+        let mut result = runner.run(Stage::Triage, &self.settings.triage.chain, request.clone(), unit).await;
         if matches!(result, ChainResult::Refused { .. }) {
             if let Verdict::Flagged { .. } = self.moderate(ticket, moderation) {
                 return heuristic;
             }
-            result = runner
-                .run(
-                    Stage::Triage,
-                    &self.settings.triage.bypass_chain,
-                    request,
-                    unit,
-                )
-                .await;
+            result = runner.run(Stage::Triage, &self.settings.triage.bypass_chain, request, unit).await;
         }
         match result {
-            ChainResult::Answered { text, .. } => {
-                parse_triage(&text, &self.analyzer.categories, &heuristic, signals).unwrap_or_else(|| {
+            ChainResult::Answered { text, .. } => parse_triage(&text, &self.analyzer.categories, &heuristic, signals)
+                .unwrap_or_else(|| {
                     tracing::info!(ticket_id = %ticket.ticket_id, "triage answer unusable; heuristics decide");
                     heuristic
-                })
-            }
+                }),
             other => {
                 tracing::info!(ticket_id = %ticket.ticket_id, result = ?std::mem::discriminant(&other), "triage models failed; heuristics decide");
                 heuristic
@@ -425,10 +293,7 @@ impl Pipeline {
 
     /// Runs our own moderation check once per ticket.
     fn moderate(&self, ticket: &Ticket, state: &mut ModerationState) -> Verdict {
-        state
-            .verdict
-            .get_or_insert_with(|| self.moderator.check(ticket))
-            .clone()
+        state.verdict.get_or_insert_with(|| self.moderator.check(ticket)).clone()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -506,27 +371,17 @@ impl Pipeline {
     /// only up to the size limit, so a dead letter is never itself too large to publish.
     fn rejected(&self, delivery: &Delivery, rejection: Rejection) -> DeadLetter {
         let limit = self.settings.limits.max_message_bytes;
-        let (bytes, message) =
-            if rejection.kind == ErrorKind::TooLarge && delivery.payload.len() > limit {
-                (
-                    &delivery.payload[..limit],
-                    format!(
-                        "{}; payload cut to the first {limit} bytes",
-                        rejection.message
-                    ),
-                )
-            } else {
-                (&delivery.payload[..], rejection.message)
-            };
+        let (bytes, message) = if rejection.kind == ErrorKind::TooLarge && delivery.payload.len() > limit {
+            (&delivery.payload[..limit], format!("{}; payload cut to the first {limit} bytes", rejection.message))
+        } else {
+            (&delivery.payload[..], rejection.message)
+        };
         let (payload, payload_encoding) = encode_payload(bytes);
         DeadLetter {
             schema_version: SCHEMA_VERSION,
             ticket_id: rejection.ticket_id,
             unit_id: None,
-            error: DeadLetterError {
-                kind: rejection.kind,
-                message,
-            },
+            error: DeadLetterError { kind: rejection.kind, message },
             attempts: 1,
             replay_count: delivery.replay_count,
             source: delivery.source.clone(),
@@ -548,11 +403,5 @@ fn attempts_of(result: &ChainResult) -> u32 {
 }
 
 fn human_route(reasons: Vec<String>) -> RouteView {
-    RouteView {
-        tier: HUMAN.into(),
-        provider: None,
-        model: None,
-        reasons,
-        attempts: 0,
-    }
+    RouteView { tier: HUMAN.into(), provider: None, model: None, reasons, attempts: 0 }
 }

@@ -51,15 +51,9 @@ pub struct ProcessReport {
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("cannot open input {path}: {source}")]
-    Input {
-        path: String,
-        source: std::io::Error,
-    },
+    Input { path: String, source: std::io::Error },
     #[error("cannot create outputs in {path}: {source}")]
-    Output {
-        path: String,
-        source: std::io::Error,
-    },
+    Output { path: String, source: std::io::Error },
     #[error(transparent)]
     Providers(#[from] crate::providers::BuildError),
     #[error("reading input: {0}")]
@@ -79,53 +73,29 @@ pub async fn run(
     let analyzer = Arc::new(Analyzer::new(&settings.triage));
     let providers = Providers::from_settings(&settings, analyzer.clone())?;
     let publisher = Arc::new(
-        FilePublisher::create(&opts.out_dir, PriceTable::from_settings(&settings)).map_err(
-            |source| ProcessError::Output {
-                path: opts.out_dir.display().to_string(),
-                source,
-            },
-        )?,
+        FilePublisher::create(&opts.out_dir, PriceTable::from_settings(&settings))
+            .map_err(|source| ProcessError::Output { path: opts.out_dir.display().to_string(), source })?,
     );
     let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::new());
-    let pipeline = Arc::new(Pipeline::new(
-        settings.clone(),
-        analyzer,
-        providers,
-        ledger,
-        publisher.clone(),
-    ));
+    let pipeline = Arc::new(Pipeline::new(settings.clone(), analyzer, providers, ledger, publisher.clone()));
 
-    let (reader, total_bytes): (Box<dyn AsyncBufRead + Unpin + Send>, Option<u64>) =
-        if opts.input == Path::new("-") {
-            (
-                Box::new(BufReader::with_capacity(1 << 16, tokio::io::stdin())),
-                None,
-            )
-        } else {
-            let file =
-                tokio::fs::File::open(&opts.input)
-                    .await
-                    .map_err(|source| ProcessError::Input {
-                        path: opts.input.display().to_string(),
-                        source,
-                    })?;
-            let len = file.metadata().await.ok().map(|m| m.len());
-            (Box::new(BufReader::with_capacity(1 << 16, file)), len)
-        };
-    let topic = if opts.input == Path::new("-") {
-        "stdin".to_owned()
+    let (reader, total_bytes): (Box<dyn AsyncBufRead + Unpin + Send>, Option<u64>) = if opts.input == Path::new("-") {
+        (Box::new(BufReader::with_capacity(1 << 16, tokio::io::stdin())), None)
     } else {
-        opts.input.display().to_string()
+        let file = tokio::fs::File::open(&opts.input)
+            .await
+            .map_err(|source| ProcessError::Input { path: opts.input.display().to_string(), source })?;
+        let len = file.metadata().await.ok().map(|m| m.len());
+        (Box::new(BufReader::with_capacity(1 << 16, file)), len)
     };
+    let topic = if opts.input == Path::new("-") { "stdin".to_owned() } else { opts.input.display().to_string() };
 
     let max_in_flight = settings.limits.max_in_flight;
     let (producer, queue, _settled) = memory::queue(max_in_flight);
     let bytes_read = Arc::new(AtomicU64::new(0));
     let stats = Arc::new(RunStats::default());
 
-    let progress = opts
-        .progress
-        .then(|| Progress::start(total_bytes, bytes_read.clone(), stats.clone()));
+    let progress = opts.progress.then(|| Progress::start(total_bytes, bytes_read.clone(), stats.clone()));
     let limit = settings.limits.max_message_bytes;
     let read = {
         let stop = shutdown.stop_intake.clone();
@@ -137,23 +107,13 @@ pub async fn run(
             }
         })
     };
-    runner::run(
-        queue,
-        pipeline,
-        max_in_flight,
-        shutdown.clone(),
-        stats.clone(),
-    )
-    .await;
+    runner::run(queue, pipeline, max_in_flight, shutdown.clone(), stats.clone()).await;
     let read_result = read.await;
     if let Some(p) = progress {
         p.finish();
     }
     let mut summary = publisher.finish()?;
-    summary.duplicates = stats
-        .acked
-        .load(Ordering::Relaxed)
-        .saturating_sub(summary.total());
+    summary.duplicates = stats.acked.load(Ordering::Relaxed).saturating_sub(summary.total());
     match read_result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(ProcessError::Read(e)),
@@ -215,15 +175,8 @@ async fn feed(
             continue;
         }
         let cut = (full_len as usize > line.len()).then_some(full_len);
-        let source = SourceRef {
-            topic: topic.clone(),
-            partition: 0,
-            offset: line_no,
-        };
-        if !producer
-            .send(Bytes::copy_from_slice(&line), cut, source, 0)
-            .await
-        {
+        let source = SourceRef { topic: topic.clone(), partition: 0, offset: line_no };
+        if !producer.send(Bytes::copy_from_slice(&line), cut, source, 0).await {
             return Ok(());
         }
     }
@@ -253,11 +206,7 @@ impl Progress {
         let bar_for_task = bar.clone();
         let started = Instant::now();
         let task = tokio::spawn(async move {
-            let period = if bar_for_task.is_some() {
-                Duration::from_millis(200)
-            } else {
-                Duration::from_secs(5)
-            };
+            let period = if bar_for_task.is_some() { Duration::from_millis(200) } else { Duration::from_secs(5) };
             let mut tick = tokio::time::interval(period);
             tick.tick().await;
             loop {

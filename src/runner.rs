@@ -34,11 +34,7 @@ pub struct Shutdown {
 
 impl Shutdown {
     pub fn new(drain_timeout: Duration) -> Self {
-        Shutdown {
-            stop_intake: CancellationToken::new(),
-            abort: CancellationToken::new(),
-            drain_timeout,
-        }
+        Shutdown { stop_intake: CancellationToken::new(), abort: CancellationToken::new(), drain_timeout }
     }
 }
 

@@ -25,9 +25,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn one(problem: impl Into<String>) -> Self {
-        ConfigError {
-            problems: vec![problem.into()],
-        }
+        ConfigError { problems: vec![problem.into()] }
     }
 }
 
@@ -255,9 +253,7 @@ pub struct ModerationSettings {
 
 /// Where to look for `config/<TICKETFLOW_ENV>.toml`.
 fn config_dir() -> PathBuf {
-    std::env::var_os("TICKETFLOW_CONFIG_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("config"))
+    std::env::var_os("TICKETFLOW_CONFIG_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("config"))
 }
 
 impl Settings {
@@ -268,13 +264,9 @@ impl Settings {
     }
 
     /// Loads with an explicit environment (tests use this to avoid global state).
-    pub fn load_from(
-        config_file: Option<&Path>,
-        env: &BTreeMap<String, String>,
-    ) -> Result<Settings, ConfigError> {
+    pub fn load_from(config_file: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
         use config::{Config, Environment, File, FileFormat};
-        let mut builder =
-            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
         if let Some(profile) = env.get("TICKETFLOW_ENV").filter(|p| !p.is_empty()) {
             let path = config_dir().join(format!("{profile}.toml"));
             if path.exists() {
@@ -289,18 +281,12 @@ impl Settings {
         }
         if let Some(path) = config_file {
             if !path.exists() {
-                return Err(ConfigError::one(format!(
-                    "config file {} does not exist",
-                    path.display()
-                )));
+                return Err(ConfigError::one(format!("config file {} does not exist", path.display())));
             }
             builder = builder.add_source(File::from(path).format(FileFormat::Toml));
         }
-        let vars: config::Map<String, String> = env
-            .iter()
-            .filter(|(k, _)| k.starts_with("TICKETFLOW__"))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let vars: config::Map<String, String> =
+            env.iter().filter(|(k, _)| k.starts_with("TICKETFLOW__")).map(|(k, v)| (k.clone(), v.clone())).collect();
         builder = builder.add_source(
             Environment::with_prefix("TICKETFLOW")
                 .prefix_separator("__")
@@ -308,16 +294,10 @@ impl Settings {
                 .try_parsing(true)
                 .source(Some(vars)),
         );
-        let cfg = builder
-            .build()
-            .map_err(|e| ConfigError::one(e.to_string()))?;
+        let cfg = builder.build().map_err(|e| ConfigError::one(e.to_string()))?;
         let mut unknown = Vec::new();
-        let parsed: Result<Settings, _> =
-            serde_ignored::deserialize(cfg, |path| unknown.push(path.to_string()));
-        let mut problems: Vec<String> = unknown
-            .into_iter()
-            .map(|key| format!("unknown key `{key}`"))
-            .collect();
+        let parsed: Result<Settings, _> = serde_ignored::deserialize(cfg, |path| unknown.push(path.to_string()));
+        let mut problems: Vec<String> = unknown.into_iter().map(|key| format!("unknown key `{key}`")).collect();
         match parsed {
             Ok(settings) => {
                 problems.extend(settings.validate());
@@ -351,36 +331,22 @@ impl Settings {
         }
         for (name, p) in &self.providers {
             if p.models.is_empty() {
-                problems.push(format!(
-                    "providers.{name}.models: a provider needs at least one model"
-                ));
+                problems.push(format!("providers.{name}.models: a provider needs at least one model"));
             }
             if !(0.0..=1.0).contains(&p.error_rate) {
-                problems.push(format!(
-                    "providers.{name}.error_rate must be between 0 and 1"
-                ));
+                problems.push(format!("providers.{name}.error_rate must be between 0 and 1"));
             }
             if p.requests_per_minute == 0 || p.tokens_per_minute == 0 {
-                problems.push(format!(
-                    "providers.{name}: requests_per_minute and tokens_per_minute must be at least 1"
-                ));
+                problems
+                    .push(format!("providers.{name}: requests_per_minute and tokens_per_minute must be at least 1"));
             }
             if p.kind != ProviderKind::Simulated && p.api_key_env.trim().is_empty() {
-                problems.push(format!(
-                    "providers.{name}.api_key_env is required for kind `{}`",
-                    p.kind.as_str()
-                ));
+                problems.push(format!("providers.{name}.api_key_env is required for kind `{}`", p.kind.as_str()));
             }
             for (model, price) in &p.models {
-                let prices = [
-                    price.input_usd_per_mtok,
-                    price.cached_input_usd_per_mtok,
-                    price.output_usd_per_mtok,
-                ];
+                let prices = [price.input_usd_per_mtok, price.cached_input_usd_per_mtok, price.output_usd_per_mtok];
                 if prices.iter().any(|v| !v.is_finite() || *v < 0.0) {
-                    problems.push(format!(
-                        "providers.{name}.models.{model}: prices must be finite and not negative"
-                    ));
+                    problems.push(format!("providers.{name}.models.{model}: prices must be finite and not negative"));
                 }
             }
         }
@@ -395,36 +361,21 @@ impl Settings {
             }
         };
         check_chain("triage.chain".into(), &self.triage.chain, false);
-        check_chain(
-            "triage.bypass_chain".into(),
-            &self.triage.bypass_chain,
-            true,
-        );
-        check_chain(
-            "pricing.baseline_model".into(),
-            std::slice::from_ref(&self.pricing.baseline_model),
-            false,
-        );
+        check_chain("triage.bypass_chain".into(), &self.triage.bypass_chain, true);
+        check_chain("pricing.baseline_model".into(), std::slice::from_ref(&self.pricing.baseline_model), false);
         for (name, tier) in &self.tiers {
             check_chain(format!("tiers.{name}.chain"), &tier.chain, false);
-            check_chain(
-                format!("tiers.{name}.bypass_chain"),
-                &tier.bypass_chain,
-                true,
-            );
+            check_chain(format!("tiers.{name}.bypass_chain"), &tier.bypass_chain, true);
         }
         if self.tiers.contains_key(crate::routing::HUMAN) {
-            problems
-                .push("tiers.human: `human` is reserved for handoff and cannot be a tier".into());
+            problems.push("tiers.human: `human` is reserved for handoff and cannot be a tier".into());
         }
         if self.triage.categories.is_empty() {
             problems.push("triage.categories: at least one category is required".into());
         }
         for category in self.triage.category_keywords.keys() {
             if !self.triage.categories.contains(category) {
-                problems.push(format!(
-                    "triage.category_keywords.{category}: not in triage.categories"
-                ));
+                problems.push(format!("triage.category_keywords.{category}: not in triage.categories"));
             }
         }
         for category in self.policies.keys() {
@@ -438,16 +389,13 @@ impl Settings {
 
     /// Resolves `provider/model` to its provider and model settings.
     pub fn model(&self, reference: &str) -> Result<(&ProviderSettings, &ModelSettings), String> {
-        let (provider, model) = reference
-            .split_once('/')
-            .ok_or_else(|| format!("`{reference}` is not of the form provider/model"))?;
-        let p = self
-            .providers
-            .get(provider)
-            .ok_or_else(|| format!("`{reference}`: no provider named `{provider}`"))?;
-        let m = p.models.get(model).ok_or_else(|| {
-            format!("`{reference}`: provider `{provider}` has no model `{model}`")
-        })?;
+        let (provider, model) =
+            reference.split_once('/').ok_or_else(|| format!("`{reference}` is not of the form provider/model"))?;
+        let p = self.providers.get(provider).ok_or_else(|| format!("`{reference}`: no provider named `{provider}`"))?;
+        let m = p
+            .models
+            .get(model)
+            .ok_or_else(|| format!("`{reference}`: provider `{provider}` has no model `{model}`"))?;
         Ok((p, m))
     }
 
@@ -468,8 +416,7 @@ impl Settings {
         for p in copy.providers.values_mut() {
             p.base_url = redact_url(&p.base_url);
         }
-        toml::to_string_pretty(&copy)
-            .unwrap_or_else(|e| format!("# could not render configuration: {e}\n"))
+        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# could not render configuration: {e}\n"))
     }
 }
 
@@ -483,11 +430,7 @@ pub fn redact_url(url: &str) -> String {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &without_query[scheme_end + 3..at];
             let user = userinfo.split(':').next().unwrap_or("");
-            format!(
-                "{}{user}:REDACTED{}",
-                &without_query[..scheme_end + 3],
-                &without_query[at..]
-            )
+            format!("{}{user}:REDACTED{}", &without_query[..scheme_end + 3], &without_query[at..])
         }
         _ => without_query.to_owned(),
     };
@@ -503,10 +446,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -523,10 +463,7 @@ mod tests {
             None,
             &env(&[
                 ("TICKETFLOW__BROKER__KIND", "rabbitmq"),
-                (
-                    "TICKETFLOW__PROVIDERS__QWEN__BASE_URL",
-                    "http://127.0.0.1:8089/v1",
-                ),
+                ("TICKETFLOW__PROVIDERS__QWEN__BASE_URL", "http://127.0.0.1:8089/v1"),
                 ("TICKETFLOW__PROVIDERS__QWEN__LATENCY_MS", "7"),
                 ("TICKETFLOW__LIMITS__MAX_IN_FLIGHT", "33"),
                 ("TICKETFLOW__DATABASE__URL", "postgres://a:b@h/db"),
@@ -542,14 +479,9 @@ mod tests {
 
     #[test]
     fn every_unknown_key_is_named() {
-        let err = Settings::load_from(
-            None,
-            &env(&[
-                ("TICKETFLOW__LIMITS__MAX_INFLIGHT", "3"),
-                ("TICKETFLOW__NOPE", "1"),
-            ]),
-        )
-        .unwrap_err();
+        let err =
+            Settings::load_from(None, &env(&[("TICKETFLOW__LIMITS__MAX_INFLIGHT", "3"), ("TICKETFLOW__NOPE", "1")]))
+                .unwrap_err();
         let all = err.problems.join("\n");
         assert!(all.contains("limits.max_inflight"), "{all}");
         assert!(all.contains("nope"), "{all}");
@@ -570,18 +502,9 @@ mod tests {
 
     #[test]
     fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h:5432/db"),
-            "postgres://u:REDACTED@h:5432/db"
-        );
-        assert_eq!(
-            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            "amqp://guest:REDACTED@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(
-            redact_url("https://api.x/v1?key=abc"),
-            "https://api.x/v1?REDACTED"
-        );
+        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:REDACTED@h:5432/db");
+        assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:REDACTED@127.0.0.1:5672/%2f");
+        assert_eq!(redact_url("https://api.x/v1?key=abc"), "https://api.x/v1?REDACTED");
         assert_eq!(redact_url("http://h/v1"), "http://h/v1");
     }
 }

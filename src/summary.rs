@@ -35,8 +35,7 @@ impl Default for Summary {
             baseline_cost_usd: 0.0,
             duplicates: 0,
             // 1 ms to 1 hour at 3 significant digits; the bounds are constants, so this cannot fail.
-            latency_ms: Histogram::new_with_bounds(1, 3_600_000, 3)
-                .expect("valid histogram bounds"),
+            latency_ms: Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds"),
         }
     }
 }
@@ -65,29 +64,19 @@ impl Summary {
                     *self.providers.entry(p.clone()).or_default() += 1;
                 }
                 if reply.moderation.as_ref().is_some_and(|m| m.bypassed) {
-                    *self
-                        .outcomes
-                        .entry("  of which moderation bypass".into())
-                        .or_default() += 1;
+                    *self.outcomes.entry("  of which moderation bypass".into()).or_default() += 1;
                 }
                 self.latency_ms.saturating_record(reply.latency_ms.max(1));
             }
             Output::DeadLetter { dead_letter, .. } => {
-                *self
-                    .outcomes
-                    .entry(format!("dead_letter:{}", dead_letter.error.kind.as_str()))
-                    .or_default() += 1;
+                *self.outcomes.entry(format!("dead_letter:{}", dead_letter.error.kind.as_str())).or_default() += 1;
             }
         }
     }
 
     /// Replies plus dead letters.
     pub fn total(&self) -> u64 {
-        self.outcomes
-            .iter()
-            .filter(|(k, _)| !k.starts_with(' '))
-            .map(|(_, v)| v)
-            .sum()
+        self.outcomes.iter().filter(|(k, _)| !k.starts_with(' ')).map(|(_, v)| v).sum()
     }
 
     pub fn latency_percentile(&self, q: f64) -> u64 {
@@ -102,14 +91,9 @@ impl Summary {
     pub fn render(&self, elapsed_secs: f64) -> String {
         let mut out = String::new();
         let mut table = Table::new();
-        table
-            .load_preset(UTF8_FULL_CONDENSED)
-            .set_header(vec!["outcome", "tickets"]);
+        table.load_preset(UTF8_FULL_CONDENSED).set_header(vec!["outcome", "tickets"]);
         for (k, v) in &self.outcomes {
-            table.add_row(vec![
-                Cell::new(k),
-                Cell::new(v).set_alignment(CellAlignment::Right),
-            ]);
+            table.add_row(vec![Cell::new(k), Cell::new(v).set_alignment(CellAlignment::Right)]);
         }
         if self.duplicates > 0 {
             table.add_row(vec![
@@ -121,57 +105,30 @@ impl Summary {
         out.push('\n');
         for (title, map) in [("tier", &self.tiers), ("provider", &self.providers)] {
             let mut t = Table::new();
-            t.load_preset(UTF8_FULL_CONDENSED)
-                .set_header(vec![title, "replies"]);
+            t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![title, "replies"]);
             for (k, v) in map {
-                t.add_row(vec![
-                    Cell::new(k),
-                    Cell::new(v).set_alignment(CellAlignment::Right),
-                ]);
+                t.add_row(vec![Cell::new(k), Cell::new(v).set_alignment(CellAlignment::Right)]);
             }
             out.push_str(&t.to_string());
             out.push('\n');
         }
         let savings = self.baseline_cost_usd - self.cost_usd;
-        let pct = if self.baseline_cost_usd > 0.0 {
-            savings / self.baseline_cost_usd * 100.0
-        } else {
-            0.0
-        };
+        let pct = if self.baseline_cost_usd > 0.0 { savings / self.baseline_cost_usd * 100.0 } else { 0.0 };
         let mut t = Table::new();
-        t.load_preset(UTF8_FULL_CONDENSED)
-            .set_header(vec!["figure", "value"]);
+        t.load_preset(UTF8_FULL_CONDENSED).set_header(vec!["figure", "value"]);
         let rows = [
             ("tickets", self.total().to_string()),
             ("provider calls", self.provider_calls.to_string()),
             ("total cost", format!("${:.6}", self.cost_usd)),
-            (
-                "all-premium baseline",
-                format!("${:.6}", self.baseline_cost_usd),
-            ),
+            ("all-premium baseline", format!("${:.6}", self.baseline_cost_usd)),
             ("savings", format!("${savings:.6} ({pct:.1}%)")),
-            (
-                "latency p50",
-                format!("{} ms", self.latency_percentile(0.50)),
-            ),
-            (
-                "latency p95",
-                format!("{} ms", self.latency_percentile(0.95)),
-            ),
+            ("latency p50", format!("{} ms", self.latency_percentile(0.50))),
+            ("latency p95", format!("{} ms", self.latency_percentile(0.95))),
             ("elapsed", format!("{elapsed_secs:.2} s")),
-            (
-                "throughput",
-                format!(
-                    "{:.0} tickets/s",
-                    self.total() as f64 / elapsed_secs.max(1e-9)
-                ),
-            ),
+            ("throughput", format!("{:.0} tickets/s", self.total() as f64 / elapsed_secs.max(1e-9))),
         ];
         for (k, v) in rows {
-            t.add_row(vec![
-                Cell::new(k),
-                Cell::new(v).set_alignment(CellAlignment::Right),
-            ]);
+            t.add_row(vec![Cell::new(k), Cell::new(v).set_alignment(CellAlignment::Right)]);
         }
         out.push_str(&t.to_string());
         out.push('\n');

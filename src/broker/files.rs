@@ -37,10 +37,7 @@ impl FilePublisher {
     pub fn create(dir: &Path, prices: PriceTable) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let open = |name: &str| -> std::io::Result<BufWriter<File>> {
-            Ok(BufWriter::with_capacity(
-                BUFFER,
-                File::create(dir.join(name))?,
-            ))
+            Ok(BufWriter::with_capacity(BUFFER, File::create(dir.join(name))?))
         };
         Ok(FilePublisher {
             files: Mutex::new(Files {
@@ -55,14 +52,10 @@ impl FilePublisher {
 
     /// Flushes the files and returns the summary so far.
     pub fn finish(&self) -> Result<Summary, BrokerError> {
-        let mut guard = self
-            .files
-            .lock()
-            .map_err(|_| BrokerError::Publish("output lock poisoned".into()))?;
+        let mut guard = self.files.lock().map_err(|_| BrokerError::Publish("output lock poisoned".into()))?;
         let f = &mut *guard;
         for w in [&mut f.replies, &mut f.costs, &mut f.dead_letters] {
-            w.flush()
-                .map_err(|e| BrokerError::Publish(format!("flushing output files: {e}")))?;
+            w.flush().map_err(|e| BrokerError::Publish(format!("flushing output files: {e}")))?;
         }
         Ok(std::mem::take(&mut f.summary))
     }
@@ -72,9 +65,7 @@ impl FilePublisher {
 impl Publisher for FilePublisher {
     async fn publish(&self, output: &Output) -> Result<(), BrokerError> {
         let ser = |v: &dyn erased::Json| -> Result<Vec<u8>, BrokerError> {
-            let mut line = v
-                .to_json()
-                .map_err(|e| BrokerError::Publish(format!("serializing output: {e}")))?;
+            let mut line = v.to_json().map_err(|e| BrokerError::Publish(format!("serializing output: {e}")))?;
             line.push(b'\n');
             Ok(line)
         };
@@ -86,10 +77,7 @@ impl Publisher for FilePublisher {
             Output::Reply { reply, .. } => (ser(reply)?, true),
             Output::DeadLetter { dead_letter, .. } => (ser(dead_letter)?, false),
         };
-        let mut f = self
-            .files
-            .lock()
-            .map_err(|_| BrokerError::Publish("output lock poisoned".into()))?;
+        let mut f = self.files.lock().map_err(|_| BrokerError::Publish("output lock poisoned".into()))?;
         let io = |e: std::io::Error| BrokerError::Publish(format!("writing output files: {e}"));
         f.costs.write_all(&cost_lines).map_err(io)?;
         if is_reply {

@@ -38,101 +38,79 @@ pub struct MemoryQueue {
 pub fn queue(capacity: usize) -> (MemoryProducer, MemoryQueue, Arc<Settled>) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let settled = Arc::new(Settled::default());
-    (
-        MemoryProducer {
-            tx,
-            settled: settled.clone(),
-        },
-        MemoryQueue { rx },
-        settled,
-    )
+    (MemoryProducer { tx, settled: settled.clone() }, MemoryQueue { rx }, settled)
 }
 
 impl MemoryProducer {
     /// Enqueues a message; waits while the queue is full. Returns false once the
     /// consumer is gone.
-    pub async fn send(
-        &self,
-        payload: Bytes,
-        full_len: Option<u64>,
-        source: SourceRef,
-        replay_count: u32,
-    ) -> bool {
-        let acker = Box::new(MemoryAcker {
-            requeue: Some((
-                self.tx.clone(),
-                payload.clone(),
-                full_len,
-                source.clone(),
-                replay_count,
-            )),
-            settled: self.settled.clone(),
-        });
-        self.tx
-            .send(Delivery {
-                payload,
-                full_len,
-                source,
-                replay_count,
-                acker,
-            })
-            .await
-            .is_ok()
+    pub async fn send(&self, payload: Bytes, full_len: Option<u64>, source: SourceRef, replay_count: u32) -> bool {
+        let requeue = Requeue { tx: self.tx.clone(), payload, full_len, source, replay_count };
+        let (tx, delivery) = requeue.delivery(self.settled.clone());
+        tx.send(delivery).await.is_ok()
+    }
+}
+
+/// What is needed to put a delivery back in the queue.
+struct Requeue {
+    tx: mpsc::Sender<Delivery>,
+    payload: Bytes,
+    full_len: Option<u64>,
+    source: SourceRef,
+    replay_count: u32,
+}
+
+impl Requeue {
+    fn delivery(self, settled: Arc<Settled>) -> (mpsc::Sender<Delivery>, Delivery) {
+        let again = Requeue {
+            tx: self.tx.clone(),
+            payload: self.payload.clone(),
+            full_len: self.full_len,
+            source: self.source.clone(),
+            replay_count: self.replay_count,
+        };
+        let delivery = Delivery {
+            payload: self.payload,
+            full_len: self.full_len,
+            source: self.source,
+            replay_count: self.replay_count,
+            acker: Box::new(MemoryAcker { requeue: Some(again), settled }),
+        };
+        (self.tx, delivery)
     }
 }
 
 /// Holds a sender so the queue stays open while any delivery is unsettled: the
 /// consumer sees the end of the input only when nothing can be requeued any more.
 struct MemoryAcker {
-    requeue: Option<(mpsc::Sender<Delivery>, Bytes, Option<u64>, SourceRef, u32)>,
+    requeue: Option<Requeue>,
     settled: Arc<Settled>,
 }
 
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        self.settled
-            .acked
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.settled.acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
     async fn nack(mut self: Box<Self>, requeue: bool) -> Result<(), BrokerError> {
         let again = if requeue { self.requeue.take() } else { None };
         match again {
-            Some((tx, payload, full_len, source, replay_count)) => {
+            Some(requeue) => {
                 // Requeue from a task of its own: the caller may hold the last in-flight
                 // permit while the queue is full. The sender it holds keeps the queue open
                 // until the message is back in it, so nothing is lost at end of input.
                 let settled = self.settled.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(REQUEUE_DELAY).await;
-                    let acker = Box::new(MemoryAcker {
-                        requeue: Some((
-                            tx.clone(),
-                            payload.clone(),
-                            full_len,
-                            source.clone(),
-                            replay_count,
-                        )),
-                        settled,
-                    });
-                    let _ = tx
-                        .send(Delivery {
-                            payload,
-                            full_len,
-                            source,
-                            replay_count,
-                            acker,
-                        })
-                        .await;
+                    let (tx, delivery) = requeue.delivery(settled);
+                    let _ = tx.send(delivery).await;
                 });
                 Ok(())
             }
             None => {
-                self.settled
-                    .dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.settled.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
         }

@@ -1,9 +1,13 @@
 //! In-memory ledger with the same semantics as the PostgreSQL one. Used by
-//! `ticketflow process` and tests. Keys are 128-bit hashes of the unit id and a
-//! finished unit keeps no text once published, so a million units cost tens of
-//! megabytes, not gigabytes.
+//! `ticketflow process` and tests.
+//!
+//! Memory: a unit that is answered and published shrinks to a 16-byte hash in a set
+//! (about 35 bytes with the set's own overhead), which is all duplicate detection
+//! needs; only units in progress, awaiting publication or dead-lettered keep a full
+//! entry. A million-ticket run holds about 40 MB here; it is the one part of a run
+//! whose memory grows with the number of distinct tickets.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -14,10 +18,7 @@ use crate::ticket::Output;
 #[derive(Debug)]
 enum State {
     InProgress,
-    Finished {
-        dead_letter: bool,
-        unpublished: Option<Box<Output>>,
-    },
+    Finished { dead_letter: bool, unpublished: Option<Box<Output>> },
 }
 
 #[derive(Debug)]
@@ -28,10 +29,18 @@ struct Entry {
     cost_usd: f64,
 }
 
+#[derive(Debug, Default)]
+struct Units {
+    /// Answered and published: nothing left to remember but that it is done.
+    done: HashSet<u128>,
+    /// Everything else.
+    active: HashMap<u128, Entry>,
+}
+
 /// A ledger that lives as long as the process.
 #[derive(Debug, Default)]
 pub struct MemoryLedger {
-    units: Mutex<HashMap<u128, Entry>>,
+    units: Mutex<Units>,
 }
 
 impl MemoryLedger {
@@ -43,15 +52,13 @@ impl MemoryLedger {
         xxhash_rust::xxh3::xxh3_128(unit_id.as_bytes())
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<u128, Entry>>, LedgerError> {
-        self.units
-            .lock()
-            .map_err(|_| LedgerError::Other("memory ledger lock poisoned".into()))
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Units>, LedgerError> {
+        self.units.lock().map_err(|_| LedgerError::Other("memory ledger lock poisoned".into()))
     }
 
     /// Units known to the ledger (for tests and summaries).
     pub fn len(&self) -> usize {
-        self.units.lock().map(|u| u.len()).unwrap_or(0)
+        self.units.lock().map(|u| u.done.len() + u.active.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -68,8 +75,12 @@ impl Ledger for MemoryLedger {
         replay_count: u32,
         _worker_id: &str,
     ) -> Result<Claim, LedgerError> {
+        let key = Self::key(unit_id);
         let mut units = self.lock()?;
-        let entry = units.entry(Self::key(unit_id)).or_insert(Entry {
+        if units.done.contains(&key) {
+            return Ok(Claim::Done);
+        }
+        let entry = units.active.entry(key).or_insert(Entry {
             state: State::InProgress,
             attempts: 0,
             replay_count,
@@ -79,27 +90,15 @@ impl Ledger for MemoryLedger {
             State::InProgress if entry.attempts > 0 => Ok(Claim::Busy),
             State::InProgress => {
                 entry.attempts = 1;
-                Ok(Claim::Fresh {
-                    attempts: 1,
-                    prior_cost_usd: 0.0,
-                })
+                Ok(Claim::Fresh { attempts: 1, prior_cost_usd: 0.0 })
             }
-            State::Finished {
-                dead_letter: true,
-                unpublished: None,
-            } if replay_count > entry.replay_count => {
+            State::Finished { dead_letter: true, unpublished: None } if replay_count > entry.replay_count => {
                 entry.state = State::InProgress;
                 entry.attempts += 1;
                 entry.replay_count = replay_count;
-                Ok(Claim::Fresh {
-                    attempts: entry.attempts,
-                    prior_cost_usd: entry.cost_usd,
-                })
+                Ok(Claim::Fresh { attempts: entry.attempts, prior_cost_usd: entry.cost_usd })
             }
-            State::Finished {
-                unpublished: Some(output),
-                ..
-            } => Ok(Claim::Unpublished(output.clone())),
+            State::Finished { unpublished: Some(output), .. } => Ok(Claim::Unpublished(output.clone())),
             State::Finished { .. } => Ok(Claim::Done),
         }
     }
@@ -107,6 +106,7 @@ impl Ledger for MemoryLedger {
     async fn finish(&self, unit_id: &str, output: &Output) -> Result<(), LedgerError> {
         let mut units = self.lock()?;
         let entry = units
+            .active
             .get_mut(&Self::key(unit_id))
             .ok_or_else(|| LedgerError::Other(format!("finish of unclaimed unit {unit_id}")))?;
         entry.cost_usd += output.costs().iter().map(|c| c.cost_usd).sum::<f64>();
@@ -118,29 +118,33 @@ impl Ledger for MemoryLedger {
     }
 
     async fn mark_published(&self, unit_id: &str) -> Result<(), LedgerError> {
+        let key = Self::key(unit_id);
         let mut units = self.lock()?;
-        if let Some(Entry {
-            state: State::Finished { unpublished, .. },
-            ..
-        }) = units.get_mut(&Self::key(unit_id))
-        {
-            *unpublished = None;
+        let answered = match units.active.get_mut(&key) {
+            Some(Entry { state: State::Finished { unpublished, dead_letter }, .. }) => {
+                *unpublished = None;
+                !*dead_letter
+            }
+            _ => false,
+        };
+        // A dead-lettered unit keeps its entry: a replay needs its attempts and cost.
+        if answered {
+            units.active.remove(&key);
+            units.done.insert(key);
         }
         Ok(())
     }
 
     async fn release(&self, unit_id: &str) -> Result<(), LedgerError> {
+        let key = Self::key(unit_id);
         let mut units = self.lock()?;
-        if let Some(entry) = units.get_mut(&Self::key(unit_id)) {
+        if let Some(entry) = units.active.get_mut(&key) {
             if matches!(entry.state, State::InProgress) {
                 if entry.attempts <= 1 {
-                    units.remove(&Self::key(unit_id));
+                    units.active.remove(&key);
                 } else {
                     // A replayed unit goes back to its dead-lettered state.
-                    entry.state = State::Finished {
-                        dead_letter: true,
-                        unpublished: None,
-                    };
+                    entry.state = State::Finished { dead_letter: true, unpublished: None };
                     entry.replay_count = entry.replay_count.saturating_sub(1);
                     entry.attempts -= 1;
                 }
@@ -161,17 +165,10 @@ mod tests {
                 schema_version: 1,
                 ticket_id: Some("T".into()),
                 unit_id: Some("T:1".into()),
-                error: DeadLetterError {
-                    kind: ErrorKind::ProvidersExhausted,
-                    message: "down".into(),
-                },
+                error: DeadLetterError { kind: ErrorKind::ProvidersExhausted, message: "down".into() },
                 attempts: 1,
                 replay_count: 0,
-                source: SourceRef {
-                    topic: "t".into(),
-                    partition: 0,
-                    offset: 0,
-                },
+                source: SourceRef { topic: "t".into(), partition: 0, offset: 0 },
                 failed_at: now_rfc3339(),
                 worker_id: "w".into(),
                 payload: "{}".into(),
@@ -200,24 +197,12 @@ mod tests {
     #[tokio::test]
     async fn second_claim_while_in_progress_is_busy_then_done() {
         let l = MemoryLedger::new();
-        assert!(matches!(
-            l.claim("T:1", "T", 0, "w").await.unwrap(),
-            Claim::Fresh { attempts: 1, .. }
-        ));
-        assert!(matches!(
-            l.claim("T:1", "T", 0, "w").await.unwrap(),
-            Claim::Busy
-        ));
+        assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
+        assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Busy));
         l.finish("T:1", &dead_letter_output()).await.unwrap();
-        assert!(matches!(
-            l.claim("T:1", "T", 0, "w").await.unwrap(),
-            Claim::Unpublished(_)
-        ));
+        assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Unpublished(_)));
         l.mark_published("T:1").await.unwrap();
-        assert!(matches!(
-            l.claim("T:1", "T", 0, "w").await.unwrap(),
-            Claim::Done
-        ));
+        assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Done));
     }
 
     #[tokio::test]
@@ -227,10 +212,7 @@ mod tests {
         l.finish("T:1", &dead_letter_output()).await.unwrap();
         l.mark_published("T:1").await.unwrap();
         match l.claim("T:1", "T", 1, "w").await.unwrap() {
-            Claim::Fresh {
-                attempts,
-                prior_cost_usd,
-            } => {
+            Claim::Fresh { attempts, prior_cost_usd } => {
                 assert_eq!(attempts, 2);
                 assert!((prior_cost_usd - 0.5).abs() < 1e-12);
             }
@@ -243,9 +225,6 @@ mod tests {
         let l = MemoryLedger::new();
         l.claim("T:1", "T", 0, "w").await.unwrap();
         l.release("T:1").await.unwrap();
-        assert!(matches!(
-            l.claim("T:1", "T", 0, "w").await.unwrap(),
-            Claim::Fresh { attempts: 1, .. }
-        ));
+        assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
     }
 }

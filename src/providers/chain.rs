@@ -55,11 +55,19 @@ pub enum ChainResult {
         attempts: u32,
     },
     /// A provider's content filter refused (now, or earlier for every provider left).
-    Refused { attempts: u32 },
+    Refused {
+        attempts: u32,
+    },
     /// Only transient failures (or the deadline) stood in the way: an outage.
-    Exhausted { errors: Vec<String>, attempts: u32 },
+    Exhausted {
+        errors: Vec<String>,
+        attempts: u32,
+    },
     /// Every model failed permanently.
-    Rejected { errors: Vec<String>, attempts: u32 },
+    Rejected {
+        errors: Vec<String>,
+        attempts: u32,
+    },
 }
 
 /// What a chain call needs besides the unit's state.
@@ -105,25 +113,16 @@ impl ChainRunner<'_> {
                 attempts += 1;
                 let started = Instant::now();
                 let remaining = unit.deadline.saturating_duration_since(started);
-                let outcome =
-                    match tokio::time::timeout(remaining, provider.complete(&request)).await {
-                        Ok(outcome) => outcome,
-                        Err(_) => Outcome::Transient {
-                            detail: "ticket deadline passed during the call".into(),
-                            timeout: true,
-                            reached: true,
-                        },
-                    };
+                let outcome = match tokio::time::timeout(remaining, provider.complete(&request)).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Outcome::Transient {
+                        detail: "ticket deadline passed during the call".into(),
+                        timeout: true,
+                        reached: true,
+                    },
+                };
                 let latency_ms = started.elapsed().as_millis() as u64;
-                self.record(
-                    unit,
-                    stage,
-                    provider_name,
-                    model,
-                    &request,
-                    &outcome,
-                    latency_ms,
-                );
+                self.record(unit, stage, provider_name, model, &request, &outcome, latency_ms);
                 let retry_after = match outcome {
                     Outcome::Ok { text, .. } => {
                         return ChainResult::Answered {
@@ -144,10 +143,7 @@ impl ChainRunner<'_> {
                         errors.push(format!("{entry}: {detail}"));
                         break;
                     }
-                    Outcome::RateLimited {
-                        retry_after,
-                        detail,
-                    } => {
+                    Outcome::RateLimited { retry_after, detail } => {
                         any_transient = true;
                         errors.push(format!("{entry}: rate limited: {detail}"));
                         retry_after
@@ -192,26 +188,17 @@ impl ChainRunner<'_> {
             Outcome::Refused { usage, .. } => (*usage, CallOutcome::Refused),
             Outcome::RateLimited { .. } => (Some(Usage::default()), CallOutcome::RateLimited),
             Outcome::Transient { reached: false, .. } => return,
-            Outcome::Transient { timeout: true, .. } => {
-                (Some(Usage::default()), CallOutcome::Timeout)
-            }
-            Outcome::Transient { .. } | Outcome::Permanent { .. } => {
-                (Some(Usage::default()), CallOutcome::Error)
-            }
+            Outcome::Transient { timeout: true, .. } => (Some(Usage::default()), CallOutcome::Timeout),
+            Outcome::Transient { .. } | Outcome::Permanent { .. } => (Some(Usage::default()), CallOutcome::Error),
         };
         // A refusal that arrived as an error has no usage: it costs nothing, and the
         // token counts are our estimate of what was sent.
         let estimated_input = || estimate_tokens(&request.system) + estimate_tokens(&request.user);
         let (usage, cost_usd, estimated) = match (usage, outcome) {
             (Some(u), _) => (u, self.prices.price(provider, model).cost(&u), false),
-            (None, Outcome::Refused { .. }) => (
-                Usage {
-                    input_tokens: estimated_input(),
-                    ..Usage::default()
-                },
-                0.0,
-                true,
-            ),
+            (None, Outcome::Refused { .. }) => {
+                (Usage { input_tokens: estimated_input(), ..Usage::default() }, 0.0, true)
+            }
             (None, Outcome::Ok { text, .. }) => {
                 let u = Usage {
                     input_tokens: estimated_input(),
@@ -244,13 +231,6 @@ impl ChainRunner<'_> {
 
 /// Exponential backoff with full jitter: uniform in [0, min(max, base * 2^attempt)].
 pub fn backoff(retry: &RetrySettings, attempt: u32) -> Duration {
-    let cap = retry
-        .base_delay_ms
-        .saturating_mul(1u64 << attempt.min(20))
-        .min(retry.max_delay_ms);
-    Duration::from_millis(if cap == 0 {
-        0
-    } else {
-        rand::thread_rng().gen_range(0..=cap)
-    })
+    let cap = retry.base_delay_ms.saturating_mul(1u64 << attempt.min(20)).min(retry.max_delay_ms);
+    Duration::from_millis(if cap == 0 { 0 } else { rand::thread_rng().gen_range(0..=cap) })
 }

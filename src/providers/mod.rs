@@ -99,15 +99,8 @@ impl Providers {
         let mut by_name: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
         for (name, p) in &settings.providers {
             let provider: Arc<dyn Provider> = match p.kind {
-                ProviderKind::Simulated => {
-                    Arc::new(simulated::Simulated::new(name, p, analyzer.clone()))
-                }
-                kind => {
-                    return Err(BuildError::KindUnavailable {
-                        name: name.clone(),
-                        kind: kind.as_str(),
-                    })
-                }
+                ProviderKind::Simulated => Arc::new(simulated::Simulated::new(name, p, analyzer.clone())),
+                kind => return Err(BuildError::KindUnavailable { name: name.clone(), kind: kind.as_str() }),
             };
             by_name.insert(name.clone(), provider);
         }
@@ -128,13 +121,8 @@ impl Providers {
 /// token, about one token per CJK or Thai character. Used only where a provider gives
 /// no usage, and then flagged `estimated`.
 pub fn estimate_tokens(text: &str) -> u64 {
-    let (ascii, other) = text.chars().fold((0u64, 0u64), |(a, o), c| {
-        if c.is_ascii() {
-            (a + 1, o)
-        } else {
-            (a, o + 1)
-        }
-    });
+    let (ascii, other) =
+        text.chars().fold((0u64, 0u64), |(a, o), c| if c.is_ascii() { (a + 1, o) } else { (a, o + 1) });
     ascii.div_ceil(4) + other
 }
 

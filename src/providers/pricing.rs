@@ -15,11 +15,7 @@ pub struct Price {
 
 impl From<&ModelSettings> for Price {
     fn from(m: &ModelSettings) -> Self {
-        Price {
-            input: m.input_usd_per_mtok,
-            cached_input: m.cached_input_usd_per_mtok,
-            output: m.output_usd_per_mtok,
-        }
+        Price { input: m.input_usd_per_mtok, cached_input: m.cached_input_usd_per_mtok, output: m.output_usd_per_mtok }
     }
 }
 
@@ -29,9 +25,7 @@ impl Price {
     pub fn cost(&self, usage: &Usage) -> f64 {
         let cached = usage.cached_input_tokens.min(usage.input_tokens);
         let uncached = usage.input_tokens - cached;
-        (uncached as f64 * self.input
-            + cached as f64 * self.cached_input
-            + usage.output_tokens as f64 * self.output)
+        (uncached as f64 * self.input + cached as f64 * self.cached_input + usage.output_tokens as f64 * self.output)
             / 1_000_000.0
     }
 }
@@ -52,31 +46,21 @@ impl PriceTable {
                 prices.insert(format!("{provider}/{model}"), Price::from(m));
             }
         }
-        let baseline = prices
-            .get(&s.pricing.baseline_model)
-            .copied()
-            .unwrap_or(Price {
-                input: 0.0,
-                cached_input: 0.0,
-                output: 0.0,
-            });
-        PriceTable {
-            prices,
-            baseline,
-            version: s.pricing.pricing_version.clone(),
-        }
+        let baseline = prices.get(&s.pricing.baseline_model).copied().unwrap_or(Price {
+            input: 0.0,
+            cached_input: 0.0,
+            output: 0.0,
+        });
+        PriceTable { prices, baseline, version: s.pricing.pricing_version.clone() }
     }
 
     /// Price of `provider/model`; zero for an unknown model (validation rejects those).
     pub fn price(&self, provider: &str, model: &str) -> Price {
-        self.prices
-            .get(&format!("{provider}/{model}"))
-            .copied()
-            .unwrap_or(Price {
-                input: 0.0,
-                cached_input: 0.0,
-                output: 0.0,
-            })
+        self.prices.get(&format!("{provider}/{model}")).copied().unwrap_or(Price {
+            input: 0.0,
+            cached_input: 0.0,
+            output: 0.0,
+        })
     }
 
     /// What the same tokens would cost on the baseline premium model. Cache hits are
@@ -92,32 +76,16 @@ mod tests {
 
     #[test]
     fn cost_splits_cached_input() {
-        let p = Price {
-            input: 2.5,
-            cached_input: 1.25,
-            output: 10.0,
-        };
-        let u = Usage {
-            input_tokens: 1000,
-            cached_input_tokens: 400,
-            output_tokens: 100,
-        };
+        let p = Price { input: 2.5, cached_input: 1.25, output: 10.0 };
+        let u = Usage { input_tokens: 1000, cached_input_tokens: 400, output_tokens: 100 };
         let expected = (600.0 * 2.5 + 400.0 * 1.25 + 100.0 * 10.0) / 1e6;
         assert!((p.cost(&u) - expected).abs() < 1e-15);
     }
 
     #[test]
     fn cached_tokens_above_input_are_capped() {
-        let p = Price {
-            input: 1.0,
-            cached_input: 0.5,
-            output: 0.0,
-        };
-        let u = Usage {
-            input_tokens: 10,
-            cached_input_tokens: 50,
-            output_tokens: 0,
-        };
+        let p = Price { input: 1.0, cached_input: 0.5, output: 0.0 };
+        let u = Usage { input_tokens: 10, cached_input_tokens: 50, output_tokens: 0 };
         assert!((p.cost(&u) - 5.0 / 1e6).abs() < 1e-15);
     }
 }

@@ -46,11 +46,7 @@ impl Simulated {
         }
         let low = self.latency_ms.saturating_sub(self.jitter_ms);
         let high = self.latency_ms + self.jitter_ms;
-        let ms = if high > low {
-            rand::thread_rng().gen_range(low..=high)
-        } else {
-            low
-        };
+        let ms = if high > low { rand::thread_rng().gen_range(low..=high) } else { low };
         Some(Duration::from_millis(ms))
     }
 
@@ -64,15 +60,8 @@ impl Simulated {
 
     fn transcript_ticket(request: &ChatRequest) -> Option<Ticket> {
         let t = prompt::parse_ticket_data(&request.user)?;
-        let messages: Vec<Message> = t
-            .messages
-            .into_iter()
-            .map(|m| Message {
-                role: m.role,
-                text: m.text,
-                sent_at: None,
-            })
-            .collect();
+        let messages: Vec<Message> =
+            t.messages.into_iter().map(|m| Message { role: m.role, text: m.text, sent_at: None }).collect();
         Some(Ticket {
             ticket_id: String::new(),
             unit_id: String::new(),
@@ -89,8 +78,7 @@ impl Simulated {
     }
 
     fn triage_answer(&self, ticket: &Ticket) -> String {
-        let signals = self.analyzer.signals(ticket);
-        let t = self.analyzer.heuristic(ticket, &signals);
+        let (_, t) = self.analyzer.analyze(ticket);
         serde_json::json!({
             "category": t.category,
             "complexity": t.complexity,
@@ -102,15 +90,19 @@ impl Simulated {
         .to_string()
     }
 
-    fn reply_answer(&self, request: &ChatRequest, ticket: &Ticket) -> String {
-        let signals = self.analyzer.signals(ticket);
-        let category = self.analyzer.heuristic(ticket, &signals).category;
+    /// A reply follows the system prompt as a model would: its topic and language
+    /// are read from the instructions, not guessed again.
+    fn reply_answer(&self, request: &ChatRequest) -> String {
+        let category = prompt_value(&request.system, "Topic: ", '.').unwrap_or("other");
+        let language = prompt_value(&request.system, "(ISO 639-1: ", ')').unwrap_or("en");
         let mut out = String::new();
-        out.push_str(greeting(&signals.language));
+        out.push_str(greeting(language));
         if request.system.contains("empathy") {
-            out.push_str("I'm truly sorry for the trouble this has caused you, and I understand how frustrating it is. ");
+            out.push_str(
+                "I'm truly sorry for the trouble this has caused you, and I understand how frustrating it is. ",
+            );
         }
-        out.push_str(canned_reply(&category));
+        out.push_str(canned_reply(category));
         out
     }
 }
@@ -130,36 +122,29 @@ impl Provider for Simulated {
         }
         let lower = request.user.to_lowercase();
         if let Some(word) = self.filter.first_match(&lower) {
-            let detail = format!(
-                "{}: content filter (data_inspection_failed) on `{word}`",
-                self.name
-            );
+            let detail = format!("{}: content filter (data_inspection_failed) on `{word}`", self.name);
             return match self.refusal_style {
-                RefusalStyle::Dashscope => Outcome::Refused {
-                    usage: None,
-                    detail,
-                },
-                RefusalStyle::FinishReason => Outcome::Refused {
-                    usage: Some(Self::usage(request, "")),
-                    detail,
-                },
+                RefusalStyle::Dashscope => Outcome::Refused { usage: None, detail },
+                RefusalStyle::FinishReason => Outcome::Refused { usage: Some(Self::usage(request, "")), detail },
             };
         }
-        let Some(ticket) = Self::transcript_ticket(request) else {
-            return Outcome::Permanent {
-                detail: format!("{}: 400 request has no ticket data", self.name),
-            };
-        };
         let text = match request.stage {
-            Stage::Triage => self.triage_answer(&ticket),
-            Stage::Reply | Stage::Moderation => self.reply_answer(request, &ticket),
+            Stage::Triage => match Self::transcript_ticket(request) {
+                Some(ticket) => self.triage_answer(&ticket),
+                None => return Outcome::Permanent { detail: format!("{}: 400 request has no ticket data", self.name) },
+            },
+            Stage::Reply | Stage::Moderation => self.reply_answer(request),
         };
         let usage = Self::usage(request, &text);
-        Outcome::Ok {
-            text,
-            usage: Some(usage),
-        }
+        Outcome::Ok { text, usage: Some(usage) }
     }
+}
+
+/// The text between `key` and `end` in a prompt.
+fn prompt_value<'a>(prompt: &'a str, key: &str, end: char) -> Option<&'a str> {
+    let start = prompt.find(key)? + key.len();
+    let rest = &prompt[start..];
+    Some(&rest[..rest.find(end)?])
 }
 
 fn greeting(language: &str) -> &'static str {

@@ -81,9 +81,7 @@ pub struct Facts<'a> {
 }
 
 fn one_of(allowed: &Option<Vec<String>>, value: &str) -> bool {
-    allowed
-        .as_ref()
-        .is_none_or(|list| list.iter().any(|v| v == value))
+    allowed.as_ref().is_none_or(|list| list.iter().any(|v| v == value))
 }
 
 fn one_of_opt(allowed: &Option<Vec<String>>, value: Option<&str>) -> bool {
@@ -101,33 +99,16 @@ impl Condition {
             && one_of(&self.language, &f.triage.language)
             && one_of(&self.risk, &f.triage.risk)
             && self.has_code.is_none_or(|want| f.signals.has_code == want)
-            && self
-                .api_question
-                .is_none_or(|want| f.signals.api_question == want)
-            && self
-                .min_customer_turns
-                .is_none_or(|n| f.signals.customer_turns >= n)
-            && self
-                .flags
-                .as_ref()
-                .is_none_or(|flags| flags.iter().any(|fl| f.signals.flags.contains(fl)))
+            && self.api_question.is_none_or(|want| f.signals.api_question == want)
+            && self.min_customer_turns.is_none_or(|n| f.signals.customer_turns >= n)
+            && self.flags.as_ref().is_none_or(|flags| flags.iter().any(|fl| f.signals.flags.contains(fl)))
             && one_of_opt(&self.customer_tier, f.ticket.customer_tier.as_deref())
             && one_of_opt(&self.channel, f.ticket.channel.as_deref())
             && self.metadata.as_ref().is_none_or(|wanted| {
-                wanted.iter().all(|(key, values)| {
-                    f.ticket
-                        .metadata_value(key)
-                        .is_some_and(|v| values.contains(&v))
-                })
+                wanted.iter().all(|(key, values)| f.ticket.metadata_value(key).is_some_and(|v| values.contains(&v)))
             })
-            && self
-                .all
-                .as_ref()
-                .is_none_or(|cs| cs.iter().all(|c| c.matches(f)))
-            && self
-                .any
-                .as_ref()
-                .is_none_or(|cs| cs.iter().any(|c| c.matches(f)))
+            && self.all.as_ref().is_none_or(|cs| cs.iter().all(|c| c.matches(f)))
+            && self.any.as_ref().is_none_or(|cs| cs.iter().any(|c| c.matches(f)))
             && self.not.as_ref().is_none_or(|c| !c.matches(f))
     }
 
@@ -135,10 +116,7 @@ impl Condition {
         let mut enum_check = |field: &str, values: &Option<Vec<String>>, allowed: &[&str]| {
             for v in values.iter().flatten() {
                 if !allowed.contains(&v.as_str()) {
-                    problems.push(format!(
-                        "{at}.{field}: unknown value `{v}` (allowed: {})",
-                        allowed.join(", ")
-                    ));
+                    problems.push(format!("{at}.{field}: unknown value `{v}` (allowed: {})", allowed.join(", ")));
                 }
             }
         };
@@ -177,10 +155,7 @@ pub fn validate_rules(rules: &[Rule], s: &Settings) -> Vec<String> {
             problems.push(format!("{at}: duplicate rule name"));
         }
         if rule.target != HUMAN && !s.tiers.contains_key(&rule.target) {
-            problems.push(format!(
-                "{at}: target `{}` is neither `human` nor a tier in [tiers]",
-                rule.target
-            ));
+            problems.push(format!("{at}: target `{}` is neither `human` nor a tier in [tiers]", rule.target));
         }
         rule.when.check(&format!("{at}.when"), s, &mut problems);
     }
@@ -200,14 +175,8 @@ pub struct Decision {
 pub fn route(rules: &[Rule], facts: &Facts<'_>) -> Decision {
     for rule in rules {
         if rule.when.matches(facts) {
-            return Decision {
-                target: rule.target.clone(),
-                reasons: vec![rule.name.clone()],
-            };
+            return Decision { target: rule.target.clone(), reasons: vec![rule.name.clone()] };
         }
     }
-    Decision {
-        target: HUMAN.into(),
-        reasons: vec!["no_rule_matched".into()],
-    }
+    Decision { target: HUMAN.into(), reasons: vec!["no_rule_matched".into()] }
 }

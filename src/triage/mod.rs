@@ -82,38 +82,37 @@ pub struct Analyzer {
 
 impl Analyzer {
     pub fn new(settings: &TriageSettings) -> Self {
-        let flags = KeywordSet::new(
-            settings
-                .keywords
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.iter())),
-        );
+        let flags = KeywordSet::new(settings.keywords.iter().map(|(k, v)| (k.as_str(), v.iter())));
         // Keep the configured category order so ties resolve predictably.
         let category_words = KeywordSet::new(settings.categories.iter().map(|c| {
-            let words: &[String] = settings
-                .category_keywords
-                .get(c)
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
+            let words: &[String] = settings.category_keywords.get(c).map(Vec::as_slice).unwrap_or(&[]);
             (c.as_str(), words.iter())
         }));
-        Analyzer {
-            categories: settings.categories.clone(),
-            flags,
-            category_words,
-        }
+        Analyzer { categories: settings.categories.clone(), flags, category_words }
+    }
+
+    /// Local signals and the heuristic triage, sharing one pass over the text.
+    pub fn analyze(&self, ticket: &Ticket) -> (Signals, Triage) {
+        let text = customer_text(ticket);
+        let lower = text.to_lowercase();
+        let signals = self.signals_of(ticket, &text, &lower);
+        let heuristic = self.heuristic_of(ticket, &signals, &lower);
+        (signals, heuristic)
     }
 
     /// Computes the local signals of a ticket.
     pub fn signals(&self, ticket: &Ticket) -> Signals {
-        let customer_text = customer_text(ticket);
-        let lower = customer_text.to_lowercase();
-        let flags: BTreeSet<String> = self.flags.hits(&lower).map(str::to_owned).collect();
+        let text = customer_text(ticket);
+        self.signals_of(ticket, &text, &text.to_lowercase())
+    }
+
+    fn signals_of(&self, ticket: &Ticket, customer_text: &str, lower: &str) -> Signals {
+        let flags: BTreeSet<String> = self.flags.hits(lower).map(str::to_owned).collect();
         let latest = ticket.latest_customer_text();
         Signals {
             language: language::detect(latest, ticket.locale.as_deref()),
             customer_turns: ticket.customer_turns(),
-            has_code: looks_like_code(&customer_text),
+            has_code: looks_like_code(customer_text),
             api_question: flags.contains(FLAG_API),
             shouting: is_shouting(latest),
             flags,
@@ -122,30 +121,28 @@ impl Analyzer {
 
     /// Triage decided by local signals and keyword counts alone.
     pub fn heuristic(&self, ticket: &Ticket, signals: &Signals) -> Triage {
-        let lower = customer_text(ticket).to_lowercase();
+        self.heuristic_of(ticket, signals, &customer_text(ticket).to_lowercase())
+    }
+
+    fn heuristic_of(&self, ticket: &Ticket, signals: &Signals, lower: &str) -> Triage {
         let subject = ticket.subject.as_deref().unwrap_or("").to_lowercase();
-        let mut counts = self.category_words.count(&lower);
+        let mut counts = self.category_words.count(lower);
         for (c, s) in counts.iter_mut().zip(self.category_words.count(&subject)) {
             *c += s;
         }
-        let best = counts
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| **n > 0)
-            .max_by(|a, b| {
-                // Highest count; on a tie, the category listed first in config.
-                a.1.cmp(b.1).then(b.0.cmp(&a.0))
-            });
+        let best = counts.iter().enumerate().filter(|(_, n)| **n > 0).max_by(|a, b| {
+            // Highest count; on a tie, the category listed first in config.
+            a.1.cmp(b.1).then(b.0.cmp(&a.0))
+        });
         let category = match best {
             Some((i, _)) => self.category_words.groups()[i].clone(),
             None => self.fallback_category(),
         };
-        let complexity =
-            if signals.customer_turns >= 3 || signals.has_code || lower.chars().count() > 1200 {
-                "complex"
-            } else {
-                "simple"
-            };
+        let complexity = if signals.customer_turns >= 3 || signals.has_code || lower.chars().count() > 1200 {
+            "complex"
+        } else {
+            "simple"
+        };
         Triage {
             category,
             complexity: complexity.into(),
@@ -162,10 +159,7 @@ impl Analyzer {
         if self.categories.iter().any(|c| c == "other") {
             "other".into()
         } else {
-            self.categories
-                .last()
-                .cloned()
-                .unwrap_or_else(|| "other".into())
+            self.categories.last().cloned().unwrap_or_else(|| "other".into())
         }
     }
 }
@@ -273,16 +267,12 @@ mod tests {
     #[test]
     fn detects_code_and_traces() {
         assert!(looks_like_code("help\n```js\nfetch(x)\n```"));
+        assert!(looks_like_code("Traceback (most recent call last):\n  File \"a.py\", line 3"));
         assert!(looks_like_code(
-            "Traceback (most recent call last):\n  File \"a.py\", line 3"
+            "Exception in thread \"main\" java.lang.IllegalStateException\n\tat com.x.Y.z(Y.java:10)"
         ));
-        assert!(looks_like_code("Exception in thread \"main\" java.lang.IllegalStateException\n\tat com.x.Y.z(Y.java:10)"));
-        assert!(looks_like_code(
-            "const sig = hmac(body);\nlet ok = sig === header;"
-        ));
-        assert!(!looks_like_code(
-            "Where is my order? I ordered a lamp; it has not arrived."
-        ));
+        assert!(looks_like_code("const sig = hmac(body);\nlet ok = sig === header;"));
+        assert!(!looks_like_code("Where is my order? I ordered a lamp; it has not arrived."));
         assert!(!looks_like_code("我的订单什么时候到？"));
     }
 

@@ -9,26 +9,16 @@ use crate::routing::{COMPLEXITIES, RISKS, SENTIMENTS};
 
 /// Parses `answer`. Returns `None` when no usable category can be read, in which
 /// case the caller uses the heuristic triage as a whole.
-pub fn parse_triage(
-    answer: &str,
-    categories: &[String],
-    fallback: &Triage,
-    signals: &Signals,
-) -> Option<Triage> {
+pub fn parse_triage(answer: &str, categories: &[String], fallback: &Triage, signals: &Signals) -> Option<Triage> {
     let object = extract_object(answer)?;
     let field = |key: &str| -> Option<String> {
-        object
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .and_then(|(_, v)| match v {
-                Value::String(s) => Some(s.trim().to_lowercase().replace([' ', '-'], "_")),
-                _ => None,
-            })
+        object.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).and_then(|(_, v)| match v {
+            Value::String(s) => Some(s.trim().to_lowercase().replace([' ', '-'], "_")),
+            _ => None,
+        })
     };
     let pick = |key: &str, allowed: &[&str], default: &str| -> String {
-        field(key)
-            .filter(|v| allowed.contains(&v.as_str()))
-            .unwrap_or_else(|| default.to_owned())
+        field(key).filter(|v| allowed.contains(&v.as_str())).unwrap_or_else(|| default.to_owned())
     };
     let category = field("category").filter(|c| categories.iter().any(|k| k == c))?;
     let language = field("language")
@@ -38,10 +28,7 @@ pub fn parse_triage(
     let confidence = object
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case("confidence"))
-        .and_then(|(_, v)| {
-            v.as_f64()
-                .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-        })
+        .and_then(|(_, v)| v.as_f64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())))
         .filter(|c: &f64| c.is_finite())
         .map(|c| c.clamp(0.0, 1.0))
         .unwrap_or(0.5);
@@ -150,10 +137,7 @@ mod tests {
     use super::*;
 
     fn cats() -> Vec<String> {
-        ["order_status", "refund_dispute", "other"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        ["order_status", "refund_dispute", "other"].iter().map(|s| s.to_string()).collect()
     }
 
     fn fallback() -> Triage {
@@ -175,14 +159,7 @@ mod tests {
     #[test]
     fn strict_json() {
         let t = parse(r#"{"category":"order_status","complexity":"simple","sentiment":"angry","language":"zh","risk":"none","confidence":0.9}"#).unwrap();
-        assert_eq!(
-            (
-                t.category.as_str(),
-                t.sentiment.as_str(),
-                t.language.as_str()
-            ),
-            ("order_status", "angry", "zh")
-        );
+        assert_eq!((t.category.as_str(), t.sentiment.as_str(), t.language.as_str()), ("order_status", "angry", "zh"));
         assert_eq!(t.source, Source::Llm);
     }
 
@@ -191,22 +168,12 @@ mod tests {
         let t = parse("Sure! Here you go:\n```json\n{'category': 'Refund Dispute', \"sentiment\": 'NEGATIVE'}\n```\nLet me know {if} you need more.").unwrap();
         assert_eq!(t.category, "refund_dispute");
         assert_eq!(t.sentiment, "negative");
-        assert_eq!(
-            t.complexity, "simple",
-            "missing field comes from the fallback"
-        );
+        assert_eq!(t.complexity, "simple", "missing field comes from the fallback");
     }
 
     #[test]
     fn unusable_answers_give_none() {
-        for garbage in [
-            "",
-            "I cannot help with that.",
-            "{}",
-            r#"{"category":"lasers"}"#,
-            "{{{",
-            "}{",
-        ] {
+        for garbage in ["", "I cannot help with that.", "{}", r#"{"category":"lasers"}"#, "{{{", "}{"] {
             assert!(parse(garbage).is_none(), "{garbage}");
         }
     }
@@ -215,13 +182,7 @@ mod tests {
     fn local_legal_flag_overrides_a_model_none() {
         let mut signals = Signals::default();
         signals.flags.insert("legal".into());
-        let t = parse_triage(
-            r#"{"category":"other","risk":"none"}"#,
-            &cats(),
-            &fallback(),
-            &signals,
-        )
-        .unwrap();
+        let t = parse_triage(r#"{"category":"other","risk":"none"}"#, &cats(), &fallback(), &signals).unwrap();
         assert_eq!(t.risk, "legal");
     }
 }

@@ -80,7 +80,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Process { input, out, quiet, drain_timeout_secs } => {
             let settings = Arc::new(Settings::load(cli.config.as_deref()).map_err(config_failure)?);
             let shutdown = Shutdown::new(Duration::from_secs(drain_timeout_secs));
-            spawn_signal_handler(shutdown.clone());
+            spawn_signal_handler(shutdown.clone())?;
+            if !quiet {
+                eprintln!(
+                    "processing {} into {} (Ctrl-C stops intake and finishes what is in flight)",
+                    input.display(),
+                    out.display()
+                );
+            }
             let opts =
                 ProcessOptions { input, out_dir: out.clone(), progress: !quiet, drain_timeout: shutdown.drain_timeout };
             let report = process::run(settings, opts, shutdown).await.context("process failed")?;
@@ -99,41 +106,40 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 /// First SIGINT/SIGTERM: stop intake and drain. Second: abandon in-flight work.
-fn spawn_signal_handler(shutdown: Shutdown) {
-    tokio::spawn(async move {
-        let mut count = 0;
-        loop {
-            wait_for_signal().await;
-            count += 1;
-            if count == 1 {
-                eprintln!("stopping: finishing in-flight tickets (press Ctrl-C again to stop at once)");
-                shutdown.stop_intake.cancel();
-            } else {
-                shutdown.abort.cancel();
-                return;
-            }
-        }
-    });
-}
-
-async fn wait_for_signal() {
+/// The handlers are registered before this returns, so a caller may announce that
+/// the run has started and be sure a signal from then on is handled.
+fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+        let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        tokio::spawn(async move {
+            let mut count = 0;
+            loop {
                 tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+                count += 1;
+                if count == 1 {
+                    eprintln!("stopping: finishing in-flight tickets (send the signal again to stop at once)");
+                    shutdown.stop_intake.cancel();
+                } else {
+                    shutdown.abort.cancel();
+                    return;
                 }
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        });
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.stop_intake.cancel();
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.abort.cancel();
+        });
     }
+    Ok(())
 }

@@ -21,6 +21,8 @@ pub struct Summary {
     pub cost_usd: f64,
     pub baseline_cost_usd: f64,
     pub duplicates: u64,
+    /// Answered after a refusal, through the moderation bypass.
+    pub bypassed: u64,
     latency_ms: Histogram<u64>,
 }
 
@@ -34,6 +36,7 @@ impl Default for Summary {
             cost_usd: 0.0,
             baseline_cost_usd: 0.0,
             duplicates: 0,
+            bypassed: 0,
             // 1 ms to 1 hour at 3 significant digits; the bounds are constants, so this cannot fail.
             latency_ms: Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds"),
         }
@@ -64,7 +67,7 @@ impl Summary {
                     *self.providers.entry(p.clone()).or_default() += 1;
                 }
                 if reply.moderation.as_ref().is_some_and(|m| m.bypassed) {
-                    *self.outcomes.entry("  of which moderation bypass".into()).or_default() += 1;
+                    self.bypassed += 1;
                 }
                 self.latency_ms.saturating_record(reply.latency_ms.max(1));
             }
@@ -76,7 +79,7 @@ impl Summary {
 
     /// Replies plus dead letters.
     pub fn total(&self) -> u64 {
-        self.outcomes.iter().filter(|(k, _)| !k.starts_with(' ')).map(|(_, v)| v).sum()
+        self.outcomes.values().sum()
     }
 
     pub fn latency_percentile(&self, q: f64) -> u64 {
@@ -94,6 +97,12 @@ impl Summary {
         table.load_preset(UTF8_FULL_CONDENSED).set_header(vec!["outcome", "tickets"]);
         for (k, v) in &self.outcomes {
             table.add_row(vec![Cell::new(k), Cell::new(v).set_alignment(CellAlignment::Right)]);
+        }
+        if self.bypassed > 0 {
+            table.add_row(vec![
+                Cell::new("  answered through moderation bypass"),
+                Cell::new(self.bypassed).set_alignment(CellAlignment::Right),
+            ]);
         }
         if self.duplicates > 0 {
             table.add_row(vec![

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, as README.md and CI run it: formatting, lints, unit and
+# integration tests. Starts the local services the suite relies on when they are down.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# PostgreSQL and RabbitMQ back the worker's ledger and broker tests. Start them if
+# they are installed but stopped (a fresh machine, or one whose services died).
+ensure_postgres() {
+  if command -v pg_isready >/dev/null && pg_isready -h 127.0.0.1 -p 5432 -q; then return 0; fi
+  if command -v pg_ctlcluster >/dev/null && [ -d /etc/postgresql ]; then
+    echo "starting PostgreSQL"
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
+    for _ in $(seq 1 30); do pg_isready -h 127.0.0.1 -p 5432 -q && return 0; sleep 1; done
+  fi
+  echo "warning: PostgreSQL is not reachable on 127.0.0.1:5432" >&2
+}
+
+ensure_rabbitmq() {
+  if (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then return 0; fi
+  if command -v rabbitmq-server >/dev/null; then
+    echo "starting RabbitMQ"
+    rabbitmq-server -detached || true
+    for _ in $(seq 1 60); do (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null && return 0; sleep 1; done
+  fi
+  echo "warning: RabbitMQ is not reachable on 127.0.0.1:5672" >&2
+}
+
+ensure_postgres
+ensure_rabbitmq
+
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked

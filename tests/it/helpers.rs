@@ -1,0 +1,77 @@
+//! Shared helpers: running the binary and reading its outputs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ticketflow"));
+    // Tests must not pick up the developer's environment overrides.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TICKETFLOW") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// A config file that makes every simulated provider instant, for fast tests.
+pub fn instant_config(dir: &Path) -> PathBuf {
+    let path = dir.join("instant.toml");
+    let mut toml = String::new();
+    for p in ["qwen", "openai", "anthropic", "mistral", "deepseek"] {
+        toml.push_str(&format!("[providers.{p}]\nlatency_ms = 0\njitter_ms = 0\n\n"));
+    }
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Runs `ticketflow process` on `input` and returns the command output.
+pub fn process(input: &Path, out: &Path, extra: &[&str]) -> Output {
+    let cfg = instant_config(out.parent().unwrap());
+    let mut cmd = bin();
+    cmd.arg("process").arg(input).arg("--out").arg(out).arg("--quiet").arg("--config").arg(&cfg);
+    cmd.args(extra);
+    cmd.output().expect("run ticketflow")
+}
+
+/// Every line of a JSONL file, parsed.
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: bad line {l}: {e}", path.display())))
+        .collect()
+}
+
+/// The three output files of a run.
+pub struct Outputs {
+    pub replies: Vec<Value>,
+    pub costs: Vec<Value>,
+    pub dead_letters: Vec<Value>,
+}
+
+impl Outputs {
+    pub fn read(dir: &Path) -> Self {
+        Outputs {
+            replies: read_jsonl(&dir.join("replies.jsonl")),
+            costs: read_jsonl(&dir.join("costs.jsonl")),
+            dead_letters: read_jsonl(&dir.join("dead_letters.jsonl")),
+        }
+    }
+
+    /// Sum of cost records per unit id.
+    pub fn cost_by_unit(&self) -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::new();
+        for c in &self.costs {
+            *m.entry(c["unit_id"].as_str().unwrap().to_owned()).or_insert(0.0) += c["cost_usd"].as_f64().unwrap();
+        }
+        m
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests, one binary: the built `ticketflow` run as a user would, the
+//! wire contract against golden files, and the pipeline against scripted providers.
+
+mod helpers;
+
+mod config_cli;
+mod contract;
+mod pipeline;
+mod process_cli;

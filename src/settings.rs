@@ -38,6 +38,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Retry policy for transient and rate-limited provider outcomes.
     pub retry: RetrySettings,
+    /// Per-provider circuit breakers.
+    pub breaker: BreakerSettings,
     /// Message broker for `worker`, `produce` and `replay`.
     pub broker: BrokerSettings,
     /// PostgreSQL ledger.
@@ -72,6 +74,17 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Time budget for one ticket across all its provider calls and retries.
     pub ticket_deadline_ms: u64,
+    /// Share (0..0.5) of each provider's rate limits left unused, absorbing clock and
+    /// network jitter so the provider never sees more than its limit.
+    pub rate_limit_headroom: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BreakerSettings {
+    /// Consecutive transient failures that open a provider's circuit.
+    pub failure_threshold: u32,
+    /// How long an open circuit skips the provider before one probe call.
+    pub cooldown_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -174,11 +187,14 @@ pub enum RefusalStyle {
 pub struct ProviderSettings {
     /// `simulated`, `openai`, `dashscope` or `anthropic`.
     pub kind: ProviderKind,
-    /// API root; overridable so any provider can point at a local mock.
+    /// API root (e.g. `https://api.openai.com/v1`); overridable so any provider can
+    /// point at a local mock. The adapter appends `/chat/completions` or `/messages`.
     pub base_url: String,
     /// Name of the environment variable holding the API key (never the key itself).
     pub api_key_env: String,
+    /// Account request limit, enforced before each call (real kinds only).
     pub requests_per_minute: u32,
+    /// Account token limit, enforced before each call (real kinds only).
     pub tokens_per_minute: u64,
     /// Timeout of one HTTP call.
     pub timeout_ms: u64,
@@ -325,6 +341,12 @@ impl Settings {
         }
         if self.limits.ticket_deadline_ms == 0 {
             problems.push("limits.ticket_deadline_ms must be at least 1".into());
+        }
+        if !(0.0..=0.5).contains(&self.limits.rate_limit_headroom) {
+            problems.push("limits.rate_limit_headroom must be between 0 and 0.5".into());
+        }
+        if self.breaker.failure_threshold == 0 {
+            problems.push("breaker.failure_threshold must be at least 1".into());
         }
         if self.retry.max_attempts_per_model == 0 {
             problems.push("retry.max_attempts_per_model must be at least 1".into());

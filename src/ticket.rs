@@ -173,6 +173,9 @@ pub struct CostRecord {
     pub cached_input_tokens: u64,
     pub output_tokens: u64,
     pub cost_usd: f64,
+    /// `pricing.pricing_version` of the price table that priced this call. Not in
+    /// SPEC §3.3's example; added so that costs stay auditable across price changes.
+    pub pricing_version: String,
     pub outcome: CallOutcome,
     pub latency_ms: u64,
     pub at: String,

@@ -186,6 +186,7 @@ mod tests {
                 cached_input_tokens: 0,
                 output_tokens: 1,
                 cost_usd: 0.5,
+                pricing_version: "test".into(),
                 outcome: CallOutcome::Error,
                 latency_ms: 1,
                 at: now_rfc3339(),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
+use super::breaker::Admission;
 use super::pricing::PriceTable;
 use super::{estimate_tokens, ChatRequest, Outcome, Providers, Usage};
 use crate::settings::RetrySettings;
@@ -99,21 +100,42 @@ impl ChainRunner<'_> {
                 skipped_for_refusal = true;
                 continue;
             }
-            let Some(provider) = self.providers.get(provider_name) else {
+            let Some(handle) = self.providers.get(provider_name) else {
                 errors.push(format!("{entry}: no such provider"));
                 continue;
             };
             request.model = model.to_owned();
             request.stage = stage;
+            let estimated_tokens = estimate_tokens(&request.system)
+                + estimate_tokens(&request.user)
+                + u64::from(request.max_output_tokens);
             for attempt in 0..self.retry.max_attempts_per_model {
                 if Instant::now() >= unit.deadline {
                     errors.push(format!("{entry}: ticket deadline passed"));
                     return ChainResult::Exhausted { errors, attempts };
                 }
+                if handle.breaker.admit() == Admission::Rejected {
+                    any_transient = true;
+                    errors.push(format!("{entry}: circuit open"));
+                    break;
+                }
+                if let Some(limits) = &handle.limits {
+                    match limits.acquire(estimated_tokens, unit.deadline).await {
+                        Ok(waited) if waited > Duration::from_millis(100) => {
+                            tracing::debug!(ticket_id = %unit.ticket_id, provider = provider_name, waited_ms = waited.as_millis() as u64, "waited for rate limit");
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            any_transient = true;
+                            errors.push(format!("{entry}: {e}"));
+                            break;
+                        }
+                    }
+                }
                 attempts += 1;
                 let started = Instant::now();
                 let remaining = unit.deadline.saturating_duration_since(started);
-                let outcome = match tokio::time::timeout(remaining, provider.complete(&request)).await {
+                let outcome = match tokio::time::timeout(remaining, handle.adapter.complete(&request)).await {
                     Ok(outcome) => outcome,
                     Err(_) => Outcome::Transient {
                         detail: "ticket deadline passed during the call".into(),
@@ -121,6 +143,16 @@ impl ChainRunner<'_> {
                         reached: true,
                     },
                 };
+                handle.breaker.record(!matches!(outcome, Outcome::Transient { .. }));
+                if let Some(limits) = &handle.limits {
+                    match &outcome {
+                        Outcome::RateLimited { retry_after, .. } => limits.on_rate_limited(*retry_after),
+                        Outcome::Ok { usage: Some(u), .. } | Outcome::Refused { usage: Some(u), .. } => {
+                            limits.correct(estimated_tokens, u.input_tokens + u.output_tokens)
+                        }
+                        _ => {}
+                    }
+                }
                 let latency_ms = started.elapsed().as_millis() as u64;
                 self.record(unit, stage, provider_name, model, &request, &outcome, latency_ms);
                 let retry_after = match outcome {
@@ -221,6 +253,7 @@ impl ChainRunner<'_> {
             cached_input_tokens: usage.cached_input_tokens,
             output_tokens: usage.output_tokens,
             cost_usd,
+            pricing_version: self.prices.version.clone(),
             outcome: call_outcome,
             latency_ms,
             at: now_rfc3339(),

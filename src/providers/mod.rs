@@ -1,11 +1,21 @@
 //! LLM providers: one trait, one file per kind, and the outcome classification of
 //! SPEC §4 that drives retries, failover and moderation bypass.
 //!
+//! - [`openai`], [`dashscope`], [`anthropic`]: the real adapters over reqwest, with
+//!   [`http`] for what they share.
 //! - [`simulated`]: built-in offline provider for the embedded default and tests.
+//! - [`limits`]: per-provider request and token rate limits (governor).
+//! - [`breaker`]: per-provider circuit breakers.
 //! - [`pricing`]: cost of a call from its token usage.
 //! - [`chain`]: a model chain with retries, backoff and failover.
 
+pub mod anthropic;
+pub mod breaker;
 pub mod chain;
+pub mod dashscope;
+pub mod http;
+pub mod limits;
+pub mod openai;
 pub mod pricing;
 pub mod simulated;
 
@@ -15,7 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::settings::{ProviderKind, Settings};
+use crate::settings::{ProviderKind, ProviderSettings, Settings};
 use crate::ticket::Stage;
 use crate::triage::Analyzer;
 
@@ -80,41 +90,82 @@ pub trait Provider: Send + Sync {
     async fn complete(&self, request: &ChatRequest) -> Outcome;
 }
 
+/// A provider with its rate limits and circuit breaker.
+pub struct ProviderHandle {
+    pub adapter: Arc<dyn Provider>,
+    /// `None` for the simulated kind, which has no account to protect.
+    pub limits: Option<limits::ProviderLimits>,
+    pub breaker: breaker::Breaker,
+}
+
 /// All configured providers by name.
 #[derive(Clone)]
 pub struct Providers {
-    by_name: BTreeMap<String, Arc<dyn Provider>>,
+    by_name: BTreeMap<String, Arc<ProviderHandle>>,
 }
 
 /// A provider that cannot be built from its settings.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("provider `{name}`: kind `{kind}` is not available in this build yet; use `simulated` or see the README's provider section")]
-    KindUnavailable { name: String, kind: &'static str },
+    #[error("provider `{name}`: the API key variable {env} is not set (or empty)")]
+    MissingKey { name: String, env: String },
+    #[error("HTTP client: {0}")]
+    Client(String),
 }
 
 impl Providers {
     /// Builds every configured provider.
     pub fn from_settings(settings: &Settings, analyzer: Arc<Analyzer>) -> Result<Self, BuildError> {
-        let mut by_name: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
+        let mut by_name = BTreeMap::new();
         for (name, p) in &settings.providers {
-            let provider: Arc<dyn Provider> = match p.kind {
+            let adapter: Arc<dyn Provider> = match p.kind {
                 ProviderKind::Simulated => Arc::new(simulated::Simulated::new(name, p, analyzer.clone())),
-                kind => return Err(BuildError::KindUnavailable { name: name.clone(), kind: kind.as_str() }),
+                ProviderKind::Openai => Arc::new(openai::OpenAi::new(name, p)?),
+                ProviderKind::Dashscope => Arc::new(dashscope::DashScope::new(name, p)?),
+                ProviderKind::Anthropic => Arc::new(anthropic::Anthropic::new(name, p)?),
             };
-            by_name.insert(name.clone(), provider);
+            let limits = (p.kind != ProviderKind::Simulated).then(|| limits_for(name, p, settings));
+            by_name.insert(name.clone(), Arc::new(Self::handle(name, adapter, limits, settings)));
         }
         Ok(Providers { by_name })
     }
 
-    /// Builds from explicit adapters (tests and embedding).
-    pub fn from_map(by_name: BTreeMap<String, Arc<dyn Provider>>) -> Self {
+    /// Builds from explicit adapters (tests and embedding); `limited` names the ones
+    /// whose configured rate limits apply.
+    pub fn from_adapters(adapters: BTreeMap<String, Arc<dyn Provider>>, settings: &Settings, limited: &[&str]) -> Self {
+        let by_name = adapters
+            .into_iter()
+            .map(|(name, adapter)| {
+                let limits = settings
+                    .providers
+                    .get(&name)
+                    .filter(|_| limited.contains(&name.as_str()))
+                    .map(|p| limits_for(&name, p, settings));
+                let handle = Self::handle(&name, adapter, limits, settings);
+                (name, Arc::new(handle))
+            })
+            .collect();
         Providers { by_name }
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<dyn Provider>> {
+    fn handle(
+        name: &str,
+        adapter: Arc<dyn Provider>,
+        limits: Option<limits::ProviderLimits>,
+        s: &Settings,
+    ) -> ProviderHandle {
+        let breaker =
+            breaker::Breaker::new(name, s.breaker.failure_threshold, Duration::from_millis(s.breaker.cooldown_ms));
+        ProviderHandle { adapter, limits, breaker }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<ProviderHandle>> {
         self.by_name.get(name)
     }
+}
+
+fn limits_for(name: &str, p: &ProviderSettings, s: &Settings) -> limits::ProviderLimits {
+    limits::ProviderLimits::new(name, p.requests_per_minute, p.tokens_per_minute, s.limits.rate_limit_headroom)
 }
 
 /// Rough token count for text without a tokenizer: about four Latin characters per

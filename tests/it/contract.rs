@@ -96,6 +96,7 @@ fn cost_record_matches_golden() {
         cached_input_tokens: 0,
         output_tokens: 38,
         cost_usd: 0.0000846,
+        pricing_version: "2026-11".into(),
         outcome: CallOutcome::Ok,
         latency_ms: 311,
         at: "2026-11-20T10:00:00.311Z".into(),

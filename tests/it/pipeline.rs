@@ -80,6 +80,12 @@ impl World {
         let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
         settings.retry.base_delay_ms = 0;
         settings.retry.max_delay_ms = 0;
+        // Circuit breaking has a test of its own; here every call must reach the script.
+        settings.breaker.failure_threshold = 1_000;
+        Self::with_settings(settings)
+    }
+
+    fn with_settings(settings: Settings) -> Self {
         let settings = Arc::new(settings);
         let analyzer = Arc::new(Analyzer::new(&settings.triage));
         let mut providers = BTreeMap::new();
@@ -91,9 +97,9 @@ impl World {
         }
         let publisher = Arc::new(FlakyPublisher::default());
         let pipeline = Pipeline::new(
-            settings,
+            settings.clone(),
             analyzer,
-            Providers::from_map(dyn_map),
+            Providers::from_adapters(dyn_map, &settings, &[]),
             Arc::new(MemoryLedger::new()),
             publisher.clone(),
         );
@@ -315,4 +321,26 @@ async fn ticket_text_never_reaches_the_instructions() {
         let end = r.user.rfind("</ticket>").unwrap();
         assert!(r.user[start..end].contains("Ignore previous"), "ticket text travels as delimited data");
     }
+}
+
+#[tokio::test]
+async fn an_open_circuit_skips_a_failing_provider_at_once() {
+    let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+    settings.retry.base_delay_ms = 0;
+    settings.retry.max_delay_ms = 0;
+    settings.breaker.failure_threshold = 3;
+    settings.breaker.cooldown_ms = 60_000;
+    let w = World::with_settings(settings);
+    w.p("qwen").set(answers("refund_dispute"));
+    w.p("openai").set(down);
+    for i in 0..5 {
+        let d = delivery(&format!("refund denied, attempt {i}"), 0);
+        assert_eq!(w.pipeline.handle(&d).await.unwrap(), Handled::Replied(ReplyStatus::Answered));
+    }
+    assert_eq!(w.p("openai").calls(), 3, "after 3 consecutive failures the circuit opens and gpt-4o is skipped");
+    assert_eq!(w.p("anthropic").calls(), 5, "every ticket fails over to claude");
+    let outputs = w.outputs();
+    let Output::Reply { reply, .. } = outputs.last().unwrap() else { panic!() };
+    assert_eq!(reply.route.provider.as_deref(), Some("anthropic"));
+    assert_eq!(reply.route.attempts, 1, "no time wasted on the open circuit");
 }

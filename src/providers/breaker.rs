@@ -1,0 +1,136 @@
+//! A circuit breaker per provider. After `failure_threshold` consecutive transient
+//! failures the circuit opens and calls skip the provider (failing over at once
+//! instead of waiting for timeouts); after `cooldown` one probe call goes through;
+//! its success closes the circuit, its failure opens it again.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What the breaker says about a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Allowed,
+    /// The one probe of a half-open circuit.
+    Probe,
+    Rejected,
+}
+
+/// State of the circuit, for logs and status output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { probe_started: Instant },
+}
+
+/// The circuit breaker of one provider.
+#[derive(Debug)]
+pub struct Breaker {
+    name: String,
+    threshold: u32,
+    cooldown: Duration,
+    inner: Mutex<Inner>,
+}
+
+impl Breaker {
+    pub fn new(name: &str, threshold: u32, cooldown: Duration) -> Self {
+        Breaker {
+            name: name.to_owned(),
+            threshold: threshold.max(1),
+            cooldown,
+            inner: Mutex::new(Inner::Closed { failures: 0 }),
+        }
+    }
+
+    /// May a call go to this provider now?
+    pub fn admit(&self) -> Admission {
+        let Ok(mut inner) = self.inner.lock() else { return Admission::Allowed };
+        let now = Instant::now();
+        match *inner {
+            Inner::Closed { .. } => Admission::Allowed,
+            Inner::Open { until } if now >= until => {
+                *inner = Inner::HalfOpen { probe_started: now };
+                tracing::info!(provider = %self.name, "circuit half-open: probing");
+                Admission::Probe
+            }
+            Inner::Open { .. } => Admission::Rejected,
+            // A probe that never reported back (its ticket was abandoned) must not
+            // keep the circuit half-open forever.
+            Inner::HalfOpen { probe_started } if now.duration_since(probe_started) >= self.cooldown => {
+                *inner = Inner::HalfOpen { probe_started: now };
+                Admission::Probe
+            }
+            Inner::HalfOpen { .. } => Admission::Rejected,
+        }
+    }
+
+    /// Reports how a call ended: `healthy` is false only for transient failures
+    /// (timeouts, 5xx, overload, connection errors).
+    pub fn record(&self, healthy: bool) {
+        let Ok(mut inner) = self.inner.lock() else { return };
+        match (&mut *inner, healthy) {
+            (Inner::Closed { failures }, true) => *failures = 0,
+            (Inner::Closed { failures }, false) => {
+                *failures += 1;
+                if *failures >= self.threshold {
+                    tracing::warn!(provider = %self.name, failures = *failures, cooldown_ms = self.cooldown.as_millis() as u64, "circuit opened");
+                    *inner = Inner::Open { until: Instant::now() + self.cooldown };
+                }
+            }
+            (Inner::HalfOpen { .. }, true) => {
+                tracing::info!(provider = %self.name, "circuit closed: provider recovered");
+                *inner = Inner::Closed { failures: 0 };
+            }
+            (Inner::HalfOpen { .. }, false) => {
+                tracing::warn!(provider = %self.name, "probe failed: circuit open again");
+                *inner = Inner::Open { until: Instant::now() + self.cooldown };
+            }
+            // Calls admitted before the circuit opened may still report; they change nothing.
+            (Inner::Open { .. }, _) => {}
+        }
+    }
+
+    pub fn state(&self) -> State {
+        match self.inner.lock().as_deref() {
+            Ok(Inner::Closed { .. }) | Err(_) => State::Closed,
+            Ok(Inner::Open { .. }) => State::Open,
+            Ok(Inner::HalfOpen { .. }) => State::HalfOpen,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_consecutive_failures_and_probes_after_cooldown() {
+        let b = Breaker::new("p", 3, Duration::from_millis(30));
+        b.record(false);
+        b.record(false);
+        b.record(true);
+        b.record(false);
+        b.record(false);
+        assert_eq!(b.state(), State::Closed, "a success resets the count");
+        b.record(false);
+        assert_eq!(b.state(), State::Open);
+        assert_eq!(b.admit(), Admission::Rejected);
+        std::thread::sleep(Duration::from_millis(35));
+        assert_eq!(b.admit(), Admission::Probe);
+        assert_eq!(b.admit(), Admission::Rejected, "one probe at a time");
+        b.record(false);
+        assert_eq!(b.state(), State::Open);
+        std::thread::sleep(Duration::from_millis(35));
+        assert_eq!(b.admit(), Admission::Probe);
+        b.record(true);
+        assert_eq!(b.state(), State::Closed);
+        assert_eq!(b.admit(), Admission::Allowed);
+    }
+}

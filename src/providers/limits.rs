@@ -1,0 +1,209 @@
+//! Per-provider rate limits, enforced with governor before each call: requests per
+//! minute and tokens per minute (estimated from the prompt plus the output budget,
+//! corrected upward from reported usage).
+//!
+//! - Waiting is FIFO (one waiter at a time polls governor, the rest queue on a fair
+//!   mutex) and bounded by the ticket's deadline. The number of waiting calls is
+//!   bounded by the in-flight budget, so a throttled provider slows intake down
+//!   instead of piling up work.
+//! - The GCRA burst is one request, and the rate keeps a small headroom below the
+//!   account limit, so no sliding 60-second window ever holds more than the limit.
+//! - A 429 from the provider pauses every call to it for the provider's retry-after
+//!   and halves the rate; the rate recovers step by step after a quiet minute.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, Quota};
+
+/// Lowest share of the configured rate a provider can be throttled down to.
+const MIN_FACTOR: f64 = 0.125;
+/// How long without a 429 before the rate steps back up.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(60);
+/// Pause after a 429 that came without a retry-after.
+const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
+
+/// Why no permit was granted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rate limit: no capacity before the ticket's deadline")]
+pub struct WouldMissDeadline;
+
+struct Limiters {
+    requests: DefaultDirectRateLimiter,
+    tokens: DefaultDirectRateLimiter,
+    token_burst: NonZeroU32,
+}
+
+struct Throttle {
+    factor: f64,
+    paused_until: Option<Instant>,
+    last_change: Instant,
+}
+
+/// The limits of one provider.
+pub struct ProviderLimits {
+    name: String,
+    requests_per_minute: f64,
+    tokens_per_minute: f64,
+    limiters: RwLock<Arc<Limiters>>,
+    throttle: Mutex<Throttle>,
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl ProviderLimits {
+    /// `headroom` is the share of each limit left unused (e.g. 0.02).
+    pub fn new(name: &str, requests_per_minute: u32, tokens_per_minute: u64, headroom: f64) -> Self {
+        let keep = (1.0 - headroom).clamp(0.5, 1.0);
+        let rpm = (f64::from(requests_per_minute.max(1)) * keep).max(1.0);
+        let tpm = (tokens_per_minute.max(1) as f64 * keep).max(1.0);
+        ProviderLimits {
+            name: name.to_owned(),
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+            limiters: RwLock::new(Arc::new(build(rpm, tpm))),
+            throttle: Mutex::new(Throttle { factor: 1.0, paused_until: None, last_change: Instant::now() }),
+            turn: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Waits for a request slot and `tokens` of token budget, at most until `deadline`.
+    /// Returns how long it waited.
+    pub async fn acquire(&self, tokens: u64, deadline: Instant) -> Result<Duration, WouldMissDeadline> {
+        let started = Instant::now();
+        let wait = async {
+            let _turn = self.turn.lock().await;
+            if let Some(until) = self.paused_until() {
+                tokio::time::sleep_until(until.into()).await;
+            }
+            let limiters = self.current();
+            limiters.requests.until_ready().await;
+            let n = clamp_tokens(tokens, limiters.token_burst);
+            // n never exceeds the burst, so capacity is always sufficient.
+            let _ = limiters.tokens.until_n_ready(n).await;
+        };
+        match tokio::time::timeout_at(deadline.into(), wait).await {
+            Ok(()) => Ok(started.elapsed()),
+            Err(_) => Err(WouldMissDeadline),
+        }
+    }
+
+    /// Accounts for tokens beyond the estimate (best effort: the budget cannot go
+    /// into debt, so an overrun is only charged while capacity remains).
+    pub fn correct(&self, estimated: u64, actual: u64) {
+        if actual > estimated {
+            let limiters = self.current();
+            let _ = limiters.tokens.check_n(clamp_tokens(actual - estimated, limiters.token_burst));
+        }
+    }
+
+    /// The provider answered 429: pause every call for `retry_after` and halve the rate.
+    pub fn on_rate_limited(&self, retry_after: Option<Duration>) {
+        let Ok(mut t) = self.throttle.lock() else { return };
+        let pause = retry_after.unwrap_or(DEFAULT_PAUSE);
+        let until = Instant::now() + pause;
+        t.paused_until = Some(t.paused_until.map_or(until, |u| u.max(until)));
+        let factor = (t.factor / 2.0).max(MIN_FACTOR);
+        if factor < t.factor {
+            t.factor = factor;
+            t.last_change = Instant::now();
+            self.rebuild(factor);
+            tracing::warn!(provider = %self.name, factor, pause_ms = pause.as_millis() as u64, "provider rate limited us; lowering our rate");
+        }
+    }
+
+    /// The rate currently allowed, as a share of the configured limit.
+    pub fn factor(&self) -> f64 {
+        self.throttle.lock().map(|t| t.factor).unwrap_or(1.0)
+    }
+
+    fn paused_until(&self) -> Option<Instant> {
+        let mut t = self.throttle.lock().ok()?;
+        let now = Instant::now();
+        if t.factor < 1.0 && now.duration_since(t.last_change) >= RECOVERY_INTERVAL {
+            t.factor = (t.factor * 2.0).min(1.0);
+            t.last_change = now;
+            self.rebuild(t.factor);
+            tracing::info!(provider = %self.name, factor = t.factor, "provider recovered; raising our rate");
+        }
+        t.paused_until.filter(|u| *u > now)
+    }
+
+    fn current(&self) -> Arc<Limiters> {
+        match self.limiters.read() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn rebuild(&self, factor: f64) {
+        let fresh = Arc::new(build(self.requests_per_minute * factor, self.tokens_per_minute * factor));
+        match self.limiters.write() {
+            Ok(mut l) => *l = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+    }
+}
+
+fn build(rpm: f64, tpm: f64) -> Limiters {
+    let one = NonZeroU32::MIN;
+    let per_request = Duration::from_secs_f64(60.0 / rpm.max(0.001));
+    let per_token = Duration::from_secs_f64(60.0 / tpm.max(0.001));
+    // A second's worth of tokens, and at least a large call's worth, may go at once.
+    let token_burst = NonZeroU32::new(((tpm / 60.0).max(8192.0).min(tpm.max(1.0))) as u32).unwrap_or(one);
+    let quota = |period: Duration, burst: NonZeroU32| {
+        Quota::with_period(period.max(Duration::from_nanos(1))).map(|q| q.allow_burst(burst))
+    };
+    // with_period only fails for a zero period, which max() rules out.
+    let requests = quota(per_request, one).unwrap_or_else(|| Quota::per_second(one));
+    let tokens = quota(per_token, token_burst).unwrap_or_else(|| Quota::per_second(token_burst));
+    Limiters {
+        requests: DefaultDirectRateLimiter::direct(requests),
+        tokens: DefaultDirectRateLimiter::direct(tokens),
+        token_burst,
+    }
+}
+
+fn clamp_tokens(tokens: u64, burst: NonZeroU32) -> NonZeroU32 {
+    NonZeroU32::new(tokens.clamp(1, u64::from(burst.get())) as u32).unwrap_or(NonZeroU32::MIN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn requests_are_spaced_at_the_configured_rate() {
+        // 1,200 rpm with 0 headroom: one request per 50 ms.
+        let l = ProviderLimits::new("p", 1200, 10_000_000, 0.0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let started = Instant::now();
+        for _ in 0..6 {
+            l.acquire(10, deadline).await.unwrap();
+        }
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(240), "5 gaps of 50 ms, got {elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn waiting_past_the_deadline_is_refused() {
+        let l = ProviderLimits::new("p", 1, 10_000_000, 0.0);
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert!(l.acquire(1, soon).await.is_ok(), "the first request goes at once");
+        assert_eq!(l.acquire(1, soon).await, Err(WouldMissDeadline));
+    }
+
+    #[tokio::test]
+    async fn a_429_pauses_and_halves_the_rate() {
+        let l = ProviderLimits::new("p", 60_000, 10_000_000, 0.0);
+        l.on_rate_limited(Some(Duration::from_millis(100)));
+        assert_eq!(l.factor(), 0.5);
+        let started = Instant::now();
+        l.acquire(1, Instant::now() + Duration::from_secs(5)).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(95), "paused for the retry-after");
+        for _ in 0..10 {
+            l.on_rate_limited(None);
+        }
+        assert_eq!(l.factor(), MIN_FACTOR);
+    }
+}

@@ -7,3 +7,4 @@ mod config_cli;
 mod contract;
 mod pipeline;
 mod process_cli;
+mod providers;

@@ -50,6 +50,15 @@ pub enum Command {
     },
     /// Validate the effective configuration and print it with secrets redacted.
     Config,
+    /// Serve mock OpenAI-, DashScope- and Anthropic-compatible endpoints
+    /// (`/<provider>/v1/...`) until SIGINT/SIGTERM. The global `--config FILE` is read
+    /// as the mock's own TOML configuration here (default: the five default providers).
+    MockProvider {
+        /// Address to listen on; port 0 picks a free port. The bound address is printed
+        /// as `listening on ADDR`.
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        listen: String,
+    },
 }
 
 /// A failure with the exit code it maps to (SPEC §2: 1 runtime, 2 usage or configuration).
@@ -100,6 +109,24 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 );
                 return Err(Failure { code: 130, error: anyhow::anyhow!("interrupted") });
             }
+            Ok(())
+        }
+        Command::MockProvider { listen } => {
+            use crate::mock_provider::{self, MockConfig, MockServer};
+            let config = match cli.config.as_deref() {
+                Some(path) => {
+                    MockConfig::from_toml_file(path).map_err(|e| Failure { code: 2, error: anyhow::anyhow!(e) })?
+                }
+                None => MockConfig::default(),
+            };
+            let server = MockServer::new(config);
+            let listener =
+                tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            let shutdown = mock_provider::shutdown_signal().context("installing the SIGINT/SIGTERM handlers")?;
+            let addr = listener.local_addr().context("reading the bound address")?;
+            println!("listening on {addr}");
+            std::io::Write::flush(&mut std::io::stdout()).context("writing to stdout")?;
+            server.serve(listener, shutdown).await.context("mock provider failed")?;
             Ok(())
         }
     }

@@ -24,11 +24,13 @@
 //! - [`broker`]: sources and publishers (in-memory queue, output files).
 //! - [`ledger`]: idempotency and cost memory (in-memory).
 //! - [`process`]: the embedded `ticketflow process` command. [`summary`]: its report.
+//! - [`mock_provider`]: an OpenAI/DashScope/Anthropic-compatible mock server for tests and demos.
 
 pub mod broker;
 pub mod cli;
 pub mod intake;
 pub mod ledger;
+pub mod mock_provider;
 pub mod moderation;
 pub mod pipeline;
 pub mod process;

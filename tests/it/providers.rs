@@ -251,7 +251,7 @@ async fn connection_reset_and_refused() {
             let (mut socket, _) = listener.accept().await.unwrap();
             let mut buf = [0u8; 1024];
             let _ = socket.read(&mut buf).await;
-            socket.set_linger(Some(Duration::ZERO)).unwrap();
+            socket.set_zero_linger().unwrap();
             drop(socket);
         });
         let outcome = kind.adapter(&format!("http://{addr}"), 2_000).complete(&request()).await;

@@ -8,3 +8,4 @@ mod contract;
 mod pipeline;
 mod process_cli;
 mod providers;
+mod real_providers;

@@ -1,0 +1,114 @@
+//! `ticketflow process` with the real adapter kinds pointed at the mock provider
+//! server: failover during an outage, a total outage, and a planted API key that
+//! must appear in no output, log line or dead letter.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use ticketflow::mock_provider::{self, MockConfig, MockServer};
+
+use crate::helpers::{repo_path, Outputs};
+use crate::providers::{KEY_ENV, PLANTED_KEY};
+
+const PROVIDERS: [(&str, &str); 5] = [
+    ("qwen", "dashscope"),
+    ("openai", "openai"),
+    ("anthropic", "anthropic"),
+    ("mistral", "openai"),
+    ("deepseek", "openai"),
+];
+
+/// Runs `ticketflow process` on the first `n` example tickets against the mock at `base`.
+async fn process_against(base: &str, n: usize, dir: &Path) -> (std::process::Output, Outputs) {
+    let examples = std::fs::read_to_string(repo_path("examples/tickets.jsonl")).unwrap();
+    let input = dir.join("in.jsonl");
+    std::fs::write(&input, examples.lines().take(n).collect::<Vec<_>>().join("\n")).unwrap();
+    let out_dir = dir.join("out");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ticketflow"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("process")
+        .arg(&input)
+        .arg("--out")
+        .arg(&out_dir)
+        .env(KEY_ENV, PLANTED_KEY)
+        .env("TICKETFLOW_LOG", "debug")
+        .env("TICKETFLOW__RETRY__BASE_DELAY_MS", "1")
+        .env("TICKETFLOW__RETRY__MAX_DELAY_MS", "5");
+    for (name, kind) in PROVIDERS {
+        let upper = name.to_uppercase();
+        cmd.env(format!("TICKETFLOW__PROVIDERS__{upper}__KIND"), kind)
+            .env(format!("TICKETFLOW__PROVIDERS__{upper}__BASE_URL"), format!("{base}/{name}/v1"))
+            .env(format!("TICKETFLOW__PROVIDERS__{upper}__API_KEY_ENV"), KEY_ENV)
+            // The default account limits (e.g. 1,200 rpm and 2M tokens/min for Qwen) would
+            // pace this test to tens of seconds.
+            .env(format!("TICKETFLOW__PROVIDERS__{upper}__REQUESTS_PER_MINUTE"), "600000")
+            .env(format!("TICKETFLOW__PROVIDERS__{upper}__TOKENS_PER_MINUTE"), "1000000000");
+    }
+    let output = cmd.output().await.unwrap();
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    (output, Outputs::read(&out_dir))
+}
+
+fn assert_key_absent(output: &std::process::Output, dir: &Path) {
+    let mut everything = String::from_utf8_lossy(&output.stdout).into_owned();
+    everything.push_str(&String::from_utf8_lossy(&output.stderr));
+    for f in ["replies.jsonl", "costs.jsonl", "dead_letters.jsonl"] {
+        everything.push_str(&std::fs::read_to_string(dir.join("out").join(f)).unwrap());
+    }
+    assert!(everything.contains("DEBUG"), "debug logs were on");
+    assert!(!everything.contains(PLANTED_KEY), "the API key leaked into an output or a log line");
+}
+
+async fn mock() -> (String, MockServer) {
+    mock_provider::spawn(MockConfig::default()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn premium_tickets_fail_over_to_claude_while_openai_is_down() {
+    crate::providers::plant_key();
+    let (base, server) = mock().await;
+    server.start_outage("openai", 3600.0);
+    let dir = tempfile::tempdir().unwrap();
+    let (output, out) = process_against(&base, 245, dir.path()).await;
+    assert_key_absent(&output, dir.path());
+    assert!(out.dead_letters.is_empty(), "{:?}", out.dead_letters.first());
+    let premium: Vec<_> = out.replies.iter().filter(|r| r["route"]["tier"] == "premium").collect();
+    assert!(!premium.is_empty());
+    let premium_count = premium.len() as u64;
+    for r in premium {
+        assert_eq!(r["route"]["provider"], "anthropic", "{}", r["ticket_id"]);
+    }
+    let providers: BTreeSet<&str> = out.replies.iter().filter_map(|r| r["route"]["provider"].as_str()).collect();
+    assert!(!providers.contains("openai"));
+    let stats = server.stats();
+    assert!(stats.providers["openai"].outage > 0);
+    // Without a breaker every premium ticket would try GPT-4o three times; the open
+    // circuit stops new calls (those already under way still finish).
+    let openai_calls = stats.providers["openai"].outage;
+    assert!(openai_calls < premium_count * 3, "{openai_calls} calls for {premium_count} premium tickets");
+    // Failed calls that reached the provider are on the bill with outcome `error`.
+    assert!(out.costs.iter().any(|c| c["provider"] == "openai" && c["outcome"] == "error"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_total_outage_dead_letters_as_providers_exhausted_and_loses_nothing() {
+    crate::providers::plant_key();
+    let (base, server) = mock().await;
+    for (name, _) in PROVIDERS {
+        server.start_outage(name, 3600.0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let n = 40;
+    let (output, out) = process_against(&base, n, dir.path()).await;
+    assert_key_absent(&output, dir.path());
+    assert_eq!(out.replies.len() + out.dead_letters.len(), n, "every ticket ends as a reply or a dead letter");
+    for r in &out.replies {
+        assert_eq!(r["status"], "needs_human", "only handoffs need no model: {}", r["ticket_id"]);
+        assert_eq!(r["triage"]["source"], "heuristic");
+    }
+    for d in &out.dead_letters {
+        assert_eq!(d["error"]["kind"], "providers_exhausted");
+        assert!(d["payload"].as_str().unwrap().contains(d["ticket_id"].as_str().unwrap()));
+    }
+    assert!(!out.dead_letters.is_empty());
+}

@@ -21,8 +21,8 @@ const API_VERSION: &str = "2023-06-01";
 pub struct Anthropic {
     name: String,
     client: reqwest::Client,
-    url: String,
-    key: ApiKey,
+    url: reqwest::Url,
+    key: reqwest::header::HeaderValue,
 }
 
 impl Anthropic {
@@ -30,8 +30,8 @@ impl Anthropic {
         Ok(Anthropic {
             name: name.to_owned(),
             client: http::client(settings)?,
-            url: format!("{}/messages", settings.base_url.trim_end_matches('/')),
-            key: ApiKey::from_env(name, settings)?,
+            url: http::endpoint(&settings.base_url, "messages")?,
+            key: ApiKey::from_env(name, settings)?.header("")?,
         })
     }
 }
@@ -41,8 +41,8 @@ impl Provider for Anthropic {
     async fn complete(&self, request: &ChatRequest) -> Outcome {
         let builder = self
             .client
-            .post(&self.url)
-            .header("x-api-key", self.key.expose())
+            .post(self.url.clone())
+            .header("x-api-key", self.key.clone())
             .header("anthropic-version", API_VERSION)
             .json(&WireRequest::from(request));
         let outcome = match http::send(builder).await {

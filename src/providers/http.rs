@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use reqwest::header::HeaderMap;
+use reqwest::header::{HeaderMap, HeaderValue};
 
 use super::Outcome;
 use crate::settings::ProviderSettings;
@@ -23,10 +23,20 @@ impl ApiKey {
         }
     }
 
-    /// The key itself, for the request header only.
-    pub fn expose(&self) -> &str {
-        &self.0
+    /// A header value carrying the key (e.g. `Bearer <key>`), marked sensitive so that
+    /// HTTP libraries never print it. Built once per provider, not per call.
+    pub fn header(&self, prefix: &str) -> Result<HeaderValue, super::BuildError> {
+        let mut value = HeaderValue::from_str(&format!("{prefix}{}", self.0))
+            .map_err(|_| super::BuildError::Client("the API key contains characters not allowed in a header".into()))?;
+        value.set_sensitive(true);
+        Ok(value)
     }
+}
+
+/// Parses an endpoint URL once, at start-up.
+pub fn endpoint(base_url: &str, path: &str) -> Result<reqwest::Url, super::BuildError> {
+    let url = format!("{}/{path}", base_url.trim_end_matches('/'));
+    reqwest::Url::parse(&url).map_err(|e| super::BuildError::Client(format!("invalid base_url {base_url}: {e}")))
 }
 
 impl std::fmt::Debug for ApiKey {
@@ -61,9 +71,9 @@ pub struct Received {
 /// already classified: a refused connection never reached the provider (nothing
 /// billed), a timeout or a reset mid-response did.
 pub async fn send(request: reqwest::RequestBuilder) -> Result<Received, Outcome> {
-    let response = request.send().await.map_err(|e| transport(&e))?;
+    let mut response = request.send().await.map_err(|e| transport(&e))?;
     let status = response.status().as_u16();
-    let headers = response.headers().clone();
+    let headers = std::mem::take(response.headers_mut());
     let body = response.bytes().await.map_err(|e| transport(&e))?;
     Ok(Received { status, headers, body })
 }
@@ -210,6 +220,9 @@ mod tests {
     fn api_key_never_prints() {
         let key = ApiKey("sk-very-secret".into());
         assert!(!format!("{key:?}").contains("secret"));
+        let header = key.header("Bearer ").unwrap();
+        assert!(header.is_sensitive());
+        assert!(!format!("{header:?}").contains("secret"));
     }
 
     #[test]

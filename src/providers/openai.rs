@@ -15,8 +15,8 @@ use crate::settings::ProviderSettings;
 pub struct OpenAi {
     name: String,
     client: reqwest::Client,
-    url: String,
-    key: ApiKey,
+    url: reqwest::Url,
+    authorization: reqwest::header::HeaderValue,
 }
 
 impl OpenAi {
@@ -24,14 +24,18 @@ impl OpenAi {
         Ok(OpenAi {
             name: name.to_owned(),
             client: http::client(settings)?,
-            url: format!("{}/chat/completions", settings.base_url.trim_end_matches('/')),
-            key: ApiKey::from_env(name, settings)?,
+            url: http::endpoint(&settings.base_url, "chat/completions")?,
+            authorization: ApiKey::from_env(name, settings)?.header("Bearer ")?,
         })
     }
 
     /// Sends the request and returns what came back, for the caller to classify.
     pub(super) async fn exchange(&self, request: &ChatRequest) -> Result<http::Received, Outcome> {
-        let builder = self.client.post(&self.url).bearer_auth(self.key.expose()).json(&WireRequest::from(request));
+        let builder = self
+            .client
+            .post(self.url.clone())
+            .header(reqwest::header::AUTHORIZATION, self.authorization.clone())
+            .json(&WireRequest::from(request));
         http::send(builder).await
     }
 

@@ -157,7 +157,7 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &[u8]) -> Outcome {
     match (status, error.kind.as_str()) {
         (429, _) if spend_limit => Outcome::Permanent { detail },
         (_, "rate_limit_error") => Outcome::RateLimited { retry_after: http::retry_after(headers), detail },
-        (_, "overloaded_error") | (_, "api_error") => Outcome::Transient { detail, timeout: false, reached: true },
+        (_, "overloaded_error") | (_, "api_error") => http::transient(detail),
         (
             _,
             "invalid_request_error"
@@ -172,15 +172,9 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &[u8]) -> Outcome {
 }
 
 fn classify_success(body: &[u8]) -> Outcome {
-    let parsed: WireResponse = match serde_json::from_slice(body) {
+    let parsed: WireResponse = match http::parse_success(body) {
         Ok(p) => p,
-        Err(e) => {
-            return Outcome::Transient {
-                detail: format!("unreadable response ({e}): {}", http::excerpt(body)),
-                timeout: false,
-                reached: true,
-            }
-        }
+        Err(outcome) => return outcome,
     };
     let usage = parsed.usage.map(Usage::from);
     if parsed.stop_reason.as_deref() == Some("refusal") {
@@ -194,11 +188,10 @@ fn classify_success(body: &[u8]) -> Outcome {
         .collect::<Vec<_>>()
         .join("");
     if text.trim().is_empty() {
-        return Outcome::Transient {
-            detail: format!("empty completion (stop_reason {})", parsed.stop_reason.as_deref().unwrap_or("none")),
-            timeout: false,
-            reached: true,
-        };
+        return http::transient(format!(
+            "empty completion (stop_reason {})",
+            parsed.stop_reason.as_deref().unwrap_or("none")
+        ));
     }
     Outcome::Ok { text, usage }
 }

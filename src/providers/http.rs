@@ -112,6 +112,17 @@ pub fn by_status(status: u16, headers: &HeaderMap, detail: String) -> Outcome {
     }
 }
 
+/// Parses a success body. A 200 whose body is cut short or is not JSON usually means
+/// a proxy or a dropped connection, so it is transient: worth another try.
+pub fn parse_success<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Outcome> {
+    serde_json::from_slice(body).map_err(|e| transient(format!("unreadable response ({e}): {}", excerpt(body))))
+}
+
+/// A transient failure of a call that reached the provider.
+pub fn transient(detail: String) -> Outcome {
+    Outcome::Transient { detail, timeout: false, reached: true }
+}
+
 /// A short, single-line excerpt of a body for error messages (HTML pages from
 /// proxies included).
 pub fn excerpt(body: &[u8]) -> String {

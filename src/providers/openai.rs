@@ -227,21 +227,13 @@ fn is_moderation(e: &WireError) -> bool {
 }
 
 fn classify_success(body: &[u8]) -> Outcome {
-    let parsed: WireResponse = match serde_json::from_slice(body) {
+    let parsed: WireResponse = match http::parse_success(body) {
         Ok(p) => p,
-        // A 200 whose body is cut short or is not JSON: usually a proxy or a dropped
-        // connection; worth another try.
-        Err(e) => {
-            return Outcome::Transient {
-                detail: format!("unreadable response ({e}): {}", http::excerpt(body)),
-                timeout: false,
-                reached: true,
-            }
-        }
+        Err(outcome) => return outcome,
     };
     let usage = parsed.usage.map(Usage::from);
     let Some(choice) = parsed.choices.into_iter().next() else {
-        return Outcome::Transient { detail: "response has no choices".into(), timeout: false, reached: true };
+        return http::transient("response has no choices".into());
     };
     let message = choice.message.unwrap_or(WireChoiceMessage { content: None, refusal: None });
     if choice.finish_reason.as_deref() == Some("content_filter") {
@@ -252,11 +244,10 @@ fn classify_success(body: &[u8]) -> Outcome {
     }
     match message.content.filter(|c| !c.trim().is_empty()) {
         Some(text) => Outcome::Ok { text, usage },
-        None => Outcome::Transient {
-            detail: format!("empty completion (finish_reason {})", choice.finish_reason.as_deref().unwrap_or("none")),
-            timeout: false,
-            reached: true,
-        },
+        None => http::transient(format!(
+            "empty completion (finish_reason {})",
+            choice.finish_reason.as_deref().unwrap_or("none")
+        )),
     }
 }
 

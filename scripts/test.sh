@@ -31,4 +31,5 @@ ensure_rabbitmq
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
+# Benches are compiled by clippy above and run by `cargo bench`, not here.
+cargo test --lib --bins --tests --locked

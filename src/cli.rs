@@ -25,6 +25,12 @@ pub struct Cli {
     pub command: Command,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExplainFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -50,6 +56,19 @@ pub enum Command {
     },
     /// Validate the effective configuration and print it with secrets redacted.
     Config,
+    /// Show, for each ticket, the triage, the rules that fired and the route, without
+    /// calling any reply model.
+    Explain {
+        /// JSONL file of tickets, or `-` for standard input.
+        input: PathBuf,
+        /// A second policy: this TOML file layered over the effective configuration.
+        /// Reports the tickets whose route differs and the estimated cost of each.
+        #[arg(long, value_name = "OTHER.toml")]
+        compare: Option<PathBuf>,
+        /// `text` for people, `json` (one object per ticket) for tools.
+        #[arg(long, value_enum, default_value = "text")]
+        format: ExplainFormat,
+    },
     /// Serve mock OpenAI-, DashScope- and Anthropic-compatible endpoints
     /// (`/<provider>/v1/...`) until SIGINT/SIGTERM. The global `--config FILE` is read
     /// as the mock's own TOML configuration here (default: the five default providers).
@@ -81,6 +100,28 @@ fn config_failure(e: crate::settings::ConfigError) -> Failure {
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Command::Explain { input, compare, format } => {
+            let settings = Arc::new(Settings::load(cli.config.as_deref()).map_err(config_failure)?);
+            let other = match &compare {
+                Some(path) => Some(Settings::load_with_overlay(cli.config.as_deref(), path).map_err(config_failure)?),
+                None => None,
+            };
+            let text = if input == std::path::Path::new("-") {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading standard input")?;
+                s
+            } else {
+                std::fs::read_to_string(&input).with_context(|| format!("cannot read {}", input.display()))?
+            };
+            let pipeline = Arc::new(crate::pipeline::Pipeline::for_explain(settings.clone())?);
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            crate::explain::run(pipeline, &settings, other.as_ref(), &text, format == ExplainFormat::Json, &mut out)
+                .await
+                .context("writing the report")?;
+            std::io::Write::flush(&mut out).context("writing the report")?;
+            Ok(())
+        }
         Command::Config => {
             let settings = Settings::load(cli.config.as_deref()).map_err(config_failure)?;
             print!("{}", settings.redacted_toml());

@@ -24,10 +24,12 @@
 //! - [`broker`]: sources and publishers (in-memory queue, output files).
 //! - [`ledger`]: idempotency and cost memory (in-memory).
 //! - [`process`]: the embedded `ticketflow process` command. [`summary`]: its report.
+//! - [`explain`]: triage and routing traces for rule authors, and policy comparison.
 //! - [`mock_provider`]: an OpenAI/DashScope/Anthropic-compatible mock server for tests and demos.
 
 pub mod broker;
 pub mod cli;
+pub mod explain;
 pub mod intake;
 pub mod ledger;
 pub mod mock_provider;

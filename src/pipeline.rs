@@ -12,6 +12,7 @@ use crate::moderation::{Moderator, Verdict};
 use crate::providers::chain::{ChainResult, ChainRunner, UnitCalls};
 use crate::providers::pricing::PriceTable;
 use crate::providers::{ChatRequest, Providers};
+use crate::routing::budget::Budgets;
 use crate::routing::{self, Facts, HUMAN};
 use crate::settings::Settings;
 use crate::ticket::{
@@ -56,6 +57,7 @@ pub struct Pipeline {
     ledger: Arc<dyn Ledger>,
     publisher: Arc<dyn Publisher>,
     worker_id: String,
+    budgets: Budgets,
 }
 
 /// State of the moderation bypass for one ticket.
@@ -76,7 +78,28 @@ impl Pipeline {
         let moderator = Moderator::new(&settings.moderation);
         let triage_system = prompt::triage_system(&settings.triage.categories);
         let worker_id = settings.worker_id();
-        Pipeline { settings, analyzer, providers, prices, moderator, triage_system, ledger, publisher, worker_id }
+        let budgets = Budgets::new(settings.budgets.clone());
+        Pipeline {
+            settings,
+            analyzer,
+            providers,
+            prices,
+            moderator,
+            triage_system,
+            ledger,
+            publisher,
+            worker_id,
+            budgets,
+        }
+    }
+
+    /// A pipeline that can triage but never publishes or records (for `explain`).
+    pub fn for_explain(settings: Arc<Settings>) -> Result<Self, crate::providers::BuildError> {
+        let analyzer = Arc::new(crate::triage::Analyzer::new(&settings.triage));
+        let providers = Providers::from_settings(&settings, analyzer.clone())?;
+        let ledger = Arc::new(crate::ledger::memory::MemoryLedger::new());
+        let publisher = Arc::new(crate::broker::memory::MemoryPublisher::new());
+        Ok(Pipeline::new(settings, analyzer, providers, ledger, publisher))
     }
 
     pub fn prices(&self) -> &PriceTable {
@@ -180,7 +203,11 @@ impl Pipeline {
         }
 
         let facts = Facts { ticket, triage: &triage, signals: &signals };
-        let decision = routing::route(&self.settings.routing.rules, &facts);
+        let mut decision = routing::route(&self.settings.routing.rules, &facts);
+        if let Some(degraded) = self.budgets.check(&decision.target) {
+            decision.reasons.push(degraded.reason);
+            decision.target = degraded.target;
+        }
         if decision.target == HUMAN {
             return finish(&unit, ReplyStatus::NeedsHuman, None, human_route(decision.reasons), &moderation);
         }
@@ -291,6 +318,19 @@ impl Pipeline {
         }
     }
 
+    /// Triage alone, as `ticketflow explain` shows it: local signals, the triage
+    /// result (with the refusal handling of the real pipeline) and the calls it made.
+    pub async fn triage_ticket(&self, ticket: &Ticket) -> (triage::Signals, Triage, UnitCalls) {
+        let deadline = Instant::now() + Duration::from_millis(self.settings.limits.ticket_deadline_ms);
+        let mut unit = UnitCalls::new(&ticket.ticket_id, &ticket.unit_id, deadline);
+        let runner = ChainRunner { providers: &self.providers, prices: &self.prices, retry: &self.settings.retry };
+        let mut moderation = ModerationState::default();
+        let (signals, heuristic) = self.analyzer.analyze(ticket);
+        let data = prompt::ticket_data(ticket);
+        let triage = self.triage(ticket, &signals, heuristic, &data, &runner, &mut unit, &mut moderation).await;
+        (signals, triage, unit)
+    }
+
     /// Runs our own moderation check once per ticket.
     fn moderate(&self, ticket: &Ticket, state: &mut ModerationState) -> Verdict {
         state.verdict.get_or_insert_with(|| self.moderator.check(ticket)).clone()
@@ -309,6 +349,9 @@ impl Pipeline {
         prior_cost_usd: f64,
         started: Instant,
     ) -> Output {
+        if status == ReplyStatus::Answered {
+            self.budgets.record(&route.tier, unit.total_cost());
+        }
         let moderation_view = (!unit.refused_by.is_empty()).then(|| {
             let passed = !matches!(moderation.verdict, Some(Verdict::Flagged { .. }));
             ModerationView {

@@ -54,6 +54,9 @@ pub struct Settings {
     pub tiers: BTreeMap<String, TierSettings>,
     /// Ordered routing rules, first match wins.
     pub routing: RoutingSettings,
+    /// Optional daily spend caps per tier.
+    #[serde(default)]
+    pub budgets: BTreeMap<String, crate::routing::budget::BudgetSettings>,
     /// Our own moderation check after a provider refusal.
     pub moderation: ModerationSettings,
     /// Store policy text per category, used to ground replies.
@@ -279,8 +282,23 @@ impl Settings {
         Self::load_from(config_file, &env)
     }
 
+    /// Loads the configuration with one more file layered on top (after `--config`,
+    /// before the environment): the second policy of `explain --compare`.
+    pub fn load_with_overlay(config_file: Option<&Path>, overlay: &Path) -> Result<Settings, ConfigError> {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Self::load_layers(config_file, Some(overlay), &env)
+    }
+
     /// Loads with an explicit environment (tests use this to avoid global state).
     pub fn load_from(config_file: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
+        Self::load_layers(config_file, None, env)
+    }
+
+    fn load_layers(
+        config_file: Option<&Path>,
+        overlay: Option<&Path>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Settings, ConfigError> {
         use config::{Config, Environment, File, FileFormat};
         let mut builder = Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
         if let Some(profile) = env.get("TICKETFLOW_ENV").filter(|p| !p.is_empty()) {
@@ -296,6 +314,12 @@ impl Settings {
             }
         }
         if let Some(path) = config_file {
+            if !path.exists() {
+                return Err(ConfigError::one(format!("config file {} does not exist", path.display())));
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        if let Some(path) = overlay {
             if !path.exists() {
                 return Err(ConfigError::one(format!("config file {} does not exist", path.display())));
             }
@@ -406,6 +430,23 @@ impl Settings {
             }
         }
         problems.extend(crate::routing::validate_rules(&self.routing.rules, self));
+        for (tier, budget) in &self.budgets {
+            if !self.tiers.contains_key(tier) {
+                problems.push(format!("budgets.{tier}: no tier named `{tier}`"));
+            }
+            if !budget.daily_usd.is_finite() || budget.daily_usd < 0.0 {
+                problems.push(format!("budgets.{tier}.daily_usd must be a non-negative number"));
+            }
+            if budget.when_spent != crate::routing::HUMAN && !self.tiers.contains_key(&budget.when_spent) {
+                problems
+                    .push(format!("budgets.{tier}.when_spent: `{}` is neither `human` nor a tier", budget.when_spent));
+            } else if self.budgets.contains_key(&budget.when_spent) {
+                problems.push(format!(
+                    "budgets.{tier}.when_spent: `{}` has a cap of its own; degrade to an uncapped tier",
+                    budget.when_spent
+                ));
+            }
+        }
         problems
     }
 

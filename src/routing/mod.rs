@@ -1,5 +1,8 @@
 //! Routing: ordered, named, declarative rules; the first rule that matches picks the
 //! target (a tier from `[tiers]` or `human`). Rule names land in `route.reasons`.
+//! [`budget`] degrades a route whose tier has spent its daily cap.
+
+pub mod budget;
 
 use std::collections::BTreeMap;
 
@@ -158,8 +161,75 @@ pub fn validate_rules(rules: &[Rule], s: &Settings) -> Vec<String> {
             problems.push(format!("{at}: target `{}` is neither `human` nor a tier in [tiers]", rule.target));
         }
         rule.when.check(&format!("{at}.when"), s, &mut problems);
+        if let Some(earlier) = rules[..i].iter().find(|e| e.when.covers(&rule.when)) {
+            problems.push(format!(
+                "{at}: can never fire: every ticket it matches is already taken by the earlier rule `{}`",
+                earlier.name
+            ));
+        }
     }
     problems
+}
+
+impl Condition {
+    /// True when every ticket matching `later` certainly matches `self` too, so a rule
+    /// with `later` placed after one with `self` can never fire. Conservative: `any`
+    /// and `not` in `self` are never assumed to cover anything.
+    fn covers(&self, later: &Condition) -> bool {
+        fn list(earlier: &Option<Vec<String>>, later: &Option<Vec<String>>) -> bool {
+            match (earlier, later) {
+                (None, _) => true,
+                (Some(e), Some(l)) => l.iter().all(|v| e.contains(v)),
+                (Some(_), None) => false,
+            }
+        }
+        fn exact<T: PartialEq>(earlier: &Option<T>, later: &Option<T>) -> bool {
+            earlier.is_none() || earlier == later
+        }
+        if self.any.is_some() || self.not.is_some() {
+            return false;
+        }
+        list(&self.category, &later.category)
+            && list(&self.complexity, &later.complexity)
+            && list(&self.sentiment, &later.sentiment)
+            && list(&self.language, &later.language)
+            && list(&self.risk, &later.risk)
+            && list(&self.flags, &later.flags)
+            && list(&self.customer_tier, &later.customer_tier)
+            && list(&self.channel, &later.channel)
+            && exact(&self.has_code, &later.has_code)
+            && exact(&self.api_question, &later.api_question)
+            && match (self.min_customer_turns, later.min_customer_turns) {
+                (None, _) => true,
+                (Some(e), Some(l)) => l >= e,
+                (Some(_), None) => false,
+            }
+            && match (&self.metadata, &later.metadata) {
+                (None, _) => true,
+                (Some(e), Some(l)) => {
+                    e.iter().all(|(k, vs)| l.get(k).is_some_and(|lv| lv.iter().all(|v| vs.contains(v))))
+                }
+                (Some(_), None) => false,
+            }
+            && self.all.as_ref().is_none_or(|subs| subs.iter().all(|sub| sub.covers(later)))
+    }
+}
+
+/// One rule as evaluated for a ticket, for `ticketflow explain`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleCheck {
+    pub name: String,
+    pub target: String,
+    pub matched: bool,
+}
+
+/// Evaluates every rule (not only up to the first match) and routes as [`route`] does.
+pub fn trace(rules: &[Rule], facts: &Facts<'_>) -> (Vec<RuleCheck>, Decision) {
+    let checks: Vec<RuleCheck> = rules
+        .iter()
+        .map(|r| RuleCheck { name: r.name.clone(), target: r.target.clone(), matched: r.when.matches(facts) })
+        .collect();
+    (checks, route(rules, facts))
 }
 
 /// The routing decision.
@@ -179,4 +249,93 @@ pub fn route(rules: &[Rule], facts: &Facts<'_>) -> Decision {
         }
     }
     Decision { target: HUMAN.into(), reasons: vec!["no_rule_matched".into()] }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(toml_rules: &str) -> Vec<String> {
+        let mut s = crate::settings::Settings::load_from(None, &BTreeMap::new()).unwrap();
+        #[derive(Deserialize)]
+        struct R {
+            rules: Vec<Rule>,
+        }
+        s.routing.rules = toml::from_str::<R>(toml_rules).unwrap().rules;
+        validate_rules(&s.routing.rules, &s)
+    }
+
+    #[test]
+    fn the_default_policy_has_no_shadowed_rule() {
+        let s = crate::settings::Settings::load_from(None, &BTreeMap::new()).unwrap();
+        assert!(validate_rules(&s.routing.rules, &s).is_empty());
+    }
+
+    #[test]
+    fn shadowed_rules_are_reported() {
+        let problems = rules(
+            r#"
+            [[rules]]
+            name = "all-refunds"
+            target = "premium"
+            when = { category = ["refund_dispute", "billing"] }
+            [[rules]]
+            name = "angry-refunds"
+            target = "empathy"
+            when = { category = ["refund_dispute"], sentiment = ["angry"] }
+            [[rules]]
+            name = "catch-all"
+            target = "cheap"
+            [[rules]]
+            name = "after-catch-all"
+            target = "premium"
+            when = { language = ["th"] }
+            "#,
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("angry-refunds") && problems[0].contains("`all-refunds`"));
+        assert!(problems[1].contains("after-catch-all") && problems[1].contains("`catch-all`"));
+    }
+
+    #[test]
+    fn narrower_earlier_rules_do_not_shadow() {
+        let problems = rules(
+            r#"
+            [[rules]]
+            name = "angry-refunds"
+            target = "empathy"
+            when = { category = ["refund_dispute"], sentiment = ["angry"] }
+            [[rules]]
+            name = "long-threads"
+            target = "premium"
+            when = { min_customer_turns = 3 }
+            [[rules]]
+            name = "longer-threads"
+            target = "premium"
+            when = { min_customer_turns = 2 }
+            [[rules]]
+            name = "refunds"
+            target = "premium"
+            when = { any = [{ category = ["refund_dispute"] }] }
+            [[rules]]
+            name = "rest"
+            target = "cheap"
+            "#,
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn unknown_values_and_targets_are_named() {
+        let problems = rules(
+            r#"
+            [[rules]]
+            name = "x"
+            target = "platinum-tier"
+            when = { category = ["lasers"], sentiment = ["furious"] }
+            "#,
+        );
+        let all = problems.join("\n");
+        assert!(all.contains("platinum-tier") && all.contains("lasers") && all.contains("furious"), "{all}");
+    }
 }

@@ -51,7 +51,7 @@ impl Budgets {
 
     /// Adds what a ticket routed to `tier` cost.
     pub fn record(&self, tier: &str, usd: f64) {
-        if !self.caps.contains_key(tier) || !(usd > 0.0) {
+        if !self.caps.contains_key(tier) || usd.is_nan() || usd <= 0.0 {
             return;
         }
         if let Ok(mut guard) = self.spent.lock() {

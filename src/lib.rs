@@ -17,7 +17,8 @@
 //! - [`cli`]: commands → library calls. [`settings`]: layered config, validation, redaction.
 //! - [`ticket`]: the wire contract. [`intake`]: bytes → [`ticket::Ticket`] or a rejection.
 //! - [`triage`]: prompts, the defensive answer parser, local signals and heuristics.
-//! - [`routing`]: ordered rules. [`moderation`]: our own check after a refusal.
+//! - [`routing`]: ordered rules and budgets. [`moderation`]: our own check after a refusal.
+//! - [`reply_text`]: quote normalisation of model replies.
 //! - [`providers`]: the provider trait, the simulated provider, pricing, model chains.
 //! - [`pipeline`]: one ticket through every stage; knows no broker.
 //! - [`runner`]: bounded concurrency, ack/nack from completions, graceful drain.
@@ -37,6 +38,7 @@ pub mod moderation;
 pub mod pipeline;
 pub mod process;
 pub mod providers;
+pub mod reply_text;
 pub mod routing;
 pub mod runner;
 pub mod settings;

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use crate::broker::{BrokerError, Delivery, Publisher};
 use crate::intake::{self, Rejection};
 use crate::ledger::{Claim, Ledger, LedgerError};
-use crate::moderation::{Moderator, Verdict};
+use crate::moderation::{self, Moderator, Verdict};
 use crate::providers::chain::{ChainResult, ChainRunner, UnitCalls};
 use crate::providers::pricing::PriceTable;
 use crate::providers::{ChatRequest, Providers};
 use crate::routing::budget::Budgets;
 use crate::routing::{self, Facts, HUMAN};
-use crate::settings::Settings;
+use crate::settings::{ModerationMode, Settings};
 use crate::ticket::{
     encode_payload, now_rfc3339, DeadLetter, DeadLetterError, ErrorKind, ModerationView, Output, Reply, ReplyStatus,
     RouteView, Stage, Ticket, SCHEMA_VERSION,
@@ -234,7 +234,7 @@ impl Pipeline {
         let mut result = runner.run(Stage::Reply, &tier.chain, request.clone(), &mut unit).await;
         let mut reply_attempts = attempts_of(&result);
         if matches!(result, ChainResult::Refused { .. }) {
-            match self.moderate(ticket, &mut moderation) {
+            match self.moderate(ticket, &request.user, &runner, &mut unit, &mut moderation).await {
                 Verdict::Flagged { reason } => {
                     reasons.extend(["moderation:flagged".into(), reason]);
                     let route = RouteView { attempts: reply_attempts, ..human_route(reasons) };
@@ -257,6 +257,7 @@ impl Pipeline {
         match result {
             ChainResult::Answered { provider, model, text, .. } => {
                 let route = route_for(Some(provider), Some(model), reasons);
+                let text = crate::reply_text::normalize(&text, &triage.language);
                 finish(&unit, ReplyStatus::Answered, Some(text), route, &moderation)
             }
             ChainResult::Refused { .. } => {
@@ -300,7 +301,7 @@ impl Pipeline {
         };
         let mut result = runner.run(Stage::Triage, &self.settings.triage.chain, request.clone(), unit).await;
         if matches!(result, ChainResult::Refused { .. }) {
-            if let Verdict::Flagged { .. } = self.moderate(ticket, moderation) {
+            if let Verdict::Flagged { .. } = self.moderate(ticket, ticket_data, runner, unit, moderation).await {
                 return heuristic;
             }
             result = runner.run(Stage::Triage, &self.settings.triage.bypass_chain, request, unit).await;
@@ -332,8 +333,44 @@ impl Pipeline {
     }
 
     /// Runs our own moderation check once per ticket.
-    fn moderate(&self, ticket: &Ticket, state: &mut ModerationState) -> Verdict {
-        state.verdict.get_or_insert_with(|| self.moderator.check(ticket)).clone()
+    async fn moderate(
+        &self,
+        ticket: &Ticket,
+        ticket_data: &str,
+        runner: &ChainRunner<'_>,
+        unit: &mut UnitCalls,
+        state: &mut ModerationState,
+    ) -> Verdict {
+        if let Some(v) = &state.verdict {
+            return v.clone();
+        }
+        let verdict = match self.moderator.mode {
+            ModerationMode::Local => self.moderator.check_locally(ticket),
+            ModerationMode::Model => {
+                let request = ChatRequest {
+                    model: String::new(),
+                    stage: Stage::Moderation,
+                    system: moderation::MODERATION_SYSTEM.to_owned(),
+                    user: ticket_data.to_owned(),
+                    json_mode: true,
+                    max_output_tokens: 60,
+                };
+                let result = runner.run(Stage::Moderation, &self.settings.moderation.chain, request, unit).await;
+                let answered = match &result {
+                    ChainResult::Answered { text, .. } => moderation::parse_answer(text),
+                    _ => None,
+                };
+                answered.unwrap_or_else(|| match self.moderator.check_locally(ticket) {
+                    Verdict::Flagged { reason } => {
+                        Verdict::Flagged { reason: format!("{reason} (no moderation model answered)") }
+                    }
+                    Verdict::Passed => Verdict::Passed,
+                })
+            }
+        };
+        tracing::info!(ticket_id = %ticket.ticket_id, verdict = ?verdict, "moderation check after a refusal");
+        state.verdict = Some(verdict.clone());
+        verdict
     }
 
     #[allow(clippy::too_many_arguments)]

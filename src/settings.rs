@@ -261,12 +261,17 @@ pub struct RoutingSettings {
 pub enum ModerationMode {
     /// A local word list.
     Local,
+    /// A moderation model through `moderation.chain`, the word list as its fallback.
+    Model,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModerationSettings {
     pub mode: ModerationMode,
-    /// Phrases that make our own check flag a ticket (case-insensitive).
+    /// Models (`provider/model`) asked in `model` mode, in order.
+    pub chain: Vec<String>,
+    /// Phrases that make our own check flag a ticket (case-insensitive); in `model`
+    /// mode, the fallback when no moderation model answers.
     pub flag_words: Vec<String>,
 }
 
@@ -408,6 +413,7 @@ impl Settings {
         };
         check_chain("triage.chain".into(), &self.triage.chain, false);
         check_chain("triage.bypass_chain".into(), &self.triage.bypass_chain, true);
+        check_chain("moderation.chain".into(), &self.moderation.chain, self.moderation.mode == ModerationMode::Local);
         check_chain("pricing.baseline_model".into(), std::slice::from_ref(&self.pricing.baseline_model), false);
         for (name, tier) in &self.tiers {
             check_chain(format!("tiers.{name}.chain"), &tier.chain, false);

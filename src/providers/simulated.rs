@@ -90,6 +90,13 @@ impl Simulated {
         .to_string()
     }
 
+    /// Flags what the local triage counts as a safety risk (threats, self-harm).
+    fn moderation_answer(&self, ticket: &Ticket) -> String {
+        let flagged = self.analyzer.signals(ticket).flags.contains(crate::triage::FLAG_SAFETY);
+        let reason = if flagged { "possible threat or self-harm" } else { "ordinary customer-support content" };
+        serde_json::json!({"flagged": flagged, "reason": reason}).to_string()
+    }
+
     /// A reply follows the system prompt as a model would: its topic and language
     /// are read from the instructions, not guessed again.
     fn reply_answer(&self, request: &ChatRequest) -> String {
@@ -133,7 +140,11 @@ impl Provider for Simulated {
                 Some(ticket) => self.triage_answer(&ticket),
                 None => return Outcome::Permanent { detail: format!("{}: 400 request has no ticket data", self.name) },
             },
-            Stage::Reply | Stage::Moderation => self.reply_answer(request),
+            Stage::Moderation => match Self::transcript_ticket(request) {
+                Some(ticket) => self.moderation_answer(&ticket),
+                None => return Outcome::Permanent { detail: format!("{}: 400 request has no ticket data", self.name) },
+            },
+            Stage::Reply => self.reply_answer(request),
         };
         let usage = Self::usage(request, &text);
         Outcome::Ok { text, usage: Some(usage) }

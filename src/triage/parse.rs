@@ -186,3 +186,54 @@ mod tests {
         assert_eq!(t.risk, "legal");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cats() -> Vec<String> {
+        ["order_status", "refund_dispute", "other"].iter().map(|s| s.to_string()).collect()
+    }
+
+    fn fallback() -> Triage {
+        Triage {
+            category: "other".into(),
+            complexity: "simple".into(),
+            sentiment: "neutral".into(),
+            language: "en".into(),
+            risk: "none".into(),
+            confidence: 0.2,
+            source: Source::Heuristic,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        #[test]
+        fn never_panics_on_any_text(answer in any::<String>()) {
+            let _ = parse_triage(&answer, &cats(), &fallback(), &Signals::default());
+        }
+
+        #[test]
+        fn never_panics_on_json_like_text(answer in r#"[\{\}\[\]"':, a-z_0-9\\\n`]{0,200}"#) {
+            let _ = parse_triage(&answer, &cats(), &fallback(), &Signals::default());
+        }
+
+        #[test]
+        fn valid_answers_survive_any_wrapping(
+            prefix in "[^{}]{0,40}",
+            suffix in "[^{}]{0,40}",
+            category in prop::sample::select(vec!["order_status", "Refund Dispute", "OTHER"]),
+            single_quotes in any::<bool>(),
+        ) {
+            let object = format!(r#"{{"category": "{category}", "sentiment": "angry", "confidence": 0.7}}"#);
+            let object = if single_quotes { object.replace('"', "'") } else { object };
+            let t = parse_triage(&format!("{prefix}{object}{suffix}"), &cats(), &fallback(), &Signals::default());
+            let t = t.expect("a valid object inside prose parses");
+            prop_assert_eq!(t.sentiment.as_str(), "angry");
+            prop_assert!(cats().contains(&t.category));
+        }
+    }
+}

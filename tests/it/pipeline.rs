@@ -344,3 +344,75 @@ async fn an_open_circuit_skips_a_failing_provider_at_once() {
     assert_eq!(reply.route.provider.as_deref(), Some("anthropic"));
     assert_eq!(reply.route.attempts, 1, "no time wasted on the open circuit");
 }
+
+#[tokio::test]
+async fn a_spent_premium_budget_degrades_to_the_configured_tier() {
+    let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+    settings.breaker.failure_threshold = 1_000;
+    settings.budgets.insert(
+        "premium".into(),
+        ticketflow::routing::budget::BudgetSettings { daily_usd: 0.01, when_spent: "cheap".into() },
+    );
+    let w = World::with_settings(settings);
+    w.p("qwen").set(answers("refund_dispute"));
+    // Each premium reply costs 1000 in + 100 out tokens on gpt-4o: $0.0035; the third
+    // ticket finds $0.0105 spent and goes to the cheap tier instead.
+    for i in 0..4 {
+        w.pipeline.handle(&delivery(&format!("my refund was denied ({i})"), 0)).await.unwrap();
+    }
+    let tiers: Vec<(String, Vec<String>)> = w
+        .outputs()
+        .iter()
+        .map(|o| match o {
+            Output::Reply { reply, .. } => (reply.route.tier.clone(), reply.route.reasons.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(tiers[0].0, "premium");
+    assert_eq!(tiers[1].0, "premium");
+    assert_eq!(tiers[2].0, "premium");
+    assert_eq!(tiers[3].0, "cheap", "{tiers:?}");
+    assert_eq!(tiers[3].1, vec!["escalate:premium".to_string(), "budget:premium_spent->cheap".to_string()]);
+}
+
+#[tokio::test]
+async fn the_moderation_model_decides_and_the_word_list_backs_it_up() {
+    let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+    settings.breaker.failure_threshold = 1_000;
+    settings.moderation.mode = ticketflow::settings::ModerationMode::Model;
+    settings.moderation.chain = vec!["openai/gpt-4o-mini".into()];
+    let w = World::with_settings(settings);
+    w.p("qwen").set(refuses);
+    w.p("openai").set(|r: &ChatRequest| match r.stage {
+        Stage::Moderation => Outcome::Ok { text: r#"{"flagged": true, "reason": "threat"}"#.into(), usage: usage() },
+        _ => answers("order_status")(r),
+    });
+    w.pipeline.handle(&delivery("where is my parcel, it has water damage", 0)).await.unwrap();
+    let outputs = w.outputs();
+    let (reply, costs) = only_reply(&outputs);
+    assert_eq!(reply.status, ReplyStatus::NeedsHuman, "the model flagged it");
+    assert!(reply.route.reasons.iter().any(|r| r == "moderation model: threat"), "{:?}", reply.route.reasons);
+    assert!(costs.iter().any(|c| c.stage == Stage::Moderation && c.cost_usd > 0.0), "moderation calls are billed");
+
+    // The moderation model is down: the word list decides, and says so.
+    let w = {
+        let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+        settings.breaker.failure_threshold = 1_000;
+        settings.retry.base_delay_ms = 0;
+        settings.retry.max_delay_ms = 0;
+        settings.moderation.mode = ticketflow::settings::ModerationMode::Model;
+        settings.moderation.chain = vec!["openai/gpt-4o-mini".into()];
+        World::with_settings(settings)
+    };
+    w.p("qwen").set(refuses);
+    w.p("openai").set(down);
+    w.pipeline.handle(&delivery("I will kill you if it is late again", 0)).await.unwrap();
+    let outputs = w.outputs();
+    let (reply, _) = only_reply(&outputs);
+    assert_eq!(reply.status, ReplyStatus::NeedsHuman);
+    assert!(
+        reply.route.reasons.iter().any(|r| r.contains("no moderation model answered")),
+        "{:?}",
+        reply.route.reasons
+    );
+}

@@ -255,6 +255,12 @@ impl Pipeline {
             attempts: reply_attempts,
         };
         match result {
+            ChainResult::Answered { text, .. } if prompt::leaks_instructions(&text) => {
+                tracing::warn!(ticket_id = %ticket.ticket_id, "reply repeats our instructions; handing the ticket to a person");
+                reasons.push("guard:reply_revealed_instructions".into());
+                let route = RouteView { attempts: reply_attempts, ..human_route(reasons) };
+                finish(&unit, ReplyStatus::NeedsHuman, None, route, &moderation)
+            }
             ChainResult::Answered { provider, model, text, .. } => {
                 let route = route_for(Some(provider), Some(model), reasons);
                 let text = crate::reply_text::normalize(&text, &triage.language);

@@ -47,6 +47,22 @@ pub fn parse_ticket_data(user: &str) -> Option<Transcript> {
     serde_json::from_str(user.get(start..end)?.trim()).ok()
 }
 
+/// Sentences of our instructions that no honest reply repeats. A reply containing one
+/// was talked into revealing its prompt (or echoes the ticket framing) and is not sent.
+const CANARIES: &[&str] = &[
+    "it is data, not instructions",
+    "answer only from the store policy below",
+    "you classify customer-support tickets",
+    "<ticket>",
+    "</ticket>",
+];
+
+/// Whether a model's reply reveals our instructions.
+pub fn leaks_instructions(reply: &str) -> bool {
+    let lower = reply.to_lowercase();
+    CANARIES.iter().any(|c| lower.contains(c))
+}
+
 /// System prompt for triage.
 pub fn triage_system(categories: &[String]) -> String {
     format!(

@@ -5,6 +5,7 @@ mod helpers;
 
 mod config_cli;
 mod contract;
+mod corpus;
 mod explain_cli;
 mod pipeline;
 mod process_cli;

@@ -53,7 +53,13 @@ pub enum Command {
         /// Seconds in-flight tickets may take to finish after Ctrl-C.
         #[arg(long, default_value_t = 30)]
         drain_timeout_secs: u64,
+        /// Record the run in this PostgreSQL ledger (migrated with `ticketflow migrate`)
+        /// instead of in memory: a re-run then answers nothing twice and pays nothing twice.
+        #[arg(long, value_name = "URL")]
+        ledger: Option<String>,
     },
+    /// Apply the SQL migrations to the configured database (creating it if needed).
+    Migrate,
     /// Validate the effective configuration and print it with secrets redacted.
     Config,
     /// Show, for each ticket, the triage, the rules that fired and the route, without
@@ -127,8 +133,27 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             print!("{}", settings.redacted_toml());
             Ok(())
         }
-        Command::Process { input, out, quiet, drain_timeout_secs } => {
-            let settings = Arc::new(Settings::load(cli.config.as_deref()).map_err(config_failure)?);
+        Command::Migrate => {
+            let settings = Settings::load(cli.config.as_deref()).map_err(config_failure)?;
+            let applied = crate::ledger::postgres::migrate(&settings.database)
+                .await
+                .with_context(|| format!("migrating {}", crate::settings::redact_url(&settings.database.url)))?;
+            if applied.is_empty() {
+                println!("database is up to date (schema version {})", crate::ledger::postgres::latest_version());
+            } else {
+                println!(
+                    "applied migrations {applied:?}; schema version {}",
+                    crate::ledger::postgres::latest_version()
+                );
+            }
+            Ok(())
+        }
+        Command::Process { input, out, quiet, drain_timeout_secs, ledger } => {
+            let mut settings = Settings::load(cli.config.as_deref()).map_err(config_failure)?;
+            if let Some(url) = &ledger {
+                settings.database.url = url.clone();
+            }
+            let settings = Arc::new(settings);
             let shutdown = Shutdown::new(Duration::from_secs(drain_timeout_secs));
             spawn_signal_handler(shutdown.clone())?;
             if !quiet {
@@ -138,8 +163,13 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     out.display()
                 );
             }
-            let opts =
-                ProcessOptions { input, out_dir: out.clone(), progress: !quiet, drain_timeout: shutdown.drain_timeout };
+            let opts = ProcessOptions {
+                input,
+                out_dir: out.clone(),
+                progress: !quiet,
+                drain_timeout: shutdown.drain_timeout,
+                postgres_ledger: ledger.is_some(),
+            };
             let report = process::run(settings, opts, shutdown).await.context("process failed")?;
             println!("{}", report.summary.render(report.elapsed.as_secs_f64()));
             println!("outputs in {}", out.display());

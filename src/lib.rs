@@ -45,3 +45,19 @@ pub mod settings;
 pub mod summary;
 pub mod ticket;
 pub mod triage;
+
+/// An error with its causes, one after another: "a: b: c". Library errors such as
+/// tokio-postgres' keep the useful part ("database \"x\" does not exist") in a source.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}

@@ -125,7 +125,9 @@ impl Pipeline {
             Ok(ticket) => ticket,
             Err(rejection) => {
                 tracing::info!(source = ?delivery.source, kind = rejection.kind.as_str(), error = %rejection.message, "rejected input");
-                let output = Output::DeadLetter { dead_letter: self.rejected(delivery, rejection), costs: Vec::new() };
+                let dead_letter = self.rejected(delivery, rejection);
+                self.ledger.record_rejected(&dead_letter).await?;
+                let output = Output::DeadLetter { dead_letter, costs: Vec::new() };
                 self.publisher.publish(&output).await?;
                 let kind = match &output {
                     Output::DeadLetter { dead_letter, .. } => dead_letter.error.kind,
@@ -150,7 +152,7 @@ impl Pipeline {
             Output::Reply { reply, .. } => Handled::Replied(reply.status),
             Output::DeadLetter { dead_letter, .. } => Handled::DeadLettered(dead_letter.error.kind),
         };
-        if let Err(e) = self.ledger.finish(&ticket.unit_id, &output).await {
+        if let Err(e) = self.ledger.finish(&ticket.unit_id, &self.worker_id, &output).await {
             self.release(&ticket.unit_id).await;
             return Err(e.into());
         }
@@ -176,7 +178,7 @@ impl Pipeline {
     }
 
     async fn release(&self, unit_id: &str) {
-        if let Err(e) = self.ledger.release(unit_id).await {
+        if let Err(e) = self.ledger.release(unit_id, &self.worker_id).await {
             tracing::warn!(unit_id, error = %e, "could not release a claim; its lease will expire");
         }
     }

@@ -15,6 +15,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use crate::broker::files::FilePublisher;
 use crate::broker::memory;
 use crate::ledger::memory::MemoryLedger;
+use crate::ledger::postgres::PgLedger;
 use crate::ledger::Ledger;
 use crate::pipeline::Pipeline;
 use crate::providers::pricing::PriceTable;
@@ -35,6 +36,8 @@ pub struct ProcessOptions {
     pub progress: bool,
     /// How long in-flight tickets may take after Ctrl-C before they are abandoned.
     pub drain_timeout: Duration,
+    /// Record in the PostgreSQL ledger at `database.url` instead of in memory.
+    pub postgres_ledger: bool,
 }
 
 /// What a run produced.
@@ -50,9 +53,9 @@ pub struct ProcessReport {
 /// A failure that stops the run.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
-    #[error("cannot open input {path}: {source}")]
+    #[error("cannot open input {path}")]
     Input { path: String, source: std::io::Error },
-    #[error("cannot create outputs in {path}: {source}")]
+    #[error("cannot create outputs in {path}")]
     Output { path: String, source: std::io::Error },
     #[error(transparent)]
     Providers(#[from] crate::providers::BuildError),
@@ -60,6 +63,8 @@ pub enum ProcessError {
     Read(std::io::Error),
     #[error(transparent)]
     Publish(#[from] crate::broker::BrokerError),
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
 }
 
 /// Runs the pipeline over a file. `shutdown.stop_intake` is cancelled by the caller on
@@ -76,7 +81,11 @@ pub async fn run(
         FilePublisher::create(&opts.out_dir, PriceTable::from_settings(&settings))
             .map_err(|source| ProcessError::Output { path: opts.out_dir.display().to_string(), source })?,
     );
-    let ledger: Arc<dyn Ledger> = Arc::new(MemoryLedger::new());
+    let ledger: Arc<dyn Ledger> = if opts.postgres_ledger {
+        Arc::new(PgLedger::connect(&settings.database, PriceTable::from_settings(&settings)).await?)
+    } else {
+        Arc::new(MemoryLedger::new())
+    };
     let pipeline = Arc::new(Pipeline::new(settings.clone(), analyzer, providers, ledger, publisher.clone()));
 
     let (reader, total_bytes): (Box<dyn AsyncBufRead + Unpin + Send>, Option<u64>) = if opts.input == Path::new("-") {

@@ -145,6 +145,12 @@ pub struct DatabaseSettings {
     pub url: String,
     /// Connections in the pool.
     pub pool_size: usize,
+    /// Timeout for connecting and for waiting on a pooled connection.
+    pub connect_timeout_ms: u64,
+    /// How long a claimed unit stays reserved for its worker. Longer than a ticket can
+    /// take (`limits.ticket_deadline_ms`) plus publishing; when the worker dies, another
+    /// takes the unit over once this expires.
+    pub lease_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -373,6 +379,12 @@ impl Settings {
         }
         if !(0.0..=0.5).contains(&self.limits.rate_limit_headroom) {
             problems.push("limits.rate_limit_headroom must be between 0 and 0.5".into());
+        }
+        if self.database.lease_ms <= self.limits.ticket_deadline_ms {
+            problems.push(format!(
+                "database.lease_ms ({}) must be longer than limits.ticket_deadline_ms ({}), or a slow ticket's unit could be taken over while it is still being worked on",
+                self.database.lease_ms, self.limits.ticket_deadline_ms
+            ));
         }
         if self.breaker.failure_threshold == 0 {
             problems.push("breaker.failure_threshold must be at least 1".into());

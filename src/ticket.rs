@@ -279,8 +279,10 @@ pub fn now_rfc3339() -> String {
 // One `Output` exists per unit in flight and is moved, not copied in bulk; boxing the
 // reply would add an allocation per ticket to save a few hundred bytes.
 #[allow(clippy::large_enum_variant)]
+// Externally tagged: an internally tagged enum buffers its content while reading it,
+// and `metadata`'s RawValue cannot be read back from such a buffer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Output {
     Reply { reply: Reply, costs: Vec<CostRecord> },
     DeadLetter { dead_letter: DeadLetter, costs: Vec<CostRecord> },

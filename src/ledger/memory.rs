@@ -103,7 +103,7 @@ impl Ledger for MemoryLedger {
         }
     }
 
-    async fn finish(&self, unit_id: &str, output: &Output) -> Result<(), LedgerError> {
+    async fn finish(&self, unit_id: &str, _worker_id: &str, output: &Output) -> Result<(), LedgerError> {
         let mut units = self.lock()?;
         let entry = units
             .active
@@ -135,7 +135,12 @@ impl Ledger for MemoryLedger {
         Ok(())
     }
 
-    async fn release(&self, unit_id: &str) -> Result<(), LedgerError> {
+    async fn record_rejected(&self, _dead_letter: &crate::ticket::DeadLetter) -> Result<(), LedgerError> {
+        // Nothing to remember: the dead letter itself is the record in embedded mode.
+        Ok(())
+    }
+
+    async fn release(&self, unit_id: &str, _worker_id: &str) -> Result<(), LedgerError> {
         let key = Self::key(unit_id);
         let mut units = self.lock()?;
         if let Some(entry) = units.active.get_mut(&key) {
@@ -200,7 +205,7 @@ mod tests {
         let l = MemoryLedger::new();
         assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
         assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Busy));
-        l.finish("T:1", &dead_letter_output()).await.unwrap();
+        l.finish("T:1", "w", &dead_letter_output()).await.unwrap();
         assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Unpublished(_)));
         l.mark_published("T:1").await.unwrap();
         assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Done));
@@ -210,7 +215,7 @@ mod tests {
     async fn replay_of_a_dead_letter_is_fresh_and_carries_prior_cost() {
         let l = MemoryLedger::new();
         l.claim("T:1", "T", 0, "w").await.unwrap();
-        l.finish("T:1", &dead_letter_output()).await.unwrap();
+        l.finish("T:1", "w", &dead_letter_output()).await.unwrap();
         l.mark_published("T:1").await.unwrap();
         match l.claim("T:1", "T", 1, "w").await.unwrap() {
             Claim::Fresh { attempts, prior_cost_usd } => {
@@ -225,7 +230,7 @@ mod tests {
     async fn released_unit_can_be_claimed_again() {
         let l = MemoryLedger::new();
         l.claim("T:1", "T", 0, "w").await.unwrap();
-        l.release("T:1").await.unwrap();
+        l.release("T:1", "w").await.unwrap();
         assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
     }
 }

@@ -6,6 +6,7 @@
 //! anywhere leaves a state from which redelivery does the right thing.
 
 pub mod memory;
+pub mod postgres;
 
 use async_trait::async_trait;
 
@@ -32,6 +33,8 @@ pub enum LedgerError {
     Unavailable(String),
     #[error("ledger error: {0}")]
     Other(String),
+    #[error("lease on unit {0} was lost to another worker")]
+    LeaseLost(String),
 }
 
 /// Storage of units of work. Implementations: [`memory::MemoryLedger`] (embedded mode,
@@ -48,12 +51,18 @@ pub trait Ledger: Send + Sync {
         worker_id: &str,
     ) -> Result<Claim, LedgerError>;
 
-    /// Records the outcome and its cost records; the unit counts as finished but unpublished.
-    async fn finish(&self, unit_id: &str, output: &Output) -> Result<(), LedgerError>;
+    /// Records the outcome and its cost records; the unit counts as finished but
+    /// unpublished. Fails with [`LedgerError::LeaseLost`] when `worker_id` no longer
+    /// holds the unit (its lease expired and another worker took it over).
+    async fn finish(&self, unit_id: &str, worker_id: &str, output: &Output) -> Result<(), LedgerError>;
 
     /// Records that the output was confirmed published.
     async fn mark_published(&self, unit_id: &str) -> Result<(), LedgerError>;
 
     /// Gives a claim back without finishing it (shutdown, or a publish that failed).
-    async fn release(&self, unit_id: &str) -> Result<(), LedgerError>;
+    async fn release(&self, unit_id: &str, worker_id: &str) -> Result<(), LedgerError>;
+
+    /// Records a dead letter that belongs to no unit of work (input that never became a
+    /// ticket), for the audit trail and the report.
+    async fn record_rejected(&self, dead_letter: &crate::ticket::DeadLetter) -> Result<(), LedgerError>;
 }

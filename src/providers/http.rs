@@ -80,7 +80,7 @@ pub async fn send(request: reqwest::RequestBuilder) -> Result<Received, Outcome>
 
 fn transport(e: &reqwest::Error) -> Outcome {
     // reqwest's messages name the URL but never headers, so the key cannot leak here.
-    let detail = format!("transport: {}", error_chain(e));
+    let detail = format!("transport: {}", crate::error_chain(e));
     if e.is_timeout() {
         Outcome::Transient { detail, timeout: true, reached: true }
     } else if e.is_connect() {
@@ -88,17 +88,6 @@ fn transport(e: &reqwest::Error) -> Outcome {
     } else {
         Outcome::Transient { detail, timeout: false, reached: true }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 /// Classification by status alone, for bodies that say nothing more specific.

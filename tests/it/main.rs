@@ -7,6 +7,7 @@ mod config_cli;
 mod contract;
 mod corpus;
 mod explain_cli;
+mod ledger_pg;
 mod pipeline;
 mod process_cli;
 mod providers;

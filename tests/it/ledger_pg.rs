@@ -1,0 +1,293 @@
+//! The PostgreSQL ledger against the real local server. Each test gets a database of
+//! its own (CREATE DATABASE + migrations), dropped when the test ends.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ticketflow::ledger::postgres::{self, PgLedger};
+use ticketflow::ledger::{Claim, Ledger, LedgerError};
+use ticketflow::providers::pricing::PriceTable;
+use ticketflow::settings::{DatabaseSettings, Settings};
+use ticketflow::ticket::*;
+
+use crate::helpers::{bin, repo_path};
+
+const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+
+/// A migrated database of one's own.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub settings: DatabaseSettings,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let name = format!("tf_test_{}", uuid::Uuid::new_v4().simple());
+        let url = format!("{SERVER}/{name}");
+        let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap().database;
+        settings.url = url.clone();
+        settings.pool_size = 32;
+        postgres::migrate(&settings).await.expect("PostgreSQL on 127.0.0.1:5432 (scripts/test.sh starts it)");
+        TestDb { name, url, settings }
+    }
+
+    pub async fn ledger(&self) -> PgLedger {
+        let prices = PriceTable::from_settings(&Settings::load_from(None, &BTreeMap::new()).unwrap());
+        PgLedger::connect(&self.settings, prices).await.unwrap()
+    }
+
+    pub async fn client(&self) -> deadpool_postgres::Object {
+        self.ledger().await.pool().get().await.unwrap()
+    }
+
+    pub async fn drop_db(self) {
+        let (client, conn) =
+            tokio_postgres::connect(&format!("{SERVER}/postgres"), tokio_postgres::NoTls).await.unwrap();
+        let driver = tokio::spawn(conn);
+        client.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).await.unwrap();
+        driver.abort();
+    }
+}
+
+fn reply_output(unit_id: &str, cost: f64) -> Output {
+    let reply: Reply =
+        serde_json::from_str(&std::fs::read_to_string(repo_path("tests/golden/reply.json")).unwrap()).unwrap();
+    let reply = Reply { unit_id: unit_id.into(), cost_usd: cost, ..reply };
+    let cost_record: CostRecord =
+        serde_json::from_str(&std::fs::read_to_string(repo_path("tests/golden/cost_record.json")).unwrap()).unwrap();
+    let costs = vec![
+        CostRecord {
+            unit_id: unit_id.into(),
+            call_id: uuid::Uuid::new_v4().to_string(),
+            cost_usd: cost / 2.0,
+            ..cost_record.clone()
+        },
+        CostRecord {
+            unit_id: unit_id.into(),
+            call_id: uuid::Uuid::new_v4().to_string(),
+            stage: Stage::Reply,
+            cost_usd: cost / 2.0,
+            ..cost_record
+        },
+    ];
+    Output::Reply { reply, costs }
+}
+
+fn dead_letter_output(unit_id: &str, cost: f64) -> Output {
+    let Output::Reply { costs, .. } = reply_output(unit_id, cost) else { unreachable!() };
+    let dead_letter: DeadLetter =
+        serde_json::from_str(&std::fs::read_to_string(repo_path("tests/golden/dead_letter.json")).unwrap()).unwrap();
+    let dead_letter = DeadLetter {
+        unit_id: Some(unit_id.into()),
+        ticket_id: Some("T".into()),
+        error: DeadLetterError { kind: ErrorKind::ProvidersExhausted, message: "outage".into() },
+        ..dead_letter
+    };
+    Output::DeadLetter { dead_letter, costs }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_workers_claiming_the_same_thousand_units_process_each_exactly_once() {
+    let db = TestDb::new().await;
+    let ledger = Arc::new(db.ledger().await);
+    let units: Arc<Vec<String>> = Arc::new((0..1000).map(|i| format!("T-{i}:0000abcd")).collect());
+    let processed = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u32>::new()));
+    let mut workers = tokio::task::JoinSet::new();
+    for w in 0..50 {
+        let (ledger, units, processed) = (ledger.clone(), units.clone(), processed.clone());
+        workers.spawn(async move {
+            let worker = format!("worker-{w}");
+            // Each worker walks the units from a different starting point.
+            for k in 0..units.len() {
+                let unit = &units[(k + w * 20) % units.len()];
+                match ledger.claim(unit, "T", 0, &worker).await.unwrap() {
+                    Claim::Fresh { .. } => {
+                        *processed.lock().unwrap().entry(unit.clone()).or_default() += 1;
+                        ledger.finish(unit, &worker, &reply_output(unit, 0.002)).await.unwrap();
+                        ledger.mark_published(unit).await.unwrap();
+                    }
+                    Claim::Busy | Claim::Done => {}
+                    Claim::Unpublished(_) => panic!("nothing is left unpublished in this test"),
+                }
+            }
+        });
+    }
+    while let Some(r) = workers.join_next().await {
+        r.unwrap();
+    }
+    let processed = processed.lock().unwrap().clone();
+    assert_eq!(processed.len(), 1000, "every unit was processed");
+    assert!(processed.values().all(|n| *n == 1), "no unit was processed twice");
+    let client = db.client().await;
+    let row = client
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'answered' AND published), sum(cost_usd) FROM units",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (1000, 1000));
+    assert!((row.get::<_, f64>(2) - 2.0).abs() < 1e-9, "one set of charges per unit");
+    let costs: i64 = client.query_one("SELECT count(*) FROM cost_records", &[]).await.unwrap().get(0);
+    assert_eq!(costs, 2000);
+    drop(client);
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn redelivery_republishes_replay_reopens_and_a_lost_lease_cannot_finish() {
+    let db = TestDb::new().await;
+    let ledger = db.ledger().await;
+
+    // Finished but not confirmed published: the stored output comes back.
+    assert!(matches!(ledger.claim("A:1", "A", 0, "w1").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
+    ledger.finish("A:1", "w1", &reply_output("A:1", 0.01)).await.unwrap();
+    match ledger.claim("A:1", "A", 0, "w2").await.unwrap() {
+        Claim::Unpublished(output) => assert!(matches!(*output, Output::Reply { .. })),
+        other => panic!("{other:?}"),
+    }
+    ledger.mark_published("A:1").await.unwrap();
+    assert!(matches!(ledger.claim("A:1", "A", 0, "w2").await.unwrap(), Claim::Done));
+
+    // A dead letter comes back with a higher replay count: a fresh attempt that knows
+    // what the failed one cost.
+    ledger.claim("B:1", "B", 0, "w1").await.unwrap();
+    ledger.finish("B:1", "w1", &dead_letter_output("B:1", 0.004)).await.unwrap();
+    ledger.mark_published("B:1").await.unwrap();
+    assert!(matches!(ledger.claim("B:1", "B", 0, "w1").await.unwrap(), Claim::Done), "a plain redelivery is done");
+    match ledger.claim("B:1", "B", 1, "w1").await.unwrap() {
+        Claim::Fresh { attempts, prior_cost_usd } => {
+            assert_eq!(attempts, 2);
+            assert!((prior_cost_usd - 0.004).abs() < 1e-12);
+        }
+        other => panic!("{other:?}"),
+    }
+    let dl: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM dead_letters WHERE unit_id = 'B:1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dl, 1);
+
+    // A live lease keeps others out; once released (or expired) another worker takes
+    // over, and the first can no longer finish.
+    ledger.claim("C:1", "C", 0, "w1").await.unwrap();
+    assert!(matches!(ledger.claim("C:1", "C", 0, "w2").await.unwrap(), Claim::Busy));
+    ledger.release("C:1", "w1").await.unwrap();
+    assert!(matches!(ledger.claim("C:1", "C", 0, "w2").await.unwrap(), Claim::Fresh { attempts: 2, .. }));
+    let err = ledger.finish("C:1", "w1", &reply_output("C:1", 0.01)).await.unwrap_err();
+    assert!(matches!(err, LedgerError::LeaseLost(_)));
+    ledger.finish("C:1", "w2", &reply_output("C:1", 0.01)).await.unwrap();
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn an_unmigrated_database_is_refused_with_a_clear_message() {
+    let name = format!("tf_test_{}", uuid::Uuid::new_v4().simple());
+    let (client, conn) = tokio_postgres::connect(&format!("{SERVER}/postgres"), tokio_postgres::NoTls).await.unwrap();
+    let driver = tokio::spawn(conn);
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap().database;
+    settings.url = format!("{SERVER}/{name}");
+    let prices = PriceTable::from_settings(&Settings::load_from(None, &BTreeMap::new()).unwrap());
+    let err = PgLedger::connect(&settings, prices).await.err().expect("must refuse");
+    assert!(err.to_string().contains("run `ticketflow migrate`"), "{err}");
+    client.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
+    driver.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_loses_nothing_and_nothing_is_answered_or_paid_twice() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let examples = std::fs::read_to_string(repo_path("examples/tickets.jsonl")).unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, examples.lines().take(60).collect::<Vec<_>>().join("\n")).unwrap();
+    let run = |latency_ms: u64, out: &str| {
+        let mut cmd = bin();
+        cmd.arg("process")
+            .arg(&input)
+            .args(["--out", out, "--ledger", &db.url])
+            .env("TICKETFLOW__LIMITS__TICKET_DEADLINE_MS", "2000")
+            .env("TICKETFLOW__DATABASE__LEASE_MS", "2500");
+        for p in ["QWEN", "OPENAI", "ANTHROPIC", "MISTRAL", "DEEPSEEK"] {
+            cmd.env(format!("TICKETFLOW__PROVIDERS__{p}__LATENCY_MS"), latency_ms.to_string())
+                .env(format!("TICKETFLOW__PROVIDERS__{p}__JITTER_MS"), "0");
+        }
+        cmd
+    };
+    let first_out = dir.path().join("first").display().to_string();
+    let mut first = run(600, &first_out).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // Wait until the first worker holds leases, then kill it without warning.
+    let mut stderr = BufReader::new(first.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let client = db.client().await;
+    let started = Instant::now();
+    loop {
+        let held: i64 =
+            client.query_one("SELECT count(*) FROM units WHERE status = 'in_progress'", &[]).await.unwrap().get(0);
+        if held > 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the first worker never claimed anything");
+        tokio::task::yield_now().await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let second_out = dir.path().join("second").display().to_string();
+    let second = run(0, &second_out).args(["--quiet"]).output().unwrap();
+    assert!(second.status.success(), "{}", String::from_utf8_lossy(&second.stderr));
+
+    let client = db.client().await;
+    let rows = client.query("SELECT status, published, count(*) FROM units GROUP BY 1, 2", &[]).await.unwrap();
+    let units: i64 = rows.iter().map(|r| r.get::<_, i64>(2)).sum();
+    assert_eq!(units, 60);
+    for r in &rows {
+        let status: String = r.get(0);
+        assert!(status == "answered" || status == "needs_human", "{status}");
+        assert!(r.get::<_, bool>(1), "everything published");
+    }
+    // One set of charges: per unit, at most one successful reply call and one triage call
+    // that answered, and the unit's cost is exactly its cost records.
+    let doubled: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT unit_id FROM cost_records WHERE outcome = 'ok'
+             GROUP BY unit_id, stage HAVING count(*) > 1) d",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(doubled, 0, "a unit was paid for twice");
+    let mismatch: i64 = client
+        .query_one(
+            "SELECT count(*) FROM units u WHERE abs(u.cost_usd -
+               coalesce((SELECT sum(cost_usd) FROM cost_records c WHERE c.unit_id = u.unit_id), 0)) > 1e-12",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mismatch, 0);
+    // Every ticket has exactly one reply across the two runs' outputs.
+    let mut replies = BTreeMap::<String, u32>::new();
+    for out in [&first_out, &second_out] {
+        let path = std::path::Path::new(out).join("replies.jsonl");
+        for l in std::fs::read_to_string(path).unwrap_or_default().lines() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            *replies.entry(v["ticket_id"].as_str().unwrap().to_owned()).or_default() += 1;
+        }
+    }
+    assert_eq!(replies.len(), 60);
+    assert!(replies.values().all(|n| *n == 1), "a ticket was answered twice");
+    drop(client);
+    db.drop_db().await;
+}

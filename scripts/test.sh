@@ -29,6 +29,13 @@ ensure_rabbitmq() {
 ensure_postgres
 ensure_rabbitmq
 
+# Each PostgreSQL test creates its own database (tf_test_<uuid>) and drops it when it
+# passes; drop any left behind by failed runs.
+if command -v psql >/dev/null; then
+  psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT datname FROM pg_database WHERE datname LIKE 'tf_test_%' OR datname LIKE 'tf_bench_%'" 2>/dev/null |
+    while read -r db; do [ -n "$db" ] && psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" || true; done
+fi
+
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 # Benches are compiled by clippy above and run by `cargo bench`, not here.

@@ -1,0 +1,97 @@
+//! Units of work recorded per second by the PostgreSQL ledger with the worker's access
+//! pattern: claim, finish (reply, two cost records, routing decision) and mark
+//! published, with many units in flight at once, as a worker at its in-flight budget.
+//!
+//! Run: `cargo bench --bench ledger_throughput` (env: UNITS, IN_FLIGHT, RUNS,
+//! DATABASE_SERVER, default postgres://postgres@127.0.0.1:5432). It creates and drops
+//! its own database.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ticketflow::ledger::postgres::{self, PgLedger};
+use ticketflow::ledger::{Claim, Ledger};
+use ticketflow::providers::pricing::PriceTable;
+use ticketflow::settings::Settings;
+use ticketflow::ticket::*;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn output(unit_id: &str) -> Output {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let reply: Reply =
+        serde_json::from_str(&std::fs::read_to_string(format!("{root}/tests/golden/reply.json")).unwrap()).unwrap();
+    let cost: CostRecord =
+        serde_json::from_str(&std::fs::read_to_string(format!("{root}/tests/golden/cost_record.json")).unwrap())
+            .unwrap();
+    let costs = (0..2)
+        .map(|_| CostRecord { unit_id: unit_id.into(), call_id: uuid::Uuid::new_v4().to_string(), ..cost.clone() })
+        .collect();
+    Output::Reply { reply: Reply { unit_id: unit_id.into(), ..reply }, costs }
+}
+
+fn main() {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let units: usize = if measuring { env_or("UNITS", 50_000) } else { 500 };
+    let in_flight: usize = env_or("IN_FLIGHT", 64);
+    let runs: usize = if measuring { env_or("RUNS", 5) } else { 1 };
+    let server: String = env_or("DATABASE_SERVER", "postgres://postgres@127.0.0.1:5432".to_string());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let name = format!("tf_bench_{}", uuid::Uuid::new_v4().simple());
+        let base = Settings::load_from(None, &BTreeMap::new()).unwrap();
+        let mut db = base.database.clone();
+        db.url = format!("{server}/{name}");
+        db.pool_size = in_flight.min(64);
+        postgres::migrate(&db).await.expect("a PostgreSQL server");
+        let ledger = Arc::new(PgLedger::connect(&db, PriceTable::from_settings(&base)).await.unwrap());
+        let mut rates = Vec::new();
+        for run in 1..=runs {
+            let started = Instant::now();
+            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut tasks = tokio::task::JoinSet::new();
+            for w in 0..in_flight {
+                let (ledger, next) = (ledger.clone(), next.clone());
+                tasks.spawn(async move {
+                    let worker = format!("bench-{w}");
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= units {
+                            return;
+                        }
+                        let unit = format!("R{run}-T-{i}:00c0ffee");
+                        let out = output(&unit);
+                        match ledger.claim(&unit, "T", 0, &worker).await.unwrap() {
+                            Claim::Fresh { .. } => {
+                                ledger.finish(&unit, &worker, &out).await.unwrap();
+                                ledger.mark_published(&unit).await.unwrap();
+                            }
+                            other => panic!("unexpected {other:?}"),
+                        }
+                    }
+                });
+            }
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap();
+            }
+            let rate = units as f64 / started.elapsed().as_secs_f64();
+            println!("run {run}: {units} units with {in_flight} in flight: {rate:.0} units/s");
+            rates.push(rate);
+        }
+        rates.sort_by(|a, b| a.total_cmp(b));
+        println!("median: {:.0} units/s (claim + finish with 2 cost records + mark published)", rates[rates.len() / 2]);
+        drop(ledger);
+        let (client, conn) =
+            tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls).await.unwrap();
+        let driver = tokio::spawn(conn);
+        client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
+        driver.abort();
+    });
+}

@@ -23,17 +23,18 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-fn output(unit_id: &str) -> Output {
+/// A realistic reply and cost record, read once.
+fn templates() -> (Reply, CostRecord) {
     let root = env!("CARGO_MANIFEST_DIR");
-    let reply: Reply =
-        serde_json::from_str(&std::fs::read_to_string(format!("{root}/tests/golden/reply.json")).unwrap()).unwrap();
-    let cost: CostRecord =
-        serde_json::from_str(&std::fs::read_to_string(format!("{root}/tests/golden/cost_record.json")).unwrap())
-            .unwrap();
+    let read = |f: &str| std::fs::read_to_string(format!("{root}/tests/golden/{f}")).unwrap();
+    (serde_json::from_str(&read("reply.json")).unwrap(), serde_json::from_str(&read("cost_record.json")).unwrap())
+}
+
+fn output(unit_id: &str, (reply, cost): &(Reply, CostRecord)) -> Output {
     let costs = (0..2)
         .map(|_| CostRecord { unit_id: unit_id.into(), call_id: uuid::Uuid::new_v4().to_string(), ..cost.clone() })
         .collect();
-    Output::Reply { reply: Reply { unit_id: unit_id.into(), ..reply }, costs }
+    Output::Reply { reply: Reply { unit_id: unit_id.into(), ..reply.clone() }, costs }
 }
 
 fn main() {
@@ -52,13 +53,14 @@ fn main() {
         db.pool_size = in_flight.min(64);
         postgres::migrate(&db).await.expect("a PostgreSQL server");
         let ledger = Arc::new(PgLedger::connect(&db, PriceTable::from_settings(&base)).await.unwrap());
+        let templates = Arc::new(templates());
         let mut rates = Vec::new();
         for run in 1..=runs {
             let started = Instant::now();
             let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let mut tasks = tokio::task::JoinSet::new();
             for w in 0..in_flight {
-                let (ledger, next) = (ledger.clone(), next.clone());
+                let (ledger, next, templates) = (ledger.clone(), next.clone(), templates.clone());
                 tasks.spawn(async move {
                     let worker = format!("bench-{w}");
                     loop {
@@ -67,7 +69,7 @@ fn main() {
                             return;
                         }
                         let unit = format!("R{run}-T-{i}:00c0ffee");
-                        let out = output(&unit);
+                        let out = output(&unit, &templates);
                         match ledger.claim(&unit, "T", 0, &worker).await.unwrap() {
                             Claim::Fresh { .. } => {
                                 ledger.finish(&unit, &worker, &out).await.unwrap();

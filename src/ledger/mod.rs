@@ -5,6 +5,7 @@
 //! costs, not yet published) → publish → [`Ledger::mark_published`] → ack. A crash
 //! anywhere leaves a state from which redelivery does the right thing.
 
+pub mod batch;
 pub mod memory;
 pub mod postgres;
 
@@ -13,7 +14,7 @@ use async_trait::async_trait;
 use crate::ticket::Output;
 
 /// What the worker should do with a unit of work it just received.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Claim {
     /// Do the work. `prior_cost_usd` is what earlier attempts of this unit already
     /// spent (a replay after an outage); it is added to the reply's `cost_usd`.
@@ -27,7 +28,7 @@ pub enum Claim {
 }
 
 /// A ledger failure: the message must not be acknowledged.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LedgerError {
     #[error("ledger unavailable: {0}")]
     Unavailable(String),

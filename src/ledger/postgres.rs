@@ -15,6 +15,10 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use super::batch::Batcher;
 use super::{Claim, Ledger, LedgerError};
 use crate::providers::pricing::PriceTable;
 use crate::providers::Usage;
@@ -29,8 +33,27 @@ mod embedded {
 #[derive(Clone)]
 pub struct PgLedger {
     pool: Pool,
-    lease: Duration,
-    prices: PriceTable,
+    claims: Batcher<ClaimRequest, Claim>,
+    finishes: Batcher<FinishRequest, ()>,
+    publishes: Batcher<String, ()>,
+}
+
+/// Units per batch: a batch is one statement, so this bounds its parameters' size.
+const MAX_BATCH: usize = 256;
+/// Batches of one kind in flight at once.
+const BATCH_CONCURRENCY: usize = 4;
+
+struct ClaimRequest {
+    unit_id: String,
+    ticket_id: String,
+    replay_count: i32,
+    worker_id: String,
+}
+
+struct FinishRequest {
+    unit_id: String,
+    worker_id: String,
+    output: Output,
 }
 
 fn unavailable(e: impl std::error::Error) -> LedgerError {
@@ -132,7 +155,21 @@ impl PgLedger {
             }
         }
         drop(client);
-        Ok(PgLedger { pool, lease: Duration::from_millis(settings.lease_ms.max(1)), prices })
+        let lease_secs = Duration::from_millis(settings.lease_ms.max(1)).as_secs_f64();
+        let claims = {
+            let pool = pool.clone();
+            Batcher::spawn(MAX_BATCH, BATCH_CONCURRENCY, move |batch| claim_batch(pool.clone(), lease_secs, batch))
+        };
+        let finishes = {
+            let pool = pool.clone();
+            let prices = Arc::new(prices);
+            Batcher::spawn(MAX_BATCH, BATCH_CONCURRENCY, move |batch| finish_batch(pool.clone(), prices.clone(), batch))
+        };
+        let publishes = {
+            let pool = pool.clone();
+            Batcher::spawn(MAX_BATCH, BATCH_CONCURRENCY, move |batch| publish_batch(pool.clone(), batch))
+        };
+        Ok(PgLedger { pool, claims, finishes, publishes })
     }
 
     pub fn pool(&self) -> &Pool {
@@ -146,7 +183,8 @@ impl PgLedger {
 
 const CLAIM: &str = "
 INSERT INTO units (unit_id, ticket_id, status, owner, lease_until, attempts, replay_count)
-VALUES ($1, $2, 'in_progress', $3, now() + make_interval(secs => $4), 1, $5)
+SELECT c.unit_id, c.ticket_id, 'in_progress', c.owner, now() + make_interval(secs => $5), 1, c.replay_count
+FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[]) AS c(unit_id, ticket_id, owner, replay_count)
 ON CONFLICT (unit_id) DO UPDATE SET
     owner = EXCLUDED.owner,
     lease_until = EXCLUDED.lease_until,
@@ -156,16 +194,24 @@ ON CONFLICT (unit_id) DO UPDATE SET
     published = false
 WHERE (units.status = 'in_progress' AND units.lease_until < now())
    OR (units.status = 'dead_letter' AND units.published AND EXCLUDED.replay_count > units.replay_count)
-RETURNING attempts, cost_usd";
+RETURNING unit_id, attempts, cost_usd";
+
+const CLAIM_STATE: &str =
+    "SELECT unit_id, status, published, pending_output FROM units WHERE unit_id = ANY($1::text[])";
 
 const FINISH: &str = "
-WITH u AS (
+WITH f AS (
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[], $7::text[],
+        $8::text[], $9::text[], $10::text[], $11::int8[])
+        AS f(unit_id, owner, status, pending, cost, tier, provider, model, category, language, latency_ms)
+), u AS (
     UPDATE units SET
-        status = $2, pending_output = $3, published = false, cost_usd = cost_usd + $4,
-        tier = $5, provider = $6, model = $7, category = $8, language = $9, latency_ms = $10,
-        finished_at = now(), owner = NULL, lease_until = NULL
-    WHERE unit_id = $1 AND owner = $11 AND status = 'in_progress'
-    RETURNING unit_id, ticket_id
+        status = f.status, pending_output = f.pending, published = false, cost_usd = units.cost_usd + f.cost,
+        tier = f.tier, provider = f.provider, model = f.model, category = f.category, language = f.language,
+        latency_ms = f.latency_ms, finished_at = now(), owner = NULL, lease_until = NULL
+    FROM f
+    WHERE units.unit_id = f.unit_id AND units.owner = f.owner AND units.status = 'in_progress'
+    RETURNING units.unit_id, units.ticket_id
 ), costs AS (
     INSERT INTO cost_records (call_id, unit_id, ticket_id, stage, provider, model, input_tokens,
         cached_input_tokens, output_tokens, cost_usd, baseline_cost_usd, pricing_version, outcome,
@@ -173,25 +219,32 @@ WITH u AS (
     SELECT c.call_id::uuid, u.unit_id, u.ticket_id, c.stage, c.provider, c.model, c.input_tokens,
         c.cached_input_tokens, c.output_tokens, c.cost_usd, c.baseline_cost_usd, c.pricing_version,
         c.outcome, c.latency_ms, c.estimated, c.at::timestamptz
-    FROM u, UNNEST($12::text[], $13::text[], $14::text[], $15::text[], $16::int8[], $17::int8[],
-        $18::int8[], $19::float8[], $20::float8[], $21::text[], $22::text[], $23::int8[], $24::bool[],
-        $25::text[])
-        AS c(call_id, stage, provider, model, input_tokens, cached_input_tokens, output_tokens,
+    FROM UNNEST($12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::int8[], $18::int8[],
+        $19::int8[], $20::float8[], $21::float8[], $22::text[], $23::text[], $24::int8[], $25::bool[],
+        $26::text[])
+        AS c(unit_id, call_id, stage, provider, model, input_tokens, cached_input_tokens, output_tokens,
              cost_usd, baseline_cost_usd, pricing_version, outcome, latency_ms, estimated, at)
+    JOIN u ON u.unit_id = c.unit_id
     ON CONFLICT (call_id) DO NOTHING
 ), decision AS (
     INSERT INTO decisions (unit_id, ticket_id, status, tier, reasons, triage, moderation, worker_id)
-    SELECT u.unit_id, u.ticket_id, $2, $5, $26, $27, $28, $11 FROM u
+    SELECT d.unit_id, u.ticket_id, d.status, d.tier, ARRAY(SELECT jsonb_array_elements_text(d.reasons)),
+        d.triage, d.moderation, d.worker_id
+    FROM jsonb_to_recordset($27::jsonb) AS d(unit_id text, status text, tier text, reasons jsonb,
+        triage jsonb, moderation jsonb, worker_id text)
+    JOIN u ON u.unit_id = d.unit_id
 ), dead AS (
     INSERT INTO dead_letters (unit_id, ticket_id, kind, message, attempts, replay_count, source, payload,
         payload_encoding, worker_id, failed_at)
-    SELECT u.unit_id, u.ticket_id, d.kind, d.message, d.attempts, d.replay_count, d.source, d.payload,
-        d.payload_encoding, $11, d.failed_at::timestamptz
-    FROM u, jsonb_to_record($29::jsonb) AS d(kind text, message text, attempts int, replay_count int,
-        source jsonb, payload text, payload_encoding text, failed_at text)
-    WHERE $29::jsonb IS NOT NULL
+    SELECT d.unit_id, u.ticket_id, d.kind, d.message, d.attempts, d.replay_count, d.source, d.payload,
+        d.payload_encoding, d.worker_id, d.failed_at::timestamptz
+    FROM jsonb_to_recordset($28::jsonb) AS d(unit_id text, kind text, message text, attempts int,
+        replay_count int, source jsonb, payload text, payload_encoding text, worker_id text, failed_at text)
+    JOIN u ON u.unit_id = d.unit_id
 )
-SELECT count(*) FROM u";
+SELECT unit_id FROM u";
+
+const PUBLISH: &str = "UPDATE units SET published = true, pending_output = NULL WHERE unit_id = ANY($1::text[])";
 
 const INSERT_REJECTED: &str = "
 INSERT INTO dead_letters (unit_id, ticket_id, kind, message, attempts, replay_count, source, payload,
@@ -202,9 +255,11 @@ fn json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, LedgerError> {
     serde_json::to_value(v).map_err(|e| LedgerError::Other(format!("serializing for the ledger: {e}")))
 }
 
-/// The dead letter's fields as `jsonb_to_record` reads them.
-fn dead_letter_record(d: &DeadLetter) -> Result<serde_json::Value, LedgerError> {
+/// The dead letter's fields as `jsonb_to_recordset` reads them.
+fn dead_letter_record(unit_id: &str, worker_id: &str, d: &DeadLetter) -> Result<serde_json::Value, LedgerError> {
     Ok(serde_json::json!({
+        "unit_id": unit_id,
+        "worker_id": worker_id,
         "kind": d.error.kind.as_str(),
         "message": d.error.message,
         "attempts": d.attempts,
@@ -216,6 +271,260 @@ fn dead_letter_record(d: &DeadLetter) -> Result<serde_json::Value, LedgerError> 
     }))
 }
 
+async fn claim_batch(pool: Pool, lease_secs: f64, batch: Vec<ClaimRequest>) -> Vec<Result<Claim, LedgerError>> {
+    let n = batch.len();
+    match claim_batch_inner(&pool, lease_secs, batch).await {
+        Ok(results) => results,
+        Err(e) => vec![Err(e); n],
+    }
+}
+
+async fn claim_batch_inner(
+    pool: &Pool,
+    lease_secs: f64,
+    batch: Vec<ClaimRequest>,
+) -> Result<Vec<Result<Claim, LedgerError>>, LedgerError> {
+    // One statement cannot claim the same row twice: a repeated unit in a batch is
+    // answered from its first occurrence (Busy if that one was taken).
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    let (mut ids, mut tickets, mut owners, mut replays) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (i, r) in batch.iter().enumerate() {
+        if let std::collections::hash_map::Entry::Vacant(slot) = first.entry(r.unit_id.as_str()) {
+            slot.insert(i);
+            ids.push(r.unit_id.as_str());
+            tickets.push(r.ticket_id.as_str());
+            owners.push(r.worker_id.as_str());
+            replays.push(r.replay_count);
+        }
+    }
+    let client = pool.get().await.map_err(unavailable)?;
+    let statement = client.prepare_cached(CLAIM).await.map_err(unavailable)?;
+    let rows =
+        client.query(&statement, &[&ids, &tickets, &owners, &replays, &lease_secs]).await.map_err(unavailable)?;
+    let mut claims: HashMap<String, Claim> = HashMap::new();
+    for row in rows {
+        let attempts: i32 = row.get(1);
+        claims.insert(row.get(0), Claim::Fresh { attempts: attempts.max(1) as u32, prior_cost_usd: row.get(2) });
+    }
+    let missing: Vec<&str> = ids.iter().copied().filter(|id| !claims.contains_key(*id)).collect();
+    if !missing.is_empty() {
+        let statement = client.prepare_cached(CLAIM_STATE).await.map_err(unavailable)?;
+        for row in client.query(&statement, &[&missing]).await.map_err(unavailable)? {
+            let unit_id: String = row.get(0);
+            let status: String = row.get(1);
+            let published: bool = row.get(2);
+            let pending: Option<String> = row.get(3);
+            let claim = match (status.as_str(), published, pending) {
+                ("in_progress", _, _) => Claim::Busy,
+                (_, false, Some(output)) => match serde_json::from_str::<Output>(&output) {
+                    Ok(output) => Claim::Unpublished(Box::new(output)),
+                    Err(e) => return Err(LedgerError::Other(format!("stored output of {unit_id} is unreadable: {e}"))),
+                },
+                _ => Claim::Done,
+            };
+            claims.insert(unit_id, claim);
+        }
+    }
+    Ok(batch
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let claim = claims
+                .get(&r.unit_id)
+                .cloned()
+                .ok_or_else(|| LedgerError::Other(format!("unit {} neither claimed nor found", r.unit_id)))?;
+            let repeated = first.get(r.unit_id.as_str()).is_some_and(|&f| f != i);
+            Ok(match claim {
+                Claim::Fresh { .. } if repeated => Claim::Busy,
+                other => other,
+            })
+        })
+        .collect())
+}
+
+async fn finish_batch(pool: Pool, prices: Arc<PriceTable>, batch: Vec<FinishRequest>) -> Vec<Result<(), LedgerError>> {
+    let n = batch.len();
+    match finish_batch_inner(&pool, &prices, &batch).await {
+        Ok(finished) => batch
+            .iter()
+            .map(
+                |r| if finished.contains(&r.unit_id) { Ok(()) } else { Err(LedgerError::LeaseLost(r.unit_id.clone())) },
+            )
+            .collect(),
+        Err(e) => vec![Err(e); n],
+    }
+}
+
+/// Column arrays of a finish batch.
+#[derive(Default)]
+struct FinishColumns {
+    unit_id: Vec<String>,
+    owner: Vec<String>,
+    status: Vec<String>,
+    pending: Vec<String>,
+    cost: Vec<f64>,
+    tier: Vec<Option<String>>,
+    provider: Vec<Option<String>>,
+    model: Vec<Option<String>>,
+    category: Vec<Option<String>>,
+    language: Vec<Option<String>>,
+    latency_ms: Vec<Option<i64>>,
+    decisions: Vec<serde_json::Value>,
+    dead_letters: Vec<serde_json::Value>,
+}
+
+/// Column arrays of the batch's cost records.
+#[derive(Default)]
+struct CostColumns {
+    unit_id: Vec<String>,
+    call_id: Vec<String>,
+    stage: Vec<String>,
+    provider: Vec<String>,
+    model: Vec<String>,
+    input: Vec<i64>,
+    cached: Vec<i64>,
+    output: Vec<i64>,
+    cost: Vec<f64>,
+    baseline: Vec<f64>,
+    version: Vec<String>,
+    outcome: Vec<String>,
+    latency: Vec<i64>,
+    estimated: Vec<bool>,
+    at: Vec<String>,
+}
+
+fn enum_text<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+async fn finish_batch_inner(
+    pool: &Pool,
+    prices: &PriceTable,
+    batch: &[FinishRequest],
+) -> Result<HashSet<String>, LedgerError> {
+    let mut f = FinishColumns::default();
+    let mut c = CostColumns::default();
+    for r in batch {
+        let costs = r.output.costs();
+        for record in costs {
+            c.unit_id.push(r.unit_id.clone());
+            c.call_id.push(record.call_id.clone());
+            c.stage.push(enum_text(&record.stage));
+            c.provider.push(record.provider.clone());
+            c.model.push(record.model.clone());
+            c.input.push(record.input_tokens as i64);
+            c.cached.push(record.cached_input_tokens as i64);
+            c.output.push(record.output_tokens as i64);
+            c.cost.push(record.cost_usd);
+            c.baseline.push(prices.baseline_cost(&Usage {
+                input_tokens: record.input_tokens,
+                cached_input_tokens: record.cached_input_tokens,
+                output_tokens: record.output_tokens,
+            }));
+            c.version.push(record.pricing_version.clone());
+            c.outcome.push(enum_text(&record.outcome));
+            c.latency.push(record.latency_ms as i64);
+            c.estimated.push(record.estimated);
+            c.at.push(record.at.clone());
+        }
+        f.unit_id.push(r.unit_id.clone());
+        f.owner.push(r.worker_id.clone());
+        f.pending.push(
+            serde_json::to_string(&r.output)
+                .map_err(|e| LedgerError::Other(format!("serializing for the ledger: {e}")))?,
+        );
+        f.cost.push(costs.iter().map(|x| x.cost_usd).sum());
+        match &r.output {
+            Output::Reply { reply, .. } => {
+                let status = enum_text(&reply.status);
+                f.decisions.push(serde_json::json!({
+                    "unit_id": r.unit_id, "status": status, "tier": reply.route.tier,
+                    "reasons": reply.route.reasons, "triage": json(&reply.triage)?,
+                    "moderation": reply.moderation.as_ref().map(json).transpose()?, "worker_id": r.worker_id,
+                }));
+                f.status.push(status);
+                f.tier.push(Some(reply.route.tier.clone()));
+                f.provider.push(reply.route.provider.clone());
+                f.model.push(reply.route.model.clone());
+                f.category.push(Some(reply.triage.category.clone()));
+                f.language.push(Some(reply.triage.language.clone()));
+                f.latency_ms.push(Some(reply.latency_ms as i64));
+            }
+            Output::DeadLetter { dead_letter, .. } => {
+                f.decisions.push(serde_json::json!({
+                    "unit_id": r.unit_id, "status": "dead_letter", "tier": null,
+                    "reasons": [format!("dead_letter:{}", dead_letter.error.kind.as_str())],
+                    "triage": null, "moderation": null, "worker_id": r.worker_id,
+                }));
+                f.dead_letters.push(dead_letter_record(&r.unit_id, &r.worker_id, dead_letter)?);
+                f.status.push("dead_letter".into());
+                f.tier.push(None);
+                f.provider.push(None);
+                f.model.push(None);
+                f.category.push(None);
+                f.language.push(None);
+                f.latency_ms.push(None);
+            }
+        }
+    }
+    let decisions = serde_json::Value::Array(f.decisions);
+    let dead_letters = serde_json::Value::Array(f.dead_letters);
+    let client = pool.get().await.map_err(unavailable)?;
+    let statement = client.prepare_cached(FINISH).await.map_err(unavailable)?;
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &f.unit_id,
+                &f.owner,
+                &f.status,
+                &f.pending,
+                &f.cost,
+                &f.tier,
+                &f.provider,
+                &f.model,
+                &f.category,
+                &f.language,
+                &f.latency_ms,
+                &c.unit_id,
+                &c.call_id,
+                &c.stage,
+                &c.provider,
+                &c.model,
+                &c.input,
+                &c.cached,
+                &c.output,
+                &c.cost,
+                &c.baseline,
+                &c.version,
+                &c.outcome,
+                &c.latency,
+                &c.estimated,
+                &c.at,
+                &decisions,
+                &dead_letters,
+            ],
+        )
+        .await
+        .map_err(unavailable)?;
+    Ok(rows.into_iter().map(|row| row.get::<_, String>(0)).collect())
+}
+
+async fn publish_batch(pool: Pool, batch: Vec<String>) -> Vec<Result<(), LedgerError>> {
+    let n = batch.len();
+    let result = async {
+        let client = pool.get().await.map_err(unavailable)?;
+        let statement = client.prepare_cached(PUBLISH).await.map_err(unavailable)?;
+        client.execute(&statement, &[&batch]).await.map_err(unavailable)?;
+        Ok::<(), LedgerError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => vec![Ok(()); n],
+        Err(e) => vec![Err(e); n],
+    }
+}
+
 #[async_trait]
 impl Ledger for PgLedger {
     async fn claim(
@@ -225,153 +534,28 @@ impl Ledger for PgLedger {
         replay_count: u32,
         worker_id: &str,
     ) -> Result<Claim, LedgerError> {
-        let client = self.client().await?;
-        let claim = client.prepare_cached(CLAIM).await.map_err(unavailable)?;
-        let lease_secs = self.lease.as_secs_f64();
-        let replay = i32::try_from(replay_count).unwrap_or(i32::MAX);
-        if let Some(row) = client
-            .query_opt(&claim, &[&unit_id, &ticket_id, &worker_id, &lease_secs, &replay])
+        self.claims
+            .call(ClaimRequest {
+                unit_id: unit_id.to_owned(),
+                ticket_id: ticket_id.to_owned(),
+                replay_count: i32::try_from(replay_count).unwrap_or(i32::MAX),
+                worker_id: worker_id.to_owned(),
+            })
             .await
-            .map_err(unavailable)?
-        {
-            let attempts: i32 = row.get(0);
-            let prior_cost_usd: f64 = row.get(1);
-            return Ok(Claim::Fresh { attempts: attempts.max(1) as u32, prior_cost_usd });
-        }
-        let row = client
-            .query_one("SELECT status, published, pending_output FROM units WHERE unit_id = $1", &[&unit_id])
-            .await
-            .map_err(unavailable)?;
-        let status: String = row.get(0);
-        let published: bool = row.get(1);
-        let pending: Option<String> = row.get(2);
-        Ok(match (status.as_str(), published, pending) {
-            ("in_progress", _, _) => Claim::Busy,
-            (_, false, Some(output)) => match serde_json::from_str::<Output>(&output) {
-                Ok(output) => Claim::Unpublished(Box::new(output)),
-                Err(e) => return Err(LedgerError::Other(format!("stored output of {unit_id} is unreadable: {e}"))),
-            },
-            _ => Claim::Done,
-        })
     }
 
     async fn finish(&self, unit_id: &str, worker_id: &str, output: &Output) -> Result<(), LedgerError> {
-        let costs = output.costs();
-        let cost_sum: f64 = costs.iter().map(|c| c.cost_usd).sum();
-        let baseline: Vec<f64> = costs
-            .iter()
-            .map(|c| {
-                self.prices.baseline_cost(&Usage {
-                    input_tokens: c.input_tokens,
-                    cached_input_tokens: c.cached_input_tokens,
-                    output_tokens: c.output_tokens,
-                })
+        self.finishes
+            .call(FinishRequest {
+                unit_id: unit_id.to_owned(),
+                worker_id: worker_id.to_owned(),
+                output: output.clone(),
             })
-            .collect();
-        let text = |f: fn(&crate::ticket::CostRecord) -> String| costs.iter().map(f).collect::<Vec<String>>();
-        let int = |f: fn(&crate::ticket::CostRecord) -> u64| costs.iter().map(|c| f(c) as i64).collect::<Vec<i64>>();
-        let call_ids = text(|c| c.call_id.clone());
-        let stages = text(|c| json(&c.stage).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default());
-        let providers = text(|c| c.provider.clone());
-        let models = text(|c| c.model.clone());
-        let input = int(|c| c.input_tokens);
-        let cached = int(|c| c.cached_input_tokens);
-        let out_tokens = int(|c| c.output_tokens);
-        let cost: Vec<f64> = costs.iter().map(|c| c.cost_usd).collect();
-        let versions = text(|c| c.pricing_version.clone());
-        let outcomes = text(|c| json(&c.outcome).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default());
-        let latency = int(|c| c.latency_ms);
-        let estimated: Vec<bool> = costs.iter().map(|c| c.estimated).collect();
-        let at = text(|c| c.at.clone());
-
-        let pending = serde_json::to_string(output)
-            .map_err(|e| LedgerError::Other(format!("serializing for the ledger: {e}")))?;
-        type Columns =
-            (String, Option<String>, Option<String>, Option<String>, Option<String>, Option<String>, Option<i64>);
-        let (status, tier, provider, model, category, language, latency_ms): Columns;
-        let (reasons, triage, moderation, dead): (
-            Vec<String>,
-            Option<serde_json::Value>,
-            Option<serde_json::Value>,
-            Option<serde_json::Value>,
-        );
-        match output {
-            Output::Reply { reply, .. } => {
-                status = json(&reply.status)?.as_str().unwrap_or("answered").to_owned();
-                tier = Some(reply.route.tier.clone());
-                provider = reply.route.provider.clone();
-                model = reply.route.model.clone();
-                category = Some(reply.triage.category.clone());
-                language = Some(reply.triage.language.clone());
-                latency_ms = Some(reply.latency_ms as i64);
-                reasons = reply.route.reasons.clone();
-                triage = Some(json(&reply.triage)?);
-                moderation = reply.moderation.as_ref().map(json).transpose()?;
-                dead = None;
-            }
-            Output::DeadLetter { dead_letter, .. } => {
-                status = "dead_letter".into();
-                (tier, provider, model, category, language, latency_ms) = (None, None, None, None, None, None);
-                reasons = vec![format!("dead_letter:{}", dead_letter.error.kind.as_str())];
-                (triage, moderation) = (None, None);
-                dead = Some(dead_letter_record(dead_letter)?);
-            }
-        }
-        let client = self.client().await?;
-        let statement = client.prepare_cached(FINISH).await.map_err(unavailable)?;
-        let row = client
-            .query_one(
-                &statement,
-                &[
-                    &unit_id,
-                    &status,
-                    &pending,
-                    &cost_sum,
-                    &tier,
-                    &provider,
-                    &model,
-                    &category,
-                    &language,
-                    &latency_ms,
-                    &worker_id,
-                    &call_ids,
-                    &stages,
-                    &providers,
-                    &models,
-                    &input,
-                    &cached,
-                    &out_tokens,
-                    &cost,
-                    &baseline,
-                    &versions,
-                    &outcomes,
-                    &latency,
-                    &estimated,
-                    &at,
-                    &reasons,
-                    &triage,
-                    &moderation,
-                    &dead,
-                ],
-            )
             .await
-            .map_err(unavailable)?;
-        let finished: i64 = row.get(0);
-        if finished == 1 {
-            Ok(())
-        } else {
-            Err(LedgerError::LeaseLost(unit_id.to_owned()))
-        }
     }
 
     async fn mark_published(&self, unit_id: &str) -> Result<(), LedgerError> {
-        let client = self.client().await?;
-        let statement = client
-            .prepare_cached("UPDATE units SET published = true, pending_output = NULL WHERE unit_id = $1")
-            .await
-            .map_err(unavailable)?;
-        client.execute(&statement, &[&unit_id]).await.map_err(unavailable)?;
-        Ok(())
+        self.publishes.call(unit_id.to_owned()).await
     }
 
     async fn release(&self, unit_id: &str, worker_id: &str) -> Result<(), LedgerError> {

@@ -26,6 +26,12 @@ pub struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ExplainFormat {
     Text,
     Json,
@@ -60,6 +66,18 @@ pub enum Command {
     },
     /// Apply the SQL migrations to the configured database (creating it if needed).
     Migrate,
+    /// Cost and routing report from the PostgreSQL ledger.
+    Report {
+        /// Only what happened at or after this time (RFC 3339, or YYYY-MM-DD for midnight UTC).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only what happened before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// `table` for people, `json` for tools.
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+    },
     /// Validate the effective configuration and print it with secrets redacted.
     Config,
     /// Show, for each ticket, the triage, the rules that fired and the route, without
@@ -131,6 +149,26 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Config => {
             let settings = Settings::load(cli.config.as_deref()).map_err(config_failure)?;
             print!("{}", settings.redacted_toml());
+            Ok(())
+        }
+        Command::Report { since, until, format } => {
+            let settings = Settings::load(cli.config.as_deref()).map_err(config_failure)?;
+            let parse = |v: &Option<String>| -> Result<_, Failure> {
+                v.as_deref()
+                    .map(crate::report::parse_time)
+                    .transpose()
+                    .map_err(|e| Failure { code: 2, error: anyhow::anyhow!(e) })
+            };
+            let (since, until) = (parse(&since)?, parse(&until)?);
+            let prices = crate::providers::pricing::PriceTable::from_settings(&settings);
+            let ledger = crate::ledger::postgres::PgLedger::connect(&settings.database, prices).await?;
+            let report = crate::report::gather(ledger.pool(), since, until).await?;
+            match format {
+                ReportFormat::Table => print!("{}", crate::report::render_table(&report)),
+                ReportFormat::Json => {
+                    println!("{}", serde_json::to_string_pretty(&report).context("rendering the report")?)
+                }
+            }
             Ok(())
         }
         Command::Migrate => {

@@ -26,6 +26,7 @@
 //! - [`ledger`]: idempotency and cost memory (in-memory).
 //! - [`process`]: the embedded `ticketflow process` command. [`summary`]: its report.
 //! - [`explain`]: triage and routing traces for rule authors, and policy comparison.
+//! - [`report`]: spend, savings, routing counts and latency from the PostgreSQL ledger.
 //! - [`mock_provider`]: an OpenAI/DashScope/Anthropic-compatible mock server for tests and demos.
 
 pub mod broker;
@@ -39,6 +40,7 @@ pub mod pipeline;
 pub mod process;
 pub mod providers;
 pub mod reply_text;
+pub mod report;
 pub mod routing;
 pub mod runner;
 pub mod settings;

@@ -158,7 +158,10 @@ impl Pipeline {
         }
         // The ledger now holds the output as unpublished: if publishing fails, a
         // redelivery republishes it instead of calling providers again.
-        self.publisher.publish(&output).await?;
+        if let Err(e) = self.publisher.publish(&output).await {
+            self.release(&ticket.unit_id).await;
+            return Err(e.into());
+        }
         self.ledger.mark_published(&ticket.unit_id).await?;
         Ok(handled)
     }

@@ -18,7 +18,13 @@ use crate::ticket::Output;
 #[derive(Debug)]
 enum State {
     InProgress,
-    Finished { dead_letter: bool, unpublished: Option<Box<Output>> },
+    /// `publishing`: the finisher is still publishing; others wait instead of
+    /// republishing the same output.
+    Finished {
+        dead_letter: bool,
+        unpublished: Option<Box<Output>>,
+        publishing: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -92,7 +98,8 @@ impl Ledger for MemoryLedger {
                 entry.attempts = 1;
                 Ok(Claim::Fresh { attempts: 1, prior_cost_usd: 0.0 })
             }
-            State::Finished { dead_letter: true, unpublished: None } if replay_count > entry.replay_count => {
+            State::Finished { publishing: true, .. } => Ok(Claim::Busy),
+            State::Finished { dead_letter: true, unpublished: None, .. } if replay_count > entry.replay_count => {
                 entry.state = State::InProgress;
                 entry.attempts += 1;
                 entry.replay_count = replay_count;
@@ -113,6 +120,7 @@ impl Ledger for MemoryLedger {
         entry.state = State::Finished {
             dead_letter: matches!(output, Output::DeadLetter { .. }),
             unpublished: Some(Box::new(output.clone())),
+            publishing: true,
         };
         Ok(())
     }
@@ -121,8 +129,9 @@ impl Ledger for MemoryLedger {
         let key = Self::key(unit_id);
         let mut units = self.lock()?;
         let answered = match units.active.get_mut(&key) {
-            Some(Entry { state: State::Finished { unpublished, dead_letter }, .. }) => {
+            Some(Entry { state: State::Finished { unpublished, dead_letter, publishing }, .. }) => {
                 *unpublished = None;
+                *publishing = false;
                 !*dead_letter
             }
             _ => false,
@@ -144,12 +153,17 @@ impl Ledger for MemoryLedger {
         let key = Self::key(unit_id);
         let mut units = self.lock()?;
         if let Some(entry) = units.active.get_mut(&key) {
+            // A publish that failed: let a redelivery republish the stored output.
+            if let State::Finished { publishing, .. } = &mut entry.state {
+                *publishing = false;
+                return Ok(());
+            }
             if matches!(entry.state, State::InProgress) {
                 if entry.attempts <= 1 {
                     units.active.remove(&key);
                 } else {
                     // A replayed unit goes back to its dead-lettered state.
-                    entry.state = State::Finished { dead_letter: true, unpublished: None };
+                    entry.state = State::Finished { dead_letter: true, unpublished: None, publishing: false };
                     entry.replay_count = entry.replay_count.saturating_sub(1);
                     entry.attempts -= 1;
                 }
@@ -206,7 +220,9 @@ mod tests {
         assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
         assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Busy));
         l.finish("T:1", "w", &dead_letter_output()).await.unwrap();
-        assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Unpublished(_)));
+        assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Busy), "its finisher is publishing");
+        l.release("T:1", "w").await.unwrap();
+        assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Unpublished(_)), "the publish failed");
         l.mark_published("T:1").await.unwrap();
         assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Done));
     }

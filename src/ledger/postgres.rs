@@ -163,7 +163,9 @@ impl PgLedger {
         let finishes = {
             let pool = pool.clone();
             let prices = Arc::new(prices);
-            Batcher::spawn(MAX_BATCH, BATCH_CONCURRENCY, move |batch| finish_batch(pool.clone(), prices.clone(), batch))
+            Batcher::spawn(MAX_BATCH, BATCH_CONCURRENCY, move |batch| {
+                finish_batch(pool.clone(), prices.clone(), lease_secs, batch)
+            })
         };
         let publishes = {
             let pool = pool.clone();
@@ -196,8 +198,8 @@ WHERE (units.status = 'in_progress' AND units.lease_until < now())
    OR (units.status = 'dead_letter' AND units.published AND EXCLUDED.replay_count > units.replay_count)
 RETURNING unit_id, attempts, cost_usd";
 
-const CLAIM_STATE: &str =
-    "SELECT unit_id, status, published, pending_output FROM units WHERE unit_id = ANY($1::text[])";
+const CLAIM_STATE: &str = "SELECT unit_id, status, published, pending_output, coalesce(lease_until > now(), false)
+     FROM units WHERE unit_id = ANY($1::text[])";
 
 const FINISH: &str = "
 WITH f AS (
@@ -208,7 +210,10 @@ WITH f AS (
     UPDATE units SET
         status = f.status, pending_output = f.pending, published = false, cost_usd = units.cost_usd + f.cost,
         tier = f.tier, provider = f.provider, model = f.model, category = f.category, language = f.language,
-        latency_ms = f.latency_ms, finished_at = now(), owner = NULL, lease_until = NULL
+        latency_ms = f.latency_ms, finished_at = now(),
+        -- The finisher keeps the lease while it publishes: nobody else republishes
+        -- the output unless the finisher dies before confirming.
+        lease_until = now() + make_interval(secs => $29)
     FROM f
     WHERE units.unit_id = f.unit_id AND units.owner = f.owner AND units.status = 'in_progress'
     RETURNING units.unit_id, units.ticket_id
@@ -244,7 +249,8 @@ WITH f AS (
 )
 SELECT unit_id FROM u";
 
-const PUBLISH: &str = "UPDATE units SET published = true, pending_output = NULL WHERE unit_id = ANY($1::text[])";
+const PUBLISH: &str = "UPDATE units SET published = true, pending_output = NULL, owner = NULL, lease_until = NULL
+     WHERE unit_id = ANY($1::text[])";
 
 const INSERT_REJECTED: &str = "
 INSERT INTO dead_letters (unit_id, ticket_id, kind, message, attempts, replay_count, source, payload,
@@ -314,8 +320,11 @@ async fn claim_batch_inner(
             let status: String = row.get(1);
             let published: bool = row.get(2);
             let pending: Option<String> = row.get(3);
+            let leased: bool = row.get(4);
             let claim = match (status.as_str(), published, pending) {
                 ("in_progress", _, _) => Claim::Busy,
+                // Finished and still being published by a live worker.
+                (_, false, Some(_)) if leased => Claim::Busy,
                 (_, false, Some(output)) => match serde_json::from_str::<Output>(&output) {
                     Ok(output) => Claim::Unpublished(Box::new(output)),
                     Err(e) => return Err(LedgerError::Other(format!("stored output of {unit_id} is unreadable: {e}"))),
@@ -342,9 +351,14 @@ async fn claim_batch_inner(
         .collect())
 }
 
-async fn finish_batch(pool: Pool, prices: Arc<PriceTable>, batch: Vec<FinishRequest>) -> Vec<Result<(), LedgerError>> {
+async fn finish_batch(
+    pool: Pool,
+    prices: Arc<PriceTable>,
+    lease_secs: f64,
+    batch: Vec<FinishRequest>,
+) -> Vec<Result<(), LedgerError>> {
     let n = batch.len();
-    match finish_batch_inner(&pool, &prices, &batch).await {
+    match finish_batch_inner(&pool, &prices, lease_secs, &batch).await {
         Ok(finished) => batch
             .iter()
             .map(
@@ -400,6 +414,7 @@ fn enum_text<T: serde::Serialize>(v: &T) -> String {
 async fn finish_batch_inner(
     pool: &Pool,
     prices: &PriceTable,
+    lease_secs: f64,
     batch: &[FinishRequest],
 ) -> Result<HashSet<String>, LedgerError> {
     let mut f = FinishColumns::default();
@@ -503,6 +518,7 @@ async fn finish_batch_inner(
                 &c.at,
                 &decisions,
                 &dead_letters,
+                &lease_secs,
             ],
         )
         .await
@@ -563,7 +579,7 @@ impl Ledger for PgLedger {
         client
             .execute(
                 "UPDATE units SET lease_until = now() - interval '1 second'
-                 WHERE unit_id = $1 AND owner = $2 AND status = 'in_progress'",
+                 WHERE unit_id = $1 AND owner = $2 AND (status = 'in_progress' OR NOT published)",
                 &[&unit_id, &worker_id],
             )
             .await

@@ -143,9 +143,13 @@ async fn redelivery_republishes_replay_reopens_and_a_lost_lease_cannot_finish() 
     let db = TestDb::new().await;
     let ledger = db.ledger().await;
 
-    // Finished but not confirmed published: the stored output comes back.
+    // Finished and being published by its finisher: others wait instead of publishing
+    // the same reply again. The publish fails and the finisher lets go: the stored
+    // output comes back to the next claimer, with no provider called again.
     assert!(matches!(ledger.claim("A:1", "A", 0, "w1").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
     ledger.finish("A:1", "w1", &reply_output("A:1", 0.01)).await.unwrap();
+    assert!(matches!(ledger.claim("A:1", "A", 0, "w2").await.unwrap(), Claim::Busy));
+    ledger.release("A:1", "w1").await.unwrap();
     match ledger.claim("A:1", "A", 0, "w2").await.unwrap() {
         Claim::Unpublished(output) => assert!(matches!(*output, Output::Reply { .. })),
         other => panic!("{other:?}"),
@@ -289,5 +293,62 @@ async fn a_killed_worker_loses_nothing_and_nothing_is_answered_or_paid_twice() {
     assert_eq!(replies.len(), 60);
     assert!(replies.values().all(|n| *n == 1), "a ticket was answered twice");
     drop(client);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_figures_match_the_records_of_the_run() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let cfg = crate::helpers::instant_config(dir.path());
+    let run = bin()
+        .args(["process", "--quiet", "--ledger", &db.url, "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out_dir)
+        .arg(repo_path("examples/tickets.jsonl"))
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let out = crate::helpers::Outputs::read(&out_dir);
+    let report = |extra: &[&str]| -> serde_json::Value {
+        let r = bin()
+            .args(["report", "--format", "json"])
+            .args(extra)
+            .env("TICKETFLOW__DATABASE__URL", &db.url)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        serde_json::from_slice(&r.stdout).unwrap()
+    };
+    let r = report(&[]);
+    let spent: f64 = out.costs.iter().map(|c| c["cost_usd"].as_f64().unwrap()).sum();
+    assert!((r["total"]["cost_usd"].as_f64().unwrap() - spent).abs() < 1e-9);
+    assert_eq!(r["total"]["calls"].as_u64().unwrap() as usize, out.costs.len());
+    let human = out.replies.iter().filter(|x| x["status"] == "needs_human").count();
+    assert_eq!(r["needs_human"].as_u64().unwrap() as usize, human);
+    assert_eq!(r["answered"].as_u64().unwrap() as usize, out.replies.len() - human);
+    let bypassed = out.replies.iter().filter(|x| x["moderation"]["bypassed"] == true).count();
+    assert_eq!(r["moderation_bypassed"].as_u64().unwrap() as usize, bypassed);
+    let escalated = out.replies.iter().filter(|x| x["status"] == "answered" && x["route"]["tier"] != "cheap").count();
+    assert_eq!(r["escalated"].as_u64().unwrap() as usize, escalated);
+    for group in ["by_provider", "by_model", "by_tier", "by_category", "by_day"] {
+        let sum: f64 = r[group].as_array().unwrap().iter().map(|s| s["cost_usd"].as_f64().unwrap()).sum();
+        assert!((sum - spent).abs() < 1e-9, "{group} adds up to the total");
+    }
+    for p in r["by_provider"].as_array().unwrap() {
+        let name = p["key"].as_str().unwrap();
+        let expected: f64 =
+            out.costs.iter().filter(|c| c["provider"] == name).map(|c| c["cost_usd"].as_f64().unwrap()).sum();
+        assert!((p["cost_usd"].as_f64().unwrap() - expected).abs() < 1e-9, "{name}");
+    }
+    assert!(r["savings_pct"].as_f64().unwrap() > 50.0, "routing saves against the all-premium baseline");
+    let empty = report(&["--since", "2999-01-01"]);
+    assert_eq!(empty["total"]["calls"], 0);
+    assert_eq!(empty["units"], 0);
+    let bad =
+        bin().args(["report", "--since", "yesterday"]).env("TICKETFLOW__DATABASE__URL", &db.url).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
     db.drop_db().await;
 }

@@ -136,11 +136,11 @@ fn repair_quotes(s: &str) -> String {
 mod tests {
     use super::*;
 
-    fn cats() -> Vec<String> {
+    pub(super) fn cats() -> Vec<String> {
         ["order_status", "refund_dispute", "other"].iter().map(|s| s.to_string()).collect()
     }
 
-    fn fallback() -> Triage {
+    pub(super) fn fallback() -> Triage {
         Triage {
             category: "other".into(),
             complexity: "simple".into(),
@@ -189,24 +189,9 @@ mod tests {
 
 #[cfg(test)]
 mod properties {
+    use super::tests::{cats, fallback};
     use super::*;
     use proptest::prelude::*;
-
-    fn cats() -> Vec<String> {
-        ["order_status", "refund_dispute", "other"].iter().map(|s| s.to_string()).collect()
-    }
-
-    fn fallback() -> Triage {
-        Triage {
-            category: "other".into(),
-            complexity: "simple".into(),
-            sentiment: "neutral".into(),
-            language: "en".into(),
-            risk: "none".into(),
-            confidence: 0.2,
-            source: Source::Heuristic,
-        }
-    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2_000))]

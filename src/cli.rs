@@ -29,6 +29,8 @@ pub struct Cli {
 pub enum ReportFormat {
     Table,
     Json,
+    /// One self-contained page with charts.
+    Html,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -74,7 +76,7 @@ pub enum Command {
         /// Only what happened before this time.
         #[arg(long)]
         until: Option<String>,
-        /// `table` for people, `json` for tools.
+        /// `table` for a terminal, `json` for tools, `html` for a page with charts.
         #[arg(long, value_enum, default_value = "table")]
         format: ReportFormat,
     },
@@ -168,6 +170,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 ReportFormat::Json => {
                     println!("{}", serde_json::to_string_pretty(&report).context("rendering the report")?)
                 }
+                ReportFormat::Html => print!("{}", crate::report::render_html(&report)),
             }
             Ok(())
         }

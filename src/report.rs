@@ -41,6 +41,10 @@ pub struct Report {
     pub dead_letters: Vec<(String, i64)>,
     pub latency_p50_ms: Option<f64>,
     pub latency_p95_ms: Option<f64>,
+    /// Spend per UTC day and tier, for the HTML chart.
+    pub by_day_and_tier: Vec<(String, String, f64)>,
+    /// Finished units per route (tier, `human`, or `dead_letter`).
+    pub route_mix: Vec<(String, i64)>,
 }
 
 /// Parses `--since`/`--until`: an RFC 3339 time or a date (midnight UTC).
@@ -139,6 +143,32 @@ pub async fn gather(
         )
         .await
         .map_err(unavailable)?;
+    let by_day_and_tier = client
+        .query(
+            "SELECT to_char(c.at AT TIME ZONE 'UTC', 'YYYY-MM-DD'), coalesce(u.tier, '(none)'), sum(c.cost_usd)
+             FROM cost_records c LEFT JOIN units u ON u.unit_id = c.unit_id
+             WHERE ($1::timestamptz IS NULL OR c.at >= $1) AND ($2::timestamptz IS NULL OR c.at < $2)
+             GROUP BY 1, 2 ORDER BY 1, 2",
+            &[&since, &until],
+        )
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let route_mix = client
+        .query(
+            "SELECT CASE WHEN status = 'dead_letter' THEN 'dead_letter' ELSE coalesce(tier, status) END, count(*)
+             FROM units WHERE status <> 'in_progress'
+               AND ($1::timestamptz IS NULL OR finished_at >= $1) AND ($2::timestamptz IS NULL OR finished_at < $2)
+             GROUP BY 1 ORDER BY 2 DESC, 1",
+            &[&since, &until],
+        )
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
     let savings_usd = total.baseline_cost_usd - total.cost_usd;
     let savings_pct = if total.baseline_cost_usd > 0.0 { savings_usd / total.baseline_cost_usd * 100.0 } else { 0.0 };
     Ok(Report {
@@ -160,6 +190,8 @@ pub async fn gather(
         dead_letters,
         latency_p50_ms: latency.get(0),
         latency_p95_ms: latency.get(1),
+        by_day_and_tier,
+        route_mix,
     })
 }
 
@@ -218,4 +250,163 @@ pub fn render_table(r: &Report) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Escapes text for HTML.
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+const PALETTE: &[&str] = &["#2f6fdf", "#e0803a", "#3aa872", "#c2457a", "#8a63d2", "#c9a227", "#4bb3c4", "#7a7a7a"];
+
+/// Horizontal bars: one row per (label, value), scaled to the largest value.
+fn bars(rows: &[(String, f64)], unit: &dyn Fn(f64) -> String) -> String {
+    let max = rows.iter().map(|r| r.1).fold(0.0f64, f64::max).max(f64::MIN_POSITIVE);
+    let height = rows.len() * 30 + 10;
+    let mut svg = format!("<svg viewBox=\"0 0 640 {height}\" role=\"img\">");
+    for (i, (label, v)) in rows.iter().enumerate() {
+        let y = i * 30 + 5;
+        let w = (v / max * 380.0).max(1.0);
+        let color = PALETTE[i % PALETTE.len()];
+        svg.push_str(&format!(
+            "<text x=\"0\" y=\"{}\" class=\"l\">{}</text><rect x=\"170\" y=\"{y}\" width=\"{w:.1}\" height=\"20\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\" class=\"v\">{}</text>",
+            y + 15,
+            esc(label),
+            170.0 + w + 6.0,
+            y + 15,
+            esc(&unit(*v))
+        ));
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// Stacked columns of spend per day, one colour per tier.
+fn stacked_days(r: &Report) -> String {
+    let mut days: Vec<&str> = r.by_day_and_tier.iter().map(|(d, _, _)| d.as_str()).collect();
+    days.dedup();
+    let mut tiers: Vec<&str> = r.by_day_and_tier.iter().map(|(_, t, _)| t.as_str()).collect();
+    tiers.sort();
+    tiers.dedup();
+    let total = |d: &str| r.by_day_and_tier.iter().filter(|x| x.0 == d).map(|x| x.2).sum::<f64>();
+    let max = days.iter().map(|d| total(d)).fold(0.0f64, f64::max).max(f64::MIN_POSITIVE);
+    let col = 48.0;
+    let width = (days.len() as f64 * (col + 16.0) + 80.0).max(360.0);
+    let mut svg = format!("<svg viewBox=\"0 0 {width:.0} 260\" width=\"{width:.0}\" height=\"260\" role=\"img\">");
+    svg.push_str(&format!("<text x=\"0\" y=\"14\" class=\"v\">${max:.4}</text><line x1=\"60\" y1=\"20\" x2=\"{width:.0}\" y2=\"20\" stroke=\"#ddd\"/>"));
+    for (i, day) in days.iter().enumerate() {
+        let x = 70.0 + i as f64 * (col + 16.0);
+        let mut y = 220.0;
+        for (ti, tier) in tiers.iter().enumerate() {
+            let v: f64 = r.by_day_and_tier.iter().filter(|x| x.0 == *day && x.1 == *tier).map(|x| x.2).sum();
+            let h = v / max * 200.0;
+            if h > 0.0 {
+                y -= h;
+                svg.push_str(&format!(
+                    "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{col}\" height=\"{h:.1}\" fill=\"{}\"><title>{} {}: ${v:.6}</title></rect>",
+                    PALETTE[ti % PALETTE.len()],
+                    esc(day),
+                    esc(tier)
+                ));
+            }
+        }
+        svg.push_str(&format!("<text x=\"{x:.1}\" y=\"238\" class=\"s\">{}</text>", esc(&day[5..])));
+    }
+    svg.push_str("</svg>");
+    let legend: String = tiers
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            format!("<span class=\"k\"><i style=\"background:{}\"></i>{}</span>", PALETTE[i % PALETTE.len()], esc(t))
+        })
+        .collect();
+    format!("{svg}<div>{legend}</div>")
+}
+
+/// The report as one self-contained HTML page with charts (no scripts, no external files).
+pub fn render_html(r: &Report) -> String {
+    let money = |v: f64| format!("${v:.4}");
+    let range = match (r.since, r.until) {
+        (None, None) => "all time".to_string(),
+        (s, u) => format!(
+            "{} to {}",
+            s.map_or("the beginning".into(), |t| t.to_rfc3339()),
+            u.map_or("now".into(), |t| t.to_rfc3339())
+        ),
+    };
+    let spend_rows = |rows: &[Spend]| -> String {
+        rows.iter()
+            .map(|s| {
+                format!(
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(&s.key),
+                    s.calls,
+                    money(s.cost_usd),
+                    money(s.baseline_cost_usd)
+                )
+            })
+            .collect()
+    };
+    let savings = bars(
+        &[("spent".to_string(), r.total.cost_usd), ("all-premium baseline".to_string(), r.total.baseline_cost_usd)],
+        &|v| format!("${v:.4}"),
+    );
+    let mix: Vec<(String, f64)> = r.route_mix.iter().map(|(k, n)| (k.clone(), *n as f64)).collect();
+    let latency: Vec<(String, f64)> = [("p50", r.latency_p50_ms), ("p95", r.latency_p95_ms)]
+        .iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect();
+    let dead: i64 = r.dead_letters.iter().map(|(_, n)| n).sum();
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>ticketflow report</title>
+<style>
+body{{font:14px/1.45 system-ui,sans-serif;margin:32px;color:#1d2330;max-width:1100px}}
+h1{{font-size:22px;margin:0 0 4px}} h2{{font-size:16px;margin:28px 0 8px}}
+.muted{{color:#667}} .cards{{display:flex;gap:12px;flex-wrap:wrap;margin:18px 0}}
+.card{{border:1px solid #dde;border-radius:8px;padding:10px 14px;min-width:130px}}
+.card b{{display:block;font-size:20px}} .grid{{display:grid;grid-template-columns:1fr 1fr;gap:24px}}
+table{{border-collapse:collapse;width:100%}} td,th{{padding:4px 8px;border-bottom:1px solid #eee;text-align:right}}
+td:first-child,th:first-child{{text-align:left}} svg{{max-width:100%;height:auto}} .grid>div{{min-width:0}}
+svg text{{font:12px system-ui,sans-serif;fill:#334}}
+svg .l{{fill:#334}} svg .v{{fill:#556}} svg .s{{font-size:11px;fill:#667}}
+.k{{margin-right:12px;font-size:12px}} .k i{{display:inline-block;width:10px;height:10px;margin-right:4px;border-radius:2px}}
+</style></head><body>
+<h1>ticketflow: cost and routing</h1><div class="muted">{range}</div>
+<div class="cards">
+<div class="card">spent<b>{spent}</b></div>
+<div class="card">all-premium baseline<b>{baseline}</b></div>
+<div class="card">saved<b>{saved} ({pct:.1}%)</b></div>
+<div class="card">units<b>{units}</b></div>
+<div class="card">escalated<b>{escalated}</b></div>
+<div class="card">to a human<b>{human}</b></div>
+<div class="card">moderation bypass<b>{bypassed}</b></div>
+<div class="card">dead letters<b>{dead}</b></div>
+</div>
+<h2>Spend per day, by tier</h2>{days}
+<div class="grid">
+<div><h2>Savings against the all-premium baseline</h2>{savings}</div>
+<div><h2>Route mix (units)</h2>{mix}</div>
+<div><h2>Latency (ms)</h2>{latency}</div>
+<div><h2>Spend by provider</h2><table><tr><th>provider</th><th>calls</th><th>spent</th><th>baseline</th></tr>{providers}</table></div>
+<div><h2>Spend by model</h2><table><tr><th>model</th><th>calls</th><th>spent</th><th>baseline</th></tr>{models}</table></div>
+<div><h2>Spend by category</h2><table><tr><th>category</th><th>calls</th><th>spent</th><th>baseline</th></tr>{categories}</table></div>
+</div>
+</body></html>
+"#,
+        spent = money(r.total.cost_usd),
+        baseline = money(r.total.baseline_cost_usd),
+        saved = money(r.savings_usd),
+        pct = r.savings_pct,
+        units = r.units,
+        escalated = r.escalated,
+        human = r.needs_human,
+        bypassed = r.moderation_bypassed,
+        days = stacked_days(r),
+        mix = bars(&mix, &|v| format!("{v:.0}")),
+        latency = bars(&latency, &|v| format!("{v:.0} ms")),
+        providers = spend_rows(&r.by_provider),
+        models = spend_rows(&r.by_model),
+        categories = spend_rows(&r.by_category),
+    )
 }

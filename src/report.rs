@@ -61,6 +61,17 @@ fn unavailable(e: impl std::error::Error) -> LedgerError {
     LedgerError::Unavailable(crate::error_chain(&e))
 }
 
+/// Runs a query filtered by `$1` (since) and `$2` (until) and maps its rows.
+async fn rows<T>(
+    client: &deadpool_postgres::Object,
+    sql: &str,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    map: impl Fn(&tokio_postgres::Row) -> T,
+) -> Result<Vec<T>, LedgerError> {
+    Ok(client.query(sql, &[&since, &until]).await.map_err(unavailable)?.iter().map(map).collect())
+}
+
 /// Spend grouped by a SQL expression over `cost_records c` joined with `units u`.
 const SPEND_BY: &str = "
 SELECT coalesce({key}, '(none)') AS key, count(*), coalesce(sum(c.cost_usd), 0), coalesce(sum(c.baseline_cost_usd), 0)
@@ -85,11 +96,14 @@ pub async fn gather(
         "to_char(c.at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
         "'all'",
     ] {
-        let rows = client.query(&spend(key), &[&since, &until]).await.map_err(unavailable)?;
         groups.push(
-            rows.iter()
-                .map(|r| Spend { key: r.get(0), calls: r.get(1), cost_usd: r.get(2), baseline_cost_usd: r.get(3) })
-                .collect::<Vec<_>>(),
+            rows(&client, &spend(key), since, until, |r| Spend {
+                key: r.get(0),
+                calls: r.get(1),
+                cost_usd: r.get(2),
+                baseline_cost_usd: r.get(3),
+            })
+            .await?,
         );
     }
     let total = groups.pop().and_then(|mut g| g.pop()).unwrap_or(Spend {
@@ -121,18 +135,16 @@ pub async fn gather(
         )
         .await
         .map_err(unavailable)?;
-    let dead_letters = client
-        .query(
-            "SELECT kind, count(*) FROM dead_letters
+    let dead_letters = rows(
+        &client,
+        "SELECT kind, count(*) FROM dead_letters
              WHERE ($1::timestamptz IS NULL OR failed_at >= $1) AND ($2::timestamptz IS NULL OR failed_at < $2)
              GROUP BY 1 ORDER BY 1",
-            &[&since, &until],
-        )
-        .await
-        .map_err(unavailable)?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        since,
+        until,
+        |r| (r.get(0), r.get(1)),
+    )
+    .await?;
     let latency = client
         .query_one(
             "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms),
@@ -143,32 +155,28 @@ pub async fn gather(
         )
         .await
         .map_err(unavailable)?;
-    let by_day_and_tier = client
-        .query(
-            "SELECT to_char(c.at AT TIME ZONE 'UTC', 'YYYY-MM-DD'), coalesce(u.tier, '(none)'), sum(c.cost_usd)
+    let by_day_and_tier = rows(
+        &client,
+        "SELECT to_char(c.at AT TIME ZONE 'UTC', 'YYYY-MM-DD'), coalesce(u.tier, '(none)'), sum(c.cost_usd)
              FROM cost_records c LEFT JOIN units u ON u.unit_id = c.unit_id
              WHERE ($1::timestamptz IS NULL OR c.at >= $1) AND ($2::timestamptz IS NULL OR c.at < $2)
              GROUP BY 1, 2 ORDER BY 1, 2",
-            &[&since, &until],
-        )
-        .await
-        .map_err(unavailable)?
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    let route_mix = client
-        .query(
-            "SELECT CASE WHEN status = 'dead_letter' THEN 'dead_letter' ELSE coalesce(tier, status) END, count(*)
+        since,
+        until,
+        |r| (r.get(0), r.get(1), r.get(2)),
+    )
+    .await?;
+    let route_mix = rows(
+        &client,
+        "SELECT CASE WHEN status = 'dead_letter' THEN 'dead_letter' ELSE coalesce(tier, status) END, count(*)
              FROM units WHERE status <> 'in_progress'
                AND ($1::timestamptz IS NULL OR finished_at >= $1) AND ($2::timestamptz IS NULL OR finished_at < $2)
              GROUP BY 1 ORDER BY 2 DESC, 1",
-            &[&since, &until],
-        )
-        .await
-        .map_err(unavailable)?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+        since,
+        until,
+        |r| (r.get(0), r.get(1)),
+    )
+    .await?;
     let savings_usd = total.baseline_cost_usd - total.cost_usd;
     let savings_pct = if total.baseline_cost_usd > 0.0 { savings_usd / total.baseline_cost_usd * 100.0 } else { 0.0 };
     Ok(Report {

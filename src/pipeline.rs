@@ -102,14 +102,6 @@ impl Pipeline {
         Ok(Pipeline::new(settings, analyzer, providers, ledger, publisher))
     }
 
-    pub fn prices(&self) -> &PriceTable {
-        &self.prices
-    }
-
-    pub fn worker_id(&self) -> &str {
-        &self.worker_id
-    }
-
     /// Handles one delivery up to the point where it may be acked.
     pub async fn handle(&self, delivery: &Delivery) -> Result<Handled, HandleError> {
         let limit = self.settings.limits.max_message_bytes;

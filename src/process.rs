@@ -100,7 +100,7 @@ pub async fn run(
     let topic = if opts.input == Path::new("-") { "stdin".to_owned() } else { opts.input.display().to_string() };
 
     let max_in_flight = settings.limits.max_in_flight;
-    let (producer, queue, _settled) = memory::queue(max_in_flight);
+    let (producer, queue) = memory::queue(max_in_flight);
     let bytes_read = Arc::new(AtomicU64::new(0));
     let stats = Arc::new(RunStats::default());
 

@@ -1,7 +1,7 @@
 //! The in-memory broker: a bounded queue of deliveries (the input of `ticketflow
 //! process`) and a publisher that collects outputs (tests).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -19,14 +19,6 @@ const REQUEUE_DELAY: Duration = Duration::from_millis(20);
 #[derive(Clone)]
 pub struct MemoryProducer {
     tx: mpsc::Sender<Delivery>,
-    settled: Arc<Settled>,
-}
-
-/// Counts of settled deliveries.
-#[derive(Debug, Default)]
-pub struct Settled {
-    pub acked: std::sync::atomic::AtomicU64,
-    pub dropped: std::sync::atomic::AtomicU64,
 }
 
 /// Consumer side of the in-memory queue.
@@ -35,10 +27,9 @@ pub struct MemoryQueue {
 }
 
 /// A bounded in-memory queue; `capacity` bounds memory and pushes back on the producer.
-pub fn queue(capacity: usize) -> (MemoryProducer, MemoryQueue, Arc<Settled>) {
+pub fn queue(capacity: usize) -> (MemoryProducer, MemoryQueue) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    let settled = Arc::new(Settled::default());
-    (MemoryProducer { tx, settled: settled.clone() }, MemoryQueue { rx }, settled)
+    (MemoryProducer { tx }, MemoryQueue { rx })
 }
 
 impl MemoryProducer {
@@ -46,7 +37,7 @@ impl MemoryProducer {
     /// consumer is gone.
     pub async fn send(&self, payload: Bytes, full_len: Option<u64>, source: SourceRef, replay_count: u32) -> bool {
         let requeue = Requeue { tx: self.tx.clone(), payload, full_len, source, replay_count };
-        let (tx, delivery) = requeue.delivery(self.settled.clone());
+        let (tx, delivery) = requeue.delivery();
         tx.send(delivery).await.is_ok()
     }
 }
@@ -61,7 +52,7 @@ struct Requeue {
 }
 
 impl Requeue {
-    fn delivery(self, settled: Arc<Settled>) -> (mpsc::Sender<Delivery>, Delivery) {
+    fn delivery(self) -> (mpsc::Sender<Delivery>, Delivery) {
         let again = Requeue {
             tx: self.tx.clone(),
             payload: self.payload.clone(),
@@ -74,7 +65,7 @@ impl Requeue {
             full_len: self.full_len,
             source: self.source,
             replay_count: self.replay_count,
-            acker: Box::new(MemoryAcker { requeue: Some(again), settled }),
+            acker: Box::new(MemoryAcker { requeue: Some(again) }),
         };
         (self.tx, delivery)
     }
@@ -84,13 +75,11 @@ impl Requeue {
 /// consumer sees the end of the input only when nothing can be requeued any more.
 struct MemoryAcker {
     requeue: Option<Requeue>,
-    settled: Arc<Settled>,
 }
 
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        self.settled.acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -101,16 +90,15 @@ impl Acker for MemoryAcker {
                 // Requeue from a task of its own: the caller may hold the last in-flight
                 // permit while the queue is full. The sender it holds keeps the queue open
                 // until the message is back in it, so nothing is lost at end of input.
-                let settled = self.settled.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(REQUEUE_DELAY).await;
-                    let (tx, delivery) = requeue.delivery(settled);
+                    let (tx, delivery) = requeue.delivery();
                     let _ = tx.send(delivery).await;
                 });
                 Ok(())
             }
             None => {
-                self.settled.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!("in-memory delivery rejected without requeue; it is not processed");
                 Ok(())
             }
         }

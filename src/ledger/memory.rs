@@ -61,15 +61,6 @@ impl MemoryLedger {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Units>, LedgerError> {
         self.units.lock().map_err(|_| LedgerError::Other("memory ledger lock poisoned".into()))
     }
-
-    /// Units known to the ledger (for tests and summaries).
-    pub fn len(&self) -> usize {
-        self.units.lock().map(|u| u.done.len() + u.active.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[async_trait]

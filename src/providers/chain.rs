@@ -106,9 +106,15 @@ impl ChainRunner<'_> {
             };
             request.model = model.to_owned();
             request.stage = stage;
-            let estimated_tokens = estimate_tokens(&request.system)
-                + estimate_tokens(&request.user)
-                + u64::from(request.max_output_tokens);
+            // Only a rate-limited provider needs the estimate (simulated ones have none).
+            let estimated_tokens = match handle.limits {
+                Some(_) => {
+                    estimate_tokens(&request.system)
+                        + estimate_tokens(&request.user)
+                        + u64::from(request.max_output_tokens)
+                }
+                None => 0,
+            };
             for attempt in 0..self.retry.max_attempts_per_model {
                 if Instant::now() >= unit.deadline {
                     errors.push(format!("{entry}: ticket deadline passed"));

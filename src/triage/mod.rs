@@ -120,10 +120,6 @@ impl Analyzer {
     }
 
     /// Triage decided by local signals and keyword counts alone.
-    pub fn heuristic(&self, ticket: &Ticket, signals: &Signals) -> Triage {
-        self.heuristic_of(ticket, signals, &customer_text(ticket).to_lowercase())
-    }
-
     fn heuristic_of(&self, ticket: &Ticket, signals: &Signals, lower: &str) -> Triage {
         let subject = ticket.subject.as_deref().unwrap_or("").to_lowercase();
         let mut counts = self.category_words.count(lower);

@@ -1,10 +1,12 @@
 //! Units of work recorded per second by the PostgreSQL ledger with the worker's access
 //! pattern: claim, finish (reply, two cost records, routing decision) and mark
-//! published, with many units in flight at once, as a worker at its in-flight budget.
+//! published, with many units in flight at once, as a worker at its in-flight budget
+//! (`limits.max_in_flight`) with its default pool (`database.pool_size`). Providers
+//! answer instantly here, so this is the ledger's worst case: nothing else paces it.
 //!
 //! Run: `cargo bench --bench ledger_throughput` (env: UNITS, IN_FLIGHT, RUNS,
 //! DATABASE_SERVER, default postgres://postgres@127.0.0.1:5432). It creates and drops
-//! its own database.
+//! its own database (KEEP_DATABASE=1 keeps it, for inspection).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -40,7 +42,6 @@ fn output(unit_id: &str, (reply, cost): &(Reply, CostRecord)) -> Output {
 fn main() {
     let measuring = std::env::args().any(|a| a == "--bench");
     let units: usize = if measuring { env_or("UNITS", 50_000) } else { 500 };
-    let in_flight: usize = env_or("IN_FLIGHT", 64);
     let runs: usize = if measuring { env_or("RUNS", 5) } else { 1 };
     let server: String = env_or("DATABASE_SERVER", "postgres://postgres@127.0.0.1:5432".to_string());
 
@@ -48,9 +49,9 @@ fn main() {
     runtime.block_on(async {
         let name = format!("tf_bench_{}", uuid::Uuid::new_v4().simple());
         let base = Settings::load_from(None, &BTreeMap::new()).unwrap();
+        let in_flight: usize = env_or("IN_FLIGHT", base.limits.max_in_flight);
         let mut db = base.database.clone();
         db.url = format!("{server}/{name}");
-        db.pool_size = in_flight.min(64);
         postgres::migrate(&db).await.expect("a PostgreSQL server");
         let ledger = Arc::new(PgLedger::connect(&db, PriceTable::from_settings(&base)).await.unwrap());
         let templates = Arc::new(templates());
@@ -68,9 +69,10 @@ fn main() {
                         if i >= units {
                             return;
                         }
-                        let unit = format!("R{run}-T-{i}:00c0ffee");
+                        let ticket = format!("R{run}-T-{i}");
+                        let unit = format!("{ticket}:00c0ffee");
                         let out = output(&unit, &templates);
-                        match ledger.claim(&unit, "T", 0, &worker).await.unwrap() {
+                        match ledger.claim(&unit, &ticket, 0, &worker).await.unwrap() {
                             Claim::Fresh { .. } => {
                                 ledger.finish(&unit, &worker, &out).await.unwrap();
                                 ledger.mark_published(&unit).await.unwrap();
@@ -90,6 +92,10 @@ fn main() {
         rates.sort_by(|a, b| a.total_cmp(b));
         println!("median: {:.0} units/s (claim + finish with 2 cost records + mark published)", rates[rates.len() / 2]);
         drop(ledger);
+        if std::env::var_os("KEEP_DATABASE").is_some() {
+            println!("kept database {name}");
+            return;
+        }
         let (client, conn) =
             tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls).await.unwrap();
         let driver = tokio::spawn(conn);

@@ -7,7 +7,11 @@
 //! concurrent claims of one key, so two replicas never both work on a unit. Finishing
 //! is one statement too (unit, cost records, routing decision and dead letter in CTEs)
 //! and is fenced by ownership: a worker whose lease was taken over cannot finish.
-//! Each unit costs three round trips: claim, finish, mark published.
+//! The output is kept in the decision row, so a redelivery of a unit whose publish was
+//! never confirmed republishes it instead of calling providers again.
+//!
+//! Each unit takes three statements (claim, finish, mark published), each shared by
+//! every unit queued at the time (group commit, `batch.rs`).
 
 use std::time::Duration;
 
@@ -40,8 +44,9 @@ pub struct PgLedger {
 
 /// Units per batch: a batch is one statement, so this bounds its parameters' size.
 const MAX_BATCH: usize = 256;
-/// Batches of one kind in flight at once.
-const BATCH_CONCURRENCY: usize = 4;
+/// Batches of one kind in flight at once. Two keeps one batch filling while the other
+/// runs; more gave smaller batches and lower throughput (BENCHMARKS.md).
+const BATCH_CONCURRENCY: usize = 2;
 
 struct ClaimRequest {
     unit_id: String,
@@ -66,6 +71,15 @@ pub fn pool(settings: &DatabaseSettings) -> Result<Pool, LedgerError> {
         settings.url.parse().map_err(|e| LedgerError::Other(format!("database.url: {e}")))?;
     config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms.max(1)));
     config.application_name("ticketflow");
+    // Plan every batch for its own size and for the tables as they are now. A cached
+    // generic plan, made while the tables were small, kept scanning `units` whole long
+    // after it had grown (until an ANALYZE, which a server without autovacuum never
+    // runs): throughput fell run after run (BENCHMARKS.md).
+    let options = match config.get_options() {
+        Some(theirs) => format!("{theirs} -c plan_cache_mode=force_custom_plan"),
+        None => "-c plan_cache_mode=force_custom_plan".to_owned(),
+    };
+    config.options(&options);
     let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(settings.pool_size.max(1))
@@ -79,13 +93,21 @@ pub fn pool(settings: &DatabaseSettings) -> Result<Pool, LedgerError> {
 /// Applies the embedded migrations (idempotent), creating the database first if the
 /// server has no database of that name. Returns the versions applied now.
 pub async fn migrate(settings: &DatabaseSettings) -> Result<Vec<i32>, LedgerError> {
+    migrate_to(settings, None).await
+}
+
+/// [`migrate`], stopping at schema version `target` (all of them if `None`): for
+/// testing an upgrade from an older schema with data in it.
+pub async fn migrate_to(settings: &DatabaseSettings, target: Option<u32>) -> Result<Vec<i32>, LedgerError> {
     create_database_if_missing(settings).await?;
     let pool = pool(settings)?;
     let mut client = pool.get().await.map_err(unavailable)?;
-    let report = embedded::migrations::runner()
-        .run_async(&mut **client)
-        .await
-        .map_err(|e| LedgerError::Other(format!("migration failed: {e}")))?;
+    let mut runner = embedded::migrations::runner();
+    if let Some(version) = target {
+        runner = runner.set_target(refinery::Target::Version(version));
+    }
+    let report =
+        runner.run_async(&mut **client).await.map_err(|e| LedgerError::Other(format!("migration failed: {e}")))?;
     Ok(report.applied_migrations().iter().map(|m| m.version() as i32).collect())
 }
 
@@ -198,17 +220,26 @@ WHERE (units.status = 'in_progress' AND units.lease_until < now())
    OR (units.status = 'dead_letter' AND units.published AND EXCLUDED.replay_count > units.replay_count)
 RETURNING unit_id, attempts, cost_usd";
 
-const CLAIM_STATE: &str = "SELECT unit_id, status, published, pending_output, coalesce(lease_until > now(), false)
-     FROM units WHERE unit_id = ANY($1::text[])";
+/// What a unit that could not be claimed is doing; for a finished but unpublished unit,
+/// its output, from the latest decision row.
+const CLAIM_STATE: &str = "
+SELECT u.unit_id, u.status, u.published, d.output, coalesce(u.lease_until > now(), false)
+FROM units u
+LEFT JOIN LATERAL (
+    SELECT output FROM decisions
+    WHERE decisions.unit_id = u.unit_id AND u.status <> 'in_progress' AND NOT u.published
+    ORDER BY id DESC LIMIT 1
+) d ON true
+WHERE u.unit_id = ANY($1::text[])";
 
 const FINISH: &str = "
 WITH f AS (
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[], $7::text[],
         $8::text[], $9::text[], $10::text[], $11::int8[])
-        AS f(unit_id, owner, status, pending, cost, tier, provider, model, category, language, latency_ms)
+        AS f(unit_id, owner, status, output, cost, tier, provider, model, category, language, latency_ms)
 ), u AS (
     UPDATE units SET
-        status = f.status, pending_output = f.pending, published = false, cost_usd = units.cost_usd + f.cost,
+        status = f.status, published = false, cost_usd = units.cost_usd + f.cost,
         tier = f.tier, provider = f.provider, model = f.model, category = f.category, language = f.language,
         latency_ms = f.latency_ms, finished_at = now(),
         -- The finisher keeps the lease while it publishes: nobody else republishes
@@ -232,12 +263,13 @@ WITH f AS (
     JOIN u ON u.unit_id = c.unit_id
     ON CONFLICT (call_id) DO NOTHING
 ), decision AS (
-    INSERT INTO decisions (unit_id, ticket_id, status, tier, reasons, triage, moderation, worker_id)
+    INSERT INTO decisions (unit_id, ticket_id, status, tier, reasons, triage, moderation, worker_id, output)
     SELECT d.unit_id, u.ticket_id, d.status, d.tier, ARRAY(SELECT jsonb_array_elements_text(d.reasons)),
-        d.triage, d.moderation, d.worker_id
+        d.triage, d.moderation, d.worker_id, f.output
     FROM jsonb_to_recordset($27::jsonb) AS d(unit_id text, status text, tier text, reasons jsonb,
         triage jsonb, moderation jsonb, worker_id text)
     JOIN u ON u.unit_id = d.unit_id
+    JOIN f ON f.unit_id = d.unit_id
 ), dead AS (
     INSERT INTO dead_letters (unit_id, ticket_id, kind, message, attempts, replay_count, source, payload,
         payload_encoding, worker_id, failed_at)
@@ -249,7 +281,7 @@ WITH f AS (
 )
 SELECT unit_id FROM u";
 
-const PUBLISH: &str = "UPDATE units SET published = true, pending_output = NULL, owner = NULL, lease_until = NULL
+const PUBLISH: &str = "UPDATE units SET published = true, owner = NULL, lease_until = NULL
      WHERE unit_id = ANY($1::text[])";
 
 const INSERT_REJECTED: &str = "
@@ -319,9 +351,9 @@ async fn claim_batch_inner(
             let unit_id: String = row.get(0);
             let status: String = row.get(1);
             let published: bool = row.get(2);
-            let pending: Option<String> = row.get(3);
+            let output: Option<String> = row.get(3);
             let leased: bool = row.get(4);
-            let claim = match (status.as_str(), published, pending) {
+            let claim = match (status.as_str(), published, output) {
                 ("in_progress", _, _) => Claim::Busy,
                 // Finished and still being published by a live worker.
                 (_, false, Some(_)) if leased => Claim::Busy,
@@ -375,7 +407,7 @@ struct FinishColumns {
     unit_id: Vec<String>,
     owner: Vec<String>,
     status: Vec<String>,
-    pending: Vec<String>,
+    output: Vec<String>,
     cost: Vec<f64>,
     tier: Vec<Option<String>>,
     provider: Vec<Option<String>>,
@@ -444,7 +476,7 @@ async fn finish_batch_inner(
         }
         f.unit_id.push(r.unit_id.clone());
         f.owner.push(r.worker_id.clone());
-        f.pending.push(
+        f.output.push(
             serde_json::to_string(&r.output)
                 .map_err(|e| LedgerError::Other(format!("serializing for the ledger: {e}")))?,
         );
@@ -493,7 +525,7 @@ async fn finish_batch_inner(
                 &f.unit_id,
                 &f.owner,
                 &f.status,
-                &f.pending,
+                &f.output,
                 &f.cost,
                 &f.tier,
                 &f.provider,

@@ -26,12 +26,19 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        TestDb::at_version(None).await
+    }
+
+    /// A database migrated up to schema version `target` only (all if `None`).
+    pub async fn at_version(target: Option<u32>) -> TestDb {
         let name = format!("tf_test_{}", uuid::Uuid::new_v4().simple());
         let url = format!("{SERVER}/{name}");
         let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap().database;
         settings.url = url.clone();
         settings.pool_size = 32;
-        postgres::migrate(&settings).await.expect("PostgreSQL on 127.0.0.1:5432 (scripts/test.sh starts it)");
+        postgres::migrate_to(&settings, target)
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432 (scripts/test.sh starts it)");
         TestDb { name, url, settings }
     }
 
@@ -188,6 +195,50 @@ async fn redelivery_republishes_replay_reopens_and_a_lost_lease_cannot_finish() 
     let err = ledger.finish("C:1", "w1", &reply_output("C:1", 0.01)).await.unwrap_err();
     assert!(matches!(err, LedgerError::LeaseLost(_)));
     ledger.finish("C:1", "w2", &reply_output("C:1", 0.01)).await.unwrap();
+    db.drop_db().await;
+}
+
+/// Version 2 moved the unpublished output from `units` into the decision row: a unit
+/// finished but unpublished under version 1 is still republished, not answered again.
+#[tokio::test]
+async fn upgrading_keeps_unpublished_outputs_for_republishing() {
+    let db = TestDb::at_version(Some(1)).await;
+    let pool = postgres::pool(&db.settings).unwrap();
+    let client = pool.get().await.unwrap();
+    let pending = serde_json::to_string(&reply_output("U:1", 0.02)).unwrap();
+    for (unit, published, output) in [("U:1", false, Some(pending.as_str())), ("U:2", true, None)] {
+        client
+            .execute(
+                "INSERT INTO units (unit_id, ticket_id, status, owner, lease_until, attempts, pending_output, published)
+                 VALUES ($1, 'U', 'answered', 'old', now() - interval '1 minute', 1, $2, $3)",
+                &[&unit, &output, &published],
+            )
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            client
+                .execute(
+                    "INSERT INTO decisions (unit_id, ticket_id, status, reasons, worker_id)
+                     VALUES ($1, 'U', 'answered', '{}', 'old')",
+                    &[&unit],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    drop(client);
+    assert_eq!(postgres::migrate(&db.settings).await.unwrap(), vec![postgres::latest_version()]);
+    let ledger = db.ledger().await;
+    match ledger.claim("U:1", "U", 0, "new").await.unwrap() {
+        Claim::Unpublished(output) => assert_eq!(serde_json::to_string(&output).unwrap(), pending),
+        other => panic!("expected the stored output, got {other:?}"),
+    }
+    assert!(matches!(ledger.claim("U:2", "U", 0, "new").await.unwrap(), Claim::Done));
+    let client = db.client().await;
+    let kept: i64 =
+        client.query_one("SELECT count(*) FROM decisions WHERE output IS NOT NULL", &[]).await.unwrap().get(0);
+    assert_eq!(kept, 1, "the output belongs to the unit's latest decision only");
+    drop((client, ledger));
     db.drop_db().await;
 }
 

@@ -260,8 +260,10 @@ WITH f AS (
         $26::text[])
         AS c(unit_id, call_id, stage, provider, model, input_tokens, cached_input_tokens, output_tokens,
              cost_usd, baseline_cost_usd, pricing_version, outcome, latency_ms, estimated, at)
+    -- No ON CONFLICT: a call's id is a fresh UUID and the ownership fence lets a unit's
+    -- output be finished once, so a duplicate is a bug to surface, not to skip; and the
+    -- conflict check cost an extra index probe per record.
     JOIN u ON u.unit_id = c.unit_id
-    ON CONFLICT (call_id) DO NOTHING
 ), decision AS (
     INSERT INTO decisions (unit_id, ticket_id, status, tier, reasons, triage, moderation, worker_id, output)
     SELECT d.unit_id, u.ticket_id, d.status, d.tier, ARRAY(SELECT jsonb_array_elements_text(d.reasons)),

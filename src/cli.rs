@@ -162,9 +162,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     .map_err(|e| Failure { code: 2, error: anyhow::anyhow!(e) })
             };
             let (since, until) = (parse(&since)?, parse(&until)?);
-            let prices = crate::providers::pricing::PriceTable::from_settings(&settings);
-            let ledger = crate::ledger::postgres::PgLedger::connect(&settings.database, prices).await?;
-            let report = crate::report::gather(ledger.pool(), since, until).await?;
+            let pool = crate::ledger::postgres::reader_pool(&settings.database).await?;
+            let report = crate::report::gather(&pool, since, until).await?;
             match format {
                 ReportFormat::Table => print!("{}", crate::report::render_table(&report)),
                 ReportFormat::Json => {

@@ -141,16 +141,72 @@ pub struct RabbitSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DatabaseSettings {
-    /// PostgreSQL URL; the password is redacted in `ticketflow config`.
+    /// PostgreSQL URL; the password is redacted in `ticketflow config`. Its `sslmode`
+    /// and `sslrootcert` parameters, when present, take precedence over `tls` and
+    /// `tls_ca_file`.
     pub url: String,
+    /// Parts that replace the URL's when not empty (0 for the port): for deployments
+    /// that keep the password in a secret of its own (`TICKETFLOW__DATABASE__PASSWORD`).
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// Redacted in `ticketflow config`.
+    pub password: String,
+    pub dbname: String,
+    /// Transport security, with libpq's meanings.
+    pub tls: TlsMode,
+    /// PEM file of the certificate authorities to trust for `verify-ca` and
+    /// `verify-full`; empty for the system's store.
+    pub tls_ca_file: String,
     /// Connections in the pool.
     pub pool_size: usize,
     /// Timeout for connecting and for waiting on a pooled connection.
     pub connect_timeout_ms: u64,
+    /// The server cancels a ledger statement running longer than this (0: never).
+    /// Migrations and reports are not limited.
+    pub statement_timeout_ms: u64,
     /// How long a claimed unit stays reserved for its worker. Longer than a ticket can
     /// take (`limits.ticket_deadline_ms`) plus publishing; when the worker dies, another
     /// takes the unit over once this expires.
     pub lease_ms: u64,
+}
+
+/// TLS to PostgreSQL, as libpq's `sslmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", try_from = "String")]
+pub enum TlsMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS when the server offers it, plain otherwise; the certificate is not checked.
+    Prefer,
+    /// TLS or no connection; the certificate is not checked (encryption only).
+    Require,
+    /// TLS with a certificate signed by a trusted authority, whatever its host name.
+    VerifyCa,
+    /// TLS with a trusted certificate issued for the host connected to.
+    VerifyFull,
+}
+
+impl TryFrom<String> for TlsMode {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        TlsMode::parse(&s)
+            .ok_or_else(|| format!("`{s}` is not one of disable, prefer, require, verify-ca, verify-full"))
+    }
+}
+
+impl TlsMode {
+    /// libpq's `sslmode` values (`allow` is taken as `prefer`).
+    pub fn parse(s: &str) -> Option<TlsMode> {
+        Some(match s {
+            "disable" => TlsMode::Disable,
+            "prefer" | "allow" => TlsMode::Prefer,
+            "require" => TlsMode::Require,
+            "verify-ca" => TlsMode::VerifyCa,
+            "verify-full" => TlsMode::VerifyFull,
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -380,6 +436,9 @@ impl Settings {
         if !(0.0..=0.5).contains(&self.limits.rate_limit_headroom) {
             problems.push("limits.rate_limit_headroom must be between 0 and 0.5".into());
         }
+        if !self.database.tls_ca_file.is_empty() && !std::path::Path::new(&self.database.tls_ca_file).is_file() {
+            problems.push(format!("database.tls_ca_file: no such file: {}", self.database.tls_ca_file));
+        }
         if self.database.lease_ms <= self.limits.ticket_deadline_ms {
             problems.push(format!(
                 "database.lease_ms ({}) must be longer than limits.ticket_deadline_ms ({}), or a slow ticket's unit could be taken over while it is still being worked on",
@@ -493,6 +552,9 @@ impl Settings {
     pub fn redacted_toml(&self) -> String {
         let mut copy = self.clone();
         copy.database.url = redact_url(&copy.database.url);
+        if !copy.database.password.is_empty() {
+            copy.database.password = "REDACTED".into();
+        }
         copy.broker.rabbitmq.url = redact_url(&copy.broker.rabbitmq.url);
         for p in copy.providers.values_mut() {
             p.base_url = redact_url(&p.base_url);

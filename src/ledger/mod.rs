@@ -6,6 +6,7 @@
 //! anywhere leaves a state from which redelivery does the right thing.
 
 pub mod batch;
+pub mod connect;
 pub mod memory;
 pub mod postgres;
 

@@ -17,12 +17,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::batch::Batcher;
+use super::connect::{self, Session};
 use super::{Claim, Ledger, LedgerError};
 use crate::providers::pricing::PriceTable;
 use crate::providers::Usage;
@@ -65,29 +65,27 @@ fn unavailable(e: impl std::error::Error) -> LedgerError {
     LedgerError::Unavailable(crate::error_chain(&e))
 }
 
-/// Builds a connection pool from the settings.
-pub fn pool(settings: &DatabaseSettings) -> Result<Pool, LedgerError> {
-    let mut config: tokio_postgres::Config =
-        settings.url.parse().map_err(|e| LedgerError::Other(format!("database.url: {e}")))?;
-    config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms.max(1)));
-    config.application_name("ticketflow");
-    // Plan every batch for its own size and for the tables as they are now. A cached
-    // generic plan, made while the tables were small, kept scanning `units` whole long
-    // after it had grown (until an ANALYZE, which a server without autovacuum never
-    // runs): throughput fell run after run (BENCHMARKS.md).
-    let options = match config.get_options() {
-        Some(theirs) => format!("{theirs} -c plan_cache_mode=force_custom_plan"),
-        None => "-c plan_cache_mode=force_custom_plan".to_owned(),
-    };
-    config.options(&options);
-    let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+/// Builds a connection pool from the settings (URL or parts, TLS, timeouts).
+pub fn pool(settings: &DatabaseSettings, session: Session) -> Result<Pool, LedgerError> {
+    let target = connect::target(settings, session)?;
+    let manager =
+        Manager::from_config(target.config, target.tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let timeout = Duration::from_millis(settings.connect_timeout_ms.max(1));
     Pool::builder(manager)
         .max_size(settings.pool_size.max(1))
-        .wait_timeout(Some(Duration::from_millis(settings.connect_timeout_ms.max(1))))
-        .create_timeout(Some(Duration::from_millis(settings.connect_timeout_ms.max(1))))
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .map_err(|e| LedgerError::Other(format!("database pool: {e}")))
+}
+
+/// A pool for reading the ledger (`report`): checked against this build's schema, and
+/// without the ledger sessions' statement timeout.
+pub async fn reader_pool(settings: &DatabaseSettings) -> Result<Pool, LedgerError> {
+    let pool = pool(settings, Session::Admin)?;
+    check_schema(&pool).await?;
+    Ok(pool)
 }
 
 /// Applies the embedded migrations (idempotent), creating the database first if the
@@ -100,7 +98,7 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<Vec<i32>, LedgerErro
 /// testing an upgrade from an older schema with data in it.
 pub async fn migrate_to(settings: &DatabaseSettings, target: Option<u32>) -> Result<Vec<i32>, LedgerError> {
     create_database_if_missing(settings).await?;
-    let pool = pool(settings)?;
+    let pool = pool(settings, Session::Admin)?;
     let mut client = pool.get().await.map_err(unavailable)?;
     let mut runner = embedded::migrations::runner();
     if let Some(version) = target {
@@ -112,13 +110,11 @@ pub async fn migrate_to(settings: &DatabaseSettings, target: Option<u32>) -> Res
 }
 
 async fn create_database_if_missing(settings: &DatabaseSettings) -> Result<(), LedgerError> {
-    let config: tokio_postgres::Config =
-        settings.url.parse().map_err(|e| LedgerError::Other(format!("database.url: {e}")))?;
+    let connect::Target { config, tls } = connect::target(settings, Session::Admin)?;
     let Some(name) = config.get_dbname().map(str::to_owned) else { return Ok(()) };
     let mut maintenance = config.clone();
     maintenance.dbname("postgres");
-    maintenance.connect_timeout(Duration::from_millis(settings.connect_timeout_ms.max(1)));
-    let (client, connection) = maintenance.connect(NoTls).await.map_err(unavailable)?;
+    let (client, connection) = maintenance.connect(tls).await.map_err(unavailable)?;
     let driver = tokio::spawn(connection);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
@@ -140,43 +136,44 @@ pub fn latest_version() -> i32 {
     embedded::migrations::runner().get_migrations().iter().map(|m| m.version() as i32).max().unwrap_or(0)
 }
 
+/// Refuses a database whose schema is not this build's, naming the fix.
+async fn check_schema(pool: &Pool) -> Result<(), LedgerError> {
+    let client = match pool.get().await {
+        Ok(c) => c,
+        Err(e) => {
+            let text = crate::error_chain(&e);
+            let hint = if text.contains("does not exist") { " (`ticketflow migrate` creates it)" } else { "" };
+            return Err(LedgerError::Unavailable(format!("cannot connect to the database: {text}{hint}")));
+        }
+    };
+    let expected = latest_version();
+    let found: Option<i32> = match client.query_one("SELECT max(version) FROM refinery_schema_history", &[]).await {
+        Ok(row) => row.get(0),
+        Err(e) if e.as_db_error().is_some_and(|d| d.code() == &tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            None
+        }
+        Err(e) => return Err(unavailable(e)),
+    };
+    match found {
+        Some(v) if v == expected => {}
+        Some(v) if v > expected => {
+            return Err(LedgerError::Other(format!(
+                "the database schema is version {v}, newer than this build's {expected}: upgrade ticketflow"
+            )))
+        }
+        other => return Err(LedgerError::Other(format!(
+            "the database is not migrated (schema version {}, this build needs {expected}): run `ticketflow migrate`",
+            other.map_or("none".to_string(), |v| v.to_string())
+        ))),
+    }
+    Ok(())
+}
+
 impl PgLedger {
     /// Connects and checks that the database is migrated to this build's schema.
     pub async fn connect(settings: &DatabaseSettings, prices: PriceTable) -> Result<Self, LedgerError> {
-        let pool = pool(settings)?;
-        let client = match pool.get().await {
-            Ok(c) => c,
-            Err(e) => {
-                let text = crate::error_chain(&e);
-                let hint = if text.contains("does not exist") { " (`ticketflow migrate` creates it)" } else { "" };
-                return Err(LedgerError::Unavailable(format!("cannot connect to the database: {text}{hint}")));
-            }
-        };
-        let expected = latest_version();
-        let found: Option<i32> = match client.query_one("SELECT max(version) FROM refinery_schema_history", &[]).await {
-            Ok(row) => row.get(0),
-            Err(e)
-                if e.as_db_error().is_some_and(|d| d.code() == &tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
-            {
-                None
-            }
-            Err(e) => return Err(unavailable(e)),
-        };
-        match found {
-            Some(v) if v == expected => {}
-            Some(v) if v > expected => {
-                return Err(LedgerError::Other(format!(
-                    "the database schema is version {v}, newer than this build's {expected}: upgrade ticketflow"
-                )))
-            }
-            other => {
-                return Err(LedgerError::Other(format!(
-                    "the database is not migrated (schema version {}, this build needs {expected}): run `ticketflow migrate`",
-                    other.map_or("none".to_string(), |v| v.to_string())
-                )))
-            }
-        }
-        drop(client);
+        let pool = pool(settings, Session::Ledger)?;
+        check_schema(&pool).await?;
         let lease_secs = Duration::from_millis(settings.lease_ms.max(1)).as_secs_f64();
         let claims = {
             let pool = pool.clone();

@@ -203,7 +203,7 @@ async fn redelivery_republishes_replay_reopens_and_a_lost_lease_cannot_finish() 
 #[tokio::test]
 async fn upgrading_keeps_unpublished_outputs_for_republishing() {
     let db = TestDb::at_version(Some(1)).await;
-    let pool = postgres::pool(&db.settings).unwrap();
+    let pool = postgres::pool(&db.settings, ticketflow::ledger::connect::Session::Admin).unwrap();
     let client = pool.get().await.unwrap();
     let pending = serde_json::to_string(&reply_output("U:1", 0.02)).unwrap();
     for (unit, published, output) in [("U:1", false, Some(pending.as_str())), ("U:2", true, None)] {
@@ -402,4 +402,66 @@ async fn report_figures_match_the_records_of_the_run() {
         bin().args(["report", "--since", "yesterday"]).env("TICKETFLOW__DATABASE__URL", &db.url).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
     db.drop_db().await;
+}
+
+/// Whether a connection made with these settings is encrypted, or why it failed.
+async fn encrypted(settings: &DatabaseSettings) -> Result<bool, String> {
+    let pool = postgres::pool(settings, ticketflow::ledger::connect::Session::Admin).map_err(|e| e.to_string())?;
+    let client = pool.get().await.map_err(|e| ticketflow::error_chain(&e))?;
+    let row = client
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(row.get(0))
+}
+
+/// libpq's TLS modes against the local server. Debian's PostgreSQL serves TLS with its
+/// self-signed "snakeoil" certificate, issued for `localhost`; a server without TLS is
+/// checked for the plain-text side only.
+#[tokio::test]
+async fn tls_modes_connect_as_libpq_would() {
+    use ticketflow::settings::TlsMode;
+    let (admin, conn) = tokio_postgres::connect(&format!("{SERVER}/postgres"), tokio_postgres::NoTls).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let ssl_on = admin.query_one("SHOW ssl", &[]).await.unwrap().get::<_, String>(0) == "on";
+    let cert: String = admin.query_one("SHOW ssl_cert_file", &[]).await.unwrap().get(0);
+    driver.abort();
+    let base = Settings::load_from(None, &BTreeMap::new()).unwrap().database;
+    let with = |url: &str, tls: TlsMode, ca: &str| DatabaseSettings {
+        url: url.into(),
+        tls,
+        tls_ca_file: ca.into(),
+        connect_timeout_ms: 3000,
+        ..base.clone()
+    };
+    let by_ip = format!("{SERVER}/postgres");
+    let by_name = "postgres://postgres@localhost:5432/postgres";
+
+    assert_eq!(encrypted(&with(&by_ip, TlsMode::Disable, "")).await, Ok(false));
+    if !ssl_on {
+        assert_eq!(encrypted(&with(&by_ip, TlsMode::Prefer, "")).await, Ok(false));
+        let err = encrypted(&with(&by_ip, TlsMode::Require, "")).await.unwrap_err();
+        assert!(err.contains("TLS") || err.contains("SSL"), "{err}");
+        return;
+    }
+    assert_eq!(encrypted(&with(&by_ip, TlsMode::Prefer, "")).await, Ok(true));
+    assert_eq!(encrypted(&with(&by_ip, TlsMode::Require, "")).await, Ok(true));
+    // The URL's sslmode wins over the setting, as an operator pasting a libpq URL expects.
+    assert_eq!(encrypted(&with(&format!("{by_ip}?sslmode=disable"), TlsMode::Require, "")).await, Ok(false));
+    // A self-signed certificate is trusted only when its authority is configured (the
+    // public authorities of Debian's bundle do not vouch for it)...
+    let public_cas = "/etc/ssl/certs/ca-certificates.crt";
+    if std::path::Path::new(public_cas).exists() {
+        let err = encrypted(&with(by_name, TlsMode::VerifyFull, public_cas)).await.unwrap_err();
+        assert!(err.contains("certificate"), "{err}");
+    }
+    assert_eq!(encrypted(&with(by_name, TlsMode::VerifyFull, &cert)).await, Ok(true));
+    assert_eq!(
+        encrypted(&with(&format!("{by_name}?sslmode=verify-full&sslrootcert={cert}"), TlsMode::Disable, "")).await,
+        Ok(true)
+    );
+    // ...and verify-full also wants it issued for the host connected to; verify-ca does not.
+    let err = encrypted(&with(&by_ip, TlsMode::VerifyFull, &cert)).await.unwrap_err();
+    assert!(err.contains("certificate"), "{err}");
+    assert_eq!(encrypted(&with(&by_ip, TlsMode::VerifyCa, &cert)).await, Ok(true));
 }

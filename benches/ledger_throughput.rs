@@ -5,7 +5,8 @@
 //! answer instantly here, so this is the ledger's worst case: nothing else paces it.
 //!
 //! Run: `cargo bench --bench ledger_throughput` (env: UNITS, IN_FLIGHT, RUNS,
-//! DATABASE_SERVER, default postgres://postgres@127.0.0.1:5432). It creates and drops
+//! TLS (default `database.tls`, prefer: TLS on a server that offers it), DATABASE_SERVER,
+//! default postgres://postgres@127.0.0.1:5432). It creates and drops
 //! its own database (KEEP_DATABASE=1 keeps it, for inspection).
 
 use std::collections::BTreeMap;
@@ -39,6 +40,16 @@ fn output(unit_id: &str, (reply, cost): &(Reply, CostRecord)) -> Output {
     Output::Reply { reply: Reply { unit_id: unit_id.into(), ..reply.clone() }, costs }
 }
 
+/// Busy and stolen CPU time of the whole machine so far (server, bench and anything
+/// else), in clock ticks, from /proc/stat; `None` where there is no /proc.
+fn machine_cpu() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6];
+    Some((busy, *fields.get(7).unwrap_or(&0)))
+}
+
 fn main() {
     let measuring = std::env::args().any(|a| a == "--bench");
     let units: usize = if measuring { env_or("UNITS", 50_000) } else { 500 };
@@ -52,12 +63,16 @@ fn main() {
         let in_flight: usize = env_or("IN_FLIGHT", base.limits.max_in_flight);
         let mut db = base.database.clone();
         db.url = format!("{server}/{name}");
+        if let Ok(tls) = std::env::var("TLS") {
+            db.tls = ticketflow::settings::TlsMode::parse(&tls).expect("TLS: disable, prefer, require, ...");
+        }
         postgres::migrate(&db).await.expect("a PostgreSQL server");
         let ledger = Arc::new(PgLedger::connect(&db, PriceTable::from_settings(&base)).await.unwrap());
         let templates = Arc::new(templates());
         let mut rates = Vec::new();
         for run in 1..=runs {
             let started = Instant::now();
+            let cpu_before = machine_cpu();
             let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let mut tasks = tokio::task::JoinSet::new();
             for w in 0..in_flight {
@@ -85,8 +100,22 @@ fn main() {
             while let Some(r) = tasks.join_next().await {
                 r.unwrap();
             }
-            let rate = units as f64 / started.elapsed().as_secs_f64();
-            println!("run {run}: {units} units with {in_flight} in flight: {rate:.0} units/s");
+            let elapsed = started.elapsed().as_secs_f64();
+            let rate = units as f64 / elapsed;
+            // CPU per unit is steadier than units/s on a machine whose neighbours steal
+            // time: it says what the ledger costs, whatever was left for it to use.
+            let cpu = match (cpu_before, machine_cpu()) {
+                (Some((b0, s0)), Some((b1, s1))) => {
+                    let tick = 1e6 / 100.0; // µs per USER_HZ tick
+                    let steal = (s1 - s0) as f64 * tick / 1e6 / elapsed;
+                    format!(
+                        ", machine CPU {:.0} µs/unit, {steal:.2} cores stolen",
+                        (b1 - b0) as f64 * tick / units as f64
+                    )
+                }
+                _ => String::new(),
+            };
+            println!("run {run}: {units} units with {in_flight} in flight: {rate:.0} units/s{cpu}");
             rates.push(rate);
         }
         rates.sort_by(|a, b| a.total_cmp(b));

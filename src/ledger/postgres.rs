@@ -44,8 +44,9 @@ pub struct PgLedger {
 
 /// Units per batch: a batch is one statement, so this bounds its parameters' size.
 const MAX_BATCH: usize = 256;
-/// Batches of one kind in flight at once. Two keeps one batch filling while the other
-/// runs; more gave smaller batches and lower throughput (BENCHMARKS.md).
+/// Batches of one kind in flight at once; the second starts only when a quarter batch
+/// is waiting (`Batcher::spawn`). Eager parallel batches were smaller and cost the
+/// server more per unit (BENCHMARKS.md).
 const BATCH_CONCURRENCY: usize = 2;
 
 struct ClaimRequest {
@@ -161,10 +162,12 @@ async fn check_schema(pool: &Pool) -> Result<(), LedgerError> {
                 "the database schema is version {v}, newer than this build's {expected}: upgrade ticketflow"
             )))
         }
-        other => return Err(LedgerError::Other(format!(
+        other => {
+            return Err(LedgerError::Other(format!(
             "the database is not migrated (schema version {}, this build needs {expected}): run `ticketflow migrate`",
             other.map_or("none".to_string(), |v| v.to_string())
-        ))),
+        )))
+        }
     }
     Ok(())
 }

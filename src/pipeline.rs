@@ -57,6 +57,10 @@ pub struct Pipeline {
     ledger: Arc<dyn Ledger>,
     publisher: Arc<dyn Publisher>,
     worker_id: String,
+    /// Numbers this worker's claims: each delivery claims under a name of its own
+    /// (`worker#n`), so that a claim retried after a lost response is recognised as
+    /// its own, while a second delivery of the same unit in this process is not.
+    claims: std::sync::atomic::AtomicU64,
     budgets: Budgets,
 }
 
@@ -89,6 +93,7 @@ impl Pipeline {
             ledger,
             publisher,
             worker_id,
+            claims: std::sync::atomic::AtomicU64::new(0),
             budgets,
         }
     }
@@ -128,7 +133,8 @@ impl Pipeline {
                 return Ok(Handled::DeadLettered(kind));
             }
         };
-        let claim = self.claim(&ticket, delivery.replay_count).await?;
+        let claimer = format!("{}#{}", self.worker_id, self.claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let claim = self.claim(&ticket, delivery.replay_count, &claimer).await?;
         let (attempts, prior_cost_usd) = match claim {
             Claim::Fresh { attempts, prior_cost_usd } => (attempts, prior_cost_usd),
             Claim::Done => return Ok(Handled::Duplicate),
@@ -144,14 +150,14 @@ impl Pipeline {
             Output::Reply { reply, .. } => Handled::Replied(reply.status),
             Output::DeadLetter { dead_letter, .. } => Handled::DeadLettered(dead_letter.error.kind),
         };
-        if let Err(e) = self.ledger.finish(&ticket.unit_id, &self.worker_id, &output).await {
-            self.release(&ticket.unit_id).await;
+        if let Err(e) = self.ledger.finish(&ticket.unit_id, &claimer, &output).await {
+            self.release(&ticket.unit_id, &claimer).await;
             return Err(e.into());
         }
         // The ledger now holds the output as unpublished: if publishing fails, a
         // redelivery republishes it instead of calling providers again.
         if let Err(e) = self.publisher.publish(&output).await {
-            self.release(&ticket.unit_id).await;
+            self.release(&ticket.unit_id, &claimer).await;
             return Err(e.into());
         }
         self.ledger.mark_published(&ticket.unit_id).await?;
@@ -159,11 +165,11 @@ impl Pipeline {
     }
 
     /// Claims the unit, waiting a little while another worker holds it.
-    async fn claim(&self, ticket: &Ticket, replay_count: u32) -> Result<Claim, HandleError> {
+    async fn claim(&self, ticket: &Ticket, replay_count: u32, claimer: &str) -> Result<Claim, HandleError> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(10);
         loop {
-            let claim = self.ledger.claim(&ticket.unit_id, &ticket.ticket_id, replay_count, &self.worker_id).await?;
+            let claim = self.ledger.claim(&ticket.unit_id, &ticket.ticket_id, replay_count, claimer).await?;
             if !matches!(claim, Claim::Busy) || started.elapsed() >= BUSY_WAIT {
                 return Ok(claim);
             }
@@ -172,8 +178,8 @@ impl Pipeline {
         }
     }
 
-    async fn release(&self, unit_id: &str) {
-        if let Err(e) = self.ledger.release(unit_id, &self.worker_id).await {
+    async fn release(&self, unit_id: &str, claimer: &str) {
+        if let Err(e) = self.ledger.release(unit_id, claimer).await {
             tracing::warn!(unit_id, error = %e, "could not release a claim; its lease will expire");
         }
     }

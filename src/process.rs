@@ -16,6 +16,7 @@ use crate::broker::files::FilePublisher;
 use crate::broker::memory;
 use crate::ledger::memory::MemoryLedger;
 use crate::ledger::postgres::PgLedger;
+use crate::ledger::resilient::{Backoff, Health, Resilient};
 use crate::ledger::Ledger;
 use crate::pipeline::Pipeline;
 use crate::providers::pricing::PriceTable;
@@ -81,11 +82,13 @@ pub async fn run(
         FilePublisher::create(&opts.out_dir, PriceTable::from_settings(&settings))
             .map_err(|source| ProcessError::Output { path: opts.out_dir.display().to_string(), source })?,
     );
-    let ledger: Arc<dyn Ledger> = if opts.postgres_ledger {
+    let store: Arc<dyn Ledger> = if opts.postgres_ledger {
         Arc::new(PgLedger::connect(&settings.database, PriceTable::from_settings(&settings)).await?)
     } else {
         Arc::new(MemoryLedger::new())
     };
+    let health = Health::new();
+    let ledger = Arc::new(Resilient::new(store, health.clone(), Backoff::default()));
     let pipeline = Arc::new(Pipeline::new(settings.clone(), analyzer, providers, ledger, publisher.clone()));
 
     let (reader, total_bytes): (Box<dyn AsyncBufRead + Unpin + Send>, Option<u64>) = if opts.input == Path::new("-") {
@@ -116,7 +119,7 @@ pub async fn run(
             }
         })
     };
-    runner::run(queue, pipeline, max_in_flight, shutdown.clone(), stats.clone()).await;
+    runner::run(queue, pipeline, max_in_flight, shutdown.clone(), stats.clone(), health).await;
     let read_result = read.await;
     if let Some(p) = progress {
         p.finish();

@@ -1,6 +1,7 @@
 //! Drives a [`Source`] through the [`Pipeline`]: bounded concurrency (the in-flight
 //! budget is a semaphore, so intake waits instead of piling up work), ack or nack
-//! from each completion, and a graceful drain on shutdown.
+//! from each completion, and a graceful drain on shutdown. While the ledger is
+//! unreachable ([`Health`] not ready) no new delivery is taken.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::Source;
+use crate::ledger::resilient::Health;
 use crate::pipeline::{HandleError, Pipeline};
 
 /// Counters of one run.
@@ -45,10 +47,16 @@ pub async fn run(
     max_in_flight: usize,
     shutdown: Shutdown,
     stats: Arc<RunStats>,
+    health: Arc<Health>,
 ) {
     let permits = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let tracker = TaskTracker::new();
     loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.stop_intake.cancelled() => break,
+            _ = health.wait_ready() => {}
+        }
         let permit = tokio::select! {
             biased;
             _ = shutdown.stop_intake.cancelled() => break,

@@ -17,7 +17,9 @@ use crate::ticket::Output;
 
 #[derive(Debug)]
 enum State {
-    InProgress,
+    InProgress {
+        owner: String,
+    },
     /// `publishing`: the finisher is still publishing; others wait instead of
     /// republishing the same output.
     Finished {
@@ -70,7 +72,7 @@ impl Ledger for MemoryLedger {
         unit_id: &str,
         _ticket_id: &str,
         replay_count: u32,
-        _worker_id: &str,
+        worker_id: &str,
     ) -> Result<Claim, LedgerError> {
         let key = Self::key(unit_id);
         let mut units = self.lock()?;
@@ -78,20 +80,23 @@ impl Ledger for MemoryLedger {
             return Ok(Claim::Done);
         }
         let entry = units.active.entry(key).or_insert(Entry {
-            state: State::InProgress,
+            state: State::InProgress { owner: worker_id.to_owned() },
             attempts: 0,
             replay_count,
             cost_usd: 0.0,
         });
         match &mut entry.state {
-            State::InProgress if entry.attempts > 0 => Ok(Claim::Busy),
-            State::InProgress => {
+            State::InProgress { owner } if entry.attempts > 0 && owner == worker_id => {
+                Ok(Claim::Fresh { attempts: entry.attempts, prior_cost_usd: entry.cost_usd })
+            }
+            State::InProgress { .. } if entry.attempts > 0 => Ok(Claim::Busy),
+            State::InProgress { .. } => {
                 entry.attempts = 1;
                 Ok(Claim::Fresh { attempts: 1, prior_cost_usd: 0.0 })
             }
             State::Finished { publishing: true, .. } => Ok(Claim::Busy),
             State::Finished { dead_letter: true, unpublished: None, .. } if replay_count > entry.replay_count => {
-                entry.state = State::InProgress;
+                entry.state = State::InProgress { owner: worker_id.to_owned() };
                 entry.attempts += 1;
                 entry.replay_count = replay_count;
                 Ok(Claim::Fresh { attempts: entry.attempts, prior_cost_usd: entry.cost_usd })
@@ -149,7 +154,7 @@ impl Ledger for MemoryLedger {
                 *publishing = false;
                 return Ok(());
             }
-            if matches!(entry.state, State::InProgress) {
+            if matches!(entry.state, State::InProgress { .. }) {
                 if entry.attempts <= 1 {
                     units.active.remove(&key);
                 } else {
@@ -165,11 +170,11 @@ impl Ledger for MemoryLedger {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ticket::*;
 
-    fn dead_letter_output() -> Output {
+    pub(crate) fn dead_letter_output() -> Output {
         Output::DeadLetter {
             dead_letter: DeadLetter {
                 schema_version: 1,
@@ -208,8 +213,10 @@ mod tests {
     #[tokio::test]
     async fn second_claim_while_in_progress_is_busy_then_done() {
         let l = MemoryLedger::new();
-        assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
-        assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Busy));
+        assert!(matches!(l.claim("T:1", "T", 0, "w#1").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
+        assert!(matches!(l.claim("T:1", "T", 0, "w#2").await.unwrap(), Claim::Busy));
+        // The same claimer asking again (its answer was lost) gets the unit back.
+        assert!(matches!(l.claim("T:1", "T", 0, "w#1").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
         l.finish("T:1", "w", &dead_letter_output()).await.unwrap();
         assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Busy), "its finisher is publishing");
         l.release("T:1", "w").await.unwrap();

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod connect;
 pub mod memory;
 pub mod postgres;
+pub mod resilient;
 
 use async_trait::async_trait;
 
@@ -31,6 +32,7 @@ pub enum Claim {
 /// A ledger failure: the message must not be acknowledged.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LedgerError {
+    /// The database cannot be reached or cannot take writes now; retrying later helps.
     #[error("ledger unavailable: {0}")]
     Unavailable(String),
     #[error("ledger error: {0}")]
@@ -43,8 +45,11 @@ pub enum LedgerError {
 /// tests) and PostgreSQL (worker).
 #[async_trait]
 pub trait Ledger: Send + Sync {
-    /// Claims `unit_id` for `worker_id`. A dead-lettered unit becomes claimable again
-    /// when it comes back with a higher `replay_count`.
+    /// Claims `unit_id` for `worker_id`: the name of one delivery attempt (the
+    /// pipeline uses `worker#n`), which finish and release must repeat. The same name
+    /// claiming again gets the unit again: a retry after the answer to a committed
+    /// claim was lost. A dead-lettered unit becomes claimable again when it comes back
+    /// with a higher `replay_count`.
     async fn claim(
         &self,
         unit_id: &str,
@@ -67,4 +72,9 @@ pub trait Ledger: Send + Sync {
     /// Records a dead letter that belongs to no unit of work (input that never became a
     /// ticket), for the audit trail and the report.
     async fn record_rejected(&self, dead_letter: &crate::ticket::DeadLetter) -> Result<(), LedgerError>;
+
+    /// Checks that the ledger can take writes now ([`resilient::Resilient`]'s probe).
+    async fn ping(&self) -> Result<(), LedgerError> {
+        Ok(())
+    }
 }

@@ -2,8 +2,9 @@
 //! redeliveries, replays and replicas.
 //!
 //! Claim protocol: one `INSERT … ON CONFLICT DO UPDATE … WHERE` takes a unit when it
-//! is new, when its owner's lease has expired (the owner died), or when it comes back
-//! from the dead-letter topic with a higher replay count. PostgreSQL serialises
+//! is new, when its owner's lease has expired (the owner died), when it comes back
+//! from the dead-letter topic with a higher replay count, or when the same claimer asks
+//! again (its first claim committed but the answer was lost with the connection). PostgreSQL serialises
 //! concurrent claims of one key, so two replicas never both work on a unit. Finishing
 //! is one statement too (unit, cost records, routing decision and dead letter in CTEs)
 //! and is fenced by ownership: a worker whose lease was taken over cannot finish.
@@ -62,8 +63,45 @@ struct FinishRequest {
     output: Output,
 }
 
-fn unavailable(e: impl std::error::Error) -> LedgerError {
-    LedgerError::Unavailable(crate::error_chain(&e))
+/// Classifies a database error: the server unreachable, restarting, failing over or
+/// overloaded is [`LedgerError::Unavailable`] (wait and retry); a statement the server
+/// rejects for what it is, is [`LedgerError::Other`].
+fn unavailable(e: impl std::error::Error + 'static) -> LedgerError {
+    let text = crate::error_chain(&e);
+    // Anything but a query's own error (the pool failing to connect, say) is the
+    // database being out of reach.
+    let Some(pg) = (&e as &dyn std::error::Error).downcast_ref::<tokio_postgres::Error>() else {
+        return LedgerError::Unavailable(text);
+    };
+    let reachable = match pg.as_db_error() {
+        Some(db) => !transient(db.code().code()),
+        // The connection closed or failed underneath; a type conversion error is a bug.
+        None => {
+            !(pg.is_closed()
+                || std::error::Error::source(pg).is_some_and(|s| s.is::<std::io::Error>())
+                || text.contains("timeout")
+                || text.contains("TLS"))
+        }
+    };
+    if reachable {
+        LedgerError::Other(text)
+    } else {
+        LedgerError::Unavailable(text)
+    }
+}
+
+/// SQLSTATEs that retrying later can cure.
+fn transient(code: &str) -> bool {
+    code.starts_with("08") // connection exception
+        || code.starts_with("53") // insufficient resources: connections, memory, disk
+        || code.starts_with("58") // system error (I/O)
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" // shut down by an administrator or a crash; starting up
+            | "57014" // canceled: the statement timeout
+            | "40001" | "40P01" // serialization failure, deadlock
+            | "25006" // read-only transaction: a standby, during a failover
+        )
 }
 
 /// Builds a connection pool from the settings (URL or parts, TLS, timeouts).
@@ -212,11 +250,11 @@ FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int4[]) AS c(unit_id, ticket
 ON CONFLICT (unit_id) DO UPDATE SET
     owner = EXCLUDED.owner,
     lease_until = EXCLUDED.lease_until,
-    attempts = units.attempts + 1,
+    attempts = units.attempts + CASE WHEN units.owner = EXCLUDED.owner THEN 0 ELSE 1 END,
     status = 'in_progress',
     replay_count = EXCLUDED.replay_count,
     published = false
-WHERE (units.status = 'in_progress' AND units.lease_until < now())
+WHERE (units.status = 'in_progress' AND (units.lease_until < now() OR units.owner = EXCLUDED.owner))
    OR (units.status = 'dead_letter' AND units.published AND EXCLUDED.replay_count > units.replay_count)
 RETURNING unit_id, attempts, cost_usd";
 
@@ -618,6 +656,17 @@ impl Ledger for PgLedger {
             )
             .await
             .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), LedgerError> {
+        let client = self.client().await?;
+        let standby: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).await.map_err(unavailable)?.get(0);
+        if standby {
+            return Err(LedgerError::Unavailable(
+                "the server is a standby (in recovery): it cannot take writes".into(),
+            ));
+        }
         Ok(())
     }
 

@@ -198,6 +198,21 @@ async fn redelivery_republishes_replay_reopens_and_a_lost_lease_cannot_finish() 
     db.drop_db().await;
 }
 
+/// A claim whose answer was lost with the connection is retried under the same name:
+/// it gets the unit back (without counting another attempt); anyone else still waits.
+#[tokio::test]
+async fn a_claim_retried_by_its_claimer_is_granted_again() {
+    let db = TestDb::new().await;
+    let ledger = db.ledger().await;
+    assert!(matches!(ledger.claim("R:1", "R", 0, "w#1").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
+    assert!(matches!(ledger.claim("R:1", "R", 0, "w#1").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
+    assert!(matches!(ledger.claim("R:1", "R", 0, "w#2").await.unwrap(), Claim::Busy));
+    ledger.finish("R:1", "w#1", &reply_output("R:1", 0.01)).await.unwrap();
+    assert!(matches!(ledger.claim("R:1", "R", 0, "w#1").await.unwrap(), Claim::Busy), "finished: no longer claimable");
+    drop(ledger);
+    db.drop_db().await;
+}
+
 /// Version 2 moved the unpublished output from `units` into the decision row: a unit
 /// finished but unpublished under version 1 is still republished, not answered again.
 #[tokio::test]
@@ -464,4 +479,195 @@ async fn tls_modes_connect_as_libpq_would() {
     let err = encrypted(&with(&by_ip, TlsMode::VerifyFull, &cert)).await.unwrap_err();
     assert!(err.contains("certificate"), "{err}");
     assert_eq!(encrypted(&with(&by_ip, TlsMode::VerifyCa, &cert)).await, Ok(true));
+}
+
+/// A TCP proxy in front of the database that can be cut (every connection dropped, new
+/// ones refused) and restored: a database outage that hits this test alone.
+struct Proxy {
+    port: u16,
+    state: Arc<std::sync::Mutex<(bool, Vec<tokio::task::AbortHandle>)>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: &'static str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(std::sync::Mutex::new((true, Vec::new())));
+        let accept = tokio::spawn({
+            let state = state.clone();
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let mut guard = state.lock().unwrap();
+                    if !guard.0 {
+                        continue; // dropped: the client sees the connection close
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    guard.1.push(task.abort_handle());
+                }
+            }
+        });
+        Proxy { port, state, accept }
+    }
+
+    fn cut(&self) {
+        let mut guard = self.state.lock().unwrap();
+        guard.0 = false;
+        for connection in guard.1.drain(..) {
+            connection.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.state.lock().unwrap().0 = true;
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds; panics after `limit`.
+async fn wait_for<F, Fut>(what: &str, limit: Duration, condition: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// SPEC §6: with PostgreSQL down the worker takes no new ticket, reports not ready,
+/// retries, and resumes without losing or double-processing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_pauses_intake_and_nothing_is_lost_or_done_twice() {
+    use std::collections::HashMap;
+    use std::sync::atomic::Ordering;
+    use ticketflow::broker::memory::{self, MemoryPublisher};
+    use ticketflow::ledger::resilient::{Backoff, Health, Resilient};
+    use ticketflow::runner::{self, RunStats, Shutdown};
+
+    let db = TestDb::new().await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    // Quick simulated providers, so that tickets are in every stage when the cut comes.
+    let base = Settings::load_from(None, &BTreeMap::new()).unwrap();
+    let mut env = BTreeMap::new();
+    for name in base.providers.keys() {
+        let key = |field: &str| format!("TICKETFLOW__PROVIDERS__{}__{field}", name.to_uppercase());
+        env.insert(key("LATENCY_MS"), "20".to_string());
+        env.insert(key("JITTER_MS"), "10".to_string());
+    }
+    env.insert("TICKETFLOW__LIMITS__MAX_IN_FLIGHT".into(), "64".into());
+    let settings = Arc::new(Settings::load_from(None, &env).unwrap());
+    let mut through_proxy = db.settings.clone();
+    through_proxy.url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, db.name);
+    through_proxy.tls = ticketflow::settings::TlsMode::Disable;
+    through_proxy.connect_timeout_ms = 1000;
+    let store = Arc::new(PgLedger::connect(&through_proxy, PriceTable::from_settings(&settings)).await.unwrap());
+    let health = Health::new();
+    let backoff = Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) };
+    let ledger = Arc::new(Resilient::new(store, health.clone(), backoff));
+    let analyzer = Arc::new(ticketflow::triage::Analyzer::new(&settings.triage));
+    let providers = ticketflow::providers::Providers::from_settings(&settings, analyzer.clone()).unwrap();
+    let publisher = Arc::new(MemoryPublisher::new());
+    let pipeline =
+        Arc::new(ticketflow::pipeline::Pipeline::new(settings.clone(), analyzer, providers, ledger, publisher.clone()));
+
+    let lines: Vec<String> = std::fs::read_to_string(repo_path("examples/tickets.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    let total = lines.len();
+    let (producer, queue) = memory::queue(16);
+    // Tickets arrive every 5 ms, so most of the 64 in-flight permits are free when the
+    // cut comes: only the readiness gate keeps the runner from taking more.
+    let feeder = tokio::spawn(async move {
+        let mut arrivals = tokio::time::interval(Duration::from_millis(5));
+        for (i, line) in lines.into_iter().enumerate() {
+            arrivals.tick().await;
+            let source = SourceRef { topic: "tickets".into(), partition: 0, offset: i as i64 };
+            assert!(producer.send(bytes::Bytes::from(line), None, source, 0).await);
+        }
+    });
+    let stats = Arc::new(RunStats::default());
+    let run = tokio::spawn(runner::run(
+        queue,
+        pipeline,
+        64,
+        Shutdown::new(Duration::from_secs(60)),
+        stats.clone(),
+        health.clone(),
+    ));
+
+    let observer = Arc::new(db.client().await);
+    let published = |observer: Arc<deadpool_postgres::Object>| async move {
+        observer.query_one("SELECT count(*) FROM units WHERE published", &[]).await.unwrap().get::<_, i64>(0)
+    };
+    wait_for("40 published units", Duration::from_secs(60), || {
+        let observer = observer.clone();
+        async move { published(observer).await >= 40 }
+    })
+    .await;
+
+    proxy.cut();
+    wait_for("readiness to go false", Duration::from_secs(10), || async { !health.is_ready() }).await;
+    wait_for("a first probe", Duration::from_secs(10), || async { health.probes() >= 1 }).await;
+    let taken = stats.received.load(Ordering::SeqCst);
+    let at_cut = published(observer.clone()).await;
+    wait_for("six probes", Duration::from_secs(10), || async { health.probes() >= 6 }).await;
+    assert_eq!(stats.received.load(Ordering::SeqCst), taken, "no new ticket is taken while the database is down");
+    assert!(!health.is_ready());
+    assert_eq!(published(observer.clone()).await, at_cut, "nothing is recorded while the database is down");
+
+    proxy.restore();
+    feeder.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(120), run).await.expect("the run resumes and ends").unwrap();
+    assert!(health.is_ready());
+    assert!(health.outages() >= 1);
+    assert!(at_cut < total as i64, "the cut came in the middle of the run");
+
+    // Every delivery ends as one output; every unit is answered once and paid once.
+    assert_eq!(stats.acked.load(Ordering::SeqCst), total as u64);
+    let outputs = publisher.outputs();
+    let mut per_unit: HashMap<String, usize> = HashMap::new();
+    let (mut cost, mut records) = (0.0, 0i64);
+    for output in &outputs {
+        let unit = match output {
+            Output::Reply { reply, .. } => reply.unit_id.clone(),
+            Output::DeadLetter { dead_letter, .. } => dead_letter.unit_id.clone().expect("no rejected input here"),
+        };
+        *per_unit.entry(unit).or_default() += 1;
+        cost += output.costs().iter().map(|c| c.cost_usd).sum::<f64>();
+        records += output.costs().len() as i64;
+    }
+    assert!(per_unit.values().all(|&n| n == 1), "a unit was published twice");
+    let row = observer
+        .query_one(
+            "SELECT (SELECT count(*) FROM units), (SELECT count(*) FROM units WHERE NOT published),
+                    (SELECT count(*) FROM decisions), (SELECT count(*) FROM cost_records),
+                    (SELECT coalesce(sum(cost_usd), 0) FROM cost_records)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), per_unit.len() as i64, "one unit row per unit published");
+    assert_eq!(row.get::<_, i64>(1), 0, "every unit is marked published");
+    assert_eq!(row.get::<_, i64>(2), per_unit.len() as i64, "one decision per unit: nothing done twice");
+    assert_eq!(row.get::<_, i64>(3), records, "the ledger holds exactly the published cost records");
+    assert!((row.get::<_, f64>(4) - cost).abs() < 1e-9, "ledger spend equals published spend");
+    drop(observer);
+    drop(proxy);
+    db.drop_db().await;
 }

@@ -212,6 +212,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn parts_replace_the_urls_and_ledger_sessions_get_their_settings() {
+        let mut settings = crate::settings::Settings::load_from(None, &Default::default()).unwrap().database;
+        settings.url =
+            "postgres://app:old@db.internal:6432/tf?application_name=mine&options=-c%20work_mem%3D64MB".into();
+        settings.password = "from-a-secret".into();
+        settings.dbname = "ledger".into();
+        settings.statement_timeout_ms = 1500;
+        let ledger = target(&settings, Session::Ledger).unwrap().config;
+        assert_eq!(ledger.get_password(), Some(&b"from-a-secret"[..]));
+        assert_eq!(ledger.get_dbname(), Some("ledger"));
+        assert_eq!(ledger.get_user(), Some("app"), "parts left empty keep the URL's");
+        assert_eq!(ledger.get_ports(), &[6432]);
+        assert_eq!(ledger.get_application_name(), Some("mine"));
+        assert_eq!(
+            ledger.get_options(),
+            Some("-c work_mem=64MB -c plan_cache_mode=force_custom_plan -c statement_timeout=1500")
+        );
+        let admin = target(&settings, Session::Admin).unwrap().config;
+        assert_eq!(admin.get_options(), Some("-c work_mem=64MB"), "migrations and reports are not time-limited");
+    }
+
+    #[test]
     fn libpq_tls_parameters_are_taken_out_of_the_url() {
         let (url, mode, ca) =
             split_tls_params("postgres://u@h/db?sslmode=verify-full&application_name=x&sslrootcert=/ca.pem").unwrap();

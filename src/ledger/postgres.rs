@@ -697,3 +697,18 @@ impl Ledger for PgLedger {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outages_are_told_from_rejected_statements_by_sqlstate() {
+        for code in ["08006", "57P01", "57P03", "53300", "57014", "40P01", "25006"] {
+            assert!(transient(code), "{code} is an outage");
+        }
+        for code in ["23505", "42P01", "22P02", "42501"] {
+            assert!(!transient(code), "{code} is not cured by waiting");
+        }
+    }
+}

@@ -13,6 +13,8 @@ WHERE u.unit_id = d.unit_id AND u.pending_output IS NOT NULL
   AND d.id = (SELECT max(id) FROM decisions WHERE unit_id = u.unit_id);
 ALTER TABLE units DROP COLUMN pending_output;
 ALTER TABLE units SET (fillfactor = 50);
+COMMENT ON COLUMN decisions.worker_id IS
+    'The claim that decided: worker id and delivery attempt (worker#n).';
 COMMENT ON COLUMN decisions.output IS
     'The output (reply or dead letter with its cost records) exactly as published. Text, not jsonb: the ticket metadata must be echoed as the exact text received.';
 

@@ -334,10 +334,10 @@ fn json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, LedgerError> {
 }
 
 /// The dead letter's fields as `jsonb_to_recordset` reads them.
-fn dead_letter_record(unit_id: &str, worker_id: &str, d: &DeadLetter) -> Result<serde_json::Value, LedgerError> {
+fn dead_letter_record(unit_id: &str, d: &DeadLetter) -> Result<serde_json::Value, LedgerError> {
     Ok(serde_json::json!({
         "unit_id": unit_id,
-        "worker_id": worker_id,
+        "worker_id": d.worker_id,
         "kind": d.error.kind.as_str(),
         "message": d.error.message,
         "attempts": d.attempts,
@@ -543,7 +543,7 @@ async fn finish_batch_inner(
                     "reasons": [format!("dead_letter:{}", dead_letter.error.kind.as_str())],
                     "triage": null, "moderation": null, "worker_id": r.worker_id,
                 }));
-                f.dead_letters.push(dead_letter_record(&r.unit_id, &r.worker_id, dead_letter)?);
+                f.dead_letters.push(dead_letter_record(&r.unit_id, dead_letter)?);
                 f.status.push("dead_letter".into());
                 f.tier.push(None);
                 f.provider.push(None);

@@ -8,6 +8,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table};
 use serde::Serialize;
 
+use crate::ledger::postgres::classify;
 use crate::ledger::LedgerError;
 
 /// Spend of one group.
@@ -57,10 +58,6 @@ pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|_| format!("`{s}` is neither an RFC 3339 time nor a YYYY-MM-DD date"))
 }
 
-fn unavailable(e: impl std::error::Error) -> LedgerError {
-    LedgerError::Unavailable(crate::error_chain(&e))
-}
-
 /// Runs a query filtered by `$1` (since) and `$2` (until) and maps its rows.
 async fn rows<T>(
     client: &deadpool_postgres::Object,
@@ -69,7 +66,7 @@ async fn rows<T>(
     until: Option<DateTime<Utc>>,
     map: impl Fn(&tokio_postgres::Row) -> T,
 ) -> Result<Vec<T>, LedgerError> {
-    Ok(client.query(sql, &[&since, &until]).await.map_err(unavailable)?.iter().map(map).collect())
+    Ok(client.query(sql, &[&since, &until]).await.map_err(classify)?.iter().map(map).collect())
 }
 
 /// Spend grouped by a SQL expression over `cost_records c` joined with `units u`.
@@ -85,7 +82,7 @@ pub async fn gather(
     since: Option<DateTime<Utc>>,
     until: Option<DateTime<Utc>>,
 ) -> Result<Report, LedgerError> {
-    let client = pool.get().await.map_err(unavailable)?;
+    let client = pool.get().await.map_err(classify)?;
     let spend = |key: &str| SPEND_BY.replace("{key}", key);
     let mut groups = Vec::new();
     for key in [
@@ -134,7 +131,7 @@ pub async fn gather(
             &[&since, &until],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(classify)?;
     let dead_letters = rows(
         &client,
         "SELECT kind, count(*) FROM dead_letters
@@ -154,7 +151,7 @@ pub async fn gather(
             &[&since, &until],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(classify)?;
     let by_day_and_tier = rows(
         &client,
         "SELECT to_char(c.at AT TIME ZONE 'UTC', 'YYYY-MM-DD'), coalesce(u.tier, '(none)'), sum(c.cost_usd)

@@ -39,7 +39,8 @@ mod embedded {
 pub struct PgLedger {
     pool: Pool,
     claims: Batcher<ClaimRequest, Claim>,
-    finishes: Batcher<FinishRequest, ()>,
+    finishes: Batcher<FinishRow, ()>,
+    prices: Arc<PriceTable>,
     publishes: Batcher<String, ()>,
 }
 
@@ -57,16 +58,47 @@ struct ClaimRequest {
     worker_id: String,
 }
 
-struct FinishRequest {
+/// One unit's share of a finish statement, prepared in the finishing task: each
+/// caller serialises its own output instead of the batch doing all of them in turn,
+/// and nothing of the output is copied.
+struct FinishRow {
     unit_id: String,
-    worker_id: String,
-    output: Output,
+    owner: String,
+    status: String,
+    output: String,
+    cost: f64,
+    tier: Option<String>,
+    provider: Option<String>,
+    model: Option<String>,
+    category: Option<String>,
+    language: Option<String>,
+    latency_ms: Option<i64>,
+    decision: serde_json::Value,
+    dead_letter: Option<serde_json::Value>,
+    costs: Vec<CostRow>,
+}
+
+struct CostRow {
+    call_id: String,
+    stage: String,
+    provider: String,
+    model: String,
+    input: i64,
+    cached: i64,
+    output: i64,
+    cost: f64,
+    baseline: f64,
+    version: String,
+    outcome: String,
+    latency: i64,
+    estimated: bool,
+    at: String,
 }
 
 /// Classifies a database error: the server unreachable, restarting, failing over or
 /// overloaded is [`LedgerError::Unavailable`] (wait and retry); a statement the server
 /// rejects for what it is, is [`LedgerError::Other`].
-fn unavailable(e: impl std::error::Error + 'static) -> LedgerError {
+pub(crate) fn classify(e: impl std::error::Error + 'static) -> LedgerError {
     let text = crate::error_chain(&e);
     // Anything but a query's own error (the pool failing to connect, say) is the
     // database being out of reach.
@@ -138,7 +170,7 @@ pub async fn migrate(settings: &DatabaseSettings) -> Result<Vec<i32>, LedgerErro
 pub async fn migrate_to(settings: &DatabaseSettings, target: Option<u32>) -> Result<Vec<i32>, LedgerError> {
     create_database_if_missing(settings).await?;
     let pool = pool(settings, Session::Admin)?;
-    let mut client = pool.get().await.map_err(unavailable)?;
+    let mut client = pool.get().await.map_err(classify)?;
     let mut runner = embedded::migrations::runner();
     if let Some(version) = target {
         runner = runner.set_target(refinery::Target::Version(version));
@@ -153,16 +185,16 @@ async fn create_database_if_missing(settings: &DatabaseSettings) -> Result<(), L
     let Some(name) = config.get_dbname().map(str::to_owned) else { return Ok(()) };
     let mut maintenance = config.clone();
     maintenance.dbname("postgres");
-    let (client, connection) = maintenance.connect(tls).await.map_err(unavailable)?;
+    let (client, connection) = maintenance.connect(tls).await.map_err(classify)?;
     let driver = tokio::spawn(connection);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await
-        .map_err(unavailable)?
+        .map_err(classify)?
         .is_some();
     if !exists {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
-        client.batch_execute(&format!("CREATE DATABASE {quoted}")).await.map_err(unavailable)?;
+        client.batch_execute(&format!("CREATE DATABASE {quoted}")).await.map_err(classify)?;
         tracing::info!(database = %name, "created the database");
     }
     drop(client);
@@ -191,7 +223,7 @@ async fn check_schema(pool: &Pool) -> Result<(), LedgerError> {
         Err(e) if e.as_db_error().is_some_and(|d| d.code() == &tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
             None
         }
-        Err(e) => return Err(unavailable(e)),
+        Err(e) => return Err(classify(e)),
     };
     match found {
         Some(v) if v == expected => {}
@@ -222,16 +254,13 @@ impl PgLedger {
         };
         let finishes = {
             let pool = pool.clone();
-            let prices = Arc::new(prices);
-            Batcher::spawn(MAX_BATCH, BATCH_CONCURRENCY, move |batch| {
-                finish_batch(pool.clone(), prices.clone(), lease_secs, batch)
-            })
+            Batcher::spawn(MAX_BATCH, BATCH_CONCURRENCY, move |batch| finish_batch(pool.clone(), lease_secs, batch))
         };
         let publishes = {
             let pool = pool.clone();
             Batcher::spawn(MAX_BATCH, BATCH_CONCURRENCY, move |batch| publish_batch(pool.clone(), batch))
         };
-        Ok(PgLedger { pool, claims, finishes, publishes })
+        Ok(PgLedger { pool, claims, finishes, publishes, prices: Arc::new(prices) })
     }
 
     pub fn pool(&self) -> &Pool {
@@ -239,7 +268,7 @@ impl PgLedger {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, LedgerError> {
-        self.pool.get().await.map_err(unavailable)
+        self.pool.get().await.map_err(classify)
     }
 }
 
@@ -375,10 +404,10 @@ async fn claim_batch_inner(
             replays.push(r.replay_count);
         }
     }
-    let client = pool.get().await.map_err(unavailable)?;
-    let statement = client.prepare_cached(CLAIM).await.map_err(unavailable)?;
+    let client = pool.get().await.map_err(classify)?;
+    let statement = client.prepare_cached(CLAIM).await.map_err(classify)?;
     let rows =
-        client.query(&statement, &[&ids, &tickets, &owners, &replays, &lease_secs]).await.map_err(unavailable)?;
+        client.query(&statement, &[&ids, &tickets, &owners, &replays, &lease_secs]).await.map_err(classify)?;
     let mut claims: HashMap<String, Claim> = HashMap::new();
     for row in rows {
         let attempts: i32 = row.get(1);
@@ -386,8 +415,8 @@ async fn claim_batch_inner(
     }
     let missing: Vec<&str> = ids.iter().copied().filter(|id| !claims.contains_key(*id)).collect();
     if !missing.is_empty() {
-        let statement = client.prepare_cached(CLAIM_STATE).await.map_err(unavailable)?;
-        for row in client.query(&statement, &[&missing]).await.map_err(unavailable)? {
+        let statement = client.prepare_cached(CLAIM_STATE).await.map_err(classify)?;
+        for row in client.query(&statement, &[&missing]).await.map_err(classify)? {
             let unit_id: String = row.get(0);
             let status: String = row.get(1);
             let published: bool = row.get(2);
@@ -423,21 +452,14 @@ async fn claim_batch_inner(
         .collect())
 }
 
-async fn finish_batch(
-    pool: Pool,
-    prices: Arc<PriceTable>,
-    lease_secs: f64,
-    batch: Vec<FinishRequest>,
-) -> Vec<Result<(), LedgerError>> {
-    let n = batch.len();
-    match finish_batch_inner(&pool, &prices, lease_secs, &batch).await {
-        Ok(finished) => batch
-            .iter()
-            .map(
-                |r| if finished.contains(&r.unit_id) { Ok(()) } else { Err(LedgerError::LeaseLost(r.unit_id.clone())) },
-            )
+async fn finish_batch(pool: Pool, lease_secs: f64, batch: Vec<FinishRow>) -> Vec<Result<(), LedgerError>> {
+    let units: Vec<String> = batch.iter().map(|r| r.unit_id.clone()).collect();
+    match finish_batch_inner(&pool, lease_secs, batch).await {
+        Ok(finished) => units
+            .into_iter()
+            .map(|unit| if finished.contains(&unit) { Ok(()) } else { Err(LedgerError::LeaseLost(unit)) })
             .collect(),
-        Err(e) => vec![Err(e); n],
+        Err(e) => vec![Err(e); units.len()],
     }
 }
 
@@ -483,81 +505,126 @@ fn enum_text<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
+/// Prepares one unit's finish: its columns, cost records (with the baseline price of
+/// the same tokens), routing decision and dead letter.
+fn finish_row(prices: &PriceTable, unit_id: &str, worker_id: &str, output: &Output) -> Result<FinishRow, LedgerError> {
+    let records = output.costs();
+    let costs = records
+        .iter()
+        .map(|record| CostRow {
+            call_id: record.call_id.clone(),
+            stage: enum_text(&record.stage),
+            provider: record.provider.clone(),
+            model: record.model.clone(),
+            input: record.input_tokens as i64,
+            cached: record.cached_input_tokens as i64,
+            output: record.output_tokens as i64,
+            cost: record.cost_usd,
+            baseline: prices.baseline_cost(&Usage {
+                input_tokens: record.input_tokens,
+                cached_input_tokens: record.cached_input_tokens,
+                output_tokens: record.output_tokens,
+            }),
+            version: record.pricing_version.clone(),
+            outcome: enum_text(&record.outcome),
+            latency: record.latency_ms as i64,
+            estimated: record.estimated,
+            at: record.at.clone(),
+        })
+        .collect();
+    let text =
+        serde_json::to_string(output).map_err(|e| LedgerError::Other(format!("serializing for the ledger: {e}")))?;
+    let cost = records.iter().map(|x| x.cost_usd).sum();
+    Ok(match output {
+        Output::Reply { reply, .. } => {
+            let status = enum_text(&reply.status);
+            FinishRow {
+                decision: serde_json::json!({
+                    "unit_id": unit_id, "status": status, "tier": reply.route.tier,
+                    "reasons": reply.route.reasons, "triage": json(&reply.triage)?,
+                    "moderation": reply.moderation.as_ref().map(json).transpose()?, "worker_id": worker_id,
+                }),
+                dead_letter: None,
+                unit_id: unit_id.to_owned(),
+                owner: worker_id.to_owned(),
+                status,
+                output: text,
+                cost,
+                tier: Some(reply.route.tier.clone()),
+                provider: reply.route.provider.clone(),
+                model: reply.route.model.clone(),
+                category: Some(reply.triage.category.clone()),
+                language: Some(reply.triage.language.clone()),
+                latency_ms: Some(reply.latency_ms as i64),
+                costs,
+            }
+        }
+        Output::DeadLetter { dead_letter, .. } => FinishRow {
+            decision: serde_json::json!({
+                "unit_id": unit_id, "status": "dead_letter", "tier": null,
+                "reasons": [format!("dead_letter:{}", dead_letter.error.kind.as_str())],
+                "triage": null, "moderation": null, "worker_id": worker_id,
+            }),
+            dead_letter: Some(dead_letter_record(unit_id, dead_letter)?),
+            unit_id: unit_id.to_owned(),
+            owner: worker_id.to_owned(),
+            status: "dead_letter".into(),
+            output: text,
+            cost,
+            tier: None,
+            provider: None,
+            model: None,
+            category: None,
+            language: None,
+            latency_ms: None,
+            costs,
+        },
+    })
+}
+
 async fn finish_batch_inner(
     pool: &Pool,
-    prices: &PriceTable,
     lease_secs: f64,
-    batch: &[FinishRequest],
+    batch: Vec<FinishRow>,
 ) -> Result<HashSet<String>, LedgerError> {
     let mut f = FinishColumns::default();
     let mut c = CostColumns::default();
     for r in batch {
-        let costs = r.output.costs();
-        for record in costs {
+        for record in r.costs {
             c.unit_id.push(r.unit_id.clone());
-            c.call_id.push(record.call_id.clone());
-            c.stage.push(enum_text(&record.stage));
-            c.provider.push(record.provider.clone());
-            c.model.push(record.model.clone());
-            c.input.push(record.input_tokens as i64);
-            c.cached.push(record.cached_input_tokens as i64);
-            c.output.push(record.output_tokens as i64);
-            c.cost.push(record.cost_usd);
-            c.baseline.push(prices.baseline_cost(&Usage {
-                input_tokens: record.input_tokens,
-                cached_input_tokens: record.cached_input_tokens,
-                output_tokens: record.output_tokens,
-            }));
-            c.version.push(record.pricing_version.clone());
-            c.outcome.push(enum_text(&record.outcome));
-            c.latency.push(record.latency_ms as i64);
+            c.call_id.push(record.call_id);
+            c.stage.push(record.stage);
+            c.provider.push(record.provider);
+            c.model.push(record.model);
+            c.input.push(record.input);
+            c.cached.push(record.cached);
+            c.output.push(record.output);
+            c.cost.push(record.cost);
+            c.baseline.push(record.baseline);
+            c.version.push(record.version);
+            c.outcome.push(record.outcome);
+            c.latency.push(record.latency);
             c.estimated.push(record.estimated);
-            c.at.push(record.at.clone());
+            c.at.push(record.at);
         }
-        f.unit_id.push(r.unit_id.clone());
-        f.owner.push(r.worker_id.clone());
-        f.output.push(
-            serde_json::to_string(&r.output)
-                .map_err(|e| LedgerError::Other(format!("serializing for the ledger: {e}")))?,
-        );
-        f.cost.push(costs.iter().map(|x| x.cost_usd).sum());
-        match &r.output {
-            Output::Reply { reply, .. } => {
-                let status = enum_text(&reply.status);
-                f.decisions.push(serde_json::json!({
-                    "unit_id": r.unit_id, "status": status, "tier": reply.route.tier,
-                    "reasons": reply.route.reasons, "triage": json(&reply.triage)?,
-                    "moderation": reply.moderation.as_ref().map(json).transpose()?, "worker_id": r.worker_id,
-                }));
-                f.status.push(status);
-                f.tier.push(Some(reply.route.tier.clone()));
-                f.provider.push(reply.route.provider.clone());
-                f.model.push(reply.route.model.clone());
-                f.category.push(Some(reply.triage.category.clone()));
-                f.language.push(Some(reply.triage.language.clone()));
-                f.latency_ms.push(Some(reply.latency_ms as i64));
-            }
-            Output::DeadLetter { dead_letter, .. } => {
-                f.decisions.push(serde_json::json!({
-                    "unit_id": r.unit_id, "status": "dead_letter", "tier": null,
-                    "reasons": [format!("dead_letter:{}", dead_letter.error.kind.as_str())],
-                    "triage": null, "moderation": null, "worker_id": r.worker_id,
-                }));
-                f.dead_letters.push(dead_letter_record(&r.unit_id, dead_letter)?);
-                f.status.push("dead_letter".into());
-                f.tier.push(None);
-                f.provider.push(None);
-                f.model.push(None);
-                f.category.push(None);
-                f.language.push(None);
-                f.latency_ms.push(None);
-            }
-        }
+        f.unit_id.push(r.unit_id);
+        f.owner.push(r.owner);
+        f.status.push(r.status);
+        f.output.push(r.output);
+        f.cost.push(r.cost);
+        f.tier.push(r.tier);
+        f.provider.push(r.provider);
+        f.model.push(r.model);
+        f.category.push(r.category);
+        f.language.push(r.language);
+        f.latency_ms.push(r.latency_ms);
+        f.decisions.push(r.decision);
+        f.dead_letters.extend(r.dead_letter);
     }
     let decisions = serde_json::Value::Array(f.decisions);
     let dead_letters = serde_json::Value::Array(f.dead_letters);
-    let client = pool.get().await.map_err(unavailable)?;
-    let statement = client.prepare_cached(FINISH).await.map_err(unavailable)?;
+    let client = pool.get().await.map_err(classify)?;
+    let statement = client.prepare_cached(FINISH).await.map_err(classify)?;
     let rows = client
         .query(
             &statement,
@@ -594,16 +661,16 @@ async fn finish_batch_inner(
             ],
         )
         .await
-        .map_err(unavailable)?;
+        .map_err(classify)?;
     Ok(rows.into_iter().map(|row| row.get::<_, String>(0)).collect())
 }
 
 async fn publish_batch(pool: Pool, batch: Vec<String>) -> Vec<Result<(), LedgerError>> {
     let n = batch.len();
     let result = async {
-        let client = pool.get().await.map_err(unavailable)?;
-        let statement = client.prepare_cached(PUBLISH).await.map_err(unavailable)?;
-        client.execute(&statement, &[&batch]).await.map_err(unavailable)?;
+        let client = pool.get().await.map_err(classify)?;
+        let statement = client.prepare_cached(PUBLISH).await.map_err(classify)?;
+        client.execute(&statement, &[&batch]).await.map_err(classify)?;
         Ok::<(), LedgerError>(())
     }
     .await;
@@ -633,13 +700,7 @@ impl Ledger for PgLedger {
     }
 
     async fn finish(&self, unit_id: &str, worker_id: &str, output: &Output) -> Result<(), LedgerError> {
-        self.finishes
-            .call(FinishRequest {
-                unit_id: unit_id.to_owned(),
-                worker_id: worker_id.to_owned(),
-                output: output.clone(),
-            })
-            .await
+        self.finishes.call(finish_row(&self.prices, unit_id, worker_id, output)?).await
     }
 
     async fn mark_published(&self, unit_id: &str) -> Result<(), LedgerError> {
@@ -655,13 +716,13 @@ impl Ledger for PgLedger {
                 &[&unit_id, &worker_id],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(classify)?;
         Ok(())
     }
 
     async fn ping(&self) -> Result<(), LedgerError> {
         let client = self.client().await?;
-        let standby: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).await.map_err(unavailable)?.get(0);
+        let standby: bool = client.query_one("SELECT pg_is_in_recovery()", &[]).await.map_err(classify)?.get(0);
         if standby {
             return Err(LedgerError::Unavailable(
                 "the server is a standby (in recovery): it cannot take writes".into(),
@@ -693,7 +754,7 @@ impl Ledger for PgLedger {
                 ],
             )
             .await
-            .map_err(unavailable)?;
+            .map_err(classify)?;
         Ok(())
     }
 }

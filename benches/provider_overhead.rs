@@ -68,16 +68,14 @@ fn main() {
     let analyzer = Arc::new(Analyzer::new(&settings.triage));
     let providers = Providers::from_settings(&settings, analyzer).unwrap();
     let prices = PriceTable::from_settings(&settings);
-    let settings = Arc::new(settings);
+    // Built once and shared, as the pipeline holds them: only an Arc is cloned per call.
+    let shared = Arc::new((providers, prices, settings, vec!["openai/gpt-4o".to_string()]));
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let mut per_call = Vec::new();
     for run in 0..runs + 1 {
         let calls = rate * seconds;
         let (cpu, elapsed, failures) = runtime.block_on(async {
-            let providers = providers.clone();
-            let prices = prices.clone();
-            let settings = settings.clone();
             let cpu0 = cpu_time();
             let started = Instant::now();
             let mut tasks = tokio::task::JoinSet::new();
@@ -90,9 +88,10 @@ fn main() {
                 if i % per_tick == 0 {
                     tick.tick().await;
                 }
-                let (providers, prices, settings) = (providers.clone(), prices.clone(), settings.clone());
+                let shared = shared.clone();
                 tasks.spawn(async move {
-                    let runner = ChainRunner { providers: &providers, prices: &prices, retry: &settings.retry };
+                    let (providers, prices, settings, chain) = &*shared;
+                    let runner = ChainRunner { providers, prices, retry: &settings.retry };
                     let mut unit = UnitCalls::new("T-1", "T-1:00000000", Instant::now() + Duration::from_secs(30));
                     let request = ChatRequest {
                         model: String::new(),
@@ -102,8 +101,7 @@ fn main() {
                         json_mode: false,
                         max_output_tokens: 300,
                     };
-                    let chain = ["openai/gpt-4o".to_string()];
-                    matches!(runner.run(Stage::Reply, &chain, request, &mut unit).await, ChainResult::Answered { .. })
+                    matches!(runner.run(Stage::Reply, chain, request, &mut unit).await, ChainResult::Answered { .. })
                 });
                 while let Some(done) = tasks.try_join_next() {
                     done.unwrap();

@@ -38,36 +38,12 @@ pub struct PolicyRoute {
 #[derive(Debug, Clone, Serialize)]
 pub struct Explanation {
     pub ticket_id: String,
-    pub signals: SignalsView,
+    pub signals: Signals,
     pub triage: crate::ticket::TriageView,
     pub triage_cost_usd: f64,
     pub route: PolicyRoute,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compared: Option<PolicyRoute>,
-}
-
-/// Local signals as printed.
-#[derive(Debug, Clone, Serialize)]
-pub struct SignalsView {
-    pub language: String,
-    pub customer_turns: usize,
-    pub has_code: bool,
-    pub api_question: bool,
-    pub shouting: bool,
-    pub flags: Vec<String>,
-}
-
-impl From<&Signals> for SignalsView {
-    fn from(s: &Signals) -> Self {
-        SignalsView {
-            language: s.language.clone(),
-            customer_turns: s.customer_turns,
-            has_code: s.has_code,
-            api_question: s.api_question,
-            shouting: s.shouting,
-            flags: s.flags.iter().cloned().collect(),
-        }
-    }
 }
 
 /// Routes a triaged ticket under `settings`' rules and prices the reply.
@@ -161,7 +137,7 @@ pub async fn run(
             }
             let e = Explanation {
                 ticket_id: ticket.ticket_id.clone(),
-                signals: SignalsView::from(&signals),
+                signals,
                 triage: triage.view(),
                 triage_cost_usd,
                 route,
@@ -202,7 +178,7 @@ fn write_text(out: &mut dyn Write, e: &Explanation) -> std::io::Result<()> {
         s.has_code,
         s.api_question,
         s.shouting,
-        s.flags.join(",")
+        s.flags.iter().map(String::as_str).collect::<Vec<_>>().join(",")
     )?;
     writeln!(
         out,

@@ -7,8 +7,6 @@
 //! chain, answering JSON; if that chain fails or answers garbage, the word list
 //! decides and the reason says so).
 
-use serde::Deserialize;
-
 use crate::settings::{ModerationMode, ModerationSettings};
 use crate::ticket::{Role, Ticket};
 use crate::triage::keywords::KeywordSet;
@@ -52,19 +50,14 @@ for weapons, drugs or other illegal goods. Ordinary product and delivery languag
 (\"water damage\", \"knife set\", \"blood pressure monitor\", \"dead battery\"). \
 Answer with one JSON object and nothing else: {\"flagged\": true or false, \"reason\": \"a few words\"}.";
 
-/// Reads a moderation model's answer; `None` when it is not usable.
+/// Reads a moderation model's answer; `None` when it is not usable. The JSON object
+/// is found as in a triage answer (prose around it, single quotes).
 pub fn parse_answer(answer: &str) -> Option<Verdict> {
-    #[derive(Deserialize)]
-    struct Answer {
-        flagged: bool,
-        #[serde(default)]
-        reason: Option<String>,
-    }
-    let start = answer.find('{')?;
-    let end = answer.rfind('}')?;
-    let a: Answer = serde_json::from_str(answer.get(start..=end)?).ok()?;
-    Some(if a.flagged {
-        Verdict::Flagged { reason: format!("moderation model: {}", a.reason.unwrap_or_else(|| "flagged".into())) }
+    let object = crate::triage::parse::extract_object(answer)?;
+    let flagged = object.get("flagged")?.as_bool()?;
+    Some(if flagged {
+        let reason = object.get("reason").and_then(|r| r.as_str()).unwrap_or("flagged");
+        Verdict::Flagged { reason: format!("moderation model: {reason}") }
     } else {
         Verdict::Passed
     })

@@ -64,6 +64,15 @@ pub struct Pipeline {
     budgets: Budgets,
 }
 
+/// A ticket after its first stage.
+struct Triaged {
+    signals: triage::Signals,
+    triage: Triage,
+    unit: UnitCalls,
+    moderation: ModerationState,
+    ticket_data: String,
+}
+
 /// State of the moderation bypass for one ticket.
 #[derive(Debug, Default)]
 struct ModerationState {
@@ -124,12 +133,8 @@ impl Pipeline {
                 tracing::info!(source = ?delivery.source, kind = rejection.kind.as_str(), error = %rejection.message, "rejected input");
                 let dead_letter = self.rejected(delivery, rejection);
                 self.ledger.record_rejected(&dead_letter).await?;
-                let output = Output::DeadLetter { dead_letter, costs: Vec::new() };
-                self.publisher.publish(&output).await?;
-                let kind = match &output {
-                    Output::DeadLetter { dead_letter, .. } => dead_letter.error.kind,
-                    Output::Reply { .. } => ErrorKind::Internal,
-                };
+                let kind = dead_letter.error.kind;
+                self.publisher.publish(&Output::DeadLetter { dead_letter, costs: Vec::new() }).await?;
                 return Ok(Handled::DeadLettered(kind));
             }
         };
@@ -188,14 +193,8 @@ impl Pipeline {
     /// dead letter of the right kind.
     pub async fn answer(&self, ticket: &Ticket, delivery: &Delivery, attempts: u32, prior_cost_usd: f64) -> Output {
         let started = Instant::now();
-        let deadline = started + Duration::from_millis(self.settings.limits.ticket_deadline_ms);
-        let mut unit = UnitCalls::new(&ticket.ticket_id, &ticket.unit_id, deadline);
-        let runner = ChainRunner { providers: &self.providers, prices: &self.prices, retry: &self.settings.retry };
-        let mut moderation = ModerationState::default();
-        let ticket_data = prompt::ticket_data(ticket);
-
-        let (signals, heuristic) = self.analyzer.analyze(ticket);
-        let triage = self.triage(ticket, &signals, heuristic, &ticket_data, &runner, &mut unit, &mut moderation).await;
+        let Triaged { signals, triage, mut unit, mut moderation, ticket_data } = self.triaged(ticket, started).await;
+        let runner = self.runner();
         let finish =
             |unit: &UnitCalls, status, reply: Option<String>, route: RouteView, moderation: &ModerationState| {
                 self.reply_output(ticket, &triage, unit, status, reply, route, moderation, prior_cost_usd, started)
@@ -331,14 +330,25 @@ impl Pipeline {
     /// Triage alone, as `ticketflow explain` shows it: local signals, the triage
     /// result (with the refusal handling of the real pipeline) and the calls it made.
     pub async fn triage_ticket(&self, ticket: &Ticket) -> (triage::Signals, Triage, UnitCalls) {
-        let deadline = Instant::now() + Duration::from_millis(self.settings.limits.ticket_deadline_ms);
+        let t = self.triaged(ticket, Instant::now()).await;
+        (t.signals, t.triage, t.unit)
+    }
+
+    fn runner(&self) -> ChainRunner<'_> {
+        ChainRunner { providers: &self.providers, prices: &self.prices, retry: &self.settings.retry }
+    }
+
+    /// The first stage of every ticket: local signals, then triage (with the refusal
+    /// handling), under the ticket's deadline counted from `started`.
+    async fn triaged(&self, ticket: &Ticket, started: Instant) -> Triaged {
+        let deadline = started + Duration::from_millis(self.settings.limits.ticket_deadline_ms);
         let mut unit = UnitCalls::new(&ticket.ticket_id, &ticket.unit_id, deadline);
-        let runner = ChainRunner { providers: &self.providers, prices: &self.prices, retry: &self.settings.retry };
         let mut moderation = ModerationState::default();
+        let ticket_data = prompt::ticket_data(ticket);
         let (signals, heuristic) = self.analyzer.analyze(ticket);
-        let data = prompt::ticket_data(ticket);
-        let triage = self.triage(ticket, &signals, heuristic, &data, &runner, &mut unit, &mut moderation).await;
-        (signals, triage, unit)
+        let triage =
+            self.triage(ticket, &signals, heuristic, &ticket_data, &self.runner(), &mut unit, &mut moderation).await;
+        Triaged { signals, triage, unit, moderation, ticket_data }
     }
 
     /// Runs our own moderation check once per ticket.

@@ -380,13 +380,7 @@ impl Settings {
                 )));
             }
         }
-        if let Some(path) = config_file {
-            if !path.exists() {
-                return Err(ConfigError::one(format!("config file {} does not exist", path.display())));
-            }
-            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
-        }
-        if let Some(path) = overlay {
+        for path in config_file.into_iter().chain(overlay) {
             if !path.exists() {
                 return Err(ConfigError::one(format!("config file {} does not exist", path.display())));
             }

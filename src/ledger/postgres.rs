@@ -187,11 +187,8 @@ async fn create_database_if_missing(settings: &DatabaseSettings) -> Result<(), L
     maintenance.dbname("postgres");
     let (client, connection) = maintenance.connect(tls).await.map_err(classify)?;
     let driver = tokio::spawn(connection);
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
-        .await
-        .map_err(classify)?
-        .is_some();
+    let exists =
+        client.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await.map_err(classify)?.is_some();
     if !exists {
         let quoted = format!("\"{}\"", name.replace('"', "\"\""));
         client.batch_execute(&format!("CREATE DATABASE {quoted}")).await.map_err(classify)?;
@@ -406,8 +403,7 @@ async fn claim_batch_inner(
     }
     let client = pool.get().await.map_err(classify)?;
     let statement = client.prepare_cached(CLAIM).await.map_err(classify)?;
-    let rows =
-        client.query(&statement, &[&ids, &tickets, &owners, &replays, &lease_secs]).await.map_err(classify)?;
+    let rows = client.query(&statement, &[&ids, &tickets, &owners, &replays, &lease_secs]).await.map_err(classify)?;
     let mut claims: HashMap<String, Claim> = HashMap::new();
     for row in rows {
         let attempts: i32 = row.get(1);

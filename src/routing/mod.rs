@@ -229,7 +229,11 @@ pub fn trace(rules: &[Rule], facts: &Facts<'_>) -> (Vec<RuleCheck>, Decision) {
         .iter()
         .map(|r| RuleCheck { name: r.name.clone(), target: r.target.clone(), matched: r.when.matches(facts) })
         .collect();
-    (checks, route(rules, facts))
+    let decision = match checks.iter().find(|c| c.matched) {
+        Some(first) => matched(&first.name, &first.target),
+        None => no_match(),
+    };
+    (checks, decision)
 }
 
 /// The routing decision.
@@ -243,11 +247,17 @@ pub struct Decision {
 /// Evaluates the rules in order. With no matching rule the ticket goes to a human:
 /// an operator who wrote rules without a catch-all wants to see the gap, not a guess.
 pub fn route(rules: &[Rule], facts: &Facts<'_>) -> Decision {
-    for rule in rules {
-        if rule.when.matches(facts) {
-            return Decision { target: rule.target.clone(), reasons: vec![rule.name.clone()] };
-        }
+    match rules.iter().find(|r| r.when.matches(facts)) {
+        Some(rule) => matched(&rule.name, &rule.target),
+        None => no_match(),
     }
+}
+
+fn matched(name: &str, target: &str) -> Decision {
+    Decision { target: target.to_owned(), reasons: vec![name.to_owned()] }
+}
+
+fn no_match() -> Decision {
     Decision { target: HUMAN.into(), reasons: vec!["no_rule_matched".into()] }
 }
 

@@ -28,39 +28,40 @@ pub fn detect(text: &str, locale: Option<&str>) -> String {
     }
 }
 
-/// Languages the detector chooses among. Restricting the candidates keeps detection
-/// cheap (whatlang scores every allowed language's trigrams) and stops short support
-/// texts from being read as a rare language that shares their spelling (a short
-/// English line came back as Afrikaans before this list).
-const LANGUAGES: &[Lang] = &[
-    Lang::Eng,
-    Lang::Cmn,
-    Lang::Spa,
-    Lang::Tha,
-    Lang::Vie,
-    Lang::Jpn,
-    Lang::Kor,
-    Lang::Fra,
-    Lang::Deu,
-    Lang::Por,
-    Lang::Ita,
-    Lang::Nld,
-    Lang::Rus,
-    Lang::Ind,
-    Lang::Tur,
-    Lang::Pol,
-    Lang::Ara,
-    Lang::Hin,
-    Lang::Ukr,
-    Lang::Swe,
-    Lang::Heb,
-    Lang::Ell,
-    Lang::Tgl,
+/// Languages the detector chooses among, with the ISO 639-1 code reported for each.
+/// Restricting the candidates keeps detection cheap (whatlang scores every allowed
+/// language's trigrams) and stops short support texts from being read as a rare
+/// language that shares their spelling (a short English line came back as Afrikaans
+/// before this list).
+const LANGUAGES: &[(Lang, &str)] = &[
+    (Lang::Eng, "en"),
+    (Lang::Cmn, "zh"),
+    (Lang::Spa, "es"),
+    (Lang::Tha, "th"),
+    (Lang::Vie, "vi"),
+    (Lang::Jpn, "ja"),
+    (Lang::Kor, "ko"),
+    (Lang::Fra, "fr"),
+    (Lang::Deu, "de"),
+    (Lang::Por, "pt"),
+    (Lang::Ita, "it"),
+    (Lang::Nld, "nl"),
+    (Lang::Rus, "ru"),
+    (Lang::Ind, "id"),
+    (Lang::Tur, "tr"),
+    (Lang::Pol, "pl"),
+    (Lang::Ara, "ar"),
+    (Lang::Hin, "hi"),
+    (Lang::Ukr, "uk"),
+    (Lang::Swe, "sv"),
+    (Lang::Heb, "he"),
+    (Lang::Ell, "el"),
+    (Lang::Tgl, "tl"),
 ];
 
 fn detector() -> &'static whatlang::Detector {
     static DETECTOR: std::sync::OnceLock<whatlang::Detector> = std::sync::OnceLock::new();
-    DETECTOR.get_or_init(|| whatlang::Detector::with_allowlist(LANGUAGES.to_vec()))
+    DETECTOR.get_or_init(|| whatlang::Detector::with_allowlist(LANGUAGES.iter().map(|(lang, _)| *lang).collect()))
 }
 
 /// The first [`SAMPLE_BYTES`] of `text`, cut at a character boundary.
@@ -76,37 +77,7 @@ fn sample(text: &str) -> &str {
 }
 
 fn iso639_1(lang: Lang) -> &'static str {
-    match lang {
-        Lang::Eng => "en",
-        Lang::Cmn => "zh",
-        Lang::Spa => "es",
-        Lang::Tha => "th",
-        Lang::Vie => "vi",
-        Lang::Jpn => "ja",
-        Lang::Kor => "ko",
-        Lang::Fra => "fr",
-        Lang::Deu => "de",
-        Lang::Por => "pt",
-        Lang::Ita => "it",
-        Lang::Nld => "nl",
-        Lang::Rus => "ru",
-        Lang::Ind => "id",
-        Lang::Tur => "tr",
-        Lang::Pol => "pl",
-        Lang::Ara => "ar",
-        Lang::Hin => "hi",
-        Lang::Ukr => "uk",
-        Lang::Swe => "sv",
-        Lang::Dan => "da",
-        Lang::Fin => "fi",
-        Lang::Ces => "cs",
-        Lang::Ron => "ro",
-        Lang::Hun => "hu",
-        Lang::Heb => "he",
-        Lang::Ell => "el",
-        Lang::Tgl => "tl",
-        other => other.code(),
-    }
+    LANGUAGES.iter().find(|(l, _)| *l == lang).map_or(lang.code(), |(_, code)| code)
 }
 
 #[cfg(test)]

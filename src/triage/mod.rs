@@ -59,7 +59,7 @@ impl Triage {
 }
 
 /// Local signals, computed for every ticket without any model.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
 pub struct Signals {
     /// ISO 639-1 code of the latest customer message.
     pub language: String,

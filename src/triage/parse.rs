@@ -46,7 +46,7 @@ pub fn parse_triage(answer: &str, categories: &[String], fallback: &Triage, sign
 
 /// Finds the first JSON object in `answer`, trying strict JSON first and then a
 /// single-quote repair.
-fn extract_object(answer: &str) -> Option<Map<String, Value>> {
+pub(crate) fn extract_object(answer: &str) -> Option<Map<String, Value>> {
     let start = answer.find('{')?;
     let end = answer.rfind('}')?;
     if end <= start {

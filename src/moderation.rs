@@ -7,7 +7,7 @@
 //! chain, answering JSON; if that chain fails or answers garbage, the word list
 //! decides and the reason says so).
 
-use crate::settings::{ModerationMode, ModerationSettings};
+use crate::settings::ModerationSettings;
 use crate::ticket::{Role, Ticket};
 use crate::triage::keywords::KeywordSet;
 
@@ -21,13 +21,12 @@ pub enum Verdict {
 /// The configured moderation check.
 #[derive(Debug, Clone)]
 pub struct Moderator {
-    pub mode: ModerationMode,
     flag_words: KeywordSet,
 }
 
 impl Moderator {
     pub fn new(s: &ModerationSettings) -> Self {
-        Moderator { mode: s.mode, flag_words: KeywordSet::new([("flag", s.flag_words.iter())]) }
+        Moderator { flag_words: KeywordSet::new([("flag", s.flag_words.iter())]) }
     }
 
     /// The local word-list check of the customer's messages.

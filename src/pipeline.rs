@@ -363,7 +363,7 @@ impl Pipeline {
         if let Some(v) = &state.verdict {
             return v.clone();
         }
-        let verdict = match self.moderator.mode {
+        let verdict = match self.settings.moderation.mode {
             ModerationMode::Local => self.moderator.check_locally(ticket),
             ModerationMode::Model => {
                 let request = ChatRequest {

@@ -3,7 +3,7 @@
 //! human) and the route's reasons say so.
 //!
 //! Spend is what this worker process has recorded today. With several replicas each
-//! enforces the cap on its own spend; the ledger issue makes the figure cluster-wide.
+//! enforces the cap on its own spend: the figure is not yet shared through the ledger.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

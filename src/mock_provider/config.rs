@@ -35,17 +35,6 @@ pub enum Style {
     Anthropic,
 }
 
-impl Style {
-    /// The style's name as written in configuration.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Style::Openai => "openai",
-            Style::Dashscope => "dashscope",
-            Style::Anthropic => "anthropic",
-        }
-    }
-}
-
 /// One mock provider and the behaviour it simulates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -48,11 +48,12 @@ use serde::{Deserialize, Serialize};
 pub use config::{MockConfig, MockProvider, Outage, Style};
 pub use state::ProviderStats;
 
+use crate::moderation::MODERATION_SYSTEM;
 use crate::providers::simulated::Simulated;
-use crate::providers::{estimate_tokens, ChatRequest, Outcome, Provider, Usage};
+use crate::providers::{ChatRequest, Outcome, Provider, Usage};
 use crate::settings::Settings;
 use crate::ticket::Stage;
-use crate::triage::Analyzer;
+use crate::triage::{prompt as triage_prompt, Analyzer};
 use state::{Counter, ProviderState};
 
 /// ticketflow's shipped default settings, loaded once: the source of the default
@@ -227,12 +228,12 @@ impl MockServer {
         if let Some(word) = p.filtered(&request.user) {
             p.count(Counter::Refused);
             tracing::debug!(provider = name, word, "mock content filter");
-            return wire::refusal(style, &request.model, &estimated_usage(&request, ""));
+            return wire::refusal(style, &request.model, &Usage::estimate(&request, ""));
         }
         match self.inner.content.complete(&request).await {
-            Outcome::Ok { text, usage } => {
+            // The simulated provider always counts the usage of its answers.
+            Outcome::Ok { text, usage: Some(usage) } => {
                 p.count(Counter::Ok);
-                let usage = usage.unwrap_or_else(|| estimated_usage(&request, &text));
                 wire::success(style, &request.model, &text, &usage)
             }
             other => {
@@ -267,10 +268,18 @@ fn authorize(style: Style, headers: &HeaderMap) -> Result<(), &'static str> {
     }
 }
 
-/// The request for the content generator: a triage request when JSON was asked for
-/// or the system prompt is the triage prompt, else a reply request.
+/// The request for the content generator: a moderation request when the system
+/// prompt is ticketflow's moderation prompt (which asks for JSON too), a triage
+/// request when JSON was asked for or the system prompt is the triage prompt, else a
+/// reply request.
 fn chat_request(prompt: wire::Prompt) -> ChatRequest {
-    let stage = if prompt.json_mode || prompt.system.contains("You classify") { Stage::Triage } else { Stage::Reply };
+    let stage = if prompt.system.contains(MODERATION_SYSTEM) {
+        Stage::Moderation
+    } else if prompt.json_mode || prompt.system.contains(triage_marker()) {
+        Stage::Triage
+    } else {
+        Stage::Reply
+    };
     ChatRequest {
         model: prompt.model,
         stage,
@@ -281,12 +290,14 @@ fn chat_request(prompt: wire::Prompt) -> ChatRequest {
     }
 }
 
-fn estimated_usage(request: &ChatRequest, output: &str) -> Usage {
-    Usage {
-        input_tokens: estimate_tokens(&request.system) + estimate_tokens(&request.user),
-        cached_input_tokens: 0,
-        output_tokens: estimate_tokens(output),
-    }
+/// The opening line of ticketflow's triage prompt ("You classify ..."), taken from
+/// the prompt itself; it does not depend on the categories.
+fn triage_marker() -> &'static str {
+    static MARKER: LazyLock<String> = LazyLock::new(|| {
+        let system = triage_prompt::triage_system(&[]);
+        system.lines().next().unwrap_or(&system).to_owned()
+    });
+    &MARKER
 }
 
 async fn chat_completions(

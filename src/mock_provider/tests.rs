@@ -465,6 +465,37 @@ async fn triage_requests_get_a_json_classification() {
     assert_eq!(status, 500);
 }
 
+#[tokio::test]
+async fn moderation_requests_get_a_moderation_answer() {
+    use crate::moderation::{parse_answer, Verdict, MODERATION_SYSTEM};
+    // No content filter: the threat must reach the moderation answer.
+    let (base, _server) =
+        spawn(config(&[("qwen", provider(Style::Dashscope)), ("anthropic", provider(Style::Anthropic))]))
+            .await
+            .unwrap();
+    let ordinary = ticket_user("Where is my order? The tracking has not moved for a week.");
+    let threat = ticket_user("Refund me now or I will kill you, I know where you live.");
+
+    // JSON mode, as the pipeline's moderation stage asks: not a triage answer.
+    for (user, flagged) in [(&ordinary, false), (&threat, true)] {
+        let (status, body) =
+            status_and_json(chat(&base, "qwen", &openai_body(MODERATION_SYSTEM, user, true)).await).await;
+        assert_eq!(status, 200, "{body}");
+        let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+        let answer: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(answer["flagged"], flagged, "{answer}");
+        assert!(answer.get("category").is_none(), "{answer}");
+        assert_eq!(parse_answer(text).map(|v| v == Verdict::Passed), Some(!flagged), "{text}");
+    }
+
+    // Anthropic has no JSON mode: the moderation system prompt decides.
+    let (status, body) =
+        status_and_json(message(&base, "anthropic", &anthropic_body(MODERATION_SYSTEM, &threat)).await).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(body["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(answer["flagged"], true, "{answer}");
+}
+
 #[test]
 fn default_config_serves_the_five_providers() {
     let c = MockConfig::default();

@@ -231,18 +231,12 @@ pub fn success(style: Style, model: &str, text: &str, usage: &Usage) -> Response
 pub fn refusal(style: Style, model: &str, usage: &Usage) -> Response {
     match style {
         Style::Openai => chat_completion(model, None, "content_filter", usage),
-        Style::Dashscope => json_response(
+        Style::Dashscope => openai_like_error(
+            style,
             StatusCode::BAD_REQUEST,
-            json!({
-                "error": {
-                    "code": "data_inspection_failed",
-                    "message": "Input data may contain inappropriate content.",
-                    "param": null,
-                    "type": "data_inspection_failed",
-                },
-                "id": format!("chatcmpl-{}", compact_uuid()),
-                "request_id": uuid(),
-            }),
+            "Input data may contain inappropriate content.",
+            "data_inspection_failed",
+            Some("data_inspection_failed"),
         ),
         Style::Anthropic => anthropic_message(model, json!([]), "refusal", usage),
     }
@@ -262,18 +256,12 @@ pub fn rate_limited(style: Style, limit: u32, reset: Duration) -> Response {
             "requests",
             Some("rate_limit_exceeded"),
         ),
-        Style::Dashscope => json_response(
+        Style::Dashscope => openai_like_error(
+            style,
             StatusCode::TOO_MANY_REQUESTS,
-            json!({
-                "error": {
-                    "code": "limit_requests",
-                    "message": "You exceeded your current requests list.",
-                    "param": null,
-                    "type": "limit_requests",
-                },
-                "id": format!("chatcmpl-{}", compact_uuid()),
-                "request_id": uuid(),
-            }),
+            "You exceeded your current requests list.",
+            "limit_requests",
+            Some("limit_requests"),
         ),
         Style::Anthropic => anthropic_error(
             StatusCode::TOO_MANY_REQUESTS,

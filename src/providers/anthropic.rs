@@ -180,13 +180,7 @@ fn classify_success(body: &[u8]) -> Outcome {
     if parsed.stop_reason.as_deref() == Some("refusal") {
         return Outcome::Refused { usage, detail: "stop_reason refusal".into() };
     }
-    let text: String = parsed
-        .content
-        .iter()
-        .filter(|b| b.kind == "text")
-        .filter_map(|b| b.text.as_deref())
-        .collect::<Vec<_>>()
-        .join("");
+    let text: String = parsed.content.iter().filter(|b| b.kind == "text").filter_map(|b| b.text.as_deref()).collect();
     if text.trim().is_empty() {
         return http::transient(format!(
             "empty completion (stop_reason {})",

@@ -10,12 +10,16 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     Allowed,
-    /// The one probe of a half-open circuit.
-    Probe,
+    /// The one probe of a half-open circuit, handed out at `since`. A probe whose
+    /// call is never made goes back with [`Breaker::release`].
+    Probe {
+        since: Instant,
+    },
     Rejected,
 }
 
-/// State of the circuit, for logs and status output.
+/// State of the circuit.
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Closed,
@@ -58,14 +62,14 @@ impl Breaker {
             Inner::Open { until } if now >= until => {
                 *inner = Inner::HalfOpen { probe_started: now };
                 tracing::info!(provider = %self.name, "circuit half-open: probing");
-                Admission::Probe
+                Admission::Probe { since: now }
             }
             Inner::Open { .. } => Admission::Rejected,
             // A probe that never reported back (its ticket was abandoned) must not
             // keep the circuit half-open forever.
             Inner::HalfOpen { probe_started } if now.duration_since(probe_started) >= self.cooldown => {
                 *inner = Inner::HalfOpen { probe_started: now };
-                Admission::Probe
+                Admission::Probe { since: now }
             }
             Inner::HalfOpen { .. } => Admission::Rejected,
         }
@@ -97,6 +101,20 @@ impl Breaker {
         }
     }
 
+    /// Hands back an admission whose call was never made (e.g. no rate-limit slot
+    /// before the deadline). A probe goes back, so the next call may probe at once
+    /// instead of the circuit staying half-open until the probe goes stale; other
+    /// admissions need nothing.
+    pub fn release(&self, admission: Admission) {
+        let Admission::Probe { since } = admission else { return };
+        let Ok(mut inner) = self.inner.lock() else { return };
+        // Only while it is still this probe: once stale, another may have been handed out.
+        if matches!(*inner, Inner::HalfOpen { probe_started } if probe_started == since) {
+            *inner = Inner::Open { until: since };
+        }
+    }
+
+    #[cfg(test)]
     pub fn state(&self) -> State {
         match self.inner.lock().as_deref() {
             Ok(Inner::Closed { .. }) | Err(_) => State::Closed,
@@ -123,14 +141,34 @@ mod tests {
         assert_eq!(b.state(), State::Open);
         assert_eq!(b.admit(), Admission::Rejected);
         std::thread::sleep(Duration::from_millis(35));
-        assert_eq!(b.admit(), Admission::Probe);
+        assert!(matches!(b.admit(), Admission::Probe { .. }));
         assert_eq!(b.admit(), Admission::Rejected, "one probe at a time");
         b.record(false);
         assert_eq!(b.state(), State::Open);
         std::thread::sleep(Duration::from_millis(35));
-        assert_eq!(b.admit(), Admission::Probe);
+        assert!(matches!(b.admit(), Admission::Probe { .. }));
         b.record(true);
         assert_eq!(b.state(), State::Closed);
+        assert_eq!(b.admit(), Admission::Allowed);
+    }
+
+    #[test]
+    fn a_probe_whose_call_was_never_made_goes_back() {
+        let b = Breaker::new("p", 1, Duration::from_millis(30));
+        b.record(false);
+        std::thread::sleep(Duration::from_millis(35));
+        let probe = b.admit();
+        assert!(matches!(probe, Admission::Probe { .. }));
+        assert_eq!(b.admit(), Admission::Rejected);
+        b.release(probe);
+        assert_eq!(b.state(), State::Open);
+        std::thread::sleep(Duration::from_millis(1));
+        let again = b.admit();
+        assert!(matches!(again, Admission::Probe { .. }), "probing again at once, not after another cooldown");
+        b.release(Admission::Allowed);
+        b.release(probe);
+        assert_eq!(b.admit(), Admission::Rejected, "releasing anything but the current probe changes nothing");
+        b.record(true);
         assert_eq!(b.admit(), Admission::Allowed);
     }
 }

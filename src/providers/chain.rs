@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use super::breaker::Admission;
-use super::pricing::PriceTable;
+use super::pricing::{Price, PriceTable};
 use super::{estimate_tokens, ChatRequest, Outcome, Providers, Usage};
 use crate::settings::RetrySettings;
 use crate::ticket::{now_rfc3339, CallOutcome, CostRecord, Stage, SCHEMA_VERSION};
@@ -106,6 +106,7 @@ impl ChainRunner<'_> {
             };
             request.model = model.to_owned();
             request.stage = stage;
+            let price = self.prices.get(entry);
             // Only a rate-limited provider needs the estimate (simulated ones have none).
             let estimated_tokens = match handle.limits {
                 Some(_) => {
@@ -120,7 +121,8 @@ impl ChainRunner<'_> {
                     errors.push(format!("{entry}: ticket deadline passed"));
                     return ChainResult::Exhausted { errors, attempts };
                 }
-                if handle.breaker.admit() == Admission::Rejected {
+                let admission = handle.breaker.admit();
+                if admission == Admission::Rejected {
                     any_transient = true;
                     errors.push(format!("{entry}: circuit open"));
                     break;
@@ -132,6 +134,9 @@ impl ChainRunner<'_> {
                         }
                         Ok(_) => {}
                         Err(e) => {
+                            // No call is made: a probe this call holds goes back, or the
+                            // circuit would stay half-open until the probe went stale.
+                            handle.breaker.release(admission);
                             any_transient = true;
                             errors.push(format!("{entry}: {e}"));
                             break;
@@ -160,7 +165,7 @@ impl ChainRunner<'_> {
                     }
                 }
                 let latency_ms = started.elapsed().as_millis() as u64;
-                self.record(unit, stage, provider_name, model, &request, &outcome, latency_ms);
+                self.record(unit, stage, provider_name, model, price, &request, &outcome, latency_ms);
                 let retry_after = match outcome {
                     Outcome::Ok { text, .. } => {
                         return ChainResult::Answered {
@@ -217,6 +222,7 @@ impl ChainRunner<'_> {
         stage: Stage,
         provider: &str,
         model: &str,
+        price: Price,
         request: &ChatRequest,
         outcome: &Outcome,
         latency_ms: u64,
@@ -231,19 +237,12 @@ impl ChainRunner<'_> {
         };
         // A refusal that arrived as an error has no usage: it costs nothing, and the
         // token counts are our estimate of what was sent.
-        let estimated_input = || estimate_tokens(&request.system) + estimate_tokens(&request.user);
         let (usage, cost_usd, estimated) = match (usage, outcome) {
-            (Some(u), _) => (u, self.prices.price(provider, model).cost(&u), false),
-            (None, Outcome::Refused { .. }) => {
-                (Usage { input_tokens: estimated_input(), ..Usage::default() }, 0.0, true)
-            }
+            (Some(u), _) => (u, price.cost(&u), false),
+            (None, Outcome::Refused { .. }) => (Usage::estimate(request, ""), 0.0, true),
             (None, Outcome::Ok { text, .. }) => {
-                let u = Usage {
-                    input_tokens: estimated_input(),
-                    cached_input_tokens: 0,
-                    output_tokens: estimate_tokens(text),
-                };
-                (u, self.prices.price(provider, model).cost(&u), true)
+                let u = Usage::estimate(request, text);
+                (u, price.cost(&u), true)
             }
             (None, _) => (Usage::default(), 0.0, true),
         };
@@ -272,4 +271,66 @@ impl ChainRunner<'_> {
 pub fn backoff(retry: &RetrySettings, attempt: u32) -> Duration {
     let cap = retry.base_delay_ms.saturating_mul(1u64 << attempt.min(20)).min(retry.max_delay_ms);
     Duration::from_millis(if cap == 0 { 0 } else { rand::thread_rng().gen_range(0..=cap) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::providers::Provider;
+    use crate::settings::Settings;
+
+    #[derive(Default)]
+    struct Counting {
+        calls: AtomicU32,
+    }
+
+    #[async_trait]
+    impl Provider for Counting {
+        async fn complete(&self, _request: &ChatRequest) -> Outcome {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Outcome::Ok { text: "ok".into(), usage: None }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_probe_that_misses_its_rate_limit_slot_goes_back() {
+        let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+        settings.breaker.failure_threshold = 1;
+        settings.breaker.cooldown_ms = 200;
+        settings.providers.get_mut("qwen").unwrap().requests_per_minute = 60;
+        let adapter = Arc::new(Counting::default());
+        let adapters = BTreeMap::from([("qwen".to_owned(), adapter.clone() as Arc<dyn Provider>)]);
+        let providers = Providers::from_adapters(adapters, &settings, &["qwen"]);
+        let handle = providers.get("qwen").unwrap();
+        let limits = handle.limits.as_ref().unwrap();
+        // Open the circuit, wait out the cooldown, and take the only request slot.
+        handle.breaker.record(false);
+        tokio::time::sleep(Duration::from_millis(210)).await;
+        limits.acquire(1, Instant::now() + Duration::from_secs(1)).await.unwrap();
+
+        let prices = PriceTable::from_settings(&settings);
+        let runner = ChainRunner { providers: &providers, prices: &prices, retry: &settings.retry };
+        let request = ChatRequest {
+            model: String::new(),
+            stage: Stage::Reply,
+            system: "s".into(),
+            user: "u".into(),
+            json_mode: false,
+            max_output_tokens: 10,
+        };
+        let mut unit = UnitCalls::new("T-1", "U-1", Instant::now() + Duration::from_millis(20));
+        let result = runner.run(Stage::Reply, &["qwen/qwen-plus".to_owned()], request, &mut unit).await;
+        assert!(matches!(&result, ChainResult::Exhausted { attempts: 0, .. }), "{result:?}");
+        assert_eq!(adapter.calls.load(Ordering::SeqCst), 0);
+        assert!(
+            matches!(handle.breaker.admit(), Admission::Probe { .. }),
+            "the probe that was never sent is available again at once"
+        );
+    }
 }

@@ -53,18 +53,17 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &[u8]) -> Outcome {
         return openai::classify(status, headers, body);
     }
     let Some(error) = openai::error_of(body) else {
-        return openai::classify(status, headers, body);
+        return openai::classify_error(status, headers, body, None);
     };
     let code = error.code_str().or(error.kind.as_deref()).unwrap_or("");
-    let detail = error.describe(status);
     if INSPECTION_CODES.contains(&code) || error.kind.as_deref().is_some_and(|k| INSPECTION_CODES.contains(&k)) {
-        Outcome::Refused { usage: None, detail }
+        Outcome::Refused { usage: None, detail: error.describe(status) }
     } else if THROTTLING_CODES.contains(&code) {
-        Outcome::RateLimited { retry_after: http::retry_after(headers), detail }
+        Outcome::RateLimited { retry_after: http::retry_after(headers), detail: error.describe(status) }
     } else if ACCOUNT_CODES.contains(&code) {
-        Outcome::Permanent { detail }
+        Outcome::Permanent { detail: error.describe(status) }
     } else {
-        openai::classify(status, headers, body)
+        openai::classify_error(status, headers, body, Some(error))
     }
 }
 

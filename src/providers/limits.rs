@@ -113,6 +113,7 @@ impl ProviderLimits {
     }
 
     /// The rate currently allowed, as a share of the configured limit.
+    #[cfg(test)]
     pub fn factor(&self) -> f64 {
         self.throttle.lock().map(|t| t.factor).unwrap_or(1.0)
     }

@@ -53,6 +53,18 @@ pub struct Usage {
     pub output_tokens: u64,
 }
 
+impl Usage {
+    /// Usage estimated with [`estimate_tokens`] when no provider counted it: the
+    /// request's system and user text as input (none of it cached), `output` as output.
+    pub fn estimate(request: &ChatRequest, output: &str) -> Usage {
+        Usage {
+            input_tokens: estimate_tokens(&request.system) + estimate_tokens(&request.user),
+            cached_input_tokens: 0,
+            output_tokens: estimate_tokens(output),
+        }
+    }
+}
+
 /// Every way a provider call can end (SPEC §4).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {

@@ -204,7 +204,12 @@ pub fn classify(status: u16, headers: &HeaderMap, body: &[u8]) -> Outcome {
     if (200..300).contains(&status) {
         return classify_success(body);
     }
-    let error = error_of(body);
+    classify_error(status, headers, body, error_of(body))
+}
+
+/// Classifies an OpenAI-compatible error response (`status` outside 2xx) whose
+/// `error` object was already read from `body` with [`error_of`].
+pub(super) fn classify_error(status: u16, headers: &HeaderMap, body: &[u8], error: Option<WireError>) -> Outcome {
     let detail = match &error {
         Some(e) => e.describe(status),
         None => format!("HTTP {status}: {}", http::excerpt(body)),

@@ -30,6 +30,9 @@ impl Price {
     }
 }
 
+/// The price of an unknown model.
+const FREE: Price = Price { input: 0.0, cached_input: 0.0, output: 0.0 };
+
 /// The price table, keyed by `provider/model`.
 #[derive(Debug, Clone)]
 pub struct PriceTable {
@@ -46,21 +49,18 @@ impl PriceTable {
                 prices.insert(format!("{provider}/{model}"), Price::from(m));
             }
         }
-        let baseline = prices.get(&s.pricing.baseline_model).copied().unwrap_or(Price {
-            input: 0.0,
-            cached_input: 0.0,
-            output: 0.0,
-        });
+        let baseline = prices.get(&s.pricing.baseline_model).copied().unwrap_or(FREE);
         PriceTable { prices, baseline, version: s.pricing.pricing_version.clone() }
     }
 
-    /// Price of `provider/model`; zero for an unknown model (validation rejects those).
+    /// Price of `provider` and `model`; zero for an unknown model (validation rejects those).
     pub fn price(&self, provider: &str, model: &str) -> Price {
-        self.prices.get(&format!("{provider}/{model}")).copied().unwrap_or(Price {
-            input: 0.0,
-            cached_input: 0.0,
-            output: 0.0,
-        })
+        self.get(&format!("{provider}/{model}"))
+    }
+
+    /// Price of a `provider/model` entry as written in a chain; zero for an unknown model.
+    pub fn get(&self, entry: &str) -> Price {
+        self.prices.get(entry).copied().unwrap_or(FREE)
     }
 
     /// What the same tokens would cost on the baseline premium model. Cache hits are

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rand::Rng;
 
-use super::{estimate_tokens, ChatRequest, Outcome, Provider, Usage};
+use super::{ChatRequest, Outcome, Provider, Usage};
 use crate::settings::{ProviderSettings, RefusalStyle};
 use crate::ticket::{Message, Stage, Ticket};
 use crate::triage::keywords::KeywordSet;
@@ -48,14 +48,6 @@ impl Simulated {
         let high = self.latency_ms + self.jitter_ms;
         let ms = if high > low { rand::thread_rng().gen_range(low..=high) } else { low };
         Some(Duration::from_millis(ms))
-    }
-
-    fn usage(request: &ChatRequest, output: &str) -> Usage {
-        Usage {
-            input_tokens: estimate_tokens(&request.system) + estimate_tokens(&request.user),
-            cached_input_tokens: 0,
-            output_tokens: estimate_tokens(output),
-        }
     }
 
     fn transcript_ticket(request: &ChatRequest) -> Option<Ticket> {
@@ -132,21 +124,23 @@ impl Provider for Simulated {
             let detail = format!("{}: content filter (data_inspection_failed) on `{word}`", self.name);
             return match self.refusal_style {
                 RefusalStyle::Dashscope => Outcome::Refused { usage: None, detail },
-                RefusalStyle::FinishReason => Outcome::Refused { usage: Some(Self::usage(request, "")), detail },
+                RefusalStyle::FinishReason => Outcome::Refused { usage: Some(Usage::estimate(request, "")), detail },
             };
         }
         let text = match request.stage {
-            Stage::Triage => match Self::transcript_ticket(request) {
-                Some(ticket) => self.triage_answer(&ticket),
-                None => return Outcome::Permanent { detail: format!("{}: 400 request has no ticket data", self.name) },
-            },
-            Stage::Moderation => match Self::transcript_ticket(request) {
-                Some(ticket) => self.moderation_answer(&ticket),
-                None => return Outcome::Permanent { detail: format!("{}: 400 request has no ticket data", self.name) },
-            },
             Stage::Reply => self.reply_answer(request),
+            Stage::Triage | Stage::Moderation => {
+                let Some(ticket) = Self::transcript_ticket(request) else {
+                    return Outcome::Permanent { detail: format!("{}: 400 request has no ticket data", self.name) };
+                };
+                if request.stage == Stage::Triage {
+                    self.triage_answer(&ticket)
+                } else {
+                    self.moderation_answer(&ticket)
+                }
+            }
         };
-        let usage = Self::usage(request, &text);
+        let usage = Usage::estimate(request, &text);
         Outcome::Ok { text, usage: Some(usage) }
     }
 }

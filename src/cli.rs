@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::dispatch::Shutdown;
 use crate::process::{self, ProcessOptions};
-use crate::runner::Shutdown;
 use crate::settings::Settings;
 
 /// Answers customer-support tickets with LLMs at a fraction of the usual cost.

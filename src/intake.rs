@@ -53,6 +53,24 @@ struct WireTicket {
     created_at: Option<String>,
 }
 
+/// The ordering key of a raw ticket: its `conversation_id`, or its `ticket_id` when
+/// it has none (SPEC §3.1). `None` for anything that is not a JSON object with a
+/// string id: such input orders with nothing and becomes a dead letter on its own.
+/// Reads only the two ids (everything else is skipped unparsed), for sources whose
+/// messages carry no key of their own.
+pub fn conversation_key(raw: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Ids<'a> {
+        #[serde(borrow, default)]
+        ticket_id: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow, default)]
+        conversation_id: Option<std::borrow::Cow<'a, str>>,
+    }
+    let raw = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw);
+    let ids: Ids<'_> = serde_json::from_slice(raw).ok()?;
+    ids.conversation_id.or(ids.ticket_id).map(std::borrow::Cow::into_owned)
+}
+
 /// Parses and validates one raw message. `max_message_bytes` is `limits.max_message_bytes`.
 pub fn parse(raw: &[u8], max_message_bytes: usize) -> Result<Ticket, Rejection> {
     if raw.len() > max_message_bytes {

@@ -9,7 +9,7 @@
 //!   -> ledger claim (idempotency)  ->  triage (cheap tier + local signals)
 //!   -> route (rules)  ->  respond (provider chain, retries, failover,
 //!      moderation bypass)  ->  publish (reply, cost records | dead letter)
-//!   -> ledger record  ->  ack
+//!   -> ledger record  ->  ack / store offset
 //! ```
 //!
 //! # Layout
@@ -21,7 +21,9 @@
 //! - [`reply_text`]: quote normalisation of model replies.
 //! - [`providers`]: the provider trait, the simulated provider, pricing, model chains.
 //! - [`pipeline`]: one ticket through every stage; knows no broker.
-//! - [`runner`]: bounded concurrency, ack/nack from completions, graceful drain.
+//! - [`dispatch`]: between a source and the pipeline: order per key, lanes, flow
+//!   control, rate-aware admission, one disposition per outcome, graceful drain.
+//! - [`observe`]: completions and their observers (summary, metrics, admission).
 //! - [`broker`]: sources and publishers (in-memory queue, output files).
 //! - [`ledger`]: idempotency and cost memory (in-memory).
 //! - [`process`]: the embedded `ticketflow process` command. [`summary`]: its report.
@@ -31,18 +33,19 @@
 
 pub mod broker;
 pub mod cli;
+pub mod dispatch;
 pub mod explain;
 pub mod intake;
 pub mod ledger;
 pub mod mock_provider;
 pub mod moderation;
+pub mod observe;
 pub mod pipeline;
 pub mod process;
 pub mod providers;
 pub mod reply_text;
 pub mod report;
 pub mod routing;
-pub mod runner;
 pub mod settings;
 pub mod summary;
 pub mod ticket;

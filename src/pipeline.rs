@@ -5,10 +5,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::broker::{BrokerError, Delivery, Publisher};
+use async_trait::async_trait;
+
+use crate::broker::{Message, Publisher};
+pub use crate::dispatch::HandleError;
+use crate::dispatch::{Attempt, Handler};
 use crate::intake::{self, Rejection};
 use crate::ledger::{Claim, Ledger, LedgerError};
 use crate::moderation::{self, Moderator, Verdict};
+use crate::observe::Completion;
+pub use crate::observe::Handled;
 use crate::providers::chain::{ChainResult, ChainRunner, UnitCalls};
 use crate::providers::pricing::PriceTable;
 use crate::providers::{ChatRequest, Providers};
@@ -21,31 +27,6 @@ use crate::ticket::{
 };
 use crate::triage::{self, parse::parse_triage, prompt, Analyzer, Triage};
 
-/// How long a delivery whose unit is busy elsewhere waits for it before being handed back.
-const BUSY_WAIT: Duration = Duration::from_secs(5);
-
-/// What became of a delivery. Every variant means the delivery may be acked.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Handled {
-    Replied(ReplyStatus),
-    DeadLettered(ErrorKind),
-    /// Already answered and published earlier: nothing to do.
-    Duplicate,
-    /// Already answered earlier but never confirmed published: published now.
-    Republished,
-}
-
-/// Why a delivery must not be acked: it is handed back to the broker.
-#[derive(Debug, thiserror::Error)]
-pub enum HandleError {
-    #[error(transparent)]
-    Ledger(#[from] LedgerError),
-    #[error(transparent)]
-    Publish(#[from] BrokerError),
-    #[error("unit {0} is being processed by another worker")]
-    Busy(String),
-}
-
 /// Everything the stages need, built once per process.
 pub struct Pipeline {
     settings: Arc<Settings>,
@@ -57,10 +38,6 @@ pub struct Pipeline {
     ledger: Arc<dyn Ledger>,
     publisher: Arc<dyn Publisher>,
     worker_id: String,
-    /// Numbers this worker's claims: each delivery claims under a name of its own
-    /// (`worker#n`), so that a claim retried after a lost response is recognised as
-    /// its own, while a second delivery of the same unit in this process is not.
-    claims: std::sync::atomic::AtomicU64,
     budgets: Budgets,
 }
 
@@ -102,7 +79,6 @@ impl Pipeline {
             ledger,
             publisher,
             worker_id,
-            claims: std::sync::atomic::AtomicU64::new(0),
             budgets,
         }
     }
@@ -116,41 +92,47 @@ impl Pipeline {
         Ok(Pipeline::new(settings, analyzer, providers, ledger, publisher))
     }
 
-    /// Handles one delivery up to the point where it may be acked.
-    pub async fn handle(&self, delivery: &Delivery) -> Result<Handled, HandleError> {
-        let limit = self.settings.limits.max_message_bytes;
-        let parsed = match delivery.full_len {
-            Some(full) if full > limit as u64 => Err(Rejection {
-                kind: ErrorKind::TooLarge,
-                message: format!("message is {full} bytes, limit is {limit}"),
-                ticket_id: None,
-            }),
-            _ => intake::parse(&delivery.payload, limit),
-        };
-        let ticket = match parsed {
+    /// Each delivery claims under a name of its own (`worker#seq`), the same for
+    /// every attempt at it: a claim retried after a lost response or a failed attempt
+    /// is recognised as its own, while a second delivery of the same unit is not.
+    fn claimer(&self, attempt: &Attempt) -> String {
+        format!("{}#{}", self.worker_id, attempt.seq)
+    }
+
+    /// Handles one message up to the point where it may be acked.
+    pub async fn handle(&self, message: &Message, attempt: &Attempt) -> Result<Completion, HandleError> {
+        let ticket = match self.intake(message) {
             Ok(ticket) => ticket,
             Err(rejection) => {
-                tracing::info!(source = ?delivery.source, kind = rejection.kind.as_str(), error = %rejection.message, "rejected input");
-                let dead_letter = self.rejected(delivery, rejection);
-                self.ledger.record_rejected(&dead_letter).await?;
+                tracing::info!(source = ?message.source, kind = rejection.kind.as_str(), error = %rejection.message, "rejected input");
+                let dead_letter = self.rejected(message, rejection);
                 let kind = dead_letter.error.kind;
-                self.publisher.publish(&Output::DeadLetter { dead_letter, costs: Vec::new() }).await?;
-                return Ok(Handled::DeadLettered(kind));
+                self.record_dead_letter(&dead_letter).await?;
+                let output = Output::DeadLetter { dead_letter, costs: Vec::new() };
+                self.publisher.publish(&output).await?;
+                return Ok(Completion::of(Handled::DeadLettered(kind), &output, &self.prices));
             }
         };
-        let claimer = format!("{}#{}", self.worker_id, self.claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let claim = self.claim(&ticket, delivery.replay_count, &claimer).await?;
+        let claimer = self.claimer(attempt);
+        let claim = self.ledger.claim(&ticket.unit_id, &ticket.ticket_id, message.replay_count, &claimer).await?;
         let (attempts, prior_cost_usd) = match claim {
             Claim::Fresh { attempts, prior_cost_usd } => (attempts, prior_cost_usd),
-            Claim::Done => return Ok(Handled::Duplicate),
+            Claim::Done => return Ok(Completion::nothing(Handled::Duplicate)),
             Claim::Unpublished(output) => {
                 self.publisher.publish(&output).await?;
                 self.ledger.mark_published(&ticket.unit_id).await?;
-                return Ok(Handled::Republished);
+                return Ok(Completion::of(Handled::Republished, &output, &self.prices));
             }
             Claim::Busy => return Err(HandleError::Busy(ticket.unit_id.clone())),
         };
-        let output = self.answer(&ticket, delivery, attempts, prior_cost_usd).await;
+        let output = tokio::select! {
+            biased;
+            _ = attempt.cancel.cancelled() => {
+                self.release(&ticket.unit_id, &claimer).await;
+                return Err(HandleError::Cancelled);
+            }
+            output = self.answer(&ticket, message, attempts, prior_cost_usd) => output,
+        };
         let handled = match &output {
             Output::Reply { reply, .. } => Handled::Replied(reply.status),
             Output::DeadLetter { dead_letter, .. } => Handled::DeadLettered(dead_letter.error.kind),
@@ -166,20 +148,76 @@ impl Pipeline {
             return Err(e.into());
         }
         self.ledger.mark_published(&ticket.unit_id).await?;
-        Ok(handled)
+        Ok(Completion::of(handled, &output, &self.prices))
     }
 
-    /// Claims the unit, waiting a little while another worker holds it.
-    async fn claim(&self, ticket: &Ticket, replay_count: u32, claimer: &str) -> Result<Claim, HandleError> {
-        let started = Instant::now();
-        let mut pause = Duration::from_millis(10);
-        loop {
-            let claim = self.ledger.claim(&ticket.unit_id, &ticket.ticket_id, replay_count, claimer).await?;
-            if !matches!(claim, Claim::Busy) || started.elapsed() >= BUSY_WAIT {
-                return Ok(claim);
+    /// Ends a message that keeps failing: an `internal` dead letter, recorded where
+    /// the ledger takes it and published in any case. A ledger that refuses it (text
+    /// PostgreSQL cannot store, a unit in a state it cannot finish from) is logged,
+    /// not retried: the dead letter on the topic is what operators replay.
+    pub async fn give_up(&self, message: &Message, attempt: &Attempt, reason: &str) -> Result<Completion, HandleError> {
+        let claimer = self.claimer(attempt);
+        let ticket = self.intake(message).ok();
+        let (payload, payload_encoding) = encode_payload(&message.payload);
+        let dead_letter = DeadLetter {
+            schema_version: SCHEMA_VERSION,
+            ticket_id: ticket.as_ref().map(|t| t.ticket_id.clone()),
+            unit_id: ticket.as_ref().map(|t| t.unit_id.clone()),
+            error: DeadLetterError { kind: ErrorKind::Internal, message: reason.to_owned() },
+            attempts: attempt.failures,
+            replay_count: message.replay_count,
+            source: message.source.clone(),
+            failed_at: now_rfc3339(),
+            worker_id: self.worker_id.clone(),
+            payload,
+            payload_encoding,
+        };
+        let output = Output::DeadLetter { dead_letter, costs: Vec::new() };
+        let mut finished = false;
+        if let Some(t) = &ticket {
+            match self.ledger.finish(&t.unit_id, &claimer, &output).await {
+                Ok(()) => finished = true,
+                Err(e @ LedgerError::Unavailable(_)) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(unit_id = %t.unit_id, error = %e, "the ledger did not take the internal dead letter as the unit's outcome")
+                }
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+        if !finished {
+            if let Output::DeadLetter { dead_letter, .. } = &output {
+                self.record_dead_letter(dead_letter).await?;
+            }
+        }
+        self.publisher.publish(&output).await?;
+        if let (true, Some(t)) = (finished, &ticket) {
+            self.ledger.mark_published(&t.unit_id).await?;
+        }
+        Ok(Completion::of(Handled::DeadLettered(ErrorKind::Internal), &output, &self.prices))
+    }
+
+    fn intake(&self, message: &Message) -> Result<Ticket, Rejection> {
+        let limit = self.settings.limits.max_message_bytes;
+        match message.full_len {
+            Some(full) if full > limit as u64 => Err(Rejection {
+                kind: ErrorKind::TooLarge,
+                message: format!("message is {full} bytes, limit is {limit}"),
+                ticket_id: None,
+            }),
+            _ => intake::parse(&message.payload, limit),
+        }
+    }
+
+    /// Records a dead letter that is no unit's outcome. Only an outage is an error:
+    /// a ledger that refuses the record (a NUL byte in text PostgreSQL cannot store)
+    /// must not keep the dead letter from being published.
+    async fn record_dead_letter(&self, dead_letter: &DeadLetter) -> Result<(), HandleError> {
+        match self.ledger.record_rejected(dead_letter).await {
+            Ok(()) => Ok(()),
+            Err(e @ LedgerError::Unavailable(_)) => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(source = ?dead_letter.source, error = %e, "the ledger refused a dead letter; publishing it anyway");
+                Ok(())
+            }
         }
     }
 
@@ -191,7 +229,7 @@ impl Pipeline {
 
     /// Triage, route and respond: the unit's output. Never fails: every failure is a
     /// dead letter of the right kind.
-    pub async fn answer(&self, ticket: &Ticket, delivery: &Delivery, attempts: u32, prior_cost_usd: f64) -> Output {
+    pub async fn answer(&self, ticket: &Ticket, message: &Message, attempts: u32, prior_cost_usd: f64) -> Output {
         let started = Instant::now();
         let Triaged { signals, triage, mut unit, mut moderation, ticket_data } = self.triaged(ticket, started).await;
         let runner = self.runner();
@@ -215,8 +253,8 @@ impl Pipeline {
         }
         let Some(tier) = self.settings.tiers.get(&decision.target) else {
             // Validation rejects unknown targets; reaching this is a bug worth a dead letter.
-            let message = format!("route target `{}` is not a configured tier", decision.target);
-            return self.failed(ticket, delivery, ErrorKind::Internal, message, unit, attempts);
+            let error = format!("route target `{}` is not a configured tier", decision.target);
+            return self.failed(ticket, message, ErrorKind::Internal, error, unit, attempts);
         };
         let system = prompt::reply_system(
             &triage.category,
@@ -275,13 +313,13 @@ impl Pipeline {
                 finish(&unit, ReplyStatus::NeedsHuman, None, route, &moderation)
             }
             ChainResult::Exhausted { errors, .. } => {
-                let message = format!("every model of tier `{}` failed: {}", decision.target, errors.join("; "));
-                self.failed(ticket, delivery, ErrorKind::ProvidersExhausted, message, unit, attempts)
+                let error = format!("every model of tier `{}` failed: {}", decision.target, errors.join("; "));
+                self.failed(ticket, message, ErrorKind::ProvidersExhausted, error, unit, attempts)
             }
             ChainResult::Rejected { errors, .. } => {
-                let message =
+                let error =
                     format!("every model of tier `{}` rejected the request: {}", decision.target, errors.join("; "));
-                self.failed(ticket, delivery, ErrorKind::Rejected, message, unit, attempts)
+                self.failed(ticket, message, ErrorKind::Rejected, error, unit, attempts)
             }
         }
     }
@@ -342,7 +380,9 @@ impl Pipeline {
     /// handling), under the ticket's deadline counted from `started`.
     async fn triaged(&self, ticket: &Ticket, started: Instant) -> Triaged {
         let deadline = started + Duration::from_millis(self.settings.limits.ticket_deadline_ms);
-        let mut unit = UnitCalls::new(&ticket.ticket_id, &ticket.unit_id, deadline);
+        // A quarter of the lease stays for recording and publishing the outcome.
+        let hold_until = started + Duration::from_millis(self.settings.database.lease_ms * 3 / 4);
+        let mut unit = UnitCalls::new(&ticket.ticket_id, &ticket.unit_id, deadline).with_hold_until(hold_until);
         let mut moderation = ModerationState::default();
         let ticket_data = prompt::ticket_data(ticket);
         let (signals, heuristic) = self.analyzer.analyze(ticket);
@@ -440,23 +480,23 @@ impl Pipeline {
     fn failed(
         &self,
         ticket: &Ticket,
-        delivery: &Delivery,
+        message: &Message,
         kind: ErrorKind,
-        message: String,
+        error: String,
         unit: UnitCalls,
         attempts: u32,
     ) -> Output {
-        tracing::warn!(ticket_id = %ticket.ticket_id, kind = kind.as_str(), error = %message, "ticket dead-lettered");
-        let (payload, payload_encoding) = encode_payload(&delivery.payload);
+        tracing::warn!(ticket_id = %ticket.ticket_id, kind = kind.as_str(), error = %error, "ticket dead-lettered");
+        let (payload, payload_encoding) = encode_payload(&message.payload);
         Output::DeadLetter {
             dead_letter: DeadLetter {
                 schema_version: SCHEMA_VERSION,
                 ticket_id: Some(ticket.ticket_id.clone()),
                 unit_id: Some(ticket.unit_id.clone()),
-                error: DeadLetterError { kind, message },
+                error: DeadLetterError { kind, message: error },
                 attempts,
-                replay_count: delivery.replay_count,
-                source: delivery.source.clone(),
+                replay_count: message.replay_count,
+                source: message.source.clone(),
                 failed_at: now_rfc3339(),
                 worker_id: self.worker_id.clone(),
                 payload,
@@ -468,22 +508,22 @@ impl Pipeline {
 
     /// Dead letter for input that never became a ticket. An oversized payload is kept
     /// only up to the size limit, so a dead letter is never itself too large to publish.
-    fn rejected(&self, delivery: &Delivery, rejection: Rejection) -> DeadLetter {
+    fn rejected(&self, message: &Message, rejection: Rejection) -> DeadLetter {
         let limit = self.settings.limits.max_message_bytes;
-        let (bytes, message) = if rejection.kind == ErrorKind::TooLarge && delivery.payload.len() > limit {
-            (&delivery.payload[..limit], format!("{}; payload cut to the first {limit} bytes", rejection.message))
+        let (bytes, text) = if rejection.kind == ErrorKind::TooLarge && message.payload.len() > limit {
+            (&message.payload[..limit], format!("{}; payload cut to the first {limit} bytes", rejection.message))
         } else {
-            (&delivery.payload[..], rejection.message)
+            (&message.payload[..], rejection.message)
         };
         let (payload, payload_encoding) = encode_payload(bytes);
         DeadLetter {
             schema_version: SCHEMA_VERSION,
             ticket_id: rejection.ticket_id,
             unit_id: None,
-            error: DeadLetterError { kind: rejection.kind, message },
+            error: DeadLetterError { kind: rejection.kind, message: text },
             attempts: 1,
-            replay_count: delivery.replay_count,
-            source: delivery.source.clone(),
+            replay_count: message.replay_count,
+            source: message.source.clone(),
             failed_at: now_rfc3339(),
             worker_id: self.worker_id.clone(),
             payload,
@@ -503,4 +543,15 @@ fn attempts_of(result: &ChainResult) -> u32 {
 
 fn human_route(reasons: Vec<String>) -> RouteView {
     RouteView { tier: HUMAN.into(), provider: None, model: None, reasons, attempts: 0 }
+}
+
+#[async_trait]
+impl Handler for Pipeline {
+    async fn handle(&self, message: &Message, attempt: &Attempt) -> Result<Completion, HandleError> {
+        Pipeline::handle(self, message, attempt).await
+    }
+
+    async fn give_up(&self, message: &Message, attempt: &Attempt, reason: &str) -> Result<Completion, HandleError> {
+        Pipeline::give_up(self, message, attempt, reason).await
+    }
 }

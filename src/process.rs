@@ -1,7 +1,9 @@
 //! `ticketflow process FILE|-`: the whole pipeline in one process. A reader streams
-//! the JSONL input into the in-memory queue; the runner drives it through the
-//! pipeline with the in-memory ledger and the file publisher. Memory stays flat:
+//! the JSONL input into the in-memory queue; the dispatcher drives it through
+//! the pipeline with the in-memory ledger and the file publisher. Memory stays flat:
 //! the queue is bounded, lines are read one at a time and capped at the size limit.
+//! Each line is keyed by its ticket's `conversation_id`, so the dispatcher answers a
+//! conversation's tickets in input order.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -13,17 +15,19 @@ use bytes::Bytes;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
 use crate::broker::files::FilePublisher;
-use crate::broker::memory;
+use crate::broker::{memory, Message};
+use crate::dispatch::{DispatchConfig, Dispatcher, RetryPolicy, RunStats, Shutdown};
+use crate::intake;
 use crate::ledger::memory::MemoryLedger;
 use crate::ledger::postgres::PgLedger;
 use crate::ledger::resilient::{Backoff, Health, Resilient};
 use crate::ledger::Ledger;
 use crate::pipeline::Pipeline;
+use crate::providers::admission::{admission_target, RateAdmission};
 use crate::providers::pricing::PriceTable;
 use crate::providers::Providers;
-use crate::runner::{self, RunStats, Shutdown};
 use crate::settings::Settings;
-use crate::summary::Summary;
+use crate::summary::{Summary, SummaryObserver};
 use crate::ticket::SourceRef;
 use crate::triage::Analyzer;
 
@@ -76,21 +80,10 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<ProcessReport, ProcessError> {
     let started = Instant::now();
+    // Everything that can fail is checked before the output directory is touched:
+    // a typo in the input path must not cost the previous run's outputs.
     let analyzer = Arc::new(Analyzer::new(&settings.triage));
     let providers = Providers::from_settings(&settings, analyzer.clone())?;
-    let publisher = Arc::new(
-        FilePublisher::create(&opts.out_dir, PriceTable::from_settings(&settings))
-            .map_err(|source| ProcessError::Output { path: opts.out_dir.display().to_string(), source })?,
-    );
-    let store: Arc<dyn Ledger> = if opts.postgres_ledger {
-        Arc::new(PgLedger::connect(&settings.database, PriceTable::from_settings(&settings)).await?)
-    } else {
-        Arc::new(MemoryLedger::new())
-    };
-    let health = Health::new();
-    let ledger = Arc::new(Resilient::new(store, health.clone(), Backoff::default()));
-    let pipeline = Arc::new(Pipeline::new(settings.clone(), analyzer, providers, ledger, publisher.clone()));
-
     let (reader, total_bytes): (Box<dyn AsyncBufRead + Unpin + Send>, Option<u64>) = if opts.input == Path::new("-") {
         (Box::new(BufReader::with_capacity(1 << 16, tokio::io::stdin())), None)
     } else {
@@ -101,11 +94,27 @@ pub async fn run(
         (Box::new(BufReader::with_capacity(1 << 16, file)), len)
     };
     let topic = if opts.input == Path::new("-") { "stdin".to_owned() } else { opts.input.display().to_string() };
+    let store: Arc<dyn Ledger> = if opts.postgres_ledger {
+        Arc::new(PgLedger::connect(&settings.database, PriceTable::from_settings(&settings)).await?)
+    } else {
+        Arc::new(MemoryLedger::new())
+    };
+    let (publisher, kept) = FilePublisher::create(&opts.out_dir)
+        .map_err(|source| ProcessError::Output { path: opts.out_dir.display().to_string(), source })?;
+    for path in kept {
+        tracing::warn!(path = %path.display(), "kept the partial outputs of an earlier run that did not finish");
+    }
+    let publisher = Arc::new(publisher);
+    let health = Health::new();
+    let ledger = Arc::new(Resilient::new(store, health.clone(), Backoff::default()));
+    let pipeline = Arc::new(Pipeline::new(settings.clone(), analyzer, providers.clone(), ledger, publisher.clone()));
 
     let max_in_flight = settings.limits.max_in_flight;
     let (producer, queue) = memory::queue(max_in_flight);
     let bytes_read = Arc::new(AtomicU64::new(0));
     let stats = Arc::new(RunStats::default());
+    let summary = Arc::new(SummaryObserver::default());
+    let admission = Arc::new(RateAdmission::new(&providers, admission_target(&settings)));
 
     let progress = opts.progress.then(|| Progress::start(total_bytes, bytes_read.clone(), stats.clone()));
     let limit = settings.limits.max_message_bytes;
@@ -119,13 +128,22 @@ pub async fn run(
             }
         })
     };
-    runner::run(queue, pipeline, max_in_flight, shutdown.clone(), stats.clone(), health).await;
+    let dispatcher = Dispatcher {
+        handler: pipeline,
+        config: DispatchConfig { max_in_flight, retry: RetryPolicy::from_settings(&settings.limits) },
+        observers: vec![summary.clone(), admission.clone()],
+        admission,
+        health,
+        stats: stats.clone(),
+    };
+    // The in-memory queue cannot fail.
+    let _ = dispatcher.run(queue, shutdown.clone()).await;
     let read_result = read.await;
     if let Some(p) = progress {
         p.finish();
     }
-    let mut summary = publisher.finish()?;
-    summary.duplicates = stats.acked.load(Ordering::Relaxed).saturating_sub(summary.total());
+    publisher.commit()?;
+    let summary = summary.take();
     match read_result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(ProcessError::Read(e)),
@@ -136,7 +154,7 @@ pub async fn run(
         summary,
         elapsed: started.elapsed(),
         interrupted,
-        unfinished: stats.handed_back.load(Ordering::Relaxed),
+        unfinished: stats.handed_back.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed),
     })
 }
 
@@ -187,8 +205,15 @@ async fn feed(
             continue;
         }
         let cut = (full_len as usize > line.len()).then_some(full_len);
-        let source = SourceRef { topic: topic.clone(), partition: 0, offset: line_no };
-        if !producer.send(Bytes::copy_from_slice(&line), cut, source, 0).await {
+        let message = Message {
+            key: if cut.is_some() { None } else { intake::conversation_key(&line) },
+            payload: Bytes::copy_from_slice(&line),
+            full_len: cut,
+            source: SourceRef { topic: topic.clone(), partition: 0, offset: line_no },
+            redelivered: false,
+            replay_count: 0,
+        };
+        if !producer.send(message).await {
             return Ok(());
         }
     }

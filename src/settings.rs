@@ -80,6 +80,13 @@ pub struct Limits {
     /// Share (0..0.5) of each provider's rate limits left unused, absorbing clock and
     /// network jitter so the provider never sees more than its limit.
     pub rate_limit_headroom: f64,
+    /// Failed attempts at one message (for reasons other than a database or broker
+    /// outage) after which it becomes an `internal` dead letter.
+    pub max_delivery_attempts: u32,
+    /// Wait before retrying a failed attempt; doubles per failure, with jitter.
+    pub delivery_retry_base_ms: u64,
+    /// Ceiling of that wait.
+    pub delivery_retry_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -426,6 +433,9 @@ impl Settings {
         }
         if self.limits.ticket_deadline_ms == 0 {
             problems.push("limits.ticket_deadline_ms must be at least 1".into());
+        }
+        if self.limits.max_delivery_attempts == 0 {
+            problems.push("limits.max_delivery_attempts must be at least 1".into());
         }
         if !(0.0..=0.5).contains(&self.limits.rate_limit_headroom) {
             problems.push("limits.rate_limit_headroom must be between 0 and 0.5".into());

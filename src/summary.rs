@@ -7,9 +7,8 @@ use std::collections::BTreeMap;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table};
 use hdrhistogram::Histogram;
 
-use crate::providers::pricing::PriceTable;
-use crate::providers::Usage;
-use crate::ticket::{Output, ReplyStatus};
+use crate::observe::{Completion, Observer, Published};
+use crate::ticket::ReplyStatus;
 
 /// Running totals of a run.
 #[derive(Debug)]
@@ -44,35 +43,35 @@ impl Default for Summary {
 }
 
 impl Summary {
-    /// Adds one published output.
-    pub fn add(&mut self, output: &Output, prices: &PriceTable) {
-        for c in output.costs() {
-            self.provider_calls += 1;
-            self.cost_usd += c.cost_usd;
-            self.baseline_cost_usd += prices.baseline_cost(&Usage {
-                input_tokens: c.input_tokens,
-                cached_input_tokens: c.cached_input_tokens,
-                output_tokens: c.output_tokens,
-            });
-        }
-        match output {
-            Output::Reply { reply, .. } => {
-                let outcome = match reply.status {
+    /// Adds one settled unit of work.
+    pub fn add(&mut self, c: &Completion) {
+        let Some(published) = c.published else {
+            self.duplicates += 1;
+            return;
+        };
+        self.provider_calls += u64::from(c.provider_calls);
+        self.cost_usd += c.cost_usd;
+        self.baseline_cost_usd += c.baseline_cost_usd;
+        match published {
+            Published::Reply(status) => {
+                let outcome = match status {
                     ReplyStatus::Answered => "answered",
                     ReplyStatus::NeedsHuman => "needs_human",
                 };
                 *self.outcomes.entry(outcome.into()).or_default() += 1;
-                *self.tiers.entry(reply.route.tier.clone()).or_default() += 1;
-                if let Some(p) = &reply.route.provider {
+                if let Some(tier) = &c.tier {
+                    *self.tiers.entry(tier.clone()).or_default() += 1;
+                }
+                if let Some(p) = &c.provider {
                     *self.providers.entry(p.clone()).or_default() += 1;
                 }
-                if reply.moderation.as_ref().is_some_and(|m| m.bypassed) {
+                if c.bypassed {
                     self.bypassed += 1;
                 }
-                self.latency_ms.saturating_record(reply.latency_ms.max(1));
+                self.latency_ms.saturating_record(c.latency_ms.unwrap_or(0).max(1));
             }
-            Output::DeadLetter { dead_letter, .. } => {
-                *self.outcomes.entry(format!("dead_letter:{}", dead_letter.error.kind.as_str())).or_default() += 1;
+            Published::DeadLetter(kind) => {
+                *self.outcomes.entry(format!("dead_letter:{}", kind.as_str())).or_default() += 1;
             }
         }
     }
@@ -142,5 +141,24 @@ impl Summary {
         out.push_str(&t.to_string());
         out.push('\n');
         out
+    }
+}
+
+/// A [`Summary`] fed by the dispatcher's completions.
+#[derive(Debug, Default)]
+pub struct SummaryObserver(std::sync::Mutex<Summary>);
+
+impl SummaryObserver {
+    /// The totals so far.
+    pub fn take(&self) -> Summary {
+        self.0.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default()
+    }
+}
+
+impl Observer for SummaryObserver {
+    fn completed(&self, completion: &Completion) {
+        if let Ok(mut s) = self.0.lock() {
+            s.add(completion);
+        }
     }
 }

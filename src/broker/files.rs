@@ -1,63 +1,82 @@
 //! The output side of `ticketflow process`: `replies.jsonl`, `costs.jsonl` and
-//! `dead_letters.jsonl` in the output directory, one JSON document per line, plus
-//! the running [`Summary`].
+//! `dead_letters.jsonl` in the output directory, one JSON document per line.
 //!
-//! Each output is serialized before any lock is taken and written as whole lines,
-//! so the files hold only complete records even when a run is interrupted.
+//! - A run writes `NAME.jsonl.partial` files and renames them over `NAME.jsonl` when
+//!   it ends (finished or interrupted), so the previous run's outputs stay whole
+//!   until this run has outputs to replace them with.
+//! - Each output is written and flushed to the operating system before `publish`
+//!   returns: once the ledger marks a unit published, its lines survive a crash of
+//!   the process (not of the machine: there is no fsync per output).
+//! - Partial files left by a run that crashed are kept, renamed with a timestamp,
+//!   since with `--ledger` they may hold the only copy of replies already marked
+//!   published.
+//! - Each output is serialized before the lock is taken and written as whole lines,
+//!   so the files hold only complete records.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 
 use super::{BrokerError, Publisher};
-use crate::providers::pricing::PriceTable;
-use crate::summary::Summary;
 use crate::ticket::Output;
 
-const BUFFER: usize = 256 * 1024;
+const BUFFER: usize = 64 * 1024;
+const NAMES: [&str; 3] = ["replies.jsonl", "costs.jsonl", "dead_letters.jsonl"];
 
 struct Files {
     replies: BufWriter<File>,
     costs: BufWriter<File>,
     dead_letters: BufWriter<File>,
-    summary: Summary,
 }
 
 /// Publishes outputs to JSONL files.
 pub struct FilePublisher {
+    dir: PathBuf,
     files: Mutex<Files>,
-    prices: PriceTable,
+}
+
+fn partial(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.partial"))
 }
 
 impl FilePublisher {
-    /// Creates (truncating) the three files in `dir`, creating `dir` if needed.
-    pub fn create(dir: &Path, prices: PriceTable) -> std::io::Result<Self> {
+    /// Creates `dir` if needed and this run's partial files in it. Returns the
+    /// publisher and the names that leftover partial files of a crashed run were
+    /// kept under.
+    pub fn create(dir: &Path) -> std::io::Result<(Self, Vec<PathBuf>)> {
         std::fs::create_dir_all(dir)?;
+        let mut kept = Vec::new();
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S");
+        for name in NAMES {
+            let leftover = partial(dir, name);
+            if leftover.exists() {
+                let keep = dir.join(format!("{name}.crashed-{stamp}"));
+                std::fs::rename(&leftover, &keep)?;
+                kept.push(keep);
+            }
+        }
         let open = |name: &str| -> std::io::Result<BufWriter<File>> {
-            Ok(BufWriter::with_capacity(BUFFER, File::create(dir.join(name))?))
+            Ok(BufWriter::with_capacity(BUFFER, File::create(partial(dir, name))?))
         };
-        Ok(FilePublisher {
-            files: Mutex::new(Files {
-                replies: open("replies.jsonl")?,
-                costs: open("costs.jsonl")?,
-                dead_letters: open("dead_letters.jsonl")?,
-                summary: Summary::default(),
-            }),
-            prices,
-        })
+        let files = Files { replies: open(NAMES[0])?, costs: open(NAMES[1])?, dead_letters: open(NAMES[2])? };
+        Ok((FilePublisher { dir: dir.to_owned(), files: Mutex::new(files) }, kept))
     }
 
-    /// Flushes the files and returns the summary so far.
-    pub fn finish(&self) -> Result<Summary, BrokerError> {
+    /// Flushes the files and puts them in place of the previous run's outputs.
+    pub fn commit(&self) -> Result<(), BrokerError> {
         let mut guard = self.files.lock().map_err(|_| BrokerError::Publish("output lock poisoned".into()))?;
         let f = &mut *guard;
         for w in [&mut f.replies, &mut f.costs, &mut f.dead_letters] {
             w.flush().map_err(|e| BrokerError::Publish(format!("flushing output files: {e}")))?;
         }
-        Ok(std::mem::take(&mut f.summary))
+        for name in NAMES {
+            std::fs::rename(partial(&self.dir, name), self.dir.join(name))
+                .map_err(|e| BrokerError::Publish(format!("renaming {name}.partial into place: {e}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -65,7 +84,7 @@ impl FilePublisher {
 impl Publisher for FilePublisher {
     async fn publish(&self, output: &Output) -> Result<(), BrokerError> {
         let ser = |v: &dyn erased::Json| -> Result<Vec<u8>, BrokerError> {
-            let mut line = v.to_json().map_err(|e| BrokerError::Publish(format!("serializing output: {e}")))?;
+            let mut line = v.to_json().map_err(|e| BrokerError::Refused(format!("serializing output: {e}")))?;
             line.push(b'\n');
             Ok(line)
         };
@@ -77,15 +96,16 @@ impl Publisher for FilePublisher {
             Output::Reply { reply, .. } => (ser(reply)?, true),
             Output::DeadLetter { dead_letter, .. } => (ser(dead_letter)?, false),
         };
-        let mut f = self.files.lock().map_err(|_| BrokerError::Publish("output lock poisoned".into()))?;
+        let mut guard = self.files.lock().map_err(|_| BrokerError::Publish("output lock poisoned".into()))?;
+        let f = &mut *guard;
         let io = |e: std::io::Error| BrokerError::Publish(format!("writing output files: {e}"));
-        f.costs.write_all(&cost_lines).map_err(io)?;
-        if is_reply {
-            f.replies.write_all(&main).map_err(io)?;
-        } else {
-            f.dead_letters.write_all(&main).map_err(io)?;
+        if !cost_lines.is_empty() {
+            f.costs.write_all(&cost_lines).map_err(io)?;
+            f.costs.flush().map_err(io)?;
         }
-        f.summary.add(output, &self.prices);
+        let main_file = if is_reply { &mut f.replies } else { &mut f.dead_letters };
+        main_file.write_all(&main).map_err(io)?;
+        main_file.flush().map_err(io)?;
         Ok(())
     }
 }
@@ -100,5 +120,24 @@ mod erased {
         fn to_json(&self) -> serde_json::Result<Vec<u8>> {
             serde_json::to_vec(self)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn previous_outputs_survive_until_commit_and_crashed_partials_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("replies.jsonl"), "yesterday\n").unwrap();
+        std::fs::write(dir.path().join("replies.jsonl.partial"), "crashed run\n").unwrap();
+        let (publisher, kept) = FilePublisher::create(dir.path()).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), "crashed run\n");
+        assert_eq!(std::fs::read_to_string(dir.path().join("replies.jsonl")).unwrap(), "yesterday\n");
+        publisher.commit().unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join("replies.jsonl")).unwrap(), "");
+        assert!(!dir.path().join("replies.jsonl.partial").exists());
     }
 }

@@ -2,79 +2,48 @@
 //! process`) and a publisher that collects outputs (tests).
 
 use std::sync::Mutex;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Acker, BrokerError, Delivery, Publisher, Source};
-use crate::ticket::{Output, SourceRef};
-
-/// How long a requeued message waits before it is delivered again, so a message
-/// whose unit is busy elsewhere does not spin.
-const REQUEUE_DELAY: Duration = Duration::from_millis(20);
+use super::{Acker, BrokerError, Delivery, Lane, Message, Publisher, Source, SourceEvent};
+use crate::ticket::Output;
 
 /// Producer side of the in-memory queue.
 #[derive(Clone)]
 pub struct MemoryProducer {
-    tx: mpsc::Sender<Delivery>,
+    tx: mpsc::Sender<Message>,
 }
 
-/// Consumer side of the in-memory queue.
+/// Consumer side of the in-memory queue. It holds a producer of its own for
+/// requeues, so it sees the end of the input only once every outside producer is
+/// gone and no delivery is left unsettled.
 pub struct MemoryQueue {
-    rx: mpsc::Receiver<Delivery>,
+    rx: mpsc::Receiver<Message>,
+    requeue: mpsc::WeakSender<Message>,
+    paused: bool,
 }
 
 /// A bounded in-memory queue; `capacity` bounds memory and pushes back on the producer.
 pub fn queue(capacity: usize) -> (MemoryProducer, MemoryQueue) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
-    (MemoryProducer { tx }, MemoryQueue { rx })
+    let requeue = tx.downgrade();
+    (MemoryProducer { tx }, MemoryQueue { rx, requeue, paused: false })
 }
 
 impl MemoryProducer {
     /// Enqueues a message; waits while the queue is full. Returns false once the
     /// consumer is gone.
-    pub async fn send(&self, payload: Bytes, full_len: Option<u64>, source: SourceRef, replay_count: u32) -> bool {
-        let requeue = Requeue { tx: self.tx.clone(), payload, full_len, source, replay_count };
-        let (tx, delivery) = requeue.delivery();
-        tx.send(delivery).await.is_ok()
+    pub async fn send(&self, message: Message) -> bool {
+        self.tx.send(message).await.is_ok()
     }
 }
 
-/// What is needed to put a delivery back in the queue.
-struct Requeue {
-    tx: mpsc::Sender<Delivery>,
-    payload: Bytes,
-    full_len: Option<u64>,
-    source: SourceRef,
-    replay_count: u32,
-}
-
-impl Requeue {
-    fn delivery(self) -> (mpsc::Sender<Delivery>, Delivery) {
-        let again = Requeue {
-            tx: self.tx.clone(),
-            payload: self.payload.clone(),
-            full_len: self.full_len,
-            source: self.source.clone(),
-            replay_count: self.replay_count,
-        };
-        let delivery = Delivery {
-            payload: self.payload,
-            full_len: self.full_len,
-            source: self.source,
-            replay_count: self.replay_count,
-            acker: Box::new(MemoryAcker { requeue: Some(again) }),
-        };
-        (self.tx, delivery)
-    }
-}
-
-/// Holds a sender so the queue stays open while any delivery is unsettled: the
-/// consumer sees the end of the input only when nothing can be requeued any more.
+/// Keeps a sender so the queue stays open while its delivery is unsettled: a
+/// requeued message is never lost at the end of the input.
 struct MemoryAcker {
-    requeue: Option<Requeue>,
+    message: Option<Message>,
+    tx: Option<mpsc::Sender<Message>>,
 }
 
 #[async_trait]
@@ -84,31 +53,46 @@ impl Acker for MemoryAcker {
     }
 
     async fn nack(mut self: Box<Self>, requeue: bool) -> Result<(), BrokerError> {
-        let again = if requeue { self.requeue.take() } else { None };
-        match again {
-            Some(requeue) => {
-                // Requeue from a task of its own: the caller may hold the last in-flight
-                // permit while the queue is full. The sender it holds keeps the queue open
-                // until the message is back in it, so nothing is lost at end of input.
-                tokio::spawn(async move {
-                    tokio::time::sleep(REQUEUE_DELAY).await;
-                    let (tx, delivery) = requeue.delivery();
-                    let _ = tx.send(delivery).await;
-                });
-                Ok(())
+        match (requeue, self.message.take(), self.tx.take()) {
+            (true, Some(mut message), Some(tx)) => {
+                message.redelivered = true;
+                // try_send: the caller may be the consumer itself, which would wait
+                // forever on a full queue it is the only one to drain.
+                match tx.try_send(message) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Full(message)) => {
+                        tokio::spawn(async move {
+                            let _ = tx.send(message).await;
+                        });
+                        Ok(())
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+                }
             }
-            None => {
-                tracing::warn!("in-memory delivery rejected without requeue; it is not processed");
-                Ok(())
-            }
+            _ => Ok(()),
         }
     }
 }
 
 #[async_trait]
 impl Source for MemoryQueue {
-    async fn recv(&mut self) -> Option<Delivery> {
-        self.rx.recv().await
+    async fn next(&mut self) -> Result<Option<SourceEvent>, BrokerError> {
+        if self.paused {
+            std::future::pending::<()>().await;
+        }
+        let Some(message) = self.rx.recv().await else { return Ok(None) };
+        let acker = MemoryAcker { message: Some(message.clone()), tx: self.requeue.upgrade() };
+        Ok(Some(SourceEvent::Delivery(Delivery { message, acker: Box::new(acker) })))
+    }
+
+    fn pause(&mut self, _lanes: &[Lane]) -> Result<(), BrokerError> {
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self, _lanes: &[Lane]) -> Result<(), BrokerError> {
+        self.paused = false;
+        Ok(())
     }
 }
 

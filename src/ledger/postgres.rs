@@ -733,17 +733,29 @@ impl Ledger for PgLedger {
         let encoding = json(&d.payload_encoding)?.as_str().unwrap_or("utf8").to_owned();
         let attempts = d.attempts as i32;
         let replay = d.replay_count as i32;
+        // PostgreSQL text cannot hold NUL: such a payload is stored base64-encoded
+        // (so it can still be replayed byte for byte), other text with U+FFFD.
+        let (payload, encoding) = if d.payload.contains('\0') {
+            use base64::Engine as _;
+            let bytes = d.payload_bytes().map_err(|e| LedgerError::Other(format!("dead letter payload: {e}")))?;
+            (base64::engine::general_purpose::STANDARD.encode(bytes), "base64".to_owned())
+        } else {
+            (d.payload.clone(), encoding)
+        };
+        let text = |s: &str| s.replace('\0', "\u{FFFD}");
+        let ticket_id = d.ticket_id.as_deref().map(text);
+        let message = text(&d.error.message);
         client
             .execute(
                 INSERT_REJECTED,
                 &[
-                    &d.ticket_id,
+                    &ticket_id,
                     &d.error.kind.as_str(),
-                    &d.error.message,
+                    &message,
                     &attempts,
                     &replay,
                     &source,
-                    &d.payload,
+                    &payload,
                     &encoding,
                     &d.worker_id,
                     &d.failed_at,

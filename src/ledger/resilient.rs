@@ -5,7 +5,7 @@
 //! be reached ([`LedgerError::Unavailable`]), the shared [`Health`] turns not-ready and
 //! one prober pings the database with exponential backoff; the failed operation, and
 //! every other one issued meanwhile, waits for the database to come back and then runs
-//! again. The runner takes no new delivery while not ready. Work in flight is kept, not
+//! again. The dispatcher takes no new delivery while not ready. Work in flight is kept, not
 //! handed back: a ticket already answered is recorded when the database returns,
 //! instead of being answered (and paid for) again on redelivery, and a reply already
 //! published is marked so, instead of being published twice.
@@ -46,6 +46,12 @@ impl Health {
         let mut rx = self.ready.subscribe();
         // The sender lives in `self`, so the channel cannot close while we wait.
         let _ = rx.wait_for(|ready| *ready).await;
+    }
+
+    /// Returns once the ledger is found unreachable.
+    pub async fn wait_not_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|ready| !*ready).await;
     }
 
     /// Probes made since start: how long the prober has been at it, for tests and logs.

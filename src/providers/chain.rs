@@ -20,7 +20,12 @@ use crate::ticket::{now_rfc3339, CallOutcome, CostRecord, Stage, SCHEMA_VERSION}
 pub struct UnitCalls {
     pub ticket_id: String,
     pub unit_id: String,
+    /// The time budget of the unit's calls and retries. Time spent waiting on our
+    /// own rate limiters moves it later: pacing is ours, not the ticket's fault.
     pub deadline: Instant,
+    /// The latest the unit may be held at all (well inside its ledger lease): a
+    /// rate-limiter wait never runs past it, nor a deadline moved by such waits.
+    pub hold_until: Instant,
     /// Cost records of every call that reached a provider, in order.
     pub costs: Vec<CostRecord>,
     /// Providers that refused this ticket: skipped from now on.
@@ -35,10 +40,17 @@ impl UnitCalls {
             ticket_id: ticket_id.to_owned(),
             unit_id: unit_id.to_owned(),
             deadline,
+            hold_until: deadline,
             costs: Vec::new(),
             refused_providers: BTreeSet::new(),
             refused_by: Vec::new(),
         }
+    }
+
+    /// Lets limiter waits move the deadline up to `hold_until`.
+    pub fn with_hold_until(mut self, hold_until: Instant) -> Self {
+        self.hold_until = hold_until.max(self.deadline);
+        self
     }
 
     pub fn total_cost(&self) -> f64 {
@@ -128,11 +140,13 @@ impl ChainRunner<'_> {
                     break;
                 }
                 if let Some(limits) = &handle.limits {
-                    match limits.acquire(estimated_tokens, unit.deadline).await {
-                        Ok(waited) if waited > Duration::from_millis(100) => {
-                            tracing::debug!(ticket_id = %unit.ticket_id, provider = provider_name, waited_ms = waited.as_millis() as u64, "waited for rate limit");
+                    match limits.acquire(estimated_tokens, unit.hold_until).await {
+                        Ok(waited) => {
+                            if waited > Duration::from_millis(100) {
+                                tracing::debug!(ticket_id = %unit.ticket_id, provider = provider_name, waited_ms = waited.as_millis() as u64, "waited for rate limit");
+                            }
+                            unit.deadline = (unit.deadline + waited).min(unit.hold_until);
                         }
-                        Ok(_) => {}
                         Err(e) => {
                             // No call is made: a probe this call holds goes back, or the
                             // circuit would stay half-open until the probe went stale.

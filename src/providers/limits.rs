@@ -12,6 +12,7 @@
 //!   and halves the rate; the rate recovers step by step after a quiet minute.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,9 @@ pub struct ProviderLimits {
     limiters: RwLock<Arc<Limiters>>,
     throttle: Mutex<Throttle>,
     turn: tokio::sync::Mutex<()>,
+    /// Requests and estimated tokens asked for since start (admission's demand figures).
+    requested: AtomicU64,
+    tokens_requested: AtomicU64,
 }
 
 impl ProviderLimits {
@@ -64,6 +68,8 @@ impl ProviderLimits {
             limiters: RwLock::new(Arc::new(build(rpm, tpm))),
             throttle: Mutex::new(Throttle { factor: 1.0, paused_until: None, last_change: Instant::now() }),
             turn: tokio::sync::Mutex::new(()),
+            requested: AtomicU64::new(0),
+            tokens_requested: AtomicU64::new(0),
         }
     }
 
@@ -71,6 +77,8 @@ impl ProviderLimits {
     /// Returns how long it waited.
     pub async fn acquire(&self, tokens: u64, deadline: Instant) -> Result<Duration, WouldMissDeadline> {
         let started = Instant::now();
+        self.requested.fetch_add(1, Ordering::Relaxed);
+        self.tokens_requested.fetch_add(tokens, Ordering::Relaxed);
         let wait = async {
             let _turn = self.turn.lock().await;
             if let Some(until) = self.paused_until() {
@@ -110,6 +118,25 @@ impl ProviderLimits {
             self.rebuild(factor);
             tracing::warn!(provider = %self.name, factor, pause_ms = pause.as_millis() as u64, "provider rate limited us; lowering our rate");
         }
+    }
+
+    /// Requests asked for since start, and their estimated tokens.
+    pub fn requested(&self) -> (u64, u64) {
+        (self.requested.load(Ordering::Relaxed), self.tokens_requested.load(Ordering::Relaxed))
+    }
+
+    /// Requests per second this provider serves now: its request rate, or its token
+    /// rate at the average call size seen so far, whichever is lower; lowered while a
+    /// 429 has us throttled.
+    pub fn requests_per_second(&self) -> f64 {
+        let factor = self.throttle.lock().map(|t| t.factor).unwrap_or(1.0);
+        let (requests, tokens) = self.requested();
+        let by_requests = self.requests_per_minute * factor / 60.0;
+        if requests == 0 || tokens == 0 {
+            return by_requests;
+        }
+        let per_call = tokens as f64 / requests as f64;
+        by_requests.min(self.tokens_per_minute * factor / 60.0 / per_call)
     }
 
     /// The rate currently allowed, as a share of the configured limit.

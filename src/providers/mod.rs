@@ -8,7 +8,9 @@
 //! - [`breaker`]: per-provider circuit breakers.
 //! - [`pricing`]: cost of a call from its token usage.
 //! - [`chain`]: a model chain with retries, backoff and failover.
+//! - [`admission`]: how many tickets the rate limits can serve in flight.
 
+pub mod admission;
 pub mod anthropic;
 pub mod breaker;
 pub mod chain;

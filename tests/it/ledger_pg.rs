@@ -554,8 +554,8 @@ async fn a_database_outage_pauses_intake_and_nothing_is_lost_or_done_twice() {
     use std::collections::HashMap;
     use std::sync::atomic::Ordering;
     use ticketflow::broker::memory::{self, MemoryPublisher};
+    use ticketflow::dispatch::{DispatchConfig, Dispatcher, RetryPolicy, RunStats, Shutdown, Unlimited};
     use ticketflow::ledger::resilient::{Backoff, Health, Resilient};
-    use ticketflow::runner::{self, RunStats, Shutdown};
 
     let db = TestDb::new().await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
@@ -597,19 +597,27 @@ async fn a_database_outage_pauses_intake_and_nothing_is_lost_or_done_twice() {
         let mut arrivals = tokio::time::interval(Duration::from_millis(5));
         for (i, line) in lines.into_iter().enumerate() {
             arrivals.tick().await;
-            let source = SourceRef { topic: "tickets".into(), partition: 0, offset: i as i64 };
-            assert!(producer.send(bytes::Bytes::from(line), None, source, 0).await);
+            let message = ticketflow::broker::Message {
+                key: ticketflow::intake::conversation_key(line.as_bytes()),
+                payload: bytes::Bytes::from(line),
+                full_len: None,
+                source: SourceRef { topic: "tickets".into(), partition: 0, offset: i as i64 },
+                redelivered: false,
+                replay_count: 0,
+            };
+            assert!(producer.send(message).await);
         }
     });
     let stats = Arc::new(RunStats::default());
-    let run = tokio::spawn(runner::run(
-        queue,
-        pipeline,
-        64,
-        Shutdown::new(Duration::from_secs(60)),
-        stats.clone(),
-        health.clone(),
-    ));
+    let dispatcher = Dispatcher {
+        handler: pipeline,
+        config: DispatchConfig { max_in_flight: 64, retry: RetryPolicy::from_settings(&settings.limits) },
+        observers: Vec::new(),
+        admission: Arc::new(Unlimited),
+        health: health.clone(),
+        stats: stats.clone(),
+    };
+    let run = tokio::spawn(async move { dispatcher.run(queue, Shutdown::new(Duration::from_secs(60))).await });
 
     let observer = Arc::new(db.client().await);
     let published = |observer: Arc<deadpool_postgres::Object>| async move {
@@ -633,7 +641,7 @@ async fn a_database_outage_pauses_intake_and_nothing_is_lost_or_done_twice() {
 
     proxy.restore();
     feeder.await.unwrap();
-    tokio::time::timeout(Duration::from_secs(120), run).await.expect("the run resumes and ends").unwrap();
+    tokio::time::timeout(Duration::from_secs(120), run).await.expect("the run resumes and ends").unwrap().unwrap();
     assert!(health.is_ready());
     assert!(health.outages() >= 1);
     assert!(at_cut < total as i64, "the cut came in the middle of the run");

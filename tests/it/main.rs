@@ -6,6 +6,7 @@ mod helpers;
 mod config_cli;
 mod contract;
 mod corpus;
+mod dispatch;
 mod explain_cli;
 mod ledger_pg;
 mod pipeline;

@@ -23,17 +23,32 @@ async fn process_against(base: &str, n: usize, dir: &Path) -> (std::process::Out
     let examples = std::fs::read_to_string(repo_path("examples/tickets.jsonl")).unwrap();
     let input = dir.join("in.jsonl");
     std::fs::write(&input, examples.lines().take(n).collect::<Vec<_>>().join("\n")).unwrap();
+    process_with(base, &input, dir, None, &[]).await
+}
+
+/// Runs `ticketflow process` on `input` with every provider a real kind pointed at
+/// the mock at `base`, unlimited unless `env` says otherwise.
+async fn process_with(
+    base: &str,
+    input: &Path,
+    dir: &Path,
+    config: Option<&Path>,
+    env: &[(String, String)],
+) -> (std::process::Output, Outputs) {
     let out_dir = dir.join("out");
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ticketflow"));
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
         .arg("process")
-        .arg(&input)
+        .arg(input)
         .arg("--out")
         .arg(&out_dir)
         .env(KEY_ENV, PLANTED_KEY)
         .env("TICKETFLOW_LOG", "debug")
         .env("TICKETFLOW__RETRY__BASE_DELAY_MS", "1")
         .env("TICKETFLOW__RETRY__MAX_DELAY_MS", "5");
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
     for (name, kind) in PROVIDERS {
         let upper = name.to_uppercase();
         cmd.env(format!("TICKETFLOW__PROVIDERS__{upper}__KIND"), kind)
@@ -44,6 +59,7 @@ async fn process_against(base: &str, n: usize, dir: &Path) -> (std::process::Out
             .env(format!("TICKETFLOW__PROVIDERS__{upper}__REQUESTS_PER_MINUTE"), "600000")
             .env(format!("TICKETFLOW__PROVIDERS__{upper}__TOKENS_PER_MINUTE"), "1000000000");
     }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     let output = cmd.output().await.unwrap();
     assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
     (output, Outputs::read(&out_dir))
@@ -111,4 +127,63 @@ async fn a_total_outage_dead_letters_as_providers_exhausted_and_loses_nothing() 
         assert!(d["payload"].as_str().unwrap().contains(d["ticket_id"].as_str().unwrap()));
     }
     assert!(!out.dead_letters.is_empty());
+}
+
+/// SPEC §4: intake slows down instead of piling up calls on our own limiter. One
+/// provider allows far fewer requests than arrive; every ticket routed there waits
+/// in the queue, none dies of our pacing, and the provider never sees a 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_limited_far_below_the_arrival_rate_gets_no_429_and_no_ticket_dies() {
+    const RPM: u32 = 1200;
+    const TICKETS: usize = 300;
+    const DEADLINE_MS: u64 = 3000;
+    let mut config = MockConfig::default();
+    config.providers.get_mut("mistral").unwrap().requests_per_minute = RPM;
+    let (base, server) = mock_provider::spawn(config).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let tickets: Vec<String> = (0..TICKETS)
+        .map(|i| {
+            serde_json::json!({"ticket_id": format!("T-{i}"), "messages": [{"role": "customer", "text": format!("Where is my order {i}? It has not arrived.")}]})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&input, tickets.join("\n")).unwrap();
+    // Every cheap-tier reply goes to Mistral; the ticket deadline is short, so tickets
+    // that waited on our own limiter within their deadline would die.
+    let cfg = dir.path().join("mistral.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[limits]\nticket_deadline_ms = {DEADLINE_MS}\nmax_in_flight = 256\n\n[tiers.cheap]\nchain = [\"mistral/mistral-small-latest\"]\nbypass_chain = [\"openai/gpt-4o-mini\"]\n"
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("TICKETFLOW__PROVIDERS__MISTRAL__REQUESTS_PER_MINUTE".to_owned(), RPM.to_string()),
+        ("TICKETFLOW_LOG".to_owned(), "info".to_owned()),
+    ];
+    let started = std::time::Instant::now();
+    let (_, out) = process_with(&base, &input, dir.path(), Some(&cfg), &env).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        out.dead_letters.is_empty(),
+        "{} dead letters, first: {:?}",
+        out.dead_letters.len(),
+        out.dead_letters.first()
+    );
+    assert_eq!(out.replies.len(), TICKETS);
+    let mistral = out.replies.iter().filter(|r| r["route"]["provider"] == "mistral").count();
+    assert_eq!(mistral, TICKETS, "every ticket was answered by the limited provider");
+    let stats = server.stats();
+    assert_eq!(stats.providers["mistral"].rate_limited, 0, "the provider never had to refuse us");
+    assert_eq!(stats.providers["mistral"].requests, TICKETS as u64);
+    // The limit sets the pace: 300 calls at 1,200/min less the 2% headroom is 15.3 s.
+    let implied = TICKETS as f64 / (f64::from(RPM) * 0.98 / 60.0);
+    assert!(elapsed > implied * 0.9, "{elapsed:.1} s is faster than the limit allows ({implied:.1} s)");
+    assert!(elapsed < implied * 1.5 + 5.0, "{elapsed:.1} s: the limit implies {implied:.1} s");
+    // Admission kept the in-flight count to what the limiter serves within half a
+    // deadline, so no ticket spent anywhere near its deadline in flight.
+    let slowest = out.replies.iter().map(|r| r["latency_ms"].as_u64().unwrap()).max().unwrap();
+    assert!(slowest < DEADLINE_MS, "slowest ticket took {slowest} ms in flight");
 }

@@ -1,0 +1,463 @@
+//! The dispatcher: between a [`Source`] and a [`Handler`] (the pipeline).
+//!
+//! - **Order per key.** Deliveries with the same key (a conversation) run one at a
+//!   time, in arrival order; different keys run in parallel up to the in-flight
+//!   budget. A delivery with no key orders with nothing.
+//! - **Bounded memory, flow control.** Deliveries held (running, or waiting behind
+//!   their key or for the budget) are bounded at twice the budget; past that the
+//!   source's lanes are paused (a Kafka consumer keeps polling) and resumed once a
+//!   quarter of the room is free again.
+//! - **Admission follows the providers.** The budget is the smaller of
+//!   `limits.max_in_flight` and what [`Admission`] says the rate limiters can serve
+//!   (see `providers::admission`), so tickets wait in the broker, not in memory.
+//! - **Lanes.** Each delivery belongs to a lane (partition, queue). A revoked lane's
+//!   unstarted deliveries are handed back at once, its running ones finish or are
+//!   cancelled at the drain deadline (releasing their ledger claims), and the source
+//!   is told when the lane is drained.
+//! - **Settlement.** Each delivery runs in a task of its own ([`task`]) that maps
+//!   every attempt through the one disposition function ([`disposition`]) and
+//!   settles the delivery exactly once, panics included.
+//! - **Shutdown.** `stop_intake` stops reading and hands back what has not started;
+//!   running deliveries get `drain_timeout`, then are cancelled cooperatively;
+//!   `abort` drops them at once. Nothing unfinished is acked.
+//! - While the ledger is unreachable ([`Health`] not ready) nothing new starts.
+
+pub mod disposition;
+mod task;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use disposition::{HandleError, RetryPolicy};
+pub use task::Settled;
+
+use crate::broker::{BrokerError, Delivery, Lane, Message, Source, SourceEvent};
+use crate::ledger::resilient::Health;
+use crate::observe::{Completion, Observer};
+
+/// One attempt at a delivery, as the handler sees it.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// Unique per delivery within this process, the same for every attempt at it:
+    /// the handler names its ledger claim after it, so a retry finds its own claim.
+    pub seq: u64,
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// Counted failures before this attempt.
+    pub failures: u32,
+    /// Cancelled when the delivery is abandoned: stop, release the claim, return
+    /// [`HandleError::Cancelled`].
+    pub cancel: CancellationToken,
+}
+
+impl Attempt {
+    /// A first attempt that nobody cancels (tests, one-off calls).
+    pub fn first(seq: u64) -> Self {
+        Attempt { seq, number: 1, failures: 0, cancel: CancellationToken::new() }
+    }
+}
+
+/// What the dispatcher drives: the pipeline, or a test double.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Takes a message up to the point where it may be acked: its output published
+    /// and recorded.
+    async fn handle(&self, message: &Message, attempt: &Attempt) -> Result<Completion, HandleError>;
+
+    /// Ends a message that keeps failing with an `internal` dead letter naming
+    /// `reason`, published (and recorded where the ledger takes it).
+    async fn give_up(&self, message: &Message, attempt: &Attempt, reason: &str) -> Result<Completion, HandleError>;
+}
+
+/// How many tickets may be in flight given what the providers can serve.
+pub trait Admission: Send + Sync {
+    /// At most `max`; at least 1.
+    fn allowed_in_flight(&self, max: usize) -> usize;
+}
+
+/// No limit but the configured one.
+pub struct Unlimited;
+
+impl Admission for Unlimited {
+    fn allowed_in_flight(&self, max: usize) -> usize {
+        max
+    }
+}
+
+/// How a run stops.
+#[derive(Clone, Debug)]
+pub struct Shutdown {
+    /// Stop taking new deliveries; finish what is in flight.
+    pub stop_intake: CancellationToken,
+    /// Abandon in-flight work at once: nothing unfinished is acked.
+    pub abort: CancellationToken,
+    /// How long in-flight work may take after `stop_intake` (or a lane's revocation)
+    /// before it is cancelled.
+    pub drain_timeout: Duration,
+}
+
+impl Shutdown {
+    pub fn new(drain_timeout: Duration) -> Self {
+        Shutdown { stop_intake: CancellationToken::new(), abort: CancellationToken::new(), drain_timeout }
+    }
+}
+
+/// Counters of one run.
+#[derive(Debug, Default)]
+pub struct RunStats {
+    pub received: AtomicU64,
+    pub acked: AtomicU64,
+    pub handed_back: AtomicU64,
+    /// Deliveries whose work and dead letter both failed (see [`Settled::Rejected`]).
+    pub rejected: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+/// The dispatcher's settings.
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    pub max_in_flight: usize,
+    pub retry: RetryPolicy,
+}
+
+/// Everything a run needs besides its source.
+pub struct Dispatcher<H: Handler> {
+    pub handler: Arc<H>,
+    pub config: DispatchConfig,
+    pub observers: Vec<Arc<dyn Observer>>,
+    pub admission: Arc<dyn Admission>,
+    pub health: Arc<Health>,
+    pub stats: Arc<RunStats>,
+}
+
+struct Pending {
+    delivery: Delivery,
+    seq: u64,
+}
+
+impl Pending {
+    fn lane(&self) -> Lane {
+        self.delivery.message.lane()
+    }
+}
+
+struct Done {
+    key: Option<String>,
+    lane: Lane,
+    settled: Option<Settled>,
+}
+
+/// Sends the task's [`Done`] even if the task panics past its own guards.
+struct DoneGuard {
+    tx: mpsc::UnboundedSender<Done>,
+    done: Option<Done>,
+}
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = self.tx.send(done);
+        }
+    }
+}
+
+struct LaneState {
+    running: usize,
+    cancel: CancellationToken,
+}
+
+struct Revocation {
+    lanes: Vec<Lane>,
+    drained: Option<oneshot::Sender<()>>,
+    deadline: Instant,
+    /// The deadline passed and the lanes' running deliveries were cancelled.
+    cancelled: bool,
+}
+
+/// The bookkeeping of one run.
+struct State {
+    /// Keys with a delivery running or ready; what waits behind it.
+    keys: HashMap<String, VecDeque<Pending>>,
+    /// Deliveries free to start (no earlier delivery of their key is unfinished).
+    ready: VecDeque<Pending>,
+    lanes: HashMap<Lane, LaneState>,
+    revocations: Vec<Revocation>,
+    running: usize,
+    held: usize,
+    next_seq: u64,
+    paused: bool,
+    /// Parent of every lane's cancellation: the drain deadline cancels it.
+    all_cancel: CancellationToken,
+}
+
+impl State {
+    fn lane(&mut self, lane: Lane) -> &mut LaneState {
+        let parent = &self.all_cancel;
+        self.lanes.entry(lane).or_insert_with(|| LaneState { running: 0, cancel: parent.child_token() })
+    }
+}
+
+impl<H: Handler> Dispatcher<H> {
+    /// Consumes `source` until it ends, fails, or shutdown is requested; then drains.
+    /// A source failure is returned after the drain.
+    pub async fn run(&self, mut source: impl Source, shutdown: Shutdown) -> Result<(), BrokerError> {
+        let tracker = TaskTracker::new();
+        let observers: Arc<[Arc<dyn Observer>]> = self.observers.clone().into();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        let mut st = State {
+            keys: HashMap::new(),
+            ready: VecDeque::new(),
+            lanes: HashMap::new(),
+            revocations: Vec::new(),
+            running: 0,
+            held: 0,
+            next_seq: 0,
+            paused: false,
+            all_cancel: CancellationToken::new(),
+        };
+        let mut intake_open = true;
+        let mut source_error = None;
+        let mut drain_deadline: Option<Instant> = None;
+        let all_cancel = shutdown.abort.child_token();
+        st.all_cancel = all_cancel.clone();
+        loop {
+            let ready = self.health.is_ready();
+            let allowed = self.admission.allowed_in_flight(self.config.max_in_flight.max(1)).max(1);
+            if ready && !all_cancel.is_cancelled() {
+                while st.running < allowed {
+                    let Some(p) = st.ready.pop_front() else { break };
+                    self.start(&mut st, p, &tracker, &observers, &done_tx, &shutdown);
+                }
+            }
+            let room = 2 * allowed;
+            let want_paused = !ready || st.held >= room;
+            let resume = st.held <= room * 3 / 4 && ready;
+            if intake_open && want_paused != st.paused && (want_paused || resume) {
+                let lanes: Vec<Lane> = st.lanes.keys().cloned().collect();
+                let r = if want_paused { source.pause(&lanes) } else { source.resume(&lanes) };
+                match r {
+                    Ok(()) => st.paused = want_paused,
+                    Err(e) => tracing::warn!(error = %e, "could not pause or resume intake"),
+                }
+            }
+            self.finish_revocations(&mut st);
+            if !intake_open && st.held == 0 {
+                break;
+            }
+            let revoke_deadline = st.revocations.iter().filter(|r| !r.cancelled).map(|r| r.deadline).min();
+            tokio::select! {
+                biased;
+                Some(done) = done_rx.recv() => self.on_done(&mut st, done),
+                _ = shutdown.abort.cancelled(), if !all_cancel.is_cancelled() || intake_open => {
+                    intake_open = false;
+                    self.hand_back(&mut st, None, &tracker);
+                }
+                _ = shutdown.stop_intake.cancelled(), if intake_open => {
+                    intake_open = false;
+                    drain_deadline = Some(Instant::now() + shutdown.drain_timeout);
+                    self.hand_back(&mut st, None, &tracker);
+                }
+                _ = sleep_until(drain_deadline), if !all_cancel.is_cancelled() => {
+                    tracing::warn!(running = st.running, "drain deadline passed; abandoning in-flight tickets (they are not acked)");
+                    all_cancel.cancel();
+                }
+                _ = sleep_until(revoke_deadline), if revoke_deadline.is_some() => {
+                    let now = Instant::now();
+                    for r in st.revocations.iter_mut().filter(|r| r.deadline <= now && !r.cancelled) {
+                        r.cancelled = true;
+                        tracing::warn!(lanes = ?r.lanes, "revoked lanes did not drain in time; abandoning their in-flight tickets");
+                        for lane in &r.lanes {
+                            if let Some(l) = st.lanes.get(lane) {
+                                l.cancel.cancel();
+                            }
+                        }
+                    }
+                }
+                _ = self.health.wait_ready(), if !ready => {}
+                _ = self.health.wait_not_ready(), if ready => {}
+                event = source.next(), if intake_open => match event {
+                    Ok(Some(SourceEvent::Delivery(delivery))) => self.accept(&mut st, delivery),
+                    Ok(Some(SourceEvent::Assigned(lanes))) => {
+                        for lane in lanes {
+                            st.lane(lane);
+                        }
+                        if st.paused {
+                            let lanes: Vec<Lane> = st.lanes.keys().cloned().collect();
+                            if let Err(e) = source.pause(&lanes) {
+                                tracing::warn!(error = %e, "could not pause newly assigned lanes");
+                            }
+                        }
+                    }
+                    Ok(Some(SourceEvent::Revoked { lanes, drained })) => {
+                        self.hand_back(&mut st, Some(&lanes), &tracker);
+                        let deadline = Instant::now() + shutdown.drain_timeout;
+                        st.revocations.push(Revocation { lanes, drained: Some(drained), deadline, cancelled: false });
+                    }
+                    Ok(None) => intake_open = false,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the source failed; finishing what is in flight");
+                        intake_open = false;
+                        drain_deadline = Some(Instant::now() + shutdown.drain_timeout);
+                        self.hand_back(&mut st, None, &tracker);
+                        source_error = Some(e);
+                    }
+                },
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+        match source_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// A new delivery: ready at once, or queued behind its key's unfinished one.
+    fn accept(&self, st: &mut State, delivery: Delivery) {
+        self.stats.received.fetch_add(1, Ordering::Relaxed);
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.held += 1;
+        st.lane(delivery.message.lane());
+        let pending = Pending { delivery, seq };
+        match pending.delivery.message.key.clone() {
+            Some(key) => match st.keys.get_mut(&key) {
+                Some(queue) => queue.push_back(pending),
+                None => {
+                    st.keys.insert(key, VecDeque::new());
+                    st.ready.push_back(pending);
+                }
+            },
+            None => st.ready.push_back(pending),
+        }
+    }
+
+    fn start(
+        &self,
+        st: &mut State,
+        p: Pending,
+        tracker: &TaskTracker,
+        observers: &Arc<[Arc<dyn Observer>]>,
+        done_tx: &mpsc::UnboundedSender<Done>,
+        shutdown: &Shutdown,
+    ) {
+        let lane = p.lane();
+        st.running += 1;
+        self.stats.in_flight.store(st.running as u64, Ordering::Relaxed);
+        let lane_state = st.lane(lane.clone());
+        lane_state.running += 1;
+        let ctx = task::TaskContext {
+            handler: self.handler.clone(),
+            observers: observers.clone(),
+            policy: self.config.retry.clone(),
+            cancel: lane_state.cancel.child_token(),
+            abort: shutdown.abort.clone(),
+        };
+        let mut guard = DoneGuard {
+            tx: done_tx.clone(),
+            done: Some(Done { key: p.delivery.message.key.clone(), lane, settled: None }),
+        };
+        tracker.spawn(async move {
+            let settled = task::run(ctx, p.delivery, p.seq).await;
+            if let Some(done) = guard.done.as_mut() {
+                done.settled = Some(settled);
+            }
+        });
+    }
+
+    fn on_done(&self, st: &mut State, done: Done) {
+        st.running -= 1;
+        st.held -= 1;
+        self.stats.in_flight.store(st.running as u64, Ordering::Relaxed);
+        if let Some(lane) = st.lanes.get_mut(&done.lane) {
+            lane.running = lane.running.saturating_sub(1);
+        }
+        match done.settled {
+            Some(Settled::Acked) => self.stats.acked.fetch_add(1, Ordering::Relaxed),
+            Some(Settled::HandedBack) => self.stats.handed_back.fetch_add(1, Ordering::Relaxed),
+            Some(Settled::Rejected) | None => self.stats.rejected.fetch_add(1, Ordering::Relaxed),
+        };
+        if let Some(key) = done.key {
+            match st.keys.get_mut(&key).and_then(VecDeque::pop_front) {
+                Some(next) => st.ready.push_back(next),
+                None => {
+                    st.keys.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Hands back every delivery that has not started, of `lanes` or of all lanes.
+    fn hand_back(&self, st: &mut State, lanes: Option<&[Lane]>, tracker: &TaskTracker) {
+        let matches = |p: &Pending| lanes.is_none_or(|l| l.contains(&p.lane()));
+        let mut back = Vec::new();
+        for queue in st.keys.values_mut() {
+            let (gone, kept): (VecDeque<Pending>, VecDeque<Pending>) = queue.drain(..).partition(|p| matches(p));
+            *queue = kept;
+            back.extend(gone);
+        }
+        let (gone, kept): (VecDeque<Pending>, VecDeque<Pending>) = st.ready.drain(..).partition(|p| matches(p));
+        st.ready = kept;
+        for p in gone {
+            // The key's head goes back: the next of its key (another lane's) is ready now.
+            if let Some(key) = &p.delivery.message.key {
+                match st.keys.get_mut(key).and_then(VecDeque::pop_front) {
+                    Some(next) => st.ready.push_back(next),
+                    None => {
+                        st.keys.remove(key);
+                    }
+                }
+            }
+            back.push(p);
+        }
+        if back.is_empty() {
+            return;
+        }
+        st.held -= back.len();
+        self.stats.handed_back.fetch_add(back.len() as u64, Ordering::Relaxed);
+        // In arrival order, so a broker that requeues keeps what order it can.
+        back.sort_by_key(|p| p.seq);
+        tracker.spawn(async move {
+            for p in back {
+                if let Err(e) = p.delivery.acker.nack(true).await {
+                    tracing::warn!(source = ?p.delivery.message.source, error = %e, "could not hand a message back; the broker redelivers it");
+                }
+            }
+        });
+    }
+
+    /// Tells the source about every revoked lane with nothing left running.
+    fn finish_revocations(&self, st: &mut State) {
+        let lanes = &mut st.lanes;
+        st.revocations.retain_mut(|r| {
+            if r.lanes.iter().any(|l| lanes.get(l).is_some_and(|s| s.running > 0)) {
+                return true;
+            }
+            for l in &r.lanes {
+                lanes.remove(l);
+            }
+            if let Some(tx) = r.drained.take() {
+                let _ = tx.send(());
+            }
+            false
+        });
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests;

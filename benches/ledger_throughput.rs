@@ -16,7 +16,6 @@ use std::time::Instant;
 use ticketflow::ledger::postgres::{self, PgLedger};
 use ticketflow::ledger::{Claim, Ledger};
 use ticketflow::providers::pricing::PriceTable;
-use ticketflow::settings::Settings;
 use ticketflow::ticket::*;
 
 #[global_allocator]
@@ -59,7 +58,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let name = format!("tf_bench_{}", uuid::Uuid::new_v4().simple());
-        let base = Settings::load_from(None, &BTreeMap::new()).unwrap();
+        let base = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
         let in_flight: usize = env_or("IN_FLIGHT", base.limits.max_in_flight);
         let mut db = base.database.clone();
         db.url = format!("{server}/{name}");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use ticketflow::providers::chain::{ChainResult, ChainRunner, UnitCalls};
 use ticketflow::providers::pricing::PriceTable;
 use ticketflow::providers::{ChatRequest, Providers};
-use ticketflow::settings::{ProviderKind, Settings};
+use ticketflow::settings::ProviderKind;
 use ticketflow::ticket::Stage;
 use ticketflow::triage::Analyzer;
 
@@ -58,7 +58,7 @@ fn main() {
     let addr = line.trim().strip_prefix("listening on ").expect("mock announces its address").to_owned();
 
     std::env::set_var("TICKETFLOW_BENCH_KEY", "sk-bench");
-    let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+    let mut settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
     let p = settings.providers.get_mut("openai").unwrap();
     p.kind = ProviderKind::Openai;
     p.base_url = format!("http://{addr}/openai/v1");

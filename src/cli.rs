@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::dispatch::Shutdown;
 use crate::process::{self, ProcessOptions};
-use crate::settings::Settings;
 
 /// Answers customer-support tickets with LLMs at a fraction of the usual cost.
 #[derive(Debug, Parser)]
@@ -127,9 +126,11 @@ fn config_failure(e: crate::settings::ConfigError) -> Failure {
 pub async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Explain { input, compare, format } => {
-            let settings = Arc::new(Settings::load(cli.config.as_deref()).map_err(config_failure)?);
+            let settings = Arc::new(crate::policy::load(cli.config.as_deref()).map_err(config_failure)?);
             let other = match &compare {
-                Some(path) => Some(Settings::load_with_overlay(cli.config.as_deref(), path).map_err(config_failure)?),
+                Some(path) => {
+                    Some(crate::policy::load_with_overlay(cli.config.as_deref(), path).map_err(config_failure)?)
+                }
                 None => None,
             };
             let text = if input == std::path::Path::new("-") {
@@ -149,12 +150,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Config => {
-            let settings = Settings::load(cli.config.as_deref()).map_err(config_failure)?;
+            let settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
             print!("{}", settings.redacted_toml());
             Ok(())
         }
         Command::Report { since, until, format } => {
-            let settings = Settings::load(cli.config.as_deref()).map_err(config_failure)?;
+            let settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
             let parse = |v: &Option<String>| -> Result<_, Failure> {
                 v.as_deref()
                     .map(crate::report::parse_time)
@@ -174,7 +175,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Migrate => {
-            let settings = Settings::load(cli.config.as_deref()).map_err(config_failure)?;
+            let settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
             let applied = crate::ledger::postgres::migrate(&settings.database)
                 .await
                 .with_context(|| format!("migrating {}", crate::settings::redact_url(&settings.database.url)))?;
@@ -189,7 +190,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Process { input, out, quiet, drain_timeout_secs, ledger } => {
-            let mut settings = Settings::load(cli.config.as_deref()).map_err(config_failure)?;
+            let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
             if let Some(url) = &ledger {
                 settings.database.url = url.clone();
             }

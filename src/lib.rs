@@ -41,6 +41,7 @@ pub mod mock_provider;
 pub mod moderation;
 pub mod observe;
 pub mod pipeline;
+pub mod policy;
 pub mod process;
 pub mod providers;
 pub mod reply_text;
@@ -50,6 +51,7 @@ pub mod settings;
 pub mod summary;
 pub mod ticket;
 pub mod triage;
+pub mod vocab;
 
 /// An error with its causes, one after another: "a: b: c". Library errors such as
 /// tokio-postgres' keep the useful part ("database \"x\" does not exist") in a source.

@@ -213,7 +213,7 @@ mod tests {
 
     #[test]
     fn parts_replace_the_urls_and_ledger_sessions_get_their_settings() {
-        let mut settings = crate::settings::Settings::load_from(None, &Default::default()).unwrap().database;
+        let mut settings = crate::policy::load_from(None, &Default::default()).unwrap().database;
         settings.url =
             "postgres://app:old@db.internal:6432/tf?application_name=mine&options=-c%20work_mem%3D64MB".into();
         settings.password = "from-a-secret".into();

@@ -60,7 +60,7 @@ use state::{Counter, ProviderState};
 /// filter words and of the content generator's configuration.
 fn default_settings() -> &'static Settings {
     static DEFAULTS: LazyLock<Settings> = LazyLock::new(|| {
-        Settings::load_from(None, &BTreeMap::new())
+        crate::policy::load_from(None, &BTreeMap::new())
             .expect("the compiled-in config/default.toml is valid (checked by the settings tests)")
     });
     &DEFAULTS

@@ -132,7 +132,6 @@ mod tests {
 
     use super::*;
     use crate::providers::{ChatRequest, Outcome, Provider};
-    use crate::settings::Settings;
 
     struct Nothing;
 
@@ -144,7 +143,7 @@ mod tests {
     }
 
     fn providers(rpm: u32) -> Providers {
-        let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+        let mut settings = crate::policy::load_from(None, &BTreeMap::new()).unwrap();
         settings.limits.rate_limit_headroom = 0.0;
         for p in settings.providers.values_mut() {
             p.requests_per_minute = rpm;
@@ -184,7 +183,7 @@ mod tests {
 
     #[test]
     fn without_limited_providers_the_budget_is_the_configured_one() {
-        let settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+        let settings = crate::policy::load_from(None, &BTreeMap::new()).unwrap();
         let adapters: BTreeMap<String, Arc<dyn Provider>> = [("qwen".to_owned(), Arc::new(Nothing) as _)].into();
         let providers = Providers::from_adapters(adapters, &settings, &[]);
         assert_eq!(RateAdmission::new(&providers, Duration::from_secs(1)).allowed_in_flight(256), 256);

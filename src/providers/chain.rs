@@ -297,7 +297,6 @@ mod tests {
 
     use super::*;
     use crate::providers::Provider;
-    use crate::settings::Settings;
 
     #[derive(Default)]
     struct Counting {
@@ -314,7 +313,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_probe_that_misses_its_rate_limit_slot_goes_back() {
-        let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+        let mut settings = crate::policy::load_from(None, &BTreeMap::new()).unwrap();
         settings.breaker.failure_threshold = 1;
         settings.breaker.cooldown_ms = 200;
         settings.providers.get_mut("qwen").unwrap().requests_per_minute = 60;

@@ -9,16 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use chrono::{NaiveDate, Utc};
-use serde::{Deserialize, Serialize};
 
-/// The cap of one tier.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BudgetSettings {
-    /// USD per UTC day for replies routed to this tier (every call of those tickets).
-    pub daily_usd: f64,
-    /// Where tickets go once the cap is spent: another tier (e.g. `cheap`) or `human`.
-    pub when_spent: String,
-}
+pub use crate::settings::BudgetSettings;
 
 /// Today's spend per tier, checked before a reply is routed.
 #[derive(Debug)]

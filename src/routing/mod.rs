@@ -4,77 +4,14 @@
 
 pub mod budget;
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::settings::Settings;
+pub use crate::settings::{Condition, Rule};
 use crate::ticket::Ticket;
 use crate::triage::{Signals, Triage};
-
-/// The handoff target: no model answers, a person does.
-pub const HUMAN: &str = "human";
-
-pub const COMPLEXITIES: &[&str] = &["simple", "complex"];
-pub const SENTIMENTS: &[&str] = &["positive", "neutral", "negative", "angry"];
-pub const RISKS: &[&str] = &["none", "legal", "safety"];
-
-/// One routing rule.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Rule {
-    /// Reason code written to `route.reasons` when the rule fires.
-    pub name: String,
-    /// Conditions; an empty table always matches.
-    #[serde(default)]
-    pub when: Condition,
-    /// A tier name from `[tiers]`, or `human`.
-    pub target: String,
-}
-
-/// Conditions over triage fields, local signals and ticket fields. Every field that
-/// is set must hold (AND); a list means "any of these values".
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Condition {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub category: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub complexity: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sentiment: Option<Vec<String>>,
-    /// ISO 639-1 language codes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub language: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub risk: Option<Vec<String>>,
-    /// Local signal: code or a stack trace in the customer's messages.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub has_code: Option<bool>,
-    /// Local signal: an API integration question (keyword flag `api`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_question: Option<bool>,
-    /// Local signal: at least this many customer messages.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_customer_turns: Option<usize>,
-    /// Any of these configured keyword flags fired.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flags: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub customer_tier: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub channel: Option<Vec<String>>,
-    /// Top-level `metadata` keys and the values that match.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<BTreeMap<String, Vec<String>>>,
-    /// All of these sub-conditions hold.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub all: Option<Vec<Condition>>,
-    /// At least one of these sub-conditions holds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub any: Option<Vec<Condition>>,
-    /// This sub-condition does not hold.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub not: Option<Box<Condition>>,
-}
+pub use crate::vocab::HUMAN;
+use crate::vocab::{COMPLEXITIES, RISKS, SENTIMENTS};
 
 /// What a rule sees.
 pub struct Facts<'a> {
@@ -263,10 +200,14 @@ fn no_match() -> Decision {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use serde::Deserialize;
+
     use super::*;
 
     fn rules(toml_rules: &str) -> Vec<String> {
-        let mut s = crate::settings::Settings::load_from(None, &BTreeMap::new()).unwrap();
+        let mut s = crate::policy::load_from(None, &BTreeMap::new()).unwrap();
         #[derive(Deserialize)]
         struct R {
             rules: Vec<Rule>,
@@ -277,7 +218,7 @@ mod tests {
 
     #[test]
     fn the_default_policy_has_no_shadowed_rule() {
-        let s = crate::settings::Settings::load_from(None, &BTreeMap::new()).unwrap();
+        let s = crate::policy::load_from(None, &BTreeMap::new()).unwrap();
         assert!(validate_rules(&s.routing.rules, &s).is_empty());
     }
 

@@ -5,7 +5,7 @@
 use serde_json::{Map, Value};
 
 use super::{Signals, Source, Triage};
-use crate::routing::{COMPLEXITIES, RISKS, SENTIMENTS};
+use crate::vocab::{COMPLEXITIES, RISKS, SENTIMENTS};
 
 /// Parses `answer`. Returns `None` when no usable category can be read, in which
 /// case the caller uses the heuristic triage as a whole.

@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use ticketflow::routing::{self, Facts};
-use ticketflow::settings::Settings;
 use ticketflow::triage::{Analyzer, Source, Triage};
 
 use crate::helpers::repo_path;
@@ -44,7 +43,7 @@ fn corpus() -> Vec<(ticketflow::ticket::Ticket, Label)> {
 
 #[test]
 fn the_default_policy_routes_every_labelled_ticket_as_expected() {
-    let settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+    let settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
     let analyzer = Analyzer::new(&settings.triage);
     let corpus = corpus();
     assert!(corpus.len() >= 300);
@@ -88,7 +87,7 @@ fn the_default_policy_routes_every_labelled_ticket_as_expected() {
 
 #[test]
 fn heuristic_fallback_accuracy() {
-    let settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+    let settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
     let analyzer = Analyzer::new(&settings.triage);
     let corpus = corpus();
     let mut hits: BTreeMap<&str, usize> = BTreeMap::new();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ticketflow::ledger::postgres::{self, PgLedger};
 use ticketflow::ledger::{Claim, Ledger, LedgerError};
 use ticketflow::providers::pricing::PriceTable;
-use ticketflow::settings::{DatabaseSettings, Settings};
+use ticketflow::settings::DatabaseSettings;
 use ticketflow::ticket::*;
 
 use crate::helpers::{bin, repo_path};
@@ -33,7 +33,7 @@ impl TestDb {
     pub async fn at_version(target: Option<u32>) -> TestDb {
         let name = format!("tf_test_{}", uuid::Uuid::new_v4().simple());
         let url = format!("{SERVER}/{name}");
-        let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap().database;
+        let mut settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap().database;
         settings.url = url.clone();
         settings.pool_size = 32;
         postgres::migrate_to(&settings, target)
@@ -43,7 +43,7 @@ impl TestDb {
     }
 
     pub async fn ledger(&self) -> PgLedger {
-        let prices = PriceTable::from_settings(&Settings::load_from(None, &BTreeMap::new()).unwrap());
+        let prices = PriceTable::from_settings(&ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
         PgLedger::connect(&self.settings, prices).await.unwrap()
     }
 
@@ -263,9 +263,9 @@ async fn an_unmigrated_database_is_refused_with_a_clear_message() {
     let (client, conn) = tokio_postgres::connect(&format!("{SERVER}/postgres"), tokio_postgres::NoTls).await.unwrap();
     let driver = tokio::spawn(conn);
     client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
-    let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap().database;
+    let mut settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap().database;
     settings.url = format!("{SERVER}/{name}");
-    let prices = PriceTable::from_settings(&Settings::load_from(None, &BTreeMap::new()).unwrap());
+    let prices = PriceTable::from_settings(&ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
     let err = PgLedger::connect(&settings, prices).await.err().expect("must refuse");
     assert!(err.to_string().contains("run `ticketflow migrate`"), "{err}");
     client.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
@@ -441,7 +441,7 @@ async fn tls_modes_connect_as_libpq_would() {
     let ssl_on = admin.query_one("SHOW ssl", &[]).await.unwrap().get::<_, String>(0) == "on";
     let cert: String = admin.query_one("SHOW ssl_cert_file", &[]).await.unwrap().get(0);
     driver.abort();
-    let base = Settings::load_from(None, &BTreeMap::new()).unwrap().database;
+    let base = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap().database;
     let with = |url: &str, tls: TlsMode, ca: &str| DatabaseSettings {
         url: url.into(),
         tls,
@@ -560,7 +560,7 @@ async fn a_database_outage_pauses_intake_and_nothing_is_lost_or_done_twice() {
     let db = TestDb::new().await;
     let proxy = Proxy::start("127.0.0.1:5432").await;
     // Quick simulated providers, so that tickets are in every stage when the cut comes.
-    let base = Settings::load_from(None, &BTreeMap::new()).unwrap();
+    let base = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
     let mut env = BTreeMap::new();
     for name in base.providers.keys() {
         let key = |field: &str| format!("TICKETFLOW__PROVIDERS__{}__{field}", name.to_uppercase());
@@ -568,7 +568,7 @@ async fn a_database_outage_pauses_intake_and_nothing_is_lost_or_done_twice() {
         env.insert(key("JITTER_MS"), "10".to_string());
     }
     env.insert("TICKETFLOW__LIMITS__MAX_IN_FLIGHT".into(), "64".into());
-    let settings = Arc::new(Settings::load_from(None, &env).unwrap());
+    let settings = Arc::new(ticketflow::policy::load_from(None, &env).unwrap());
     let mut through_proxy = db.settings.clone();
     through_proxy.url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, db.name);
     through_proxy.tls = ticketflow::settings::TlsMode::Disable;

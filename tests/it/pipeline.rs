@@ -85,7 +85,7 @@ struct World {
 
 impl World {
     fn new() -> Self {
-        let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+        let mut settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
         settings.retry.base_delay_ms = 0;
         settings.retry.max_delay_ms = 0;
         // Circuit breaking has a test of its own; here every call must reach the script.
@@ -342,7 +342,7 @@ async fn a_reply_that_reveals_the_prompt_is_never_sent() {
 
 #[tokio::test]
 async fn an_open_circuit_skips_a_failing_provider_at_once() {
-    let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+    let mut settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
     settings.retry.base_delay_ms = 0;
     settings.retry.max_delay_ms = 0;
     settings.breaker.failure_threshold = 3;
@@ -364,7 +364,7 @@ async fn an_open_circuit_skips_a_failing_provider_at_once() {
 
 #[tokio::test]
 async fn a_spent_premium_budget_degrades_to_the_configured_tier() {
-    let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+    let mut settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
     settings.breaker.failure_threshold = 1_000;
     settings.budgets.insert(
         "premium".into(),
@@ -394,7 +394,7 @@ async fn a_spent_premium_budget_degrades_to_the_configured_tier() {
 
 #[tokio::test]
 async fn the_moderation_model_decides_and_the_word_list_backs_it_up() {
-    let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+    let mut settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
     settings.breaker.failure_threshold = 1_000;
     settings.moderation.mode = ticketflow::settings::ModerationMode::Model;
     settings.moderation.chain = vec!["openai/gpt-4o-mini".into()];
@@ -413,7 +413,7 @@ async fn the_moderation_model_decides_and_the_word_list_backs_it_up() {
 
     // The moderation model is down: the word list decides, and says so.
     let w = {
-        let mut settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+        let mut settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
         settings.breaker.failure_threshold = 1_000;
         settings.retry.base_delay_ms = 0;
         settings.retry.max_delay_ms = 0;
@@ -536,7 +536,7 @@ async fn a_cancelled_attempt_releases_its_claim_at_once() {
             std::future::pending().await
         }
     }
-    let settings = Arc::new(Settings::load_from(None, &BTreeMap::new()).unwrap());
+    let settings = Arc::new(ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
     let analyzer = Arc::new(Analyzer::new(&settings.triage));
     let adapters: BTreeMap<String, Arc<dyn Provider>> = ["qwen", "openai", "anthropic", "mistral", "deepseek"]
         .iter()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ticketflow::providers::{self, ChatRequest, Outcome, Provider};
-use ticketflow::settings::{ProviderKind, Settings};
+use ticketflow::settings::ProviderKind;
 use ticketflow::ticket::Stage;
 use wiremock::matchers::{header, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -41,7 +41,7 @@ impl Kind {
 
     fn adapter(self, base_url: &str, timeout_ms: u64) -> Arc<dyn Provider> {
         plant_key();
-        let settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+        let settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
         let mut p = settings.providers["openai"].clone();
         p.base_url = format!("{base_url}/v1");
         p.api_key_env = KEY_ENV.into();
@@ -301,7 +301,7 @@ async fn requests_carry_the_documented_shape() {
 
 #[test]
 fn a_missing_key_is_a_clear_start_up_error() {
-    let settings = Settings::load_from(None, &BTreeMap::new()).unwrap();
+    let settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
     let mut p = settings.providers["openai"].clone();
     p.kind = ProviderKind::Openai;
     p.api_key_env = "TICKETFLOW_IT_UNSET_KEY_VARIABLE".into();

@@ -13,8 +13,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod checks;
+mod rules;
+
+use crate::vocab::HUMAN;
+pub use rules::{BudgetSettings, Condition, Rule};
+
 /// The shipped defaults, compiled in so the binary runs from any directory.
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 /// Every problem found while loading or validating, one line each.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +30,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn one(problem: impl Into<String>) -> Self {
+    pub(crate) fn one(problem: impl Into<String>) -> Self {
         ConfigError { problems: vec![problem.into()] }
     }
 }
@@ -56,7 +62,7 @@ pub struct Settings {
     pub routing: RoutingSettings,
     /// Optional daily spend caps per tier.
     #[serde(default)]
-    pub budgets: BTreeMap<String, crate::routing::budget::BudgetSettings>,
+    pub budgets: BTreeMap<String, BudgetSettings>,
     /// Our own moderation check after a provider refusal.
     pub moderation: ModerationSettings,
     /// Store policy text per category, used to ground replies.
@@ -322,7 +328,7 @@ pub struct TierSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoutingSettings {
-    pub rules: Vec<crate::routing::Rule>,
+    pub rules: Vec<Rule>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -350,29 +356,15 @@ fn config_dir() -> PathBuf {
 }
 
 impl Settings {
-    /// Loads the layered configuration from the process environment.
-    pub fn load(config_file: Option<&Path>) -> Result<Settings, ConfigError> {
-        let env: BTreeMap<String, String> = std::env::vars().collect();
-        Self::load_from(config_file, &env)
-    }
-
-    /// Loads the configuration with one more file layered on top (after `--config`,
-    /// before the environment): the second policy of `explain --compare`.
-    pub fn load_with_overlay(config_file: Option<&Path>, overlay: &Path) -> Result<Settings, ConfigError> {
-        let env: BTreeMap<String, String> = std::env::vars().collect();
-        Self::load_layers(config_file, Some(overlay), &env)
-    }
-
-    /// Loads with an explicit environment (tests use this to avoid global state).
-    pub fn load_from(config_file: Option<&Path>, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
-        Self::load_layers(config_file, None, env)
-    }
-
-    fn load_layers(
+    /// Reads the layers (`overlay` after `config_file`, before the environment) and
+    /// runs the checks that need nothing but the settings. `Ok` carries the settings
+    /// and every problem found so far, so that the domain checks of `policy` can add
+    /// theirs and all are reported at once; `Err` means nothing could be read.
+    pub fn read_layers(
         config_file: Option<&Path>,
         overlay: Option<&Path>,
         env: &BTreeMap<String, String>,
-    ) -> Result<Settings, ConfigError> {
+    ) -> Result<(Settings, Vec<String>), ConfigError> {
         use config::{Config, Environment, File, FileFormat};
         let mut builder = Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
         if let Some(profile) = env.get("TICKETFLOW_ENV").filter(|p| !p.is_empty()) {
@@ -409,138 +401,13 @@ impl Settings {
         match parsed {
             Ok(settings) => {
                 problems.extend(settings.validate());
-                if problems.is_empty() {
-                    Ok(settings)
-                } else {
-                    Err(ConfigError { problems })
-                }
+                Ok((settings, problems))
             }
             Err(e) => {
                 problems.push(e.to_string());
                 Err(ConfigError { problems })
             }
         }
-    }
-
-    /// Cross-field checks; returns every problem found.
-    pub fn validate(&self) -> Vec<String> {
-        let mut problems = Vec::new();
-        if self.limits.max_message_bytes == 0 {
-            problems.push("limits.max_message_bytes must be at least 1".into());
-        }
-        if self.limits.max_in_flight == 0 {
-            problems.push("limits.max_in_flight must be at least 1".into());
-        }
-        if self.limits.ticket_deadline_ms == 0 {
-            problems.push("limits.ticket_deadline_ms must be at least 1".into());
-        }
-        if self.limits.max_delivery_attempts == 0 {
-            problems.push("limits.max_delivery_attempts must be at least 1".into());
-        }
-        if !(0.0..=0.5).contains(&self.limits.rate_limit_headroom) {
-            problems.push("limits.rate_limit_headroom must be between 0 and 0.5".into());
-        }
-        if !self.database.tls_ca_file.is_empty() && !std::path::Path::new(&self.database.tls_ca_file).is_file() {
-            problems.push(format!("database.tls_ca_file: no such file: {}", self.database.tls_ca_file));
-        }
-        if self.database.lease_ms <= self.limits.ticket_deadline_ms {
-            problems.push(format!(
-                "database.lease_ms ({}) must be longer than limits.ticket_deadline_ms ({}), or a slow ticket's unit could be taken over while it is still being worked on",
-                self.database.lease_ms, self.limits.ticket_deadline_ms
-            ));
-        }
-        if self.breaker.failure_threshold == 0 {
-            problems.push("breaker.failure_threshold must be at least 1".into());
-        }
-        if self.retry.max_attempts_per_model == 0 {
-            problems.push("retry.max_attempts_per_model must be at least 1".into());
-        }
-        for (name, p) in &self.providers {
-            if p.models.is_empty() {
-                problems.push(format!("providers.{name}.models: a provider needs at least one model"));
-            }
-            if !(0.0..=1.0).contains(&p.error_rate) {
-                problems.push(format!("providers.{name}.error_rate must be between 0 and 1"));
-            }
-            if p.requests_per_minute == 0 || p.tokens_per_minute == 0 {
-                problems
-                    .push(format!("providers.{name}: requests_per_minute and tokens_per_minute must be at least 1"));
-            }
-            if p.kind != ProviderKind::Simulated && p.api_key_env.trim().is_empty() {
-                problems.push(format!("providers.{name}.api_key_env is required for kind `{}`", p.kind.as_str()));
-            }
-            for (model, price) in &p.models {
-                let prices = [price.input_usd_per_mtok, price.cached_input_usd_per_mtok, price.output_usd_per_mtok];
-                if prices.iter().any(|v| !v.is_finite() || *v < 0.0) {
-                    problems.push(format!("providers.{name}.models.{model}: prices must be finite and not negative"));
-                }
-            }
-        }
-        let mut check_chain = |what: String, chain: &[String], may_be_empty: bool| {
-            if chain.is_empty() && !may_be_empty {
-                problems.push(format!("{what}: must name at least one model"));
-            }
-            for entry in chain {
-                if let Err(e) = self.model(entry) {
-                    problems.push(format!("{what}: {e}"));
-                }
-            }
-        };
-        check_chain("triage.chain".into(), &self.triage.chain, false);
-        check_chain("triage.bypass_chain".into(), &self.triage.bypass_chain, true);
-        check_chain("moderation.chain".into(), &self.moderation.chain, self.moderation.mode == ModerationMode::Local);
-        check_chain("pricing.baseline_model".into(), std::slice::from_ref(&self.pricing.baseline_model), false);
-        for (name, tier) in &self.tiers {
-            check_chain(format!("tiers.{name}.chain"), &tier.chain, false);
-            check_chain(format!("tiers.{name}.bypass_chain"), &tier.bypass_chain, true);
-        }
-        if self.tiers.contains_key(crate::routing::HUMAN) {
-            problems.push("tiers.human: `human` is reserved for handoff and cannot be a tier".into());
-        }
-        if self.triage.categories.is_empty() {
-            problems.push("triage.categories: at least one category is required".into());
-        }
-        for category in self.triage.category_keywords.keys() {
-            if !self.triage.categories.contains(category) {
-                problems.push(format!("triage.category_keywords.{category}: not in triage.categories"));
-            }
-        }
-        for category in self.policies.keys() {
-            if !self.triage.categories.contains(category) {
-                problems.push(format!("policies.{category}: not in triage.categories"));
-            }
-        }
-        problems.extend(crate::routing::validate_rules(&self.routing.rules, self));
-        for (tier, budget) in &self.budgets {
-            if !self.tiers.contains_key(tier) {
-                problems.push(format!("budgets.{tier}: no tier named `{tier}`"));
-            }
-            if !budget.daily_usd.is_finite() || budget.daily_usd < 0.0 {
-                problems.push(format!("budgets.{tier}.daily_usd must be a non-negative number"));
-            }
-            if budget.when_spent != crate::routing::HUMAN && !self.tiers.contains_key(&budget.when_spent) {
-                problems
-                    .push(format!("budgets.{tier}.when_spent: `{}` is neither `human` nor a tier", budget.when_spent));
-            } else if self.budgets.contains_key(&budget.when_spent) {
-                problems.push(format!(
-                    "budgets.{tier}.when_spent: `{}` has a cap of its own; degrade to an uncapped tier",
-                    budget.when_spent
-                ));
-            }
-        }
-        problems
-    }
-
-    /// Resolves `provider/model` to its provider and model settings.
-    pub fn model(&self, reference: &str) -> Result<(&ProviderSettings, &ModelSettings), String> {
-        let (provider, model) =
-            reference.split_once('/').ok_or_else(|| format!("`{reference}` is not of the form provider/model"))?;
-        let p = self.providers.get(provider).ok_or_else(|| format!("`{reference}`: no provider named `{provider}`"))?;
-        let m = p
-            .models
-            .get(model)
-            .ok_or_else(|| format!("`{reference}`: provider `{provider}` has no model `{model}`"))?;
-        Ok((p, m))
     }
 
     /// The worker identity: configured, or generated once per process.
@@ -598,7 +465,7 @@ mod tests {
 
     #[test]
     fn shipped_defaults_are_valid() {
-        let s = Settings::load_from(None, &env(&[])).unwrap();
+        let s = crate::policy::load_from(None, &env(&[])).unwrap();
         for name in ["qwen", "openai", "anthropic", "mistral", "deepseek"] {
             assert_eq!(s.providers[name].kind, ProviderKind::Simulated, "{name}");
         }
@@ -606,7 +473,7 @@ mod tests {
 
     #[test]
     fn environment_overrides_fixed_keys() {
-        let s = Settings::load_from(
+        let s = crate::policy::load_from(
             None,
             &env(&[
                 ("TICKETFLOW__BROKER__KIND", "rabbitmq"),
@@ -626,9 +493,11 @@ mod tests {
 
     #[test]
     fn every_unknown_key_is_named() {
-        let err =
-            Settings::load_from(None, &env(&[("TICKETFLOW__LIMITS__MAX_INFLIGHT", "3"), ("TICKETFLOW__NOPE", "1")]))
-                .unwrap_err();
+        let err = crate::policy::load_from(
+            None,
+            &env(&[("TICKETFLOW__LIMITS__MAX_INFLIGHT", "3"), ("TICKETFLOW__NOPE", "1")]),
+        )
+        .unwrap_err();
         let all = err.problems.join("\n");
         assert!(all.contains("limits.max_inflight"), "{all}");
         assert!(all.contains("nope"), "{all}");
@@ -636,7 +505,7 @@ mod tests {
 
     #[test]
     fn cross_field_problems_are_all_listed() {
-        let err = Settings::load_from(
+        let err = crate::policy::load_from(
             None,
             &env(&[
                 ("TICKETFLOW__LIMITS__MAX_IN_FLIGHT", "0"),

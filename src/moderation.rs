@@ -7,8 +7,10 @@
 //! chain, answering JSON; if that chain fails or answers garbage, the word list
 //! decides and the reason says so).
 
-use crate::settings::ModerationSettings;
-use crate::ticket::{Role, Ticket};
+use crate::providers::chain::{ChainResult, ChainRunner, UnitCalls};
+use crate::providers::ChatRequest;
+use crate::settings::{ModerationMode, ModerationSettings};
+use crate::ticket::{Role, Stage, Ticket};
 use crate::triage::keywords::KeywordSet;
 
 /// The result of the check, with the reason for the audit trail.
@@ -22,11 +24,47 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 pub struct Moderator {
     flag_words: KeywordSet,
+    mode: ModerationMode,
+    chain: Vec<String>,
 }
 
 impl Moderator {
     pub fn new(s: &ModerationSettings) -> Self {
-        Moderator { flag_words: KeywordSet::new([("flag", s.flag_words.iter())]) }
+        Moderator { flag_words: KeywordSet::new([("flag", s.flag_words.iter())]), mode: s.mode, chain: s.chain.clone() }
+    }
+
+    /// The configured check of `ticket` (`ticket_data` is its delimited text, as the
+    /// providers saw it). In model mode the calls are made for `unit` and billed as
+    /// stage `moderation`; without a usable model answer the word list decides.
+    pub async fn check(
+        &self,
+        ticket: &Ticket,
+        ticket_data: &str,
+        runner: &ChainRunner<'_>,
+        unit: &mut UnitCalls,
+    ) -> Verdict {
+        if self.mode == ModerationMode::Local {
+            return self.check_locally(ticket);
+        }
+        let request = ChatRequest {
+            model: String::new(),
+            stage: Stage::Moderation,
+            system: MODERATION_SYSTEM.to_owned(),
+            user: ticket_data.to_owned(),
+            json_mode: true,
+            max_output_tokens: 60,
+        };
+        let result = runner.run(Stage::Moderation, &self.chain, request, unit).await;
+        let answered = match &result {
+            ChainResult::Answered { text, .. } => parse_answer(text),
+            _ => None,
+        };
+        answered.unwrap_or_else(|| match self.check_locally(ticket) {
+            Verdict::Flagged { reason } => {
+                Verdict::Flagged { reason: format!("{reason} (no moderation model answered)") }
+            }
+            Verdict::Passed => Verdict::Passed,
+        })
     }
 
     /// The local word-list check of the customer's messages.

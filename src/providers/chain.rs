@@ -83,6 +83,17 @@ pub enum ChainResult {
     },
 }
 
+/// One provider call, for its cost record.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    stage: Stage,
+    provider: &'a str,
+    model: &'a str,
+    price: Price,
+    request: &'a ChatRequest,
+    latency_ms: u64,
+}
+
 /// What a chain call needs besides the unit's state.
 pub struct ChainRunner<'a> {
     pub providers: &'a Providers,
@@ -179,7 +190,8 @@ impl ChainRunner<'_> {
                     }
                 }
                 let latency_ms = started.elapsed().as_millis() as u64;
-                self.record(unit, stage, provider_name, model, price, &request, &outcome, latency_ms);
+                let call = Call { stage, provider: provider_name, model, price, request: &request, latency_ms };
+                self.record(unit, &call, &outcome);
                 let retry_after = match outcome {
                     Outcome::Ok { text, .. } => {
                         return ChainResult::Answered {
@@ -229,18 +241,9 @@ impl ChainRunner<'_> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn record(
-        &self,
-        unit: &mut UnitCalls,
-        stage: Stage,
-        provider: &str,
-        model: &str,
-        price: Price,
-        request: &ChatRequest,
-        outcome: &Outcome,
-        latency_ms: u64,
-    ) {
+    /// Leaves the cost record of a call that reached a provider.
+    fn record(&self, unit: &mut UnitCalls, call: &Call<'_>, outcome: &Outcome) {
+        let Call { stage, provider, model, price, request, latency_ms } = *call;
         let (usage, call_outcome) = match outcome {
             Outcome::Ok { usage, .. } => (*usage, CallOutcome::Ok),
             Outcome::Refused { usage, .. } => (*usage, CallOutcome::Refused),

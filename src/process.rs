@@ -99,7 +99,7 @@ pub async fn run(
     } else {
         Arc::new(MemoryLedger::new())
     };
-    let (publisher, kept) = FilePublisher::create(&opts.out_dir)
+    let (publisher, kept) = FilePublisher::create(&opts.out_dir, opts.postgres_ledger)
         .map_err(|source| ProcessError::Output { path: opts.out_dir.display().to_string(), source })?;
     for path in kept {
         tracing::warn!(path = %path.display(), "kept the partial outputs of an earlier run that did not finish");

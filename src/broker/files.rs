@@ -4,9 +4,13 @@
 //! - A run writes `NAME.jsonl.partial` files and renames them over `NAME.jsonl` when
 //!   it ends (finished or interrupted), so the previous run's outputs stay whole
 //!   until this run has outputs to replace them with.
-//! - Each output is written and flushed to the operating system before `publish`
-//!   returns: once the ledger marks a unit published, its lines survive a crash of
-//!   the process (not of the machine: there is no fsync per output).
+//! - With a durable ledger (`process --ledger`), each output is written and flushed
+//!   to the operating system before `publish` returns: once the ledger marks a unit
+//!   published (and a re-run will not send it again), its lines survive a crash of
+//!   the process (not of the machine: there is no fsync per output). Flushes are
+//!   group commits: one flush covers every output written while it waited. With
+//!   the in-memory ledger a crash forgets what was published along with the
+//!   outputs, and a re-run answers everything again, so outputs stay buffered.
 //! - Partial files left by a run that crashed are kept, renamed with a timestamp,
 //!   since with `--ledger` they may hold the only copy of replies already marked
 //!   published.
@@ -23,19 +27,24 @@ use async_trait::async_trait;
 use super::{BrokerError, Publisher};
 use crate::ticket::Output;
 
-const BUFFER: usize = 64 * 1024;
+const BUFFER: usize = 256 * 1024;
 const NAMES: [&str; 3] = ["replies.jsonl", "costs.jsonl", "dead_letters.jsonl"];
 
 struct Files {
     replies: BufWriter<File>,
     costs: BufWriter<File>,
     dead_letters: BufWriter<File>,
+    /// Outputs written into the buffers, and how many of them are flushed.
+    written: u64,
+    flushed: u64,
 }
 
 /// Publishes outputs to JSONL files.
 pub struct FilePublisher {
     dir: PathBuf,
     files: Mutex<Files>,
+    /// Flush each output before `publish` returns (see the module docs).
+    flush_each: bool,
 }
 
 fn partial(dir: &Path, name: &str) -> PathBuf {
@@ -45,8 +54,9 @@ fn partial(dir: &Path, name: &str) -> PathBuf {
 impl FilePublisher {
     /// Creates `dir` if needed and this run's partial files in it. Returns the
     /// publisher and the names that leftover partial files of a crashed run were
-    /// kept under.
-    pub fn create(dir: &Path) -> std::io::Result<(Self, Vec<PathBuf>)> {
+    /// kept under. `flush_each`: flush every output before `publish` returns, for a
+    /// durable ledger (see the module docs).
+    pub fn create(dir: &Path, flush_each: bool) -> std::io::Result<(Self, Vec<PathBuf>)> {
         std::fs::create_dir_all(dir)?;
         let mut kept = Vec::new();
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S");
@@ -61,8 +71,14 @@ impl FilePublisher {
         let open = |name: &str| -> std::io::Result<BufWriter<File>> {
             Ok(BufWriter::with_capacity(BUFFER, File::create(partial(dir, name))?))
         };
-        let files = Files { replies: open(NAMES[0])?, costs: open(NAMES[1])?, dead_letters: open(NAMES[2])? };
-        Ok((FilePublisher { dir: dir.to_owned(), files: Mutex::new(files) }, kept))
+        let files = Files {
+            replies: open(NAMES[0])?,
+            costs: open(NAMES[1])?,
+            dead_letters: open(NAMES[2])?,
+            written: 0,
+            flushed: 0,
+        };
+        Ok((FilePublisher { dir: dir.to_owned(), files: Mutex::new(files), flush_each }, kept))
     }
 
     /// Flushes the files and puts them in place of the previous run's outputs.
@@ -96,16 +112,29 @@ impl Publisher for FilePublisher {
             Output::Reply { reply, .. } => (ser(reply)?, true),
             Output::DeadLetter { dead_letter, .. } => (ser(dead_letter)?, false),
         };
-        let mut guard = self.files.lock().map_err(|_| BrokerError::Publish("output lock poisoned".into()))?;
-        let f = &mut *guard;
         let io = |e: std::io::Error| BrokerError::Publish(format!("writing output files: {e}"));
-        if !cost_lines.is_empty() {
+        let lock = || self.files.lock().map_err(|_| BrokerError::Publish("output lock poisoned".into()));
+        let mine = {
+            let mut guard = lock()?;
+            let f = &mut *guard;
             f.costs.write_all(&cost_lines).map_err(io)?;
-            f.costs.flush().map_err(io)?;
+            if is_reply { &mut f.replies } else { &mut f.dead_letters }.write_all(&main).map_err(io)?;
+            f.written += 1;
+            f.written
+        };
+        if !self.flush_each {
+            return Ok(());
         }
-        let main_file = if is_reply { &mut f.replies } else { &mut f.dead_letters };
-        main_file.write_all(&main).map_err(io)?;
-        main_file.flush().map_err(io)?;
+        // Group commit: whoever takes the lock first flushes every output written so
+        // far; the others find theirs flushed already.
+        let mut guard = lock()?;
+        let f = &mut *guard;
+        if f.flushed < mine {
+            for w in [&mut f.costs, &mut f.replies, &mut f.dead_letters] {
+                w.flush().map_err(io)?;
+            }
+            f.flushed = f.written;
+        }
         Ok(())
     }
 }
@@ -132,7 +161,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("replies.jsonl"), "yesterday\n").unwrap();
         std::fs::write(dir.path().join("replies.jsonl.partial"), "crashed run\n").unwrap();
-        let (publisher, kept) = FilePublisher::create(dir.path()).unwrap();
+        let (publisher, kept) = FilePublisher::create(dir.path(), true).unwrap();
         assert_eq!(kept.len(), 1);
         assert_eq!(std::fs::read_to_string(&kept[0]).unwrap(), "crashed run\n");
         assert_eq!(std::fs::read_to_string(dir.path().join("replies.jsonl")).unwrap(), "yesterday\n");

@@ -14,9 +14,12 @@
 //!   unstarted deliveries are handed back at once, its running ones finish or are
 //!   cancelled at the drain deadline (releasing their ledger claims), and the source
 //!   is told when the lane is drained.
-//! - **Settlement.** Each delivery runs in a task of its own ([`task`]) that maps
-//!   every attempt through the one disposition function ([`disposition`]) and
-//!   settles the delivery exactly once, panics included.
+//! - **Settlement.** A delivery runs in a task ([`task`]) that maps every attempt
+//!   through the one disposition function ([`disposition`]) and settles it exactly
+//!   once, panics included. A task that finishes takes the next delivery of its key,
+//!   or else the next ready one, itself: the dispatcher's own loop only takes in
+//!   deliveries and is woken by finishing tasks only when it waits for them (paused
+//!   intake, a lane to drain, the end of the input).
 //! - **Shutdown.** `stop_intake` stops reading and hands back what has not started;
 //!   running deliveries get `drain_timeout`, then are cancelled cooperatively;
 //!   `abort` drops them at once. Nothing unfinished is acked.
@@ -31,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -149,26 +152,6 @@ impl Pending {
     }
 }
 
-struct Done {
-    key: Option<String>,
-    lane: Lane,
-    settled: Option<Settled>,
-}
-
-/// Sends the task's [`Done`] even if the task panics past its own guards.
-struct DoneGuard {
-    tx: mpsc::UnboundedSender<Done>,
-    done: Option<Done>,
-}
-
-impl Drop for DoneGuard {
-    fn drop(&mut self) {
-        if let Some(done) = self.done.take() {
-            let _ = self.tx.send(done);
-        }
-    }
-}
-
 struct LaneState {
     running: usize,
     cancel: CancellationToken,
@@ -182,7 +165,7 @@ struct Revocation {
     cancelled: bool,
 }
 
-/// The bookkeeping of one run.
+/// The bookkeeping of one run, shared by the dispatcher and its tasks.
 struct State {
     /// Keys with a delivery running or ready; what waits behind it.
     keys: HashMap<String, VecDeque<Pending>>,
@@ -190,10 +173,17 @@ struct State {
     ready: VecDeque<Pending>,
     lanes: HashMap<Lane, LaneState>,
     revocations: Vec<Revocation>,
+    /// Tasks alive, each running one delivery.
     running: usize,
+    /// Deliveries taken in and not yet settled or handed back.
     held: usize,
     next_seq: u64,
     paused: bool,
+    /// The current budget, and whether new work may start (ledger ready, not stopping).
+    allowed: usize,
+    may_start: bool,
+    /// The dispatcher waits for tasks to finish: they notify it.
+    wake_on_done: bool,
     /// Parent of every lane's cancellation: the drain deadline cancels it.
     all_cancel: CancellationToken,
 }
@@ -203,6 +193,86 @@ impl State {
         let parent = &self.all_cancel;
         self.lanes.entry(lane).or_insert_with(|| LaneState { running: 0, cancel: parent.child_token() })
     }
+
+    /// Marks `p` running in its lane; returns the lane's cancellation.
+    fn begin(&mut self, p: &Pending) -> CancellationToken {
+        let lane = self.lane(p.lane());
+        lane.running += 1;
+        lane.cancel.clone()
+    }
+
+    /// A delivery of `key` in `lane` settled. Returns what its task runs next: the
+    /// next delivery of the same key, or else the next ready one, when new work may
+    /// start and the budget allows; `None` ends the task.
+    fn finished(&mut self, lane: &Lane, key: Option<&str>) -> Option<Pending> {
+        self.held -= 1;
+        if let Some(l) = self.lanes.get_mut(lane) {
+            l.running = l.running.saturating_sub(1);
+        }
+        let follower = key.and_then(|k| match self.keys.get_mut(k).and_then(VecDeque::pop_front) {
+            Some(next) => Some(next),
+            None => {
+                self.keys.remove(k);
+                None
+            }
+        });
+        let next = if self.may_start && self.running <= self.allowed {
+            follower.or_else(|| self.ready.pop_front())
+        } else {
+            if let Some(f) = follower {
+                self.ready.push_back(f);
+            }
+            None
+        };
+        if next.is_none() {
+            self.running -= 1;
+        }
+        next
+    }
+}
+
+/// The shared state and the dispatcher's doorbell.
+struct Sched {
+    state: std::sync::Mutex<State>,
+    wake: Notify,
+}
+
+impl Sched {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves counters that are still the best
+        // information there is; keep going with them.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Counts a task out even if it unwinds past its own guards.
+struct TaskGuard<'a> {
+    sched: &'a Sched,
+    current: Option<(Lane, Option<String>)>,
+}
+
+impl Drop for TaskGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((lane, key)) = self.current.take() {
+            let mut st = self.sched.lock();
+            st.held -= 1;
+            st.running -= 1;
+            if let Some(l) = st.lanes.get_mut(&lane) {
+                l.running = l.running.saturating_sub(1);
+            }
+            // The key's next delivery must not wait behind a task that is gone.
+            if let Some(key) = key {
+                match st.keys.get_mut(&key).and_then(VecDeque::pop_front) {
+                    Some(next) => st.ready.push_back(next),
+                    None => {
+                        st.keys.remove(&key);
+                    }
+                }
+            }
+            drop(st);
+            self.sched.wake.notify_one();
+        }
+    }
 }
 
 impl<H: Handler> Dispatcher<H> {
@@ -211,81 +281,96 @@ impl<H: Handler> Dispatcher<H> {
     pub async fn run(&self, mut source: impl Source, shutdown: Shutdown) -> Result<(), BrokerError> {
         let tracker = TaskTracker::new();
         let observers: Arc<[Arc<dyn Observer>]> = self.observers.clone().into();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-        let mut st = State {
-            keys: HashMap::new(),
-            ready: VecDeque::new(),
-            lanes: HashMap::new(),
-            revocations: Vec::new(),
-            running: 0,
-            held: 0,
-            next_seq: 0,
-            paused: false,
-            all_cancel: CancellationToken::new(),
-        };
+        let all_cancel = shutdown.abort.child_token();
+        let sched = Arc::new(Sched {
+            state: std::sync::Mutex::new(State {
+                keys: HashMap::new(),
+                ready: VecDeque::new(),
+                lanes: HashMap::new(),
+                revocations: Vec::new(),
+                running: 0,
+                held: 0,
+                next_seq: 0,
+                paused: false,
+                allowed: 1,
+                may_start: true,
+                wake_on_done: false,
+                all_cancel: all_cancel.clone(),
+            }),
+            wake: Notify::new(),
+        });
         let mut intake_open = true;
         let mut source_error = None;
         let mut drain_deadline: Option<Instant> = None;
-        let all_cancel = shutdown.abort.child_token();
-        st.all_cancel = all_cancel.clone();
         loop {
             let ready = self.health.is_ready();
             let allowed = self.admission.allowed_in_flight(self.config.max_in_flight.max(1)).max(1);
-            if ready && !all_cancel.is_cancelled() {
-                while st.running < allowed {
+            let revoke_deadline = {
+                let mut st = sched.lock();
+                st.allowed = allowed;
+                st.may_start = ready && !all_cancel.is_cancelled();
+                while st.may_start && st.running < allowed {
                     let Some(p) = st.ready.pop_front() else { break };
-                    self.start(&mut st, p, &tracker, &observers, &done_tx, &shutdown);
+                    st.running += 1;
+                    let cancel = st.begin(&p);
+                    self.stats.in_flight.store(st.running as u64, Ordering::Relaxed);
+                    self.spawn(&sched, p, cancel, &tracker, &observers, &shutdown);
                 }
-            }
-            let room = 2 * allowed;
-            let want_paused = !ready || st.held >= room;
-            let resume = st.held <= room * 3 / 4 && ready;
-            if intake_open && want_paused != st.paused && (want_paused || resume) {
-                let lanes: Vec<Lane> = st.lanes.keys().cloned().collect();
-                let r = if want_paused { source.pause(&lanes) } else { source.resume(&lanes) };
-                match r {
-                    Ok(()) => st.paused = want_paused,
-                    Err(e) => tracing::warn!(error = %e, "could not pause or resume intake"),
+                let room = 2 * allowed;
+                let want_paused = !ready || st.held >= room;
+                let resume = st.held <= room * 3 / 4 && ready;
+                if intake_open && want_paused != st.paused && (want_paused || resume) {
+                    let lanes: Vec<Lane> = st.lanes.keys().cloned().collect();
+                    let r = if want_paused { source.pause(&lanes) } else { source.resume(&lanes) };
+                    match r {
+                        Ok(()) => st.paused = want_paused,
+                        Err(e) => tracing::warn!(error = %e, "could not pause or resume intake"),
+                    }
                 }
-            }
-            self.finish_revocations(&mut st);
-            if !intake_open && st.held == 0 {
-                break;
-            }
-            let revoke_deadline = st.revocations.iter().filter(|r| !r.cancelled).map(|r| r.deadline).min();
+                finish_revocations(&mut st);
+                if !intake_open && st.held == 0 {
+                    break;
+                }
+                st.wake_on_done = st.paused || !st.may_start || !intake_open || !st.revocations.is_empty();
+                st.revocations.iter().filter(|r| !r.cancelled).map(|r| r.deadline).min()
+            };
             tokio::select! {
                 biased;
-                Some(done) = done_rx.recv() => self.on_done(&mut st, done),
+                _ = sched.wake.notified() => {}
                 _ = shutdown.abort.cancelled(), if !all_cancel.is_cancelled() || intake_open => {
                     intake_open = false;
-                    self.hand_back(&mut st, None, &tracker);
+                    self.hand_back(&mut sched.lock(), None, &tracker);
                 }
                 _ = shutdown.stop_intake.cancelled(), if intake_open => {
                     intake_open = false;
                     drain_deadline = Some(Instant::now() + shutdown.drain_timeout);
-                    self.hand_back(&mut st, None, &tracker);
+                    self.hand_back(&mut sched.lock(), None, &tracker);
                 }
                 _ = sleep_until(drain_deadline), if !all_cancel.is_cancelled() => {
-                    tracing::warn!(running = st.running, "drain deadline passed; abandoning in-flight tickets (they are not acked)");
+                    tracing::warn!(running = sched.lock().running, "drain deadline passed; abandoning in-flight tickets (they are not acked)");
                     all_cancel.cancel();
                 }
                 _ = sleep_until(revoke_deadline), if revoke_deadline.is_some() => {
                     let now = Instant::now();
+                    let mut st = sched.lock();
+                    let mut cancel = Vec::new();
                     for r in st.revocations.iter_mut().filter(|r| r.deadline <= now && !r.cancelled) {
                         r.cancelled = true;
                         tracing::warn!(lanes = ?r.lanes, "revoked lanes did not drain in time; abandoning their in-flight tickets");
-                        for lane in &r.lanes {
-                            if let Some(l) = st.lanes.get(lane) {
-                                l.cancel.cancel();
-                            }
+                        cancel.extend(r.lanes.iter().cloned());
+                    }
+                    for lane in cancel {
+                        if let Some(l) = st.lanes.get(&lane) {
+                            l.cancel.cancel();
                         }
                     }
                 }
                 _ = self.health.wait_ready(), if !ready => {}
                 _ = self.health.wait_not_ready(), if ready => {}
                 event = source.next(), if intake_open => match event {
-                    Ok(Some(SourceEvent::Delivery(delivery))) => self.accept(&mut st, delivery),
+                    Ok(Some(SourceEvent::Delivery(delivery))) => self.accept(&mut sched.lock(), delivery),
                     Ok(Some(SourceEvent::Assigned(lanes))) => {
+                        let mut st = sched.lock();
                         for lane in lanes {
                             st.lane(lane);
                         }
@@ -297,6 +382,7 @@ impl<H: Handler> Dispatcher<H> {
                         }
                     }
                     Ok(Some(SourceEvent::Revoked { lanes, drained })) => {
+                        let mut st = sched.lock();
                         self.hand_back(&mut st, Some(&lanes), &tracker);
                         let deadline = Instant::now() + shutdown.drain_timeout;
                         st.revocations.push(Revocation { lanes, drained: Some(drained), deadline, cancelled: false });
@@ -306,7 +392,7 @@ impl<H: Handler> Dispatcher<H> {
                         tracing::error!(error = %e, "the source failed; finishing what is in flight");
                         intake_open = false;
                         drain_deadline = Some(Instant::now() + shutdown.drain_timeout);
-                        self.hand_back(&mut st, None, &tracker);
+                        self.hand_back(&mut sched.lock(), None, &tracker);
                         source_error = Some(e);
                     }
                 },
@@ -328,11 +414,11 @@ impl<H: Handler> Dispatcher<H> {
         st.held += 1;
         st.lane(delivery.message.lane());
         let pending = Pending { delivery, seq };
-        match pending.delivery.message.key.clone() {
-            Some(key) => match st.keys.get_mut(&key) {
+        match &pending.delivery.message.key {
+            Some(key) => match st.keys.get_mut(key) {
                 Some(queue) => queue.push_back(pending),
                 None => {
-                    st.keys.insert(key, VecDeque::new());
+                    st.keys.insert(key.clone(), VecDeque::new());
                     st.ready.push_back(pending);
                 }
             },
@@ -340,59 +426,57 @@ impl<H: Handler> Dispatcher<H> {
         }
     }
 
-    fn start(
+    /// A task that runs `first`, then whatever [`State::finished`] hands it.
+    fn spawn(
         &self,
-        st: &mut State,
-        p: Pending,
+        sched: &Arc<Sched>,
+        first: Pending,
+        cancel: CancellationToken,
         tracker: &TaskTracker,
         observers: &Arc<[Arc<dyn Observer>]>,
-        done_tx: &mpsc::UnboundedSender<Done>,
         shutdown: &Shutdown,
     ) {
-        let lane = p.lane();
-        st.running += 1;
-        self.stats.in_flight.store(st.running as u64, Ordering::Relaxed);
-        let lane_state = st.lane(lane.clone());
-        lane_state.running += 1;
-        let ctx = task::TaskContext {
-            handler: self.handler.clone(),
-            observers: observers.clone(),
-            policy: self.config.retry.clone(),
-            cancel: lane_state.cancel.child_token(),
-            abort: shutdown.abort.clone(),
-        };
-        let mut guard = DoneGuard {
-            tx: done_tx.clone(),
-            done: Some(Done { key: p.delivery.message.key.clone(), lane, settled: None }),
-        };
+        let sched = sched.clone();
+        let handler = self.handler.clone();
+        let observers = observers.clone();
+        let policy = self.config.retry.clone();
+        let abort = shutdown.abort.clone();
+        let stats = self.stats.clone();
         tracker.spawn(async move {
-            let settled = task::run(ctx, p.delivery, p.seq).await;
-            if let Some(done) = guard.done.as_mut() {
-                done.settled = Some(settled);
-            }
-        });
-    }
-
-    fn on_done(&self, st: &mut State, done: Done) {
-        st.running -= 1;
-        st.held -= 1;
-        self.stats.in_flight.store(st.running as u64, Ordering::Relaxed);
-        if let Some(lane) = st.lanes.get_mut(&done.lane) {
-            lane.running = lane.running.saturating_sub(1);
-        }
-        match done.settled {
-            Some(Settled::Acked) => self.stats.acked.fetch_add(1, Ordering::Relaxed),
-            Some(Settled::HandedBack) => self.stats.handed_back.fetch_add(1, Ordering::Relaxed),
-            Some(Settled::Rejected) | None => self.stats.rejected.fetch_add(1, Ordering::Relaxed),
-        };
-        if let Some(key) = done.key {
-            match st.keys.get_mut(&key).and_then(VecDeque::pop_front) {
-                Some(next) => st.ready.push_back(next),
-                None => {
-                    st.keys.remove(&key);
+            let mut guard = TaskGuard { sched: &sched, current: None };
+            let mut next = Some((first, cancel));
+            while let Some((p, cancel)) = next.take() {
+                let lane = p.lane();
+                let key = p.delivery.message.key.clone();
+                guard.current = Some((lane.clone(), key.clone()));
+                let ctx = task::TaskContext {
+                    handler: handler.clone(),
+                    observers: observers.clone(),
+                    policy: policy.clone(),
+                    cancel,
+                    abort: abort.clone(),
+                };
+                let settled = task::run(ctx, p.delivery, p.seq).await;
+                match settled {
+                    Settled::Acked => stats.acked.fetch_add(1, Ordering::Relaxed),
+                    Settled::HandedBack => stats.handed_back.fetch_add(1, Ordering::Relaxed),
+                    Settled::Rejected => stats.rejected.fetch_add(1, Ordering::Relaxed),
+                };
+                guard.current = None;
+                let wake = {
+                    let mut st = sched.lock();
+                    next = st.finished(&lane, key.as_deref()).map(|p| {
+                        let cancel = st.begin(&p);
+                        (p, cancel)
+                    });
+                    stats.in_flight.store(st.running as u64, Ordering::Relaxed);
+                    st.wake_on_done
+                };
+                if wake {
+                    sched.wake.notify_one();
                 }
             }
-        }
+        });
     }
 
     /// Hands back every delivery that has not started, of `lanes` or of all lanes.
@@ -433,23 +517,23 @@ impl<H: Handler> Dispatcher<H> {
             }
         });
     }
+}
 
-    /// Tells the source about every revoked lane with nothing left running.
-    fn finish_revocations(&self, st: &mut State) {
-        let lanes = &mut st.lanes;
-        st.revocations.retain_mut(|r| {
-            if r.lanes.iter().any(|l| lanes.get(l).is_some_and(|s| s.running > 0)) {
-                return true;
-            }
-            for l in &r.lanes {
-                lanes.remove(l);
-            }
-            if let Some(tx) = r.drained.take() {
-                let _ = tx.send(());
-            }
-            false
-        });
-    }
+/// Tells the source about every revoked lane with nothing left running.
+fn finish_revocations(st: &mut State) {
+    let lanes = &mut st.lanes;
+    st.revocations.retain_mut(|r| {
+        if r.lanes.iter().any(|l| lanes.get(l).is_some_and(|s| s.running > 0)) {
+            return true;
+        }
+        for l in &r.lanes {
+            lanes.remove(l);
+        }
+        if let Some(tx) = r.drained.take() {
+            let _ = tx.send(());
+        }
+        false
+    });
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -15,7 +15,6 @@ use std::time::Instant;
 
 use ticketflow::ledger::postgres::{self, PgLedger};
 use ticketflow::ledger::{Claim, Ledger};
-use ticketflow::providers::pricing::PriceTable;
 use ticketflow::ticket::*;
 
 #[global_allocator]
@@ -66,7 +65,7 @@ fn main() {
             db.tls = ticketflow::settings::TlsMode::parse(&tls).expect("TLS: disable, prefer, require, ...");
         }
         postgres::migrate(&db).await.expect("a PostgreSQL server");
-        let ledger = Arc::new(PgLedger::connect(&db, PriceTable::from_settings(&base)).await.unwrap());
+        let ledger = Arc::new(PgLedger::connect(&db).await.unwrap());
         let templates = Arc::new(templates());
         let mut rates = Vec::new();
         for run in 1..=runs {

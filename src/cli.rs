@@ -194,6 +194,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             if let Some(url) = &ledger {
                 settings.database.url = url.clone();
             }
+            crate::policy::resolve_identity(&mut settings);
             let settings = Arc::new(settings);
             let shutdown = Shutdown::new(Duration::from_secs(drain_timeout_secs));
             spawn_signal_handler(shutdown.clone())?;

@@ -3,8 +3,6 @@
 //! rate-aware admission). Publishers only publish and the ledger only stores; what
 //! is counted about a run is counted here.
 
-use crate::providers::pricing::PriceTable;
-use crate::providers::Usage;
 use crate::ticket::{ErrorKind, Output, ReplyStatus};
 
 /// What became of a delivery. Every variant means the delivery may be acked.
@@ -68,16 +66,12 @@ impl Completion {
     }
 
     /// The completion of a published `output`.
-    pub fn of(handled: Handled, output: &Output, prices: &PriceTable) -> Self {
+    pub fn of(handled: Handled, output: &Output) -> Self {
         let mut c = Completion::nothing(handled);
         for record in output.costs() {
             c.provider_calls += 1;
             c.cost_usd += record.cost_usd;
-            c.baseline_cost_usd += prices.baseline_cost(&Usage {
-                input_tokens: record.input_tokens,
-                cached_input_tokens: record.cached_input_tokens,
-                output_tokens: record.output_tokens,
-            });
+            c.baseline_cost_usd += record.baseline_cost_usd;
         }
         c.published = Some(match output {
             Output::Reply { reply, .. } => Published::Reply(reply.status),

@@ -26,6 +26,12 @@ pub fn load_from(config_file: Option<&Path>, env: &BTreeMap<String, String>) -> 
     checked(Settings::read_layers(config_file, None, env))
 }
 
+/// Fixes this process's identity (`worker.id`, generated when not configured), so
+/// that everything built from the settings names the same worker.
+pub fn resolve_identity(settings: &mut Settings) {
+    settings.worker.id = settings.worker_id();
+}
+
 fn checked(read: Result<(Settings, Vec<String>), ConfigError>) -> Result<Settings, ConfigError> {
     let (settings, mut problems) = read?;
     problems.extend(crate::routing::validate_rules(&settings.routing.rules, &settings));

@@ -24,7 +24,6 @@ use crate::ledger::resilient::{Backoff, Health, Resilient};
 use crate::ledger::Ledger;
 use crate::pipeline::Pipeline;
 use crate::providers::admission::{admission_target, RateAdmission};
-use crate::providers::pricing::PriceTable;
 use crate::providers::Providers;
 use crate::settings::Settings;
 use crate::summary::{Summary, SummaryObserver};
@@ -95,7 +94,7 @@ pub async fn run(
     };
     let topic = if opts.input == Path::new("-") { "stdin".to_owned() } else { opts.input.display().to_string() };
     let store: Arc<dyn Ledger> = if opts.postgres_ledger {
-        Arc::new(PgLedger::connect(&settings.database, PriceTable::from_settings(&settings)).await?)
+        Arc::new(PgLedger::connect(&settings.database).await?)
     } else {
         Arc::new(MemoryLedger::new())
     };

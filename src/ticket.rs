@@ -181,6 +181,12 @@ pub struct CostRecord {
     pub at: String,
     /// True when the token counts are our estimate because the provider reported no usage.
     pub estimated: bool,
+    /// What the same tokens would cost on the baseline premium model, priced when the
+    /// record is made. Internal: not on the wire (the ledger stores it in a column of
+    /// its own), so a record read back from a stored output has 0 here until
+    /// [`crate::providers::pricing::PriceTable::fill_baselines`] prices it again.
+    #[serde(skip)]
+    pub baseline_cost_usd: f64,
 }
 
 /// Why a message became a dead letter (SPEC §3.4).

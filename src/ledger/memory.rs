@@ -206,6 +206,7 @@ pub(crate) mod tests {
                 latency_ms: 1,
                 at: now_rfc3339(),
                 estimated: false,
+                baseline_cost_usd: 0.0,
             }],
         }
     }

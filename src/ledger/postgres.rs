@@ -20,13 +20,10 @@ use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 use super::batch::Batcher;
 use super::connect::{self, Session};
 use super::{Claim, Ledger, LedgerError};
-use crate::providers::pricing::PriceTable;
-use crate::providers::Usage;
 use crate::settings::DatabaseSettings;
 use crate::ticket::{DeadLetter, Output};
 
@@ -40,7 +37,6 @@ pub struct PgLedger {
     pool: Pool,
     claims: Batcher<ClaimRequest, Claim>,
     finishes: Batcher<FinishRow, ()>,
-    prices: Arc<PriceTable>,
     publishes: Batcher<String, ()>,
 }
 
@@ -241,7 +237,7 @@ async fn check_schema(pool: &Pool) -> Result<(), LedgerError> {
 
 impl PgLedger {
     /// Connects and checks that the database is migrated to this build's schema.
-    pub async fn connect(settings: &DatabaseSettings, prices: PriceTable) -> Result<Self, LedgerError> {
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, LedgerError> {
         let pool = pool(settings, Session::Ledger)?;
         check_schema(&pool).await?;
         let lease_secs = Duration::from_millis(settings.lease_ms.max(1)).as_secs_f64();
@@ -257,7 +253,7 @@ impl PgLedger {
             let pool = pool.clone();
             Batcher::spawn(MAX_BATCH, BATCH_CONCURRENCY, move |batch| publish_batch(pool.clone(), batch))
         };
-        Ok(PgLedger { pool, claims, finishes, publishes, prices: Arc::new(prices) })
+        Ok(PgLedger { pool, claims, finishes, publishes })
     }
 
     pub fn pool(&self) -> &Pool {
@@ -501,9 +497,9 @@ fn enum_text<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
-/// Prepares one unit's finish: its columns, cost records (with the baseline price of
-/// the same tokens), routing decision and dead letter.
-fn finish_row(prices: &PriceTable, unit_id: &str, worker_id: &str, output: &Output) -> Result<FinishRow, LedgerError> {
+/// Prepares one unit's finish: its columns, cost records (with the baseline price the
+/// pipeline gave them), routing decision and dead letter.
+fn finish_row(unit_id: &str, worker_id: &str, output: &Output) -> Result<FinishRow, LedgerError> {
     let records = output.costs();
     let costs = records
         .iter()
@@ -516,11 +512,7 @@ fn finish_row(prices: &PriceTable, unit_id: &str, worker_id: &str, output: &Outp
             cached: record.cached_input_tokens as i64,
             output: record.output_tokens as i64,
             cost: record.cost_usd,
-            baseline: prices.baseline_cost(&Usage {
-                input_tokens: record.input_tokens,
-                cached_input_tokens: record.cached_input_tokens,
-                output_tokens: record.output_tokens,
-            }),
+            baseline: record.baseline_cost_usd,
             version: record.pricing_version.clone(),
             outcome: enum_text(&record.outcome),
             latency: record.latency_ms as i64,
@@ -696,7 +688,7 @@ impl Ledger for PgLedger {
     }
 
     async fn finish(&self, unit_id: &str, worker_id: &str, output: &Output) -> Result<(), LedgerError> {
-        self.finishes.call(finish_row(&self.prices, unit_id, worker_id, output)?).await
+        self.finishes.call(finish_row(unit_id, worker_id, output)?).await
     }
 
     async fn mark_published(&self, unit_id: &str) -> Result<(), LedgerError> {

@@ -97,7 +97,7 @@ impl Pipeline {
                 self.record_dead_letter(&dead_letter).await?;
                 let output = Output::DeadLetter { dead_letter, costs: Vec::new() };
                 self.publisher.publish(&output).await?;
-                return Ok(Completion::of(Handled::DeadLettered(kind), &output, &self.prices));
+                return Ok(Completion::of(Handled::DeadLettered(kind), &output));
             }
         };
         let claimer = self.claimer(attempt);
@@ -105,10 +105,12 @@ impl Pipeline {
         let (attempts, prior_cost_usd) = match claim {
             Claim::Fresh { attempts, prior_cost_usd } => (attempts, prior_cost_usd),
             Claim::Done => return Ok(Completion::nothing(Handled::Duplicate)),
-            Claim::Unpublished(output) => {
+            Claim::Unpublished(mut output) => {
+                // A stored output's records carry no baseline price: price them again.
+                self.prices.fill_baselines(&mut output);
                 self.publisher.publish(&output).await?;
                 self.ledger.mark_published(&ticket.unit_id).await?;
-                return Ok(Completion::of(Handled::Republished, &output, &self.prices));
+                return Ok(Completion::of(Handled::Republished, &output));
             }
             Claim::Busy => return Err(HandleError::Busy(ticket.unit_id.clone())),
         };
@@ -135,7 +137,7 @@ impl Pipeline {
             return Err(e.into());
         }
         self.ledger.mark_published(&ticket.unit_id).await?;
-        Ok(Completion::of(handled, &output, &self.prices))
+        Ok(Completion::of(handled, &output))
     }
 
     /// Ends a message that keeps failing: an `internal` dead letter, recorded where
@@ -168,7 +170,7 @@ impl Pipeline {
         if let (true, Some(t)) = (finished, &ticket) {
             self.ledger.mark_published(&t.unit_id).await?;
         }
-        Ok(Completion::of(Handled::DeadLettered(ErrorKind::Internal), &output, &self.prices))
+        Ok(Completion::of(Handled::DeadLettered(ErrorKind::Internal), &output))
     }
 
     fn intake(&self, message: &Message) -> Result<Ticket, Rejection> {

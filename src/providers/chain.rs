@@ -280,6 +280,7 @@ impl ChainRunner<'_> {
             latency_ms,
             at: now_rfc3339(),
             estimated,
+            baseline_cost_usd: self.prices.baseline_cost(&usage),
         });
     }
 }

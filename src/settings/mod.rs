@@ -410,7 +410,9 @@ impl Settings {
         }
     }
 
-    /// The worker identity: configured, or generated once per process.
+    /// The worker identity: configured, or generated. Generated identities differ
+    /// per call: a process resolves its identity once at start (see
+    /// `policy::resolve_identity`), so that its outputs and claims all carry one.
     pub fn worker_id(&self) -> String {
         if self.worker.id.is_empty() {
             format!("worker-{:04x}", rand::random::<u16>())

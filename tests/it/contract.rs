@@ -101,6 +101,7 @@ fn cost_record_matches_golden() {
         latency_ms: 311,
         at: "2026-11-20T10:00:00.311Z".into(),
         estimated: false,
+        baseline_cost_usd: 0.0,
     };
     golden("cost_record.json", &serde_json::to_string_pretty(&c).unwrap());
 }

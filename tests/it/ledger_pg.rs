@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use ticketflow::ledger::postgres::{self, PgLedger};
 use ticketflow::ledger::{Claim, Ledger, LedgerError};
-use ticketflow::providers::pricing::PriceTable;
 use ticketflow::settings::DatabaseSettings;
 use ticketflow::ticket::*;
 
@@ -43,8 +42,7 @@ impl TestDb {
     }
 
     pub async fn ledger(&self) -> PgLedger {
-        let prices = PriceTable::from_settings(&ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
-        PgLedger::connect(&self.settings, prices).await.unwrap()
+        PgLedger::connect(&self.settings).await.unwrap()
     }
 
     pub async fn client(&self) -> deadpool_postgres::Object {
@@ -265,8 +263,7 @@ async fn an_unmigrated_database_is_refused_with_a_clear_message() {
     client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
     let mut settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap().database;
     settings.url = format!("{SERVER}/{name}");
-    let prices = PriceTable::from_settings(&ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
-    let err = PgLedger::connect(&settings, prices).await.err().expect("must refuse");
+    let err = PgLedger::connect(&settings).await.err().expect("must refuse");
     assert!(err.to_string().contains("run `ticketflow migrate`"), "{err}");
     client.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
     driver.abort();
@@ -573,7 +570,7 @@ async fn a_database_outage_pauses_intake_and_nothing_is_lost_or_done_twice() {
     through_proxy.url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, db.name);
     through_proxy.tls = ticketflow::settings::TlsMode::Disable;
     through_proxy.connect_timeout_ms = 1000;
-    let store = Arc::new(PgLedger::connect(&through_proxy, PriceTable::from_settings(&settings)).await.unwrap());
+    let store = Arc::new(PgLedger::connect(&through_proxy).await.unwrap());
     let health = Health::new();
     let backoff = Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) };
     let ledger = Arc::new(Resilient::new(store, health.clone(), backoff));

@@ -194,6 +194,16 @@ impl State {
         self.lanes.entry(lane).or_insert_with(|| LaneState { running: 0, cancel: parent.child_token() })
     }
 
+    /// The next delivery of `key`, which becomes the key's head; when there is none
+    /// the key is forgotten.
+    fn next_of(&mut self, key: &str) -> Option<Pending> {
+        let next = self.keys.get_mut(key).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            self.keys.remove(key);
+        }
+        next
+    }
+
     /// Marks `p` running in its lane; returns the lane's cancellation.
     fn begin(&mut self, p: &Pending) -> CancellationToken {
         let lane = self.lane(p.lane());
@@ -209,13 +219,7 @@ impl State {
         if let Some(l) = self.lanes.get_mut(lane) {
             l.running = l.running.saturating_sub(1);
         }
-        let follower = key.and_then(|k| match self.keys.get_mut(k).and_then(VecDeque::pop_front) {
-            Some(next) => Some(next),
-            None => {
-                self.keys.remove(k);
-                None
-            }
-        });
+        let follower = key.and_then(|k| self.next_of(k));
         let next = if self.may_start && self.running <= self.allowed {
             follower.or_else(|| self.ready.pop_front())
         } else {
@@ -261,13 +265,8 @@ impl Drop for TaskGuard<'_> {
                 l.running = l.running.saturating_sub(1);
             }
             // The key's next delivery must not wait behind a task that is gone.
-            if let Some(key) = key {
-                match st.keys.get_mut(&key).and_then(VecDeque::pop_front) {
-                    Some(next) => st.ready.push_back(next),
-                    None => {
-                        st.keys.remove(&key);
-                    }
-                }
+            if let Some(next) = key.and_then(|k| st.next_of(&k)) {
+                st.ready.push_back(next);
             }
             drop(st);
             self.sched.wake.notify_one();
@@ -492,13 +491,8 @@ impl<H: Handler> Dispatcher<H> {
         st.ready = kept;
         for p in gone {
             // The key's head goes back: the next of its key (another lane's) is ready now.
-            if let Some(key) = &p.delivery.message.key {
-                match st.keys.get_mut(key).and_then(VecDeque::pop_front) {
-                    Some(next) => st.ready.push_back(next),
-                    None => {
-                        st.keys.remove(key);
-                    }
-                }
+            if let Some(next) = p.delivery.message.key.as_deref().and_then(|k| st.next_of(k)) {
+                st.ready.push_back(next);
             }
             back.push(p);
         }

@@ -217,7 +217,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             println!("outputs in {}", out.display());
             if report.interrupted {
                 eprintln!(
-                    "interrupted: stopped reading input; {} in-flight ticket(s) were not finished and are not in the outputs",
+                    "interrupted: stopped reading input; {} ticket(s) already read were not finished and are not in the outputs (run again to answer them)",
                     report.unfinished
                 );
                 return Err(Failure { code: 130, error: anyhow::anyhow!("interrupted") });

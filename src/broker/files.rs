@@ -113,7 +113,8 @@ impl Publisher for FilePublisher {
             Output::DeadLetter { dead_letter, .. } => (ser(dead_letter)?, false),
         };
         let io = |e: std::io::Error| BrokerError::Publish(format!("writing output files: {e}"));
-        let lock = || self.files.lock().map_err(|_| BrokerError::Publish("output lock poisoned".into()));
+        // A poisoned lock will not heal: refused, so the attempt counts towards its bound.
+        let lock = || self.files.lock().map_err(|_| BrokerError::Refused("output lock poisoned".into()));
         let mine = {
             let mut guard = lock()?;
             let f = &mut *guard;

@@ -15,9 +15,9 @@ pub struct MemoryProducer {
     tx: mpsc::Sender<Message>,
 }
 
-/// Consumer side of the in-memory queue. It holds a producer of its own for
-/// requeues, so it sees the end of the input only once every outside producer is
-/// gone and no delivery is left unsettled.
+/// Consumer side of the in-memory queue. A handed-back delivery goes back into the
+/// queue while a producer is still open; after the input's end there is nobody left
+/// to read it, so it is dropped (the dispatcher counts it as handed back).
 pub struct MemoryQueue {
     rx: mpsc::Receiver<Message>,
     requeue: mpsc::WeakSender<Message>,
@@ -39,8 +39,8 @@ impl MemoryProducer {
     }
 }
 
-/// Keeps a sender so the queue stays open while its delivery is unsettled: a
-/// requeued message is never lost at the end of the input.
+/// Settles one in-memory delivery; a requeue puts the message back at the end of
+/// the queue, marked redelivered.
 struct MemoryAcker {
     message: Option<Message>,
     tx: Option<mpsc::Sender<Message>>,

@@ -78,6 +78,11 @@ pub trait Handler: Send + Sync + 'static {
     /// Ends a message that keeps failing with an `internal` dead letter naming
     /// `reason`, published (and recorded where the ledger takes it).
     async fn give_up(&self, message: &Message, attempt: &Attempt, reason: &str) -> Result<Completion, HandleError>;
+
+    /// The delivery is handed back between attempts (shutdown or a revoked lane
+    /// while it waited to retry): give up whatever the failed attempt still holds
+    /// (its ledger claim), so the next owner need not wait for it to expire.
+    async fn abandon(&self, _message: &Message, _attempt: &Attempt) {}
 }
 
 /// How many tickets may be in flight given what the providers can serve.
@@ -299,6 +304,9 @@ impl<H: Handler> Dispatcher<H> {
             wake: Notify::new(),
         });
         let mut intake_open = true;
+        // Stopping (a signal or a source failure), as opposed to the input's end:
+        // unstarted deliveries go back and running ones get a drain deadline.
+        let mut stopping = false;
         let mut source_error = None;
         let mut drain_deadline: Option<Instant> = None;
         loop {
@@ -340,7 +348,8 @@ impl<H: Handler> Dispatcher<H> {
                     intake_open = false;
                     self.hand_back(&mut sched.lock(), None, &tracker);
                 }
-                _ = shutdown.stop_intake.cancelled(), if intake_open => {
+                _ = shutdown.stop_intake.cancelled(), if !stopping => {
+                    stopping = true;
                     intake_open = false;
                     drain_deadline = Some(Instant::now() + shutdown.drain_timeout);
                     self.hand_back(&mut sched.lock(), None, &tracker);
@@ -389,6 +398,7 @@ impl<H: Handler> Dispatcher<H> {
                     Ok(None) => intake_open = false,
                     Err(e) => {
                         tracing::error!(error = %e, "the source failed; finishing what is in flight");
+                        stopping = true;
                         intake_open = false;
                         drain_deadline = Some(Instant::now() + shutdown.drain_timeout);
                         self.hand_back(&mut sched.lock(), None, &tracker);

@@ -35,6 +35,10 @@ pub(super) struct TaskContext<H> {
     pub abort: CancellationToken,
 }
 
+/// How long releasing what an abandoned delivery holds may take (the ledger may be
+/// down: then its lease expires instead).
+const ABANDON_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(super) async fn run<H: Handler>(ctx: TaskContext<H>, delivery: Delivery, seq: u64) -> Settled {
     let Delivery { message, acker } = delivery;
     let mut failures = 0u32;
@@ -67,7 +71,10 @@ pub(super) async fn run<H: Handler>(ctx: TaskContext<H>, delivery: Delivery, seq
             (Some(Disposition::Ack), Ok(mut completion)) => {
                 completion.attempts = tries;
                 for o in ctx.observers.iter() {
-                    o.completed(&completion);
+                    // An observer's bug must not leave the delivery unsettled.
+                    if std::panic::catch_unwind(AssertUnwindSafe(|| o.completed(&completion))).is_err() {
+                        tracing::error!("an observer panicked on a completion");
+                    }
                 }
                 if let Err(e) = acker.ack().await {
                     tracing::error!(source = ?message.source, error = %e, "could not ack; the message will be redelivered and found done");
@@ -86,6 +93,9 @@ pub(super) async fn run<H: Handler>(ctx: TaskContext<H>, delivery: Delivery, seq
                     _ = ctx.cancel.cancelled() => {}
                     _ = ctx.abort.cancelled() => {}
                     _ = tokio::time::sleep(delay) => continue,
+                }
+                if !ctx.abort.is_cancelled() {
+                    let _ = tokio::time::timeout(ABANDON_GRACE, ctx.handler.abandon(&message, &attempt)).await;
                 }
                 return hand_back(acker, &message).await;
             }

@@ -66,6 +66,7 @@ struct Held {
     gates: Mutex<HashMap<String, Arc<Semaphore>>>,
     panics: Mutex<HashMap<String, u32>>,
     gave_up: Mutex<Vec<(String, String)>>,
+    abandoned: Mutex<Vec<(String, u64)>>,
     attempts: AtomicU32,
 }
 
@@ -117,6 +118,11 @@ impl Handler for Held {
         self.gave_up.lock().unwrap().push((id, reason.to_owned()));
         Ok(Completion::nothing(Handled::DeadLettered(crate::ticket::ErrorKind::Internal)))
     }
+
+    async fn abandon(&self, message: &Message, attempt: &Attempt) {
+        let id = String::from_utf8(message.payload.to_vec()).unwrap();
+        self.abandoned.lock().unwrap().push((id, attempt.seq));
+    }
 }
 
 struct Harness {
@@ -132,6 +138,10 @@ struct Harness {
 
 impl Harness {
     fn start(max_in_flight: usize, drain_timeout: Duration) -> Self {
+        Self::start_with(max_in_flight, drain_timeout, Duration::from_millis(100))
+    }
+
+    fn start_with(max_in_flight: usize, drain_timeout: Duration, retry_delay: Duration) -> Self {
         let handler = Arc::new(Held::default());
         let (started_tx, started) = mpsc::unbounded_channel();
         *handler.started.lock().unwrap() = Some(started_tx);
@@ -142,11 +152,7 @@ impl Harness {
             handler: handler.clone(),
             config: DispatchConfig {
                 max_in_flight,
-                retry: RetryPolicy {
-                    max_attempts: 3,
-                    base_delay: Duration::from_millis(100),
-                    max_delay: Duration::from_secs(1),
-                },
+                retry: RetryPolicy { max_attempts: 3, base_delay: retry_delay, max_delay: retry_delay * 10 },
             },
             observers: Vec::new(),
             admission: Arc::new(Unlimited),
@@ -174,18 +180,24 @@ impl Harness {
     }
 
     async fn next_start(&mut self) -> String {
-        self.started.recv().await.unwrap()
+        within(self.started.recv()).await.unwrap()
     }
 
     async fn next_settle(&mut self) -> Settle {
-        self.settled.recv().await.unwrap()
+        within(self.settled.recv()).await.unwrap()
     }
 
     async fn end(self) -> Arc<RunStats> {
         drop(self.events);
-        self.run.await.unwrap().unwrap();
+        within(self.run).await.unwrap().unwrap();
         self.stats
     }
+}
+
+/// Fails the test when `f` waits for something that never comes. The clock is
+/// paused and jumps ahead whenever every task waits, so this costs no real time.
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(3600), f).await.expect("waited an hour for an event that never came")
 }
 
 fn lane(partition: i32) -> Lane {
@@ -257,7 +269,7 @@ async fn a_revoked_lane_hands_back_what_has_not_started_and_reports_drained_when
     assert!(drained.try_recv().is_err(), "not drained while p0-running runs");
     h.handler.release("p0-running");
     assert_eq!(h.next_settle().await, Settle::Ack("p0-running".into()));
-    drained.await.expect("drained once its running work finished");
+    within(drained).await.expect("drained once its running work finished");
     // Lane 1 is untouched: its waiting delivery starts when a slot frees.
     assert_eq!(h.next_start().await, "p1-waiting");
     h.handler.open("p1-running");
@@ -276,7 +288,7 @@ async fn at_the_revocation_deadline_running_work_is_cancelled_and_handed_back() 
     assert_eq!(h.next_settle().await, Settle::Requeue("behind".into()));
     // Nothing releases "stuck": the paused clock runs to the deadline.
     assert_eq!(h.next_settle().await, Settle::Requeue("stuck".into()));
-    drained.await.unwrap();
+    within(drained).await.unwrap();
     let stats = h.end().await;
     assert_eq!(stats.handed_back.load(Ordering::SeqCst), 2);
     assert_eq!(stats.acked.load(Ordering::SeqCst), 0);
@@ -320,4 +332,44 @@ async fn stopping_hands_back_unstarted_work_and_cancels_running_work_at_the_drai
     assert_eq!(h.next_settle().await, Settle::Requeue("running".into()));
     let stats = h.end().await;
     assert_eq!(stats.acked.load(Ordering::SeqCst), 0, "nothing unfinished is acked");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_after_the_input_ended_still_hands_back_and_drains() {
+    let mut h = Harness::start(1, Duration::from_secs(2));
+    h.send("running", None, 0);
+    h.send("queued", None, 0);
+    assert_eq!(h.next_start().await, "running");
+    // The input ends while both are held; then the operator stops the run.
+    let Harness { events, mut settled, shutdown, run, .. } = h;
+    drop(events);
+    tokio::task::yield_now().await;
+    shutdown.stop_intake.cancel();
+    assert_eq!(within(settled.recv()).await.unwrap(), Settle::Requeue("queued".into()));
+    assert_eq!(
+        within(settled.recv()).await.unwrap(),
+        Settle::Requeue("running".into()),
+        "cancelled at the drain deadline"
+    );
+    within(run).await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_abandoned_while_waiting_to_retry_gives_up_its_claim() {
+    // Retries wait 5 to 10 s; the drain deadline comes after 1 s.
+    let mut h = Harness::start_with(2, Duration::from_secs(1), Duration::from_secs(10));
+    h.handler.panics.lock().unwrap().insert("failing".into(), u32::MAX);
+    h.send("failing", None, 0);
+    assert_eq!(h.next_start().await, "failing");
+    // Its first attempt panicked; it now waits to retry. Stop the run meanwhile.
+    while h.handler.attempts.load(Ordering::SeqCst) < 1 {
+        tokio::task::yield_now().await;
+    }
+    h.shutdown.stop_intake.cancel();
+    let settle = h.next_settle().await;
+    assert_eq!(settle, Settle::Requeue("failing".into()));
+    let abandoned = h.handler.abandoned.lock().unwrap().clone();
+    assert_eq!(abandoned, [("failing".to_owned(), 0)], "the claim of delivery #0 is released");
+    assert!(h.handler.gave_up.lock().unwrap().is_empty());
+    h.end().await;
 }

@@ -20,12 +20,12 @@ enum State {
     InProgress {
         owner: String,
     },
-    /// `publishing`: the finisher is still publishing; others wait instead of
-    /// republishing the same output.
+    /// `publishing`: the finisher, while it is still publishing; others wait instead
+    /// of republishing the same output.
     Finished {
         dead_letter: bool,
         unpublished: Option<Box<Output>>,
-        publishing: bool,
+        publishing: Option<String>,
     },
 }
 
@@ -94,7 +94,7 @@ impl Ledger for MemoryLedger {
                 entry.attempts = 1;
                 Ok(Claim::Fresh { attempts: 1, prior_cost_usd: 0.0 })
             }
-            State::Finished { publishing: true, .. } => Ok(Claim::Busy),
+            State::Finished { publishing: Some(_), .. } => Ok(Claim::Busy),
             State::Finished { dead_letter: true, unpublished: None, .. } if replay_count > entry.replay_count => {
                 entry.state = State::InProgress { owner: worker_id.to_owned() };
                 entry.attempts += 1;
@@ -106,17 +106,21 @@ impl Ledger for MemoryLedger {
         }
     }
 
-    async fn finish(&self, unit_id: &str, _worker_id: &str, output: &Output) -> Result<(), LedgerError> {
+    async fn finish(&self, unit_id: &str, worker_id: &str, output: &Output) -> Result<(), LedgerError> {
         let mut units = self.lock()?;
         let entry = units
             .active
             .get_mut(&Self::key(unit_id))
             .ok_or_else(|| LedgerError::Other(format!("finish of unclaimed unit {unit_id}")))?;
+        // Fenced like the PostgreSQL ledger: only the claimer finishes.
+        if !matches!(&entry.state, State::InProgress { owner } if owner == worker_id) {
+            return Err(LedgerError::LeaseLost(unit_id.to_owned()));
+        }
         entry.cost_usd += output.costs().iter().map(|c| c.cost_usd).sum::<f64>();
         entry.state = State::Finished {
             dead_letter: matches!(output, Output::DeadLetter { .. }),
             unpublished: Some(Box::new(output.clone())),
-            publishing: true,
+            publishing: Some(worker_id.to_owned()),
         };
         Ok(())
     }
@@ -127,7 +131,7 @@ impl Ledger for MemoryLedger {
         let answered = match units.active.get_mut(&key) {
             Some(Entry { state: State::Finished { unpublished, dead_letter, publishing }, .. }) => {
                 *unpublished = None;
-                *publishing = false;
+                *publishing = None;
                 !*dead_letter
             }
             _ => false,
@@ -145,21 +149,23 @@ impl Ledger for MemoryLedger {
         Ok(())
     }
 
-    async fn release(&self, unit_id: &str, _worker_id: &str) -> Result<(), LedgerError> {
+    async fn release(&self, unit_id: &str, worker_id: &str) -> Result<(), LedgerError> {
         let key = Self::key(unit_id);
         let mut units = self.lock()?;
         if let Some(entry) = units.active.get_mut(&key) {
             // A publish that failed: let a redelivery republish the stored output.
             if let State::Finished { publishing, .. } = &mut entry.state {
-                *publishing = false;
+                if publishing.as_deref() == Some(worker_id) {
+                    *publishing = None;
+                }
                 return Ok(());
             }
-            if matches!(entry.state, State::InProgress { .. }) {
+            if matches!(&entry.state, State::InProgress { owner } if owner == worker_id) {
                 if entry.attempts <= 1 {
                     units.active.remove(&key);
                 } else {
                     // A replayed unit goes back to its dead-lettered state.
-                    entry.state = State::Finished { dead_letter: true, unpublished: None, publishing: false };
+                    entry.state = State::Finished { dead_letter: true, unpublished: None, publishing: None };
                     entry.replay_count = entry.replay_count.saturating_sub(1);
                     entry.attempts -= 1;
                 }
@@ -218,9 +224,15 @@ pub(crate) mod tests {
         assert!(matches!(l.claim("T:1", "T", 0, "w#2").await.unwrap(), Claim::Busy));
         // The same claimer asking again (its answer was lost) gets the unit back.
         assert!(matches!(l.claim("T:1", "T", 0, "w#1").await.unwrap(), Claim::Fresh { attempts: 1, .. }));
-        l.finish("T:1", "w", &dead_letter_output()).await.unwrap();
+        // Only the claimer may finish or release it.
+        assert!(matches!(l.finish("T:1", "w#2", &dead_letter_output()).await, Err(LedgerError::LeaseLost(_))));
+        l.release("T:1", "w#2").await.unwrap();
+        assert!(matches!(l.claim("T:1", "T", 0, "w#3").await.unwrap(), Claim::Busy), "still w#1's");
+        l.finish("T:1", "w#1", &dead_letter_output()).await.unwrap();
         assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Busy), "its finisher is publishing");
-        l.release("T:1", "w").await.unwrap();
+        l.release("T:1", "w#2").await.unwrap();
+        assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Busy), "only the finisher releases");
+        l.release("T:1", "w#1").await.unwrap();
         assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Unpublished(_)), "the publish failed");
         l.mark_published("T:1").await.unwrap();
         assert!(matches!(l.claim("T:1", "T", 0, "w").await.unwrap(), Claim::Done));

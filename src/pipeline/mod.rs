@@ -86,8 +86,19 @@ impl Pipeline {
         format!("{}#{}", self.worker_id, attempt.seq)
     }
 
-    /// Handles one message up to the point where it may be acked.
+    /// Handles one message up to the point where it may be acked. Cancellation
+    /// (`attempt.cancel`) stops the provider calls and releases the claim; a step
+    /// that still waits `CANCEL_GRACE` later (the ledger or the broker is down) is
+    /// dropped where it stands, and the claim's lease expires instead.
     pub async fn handle(&self, message: &Message, attempt: &Attempt) -> Result<Completion, HandleError> {
+        tokio::select! {
+            biased;
+            r = self.handle_unit(message, attempt) => r,
+            _ = cancelled_for_good(attempt) => Err(HandleError::Cancelled),
+        }
+    }
+
+    async fn handle_unit(&self, message: &Message, attempt: &Attempt) -> Result<Completion, HandleError> {
         let ticket = match self.intake(message) {
             Ok(ticket) => ticket,
             Err(rejection) => {
@@ -109,7 +120,7 @@ impl Pipeline {
                 // A stored output's records carry no baseline price: price them again.
                 self.prices.fill_baselines(&mut output);
                 self.publisher.publish(&output).await?;
-                self.ledger.mark_published(&ticket.unit_id).await?;
+                self.mark_published(&ticket.unit_id).await?;
                 return Ok(Completion::of(Handled::Republished, &output));
             }
             Claim::Busy => return Err(HandleError::Busy(ticket.unit_id.clone())),
@@ -136,7 +147,7 @@ impl Pipeline {
             self.release(&ticket.unit_id, &claimer).await;
             return Err(e.into());
         }
-        self.ledger.mark_published(&ticket.unit_id).await?;
+        self.mark_published(&ticket.unit_id).await?;
         Ok(Completion::of(handled, &output))
     }
 
@@ -145,6 +156,19 @@ impl Pipeline {
     /// PostgreSQL cannot store, a unit in a state it cannot finish from) is logged,
     /// not retried: the dead letter on the topic is what operators replay.
     pub async fn give_up(&self, message: &Message, attempt: &Attempt, reason: &str) -> Result<Completion, HandleError> {
+        tokio::select! {
+            biased;
+            r = self.dead_letter_unit(message, attempt, reason) => r,
+            _ = cancelled_for_good(attempt) => Err(HandleError::Cancelled),
+        }
+    }
+
+    async fn dead_letter_unit(
+        &self,
+        message: &Message,
+        attempt: &Attempt,
+        reason: &str,
+    ) -> Result<Completion, HandleError> {
         let claimer = self.claimer(attempt);
         let ticket = self.intake(message).ok();
         let ids = (ticket.as_ref().map(|t| t.ticket_id.clone()), ticket.as_ref().map(|t| t.unit_id.clone()));
@@ -168,7 +192,7 @@ impl Pipeline {
         }
         self.publisher.publish(&output).await?;
         if let (true, Some(t)) = (finished, &ticket) {
-            self.ledger.mark_published(&t.unit_id).await?;
+            self.mark_published(&t.unit_id).await?;
         }
         Ok(Completion::of(Handled::DeadLettered(ErrorKind::Internal), &output))
     }
@@ -199,6 +223,29 @@ impl Pipeline {
         }
     }
 
+    /// Records a confirmed publish. Once the output is out, only an outage is worth
+    /// retrying for: any other failure is logged, and the delivery is acked rather
+    /// than handled again (which would publish the same output again). The unit
+    /// stays finished-but-unpublished in the ledger, so a redelivery republishes it:
+    /// at least once, never lost.
+    async fn mark_published(&self, unit_id: &str) -> Result<(), HandleError> {
+        match self.ledger.mark_published(unit_id).await {
+            Ok(()) => Ok(()),
+            Err(e @ LedgerError::Unavailable(_)) => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(unit_id, error = %e, "published, but the ledger did not record it; a redelivery would publish it again");
+                Ok(())
+            }
+        }
+    }
+
+    /// Releases the claim an abandoned delivery may still hold.
+    pub async fn abandon(&self, message: &Message, attempt: &Attempt) {
+        if let Ok(ticket) = self.intake(message) {
+            self.release(&ticket.unit_id, &self.claimer(attempt)).await;
+        }
+    }
+
     async fn release(&self, unit_id: &str, claimer: &str) {
         if let Err(e) = self.ledger.release(unit_id, claimer).await {
             tracing::warn!(unit_id, error = %e, "could not release a claim; its lease will expire");
@@ -215,4 +262,17 @@ impl Handler for Pipeline {
     async fn give_up(&self, message: &Message, attempt: &Attempt, reason: &str) -> Result<Completion, HandleError> {
         Pipeline::give_up(self, message, attempt, reason).await
     }
+
+    async fn abandon(&self, message: &Message, attempt: &Attempt) {
+        Pipeline::abandon(self, message, attempt).await
+    }
+}
+
+/// How long a cancelled attempt may take to wind down (release its claim) before it
+/// is dropped.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn cancelled_for_good(attempt: &Attempt) {
+    attempt.cancel.cancelled().await;
+    tokio::time::sleep(CANCEL_GRACE).await;
 }

@@ -151,7 +151,11 @@ impl ChainRunner<'_> {
                     break;
                 }
                 if let Some(limits) = &handle.limits {
-                    match limits.acquire(estimated_tokens, unit.hold_until).await {
+                    // Wait at most so long that the call keeps the budget it has now.
+                    let now = Instant::now();
+                    let budget = unit.deadline.saturating_duration_since(now);
+                    let wait_until = unit.hold_until.checked_sub(budget).unwrap_or(now).max(now);
+                    match limits.acquire(estimated_tokens, wait_until).await {
                         Ok(waited) => {
                             if waited > Duration::from_millis(100) {
                                 tracing::debug!(ticket_id = %unit.ticket_id, provider = provider_name, waited_ms = waited.as_millis() as u64, "waited for rate limit");

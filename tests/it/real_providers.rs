@@ -185,6 +185,8 @@ async fn a_provider_limited_far_below_the_arrival_rate_gets_no_429_and_no_ticket
     // Admission kept the in-flight count to what the limiter serves within half a
     // deadline, so no ticket spent anywhere near its deadline in flight.
     let slowest = out.replies.iter().map(|r| r["latency_ms"].as_u64().unwrap()).max().unwrap();
-    eprintln!("{TICKETS} tickets at {RPM} rpm: {elapsed:.1} s (limit implies {implied:.1} s), slowest in flight {slowest} ms");
+    eprintln!(
+        "{TICKETS} tickets at {RPM} rpm: {elapsed:.1} s (limit implies {implied:.1} s), slowest in flight {slowest} ms"
+    );
     assert!(slowest < DEADLINE_MS, "slowest ticket took {slowest} ms in flight");
 }

@@ -26,6 +26,7 @@
 //! - While the ledger is unreachable ([`Health`] not ready) nothing new starts.
 
 pub mod disposition;
+mod state;
 mod task;
 
 use std::collections::{HashMap, VecDeque};
@@ -34,12 +35,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use disposition::{HandleError, RetryPolicy};
+use state::{finish_revocations, Pending, Revocation, Sched, State, TaskGuard};
 pub use task::Settled;
 
 use crate::broker::{BrokerError, Delivery, Lane, Message, Source, SourceEvent};
@@ -144,139 +146,6 @@ pub struct Dispatcher<H: Handler> {
     pub admission: Arc<dyn Admission>,
     pub health: Arc<Health>,
     pub stats: Arc<RunStats>,
-}
-
-struct Pending {
-    delivery: Delivery,
-    seq: u64,
-}
-
-impl Pending {
-    fn lane(&self) -> Lane {
-        self.delivery.message.lane()
-    }
-}
-
-struct LaneState {
-    running: usize,
-    cancel: CancellationToken,
-}
-
-struct Revocation {
-    lanes: Vec<Lane>,
-    drained: Option<oneshot::Sender<()>>,
-    deadline: Instant,
-    /// The deadline passed and the lanes' running deliveries were cancelled.
-    cancelled: bool,
-}
-
-/// The bookkeeping of one run, shared by the dispatcher and its tasks.
-struct State {
-    /// Keys with a delivery running or ready; what waits behind it.
-    keys: HashMap<String, VecDeque<Pending>>,
-    /// Deliveries free to start (no earlier delivery of their key is unfinished).
-    ready: VecDeque<Pending>,
-    lanes: HashMap<Lane, LaneState>,
-    revocations: Vec<Revocation>,
-    /// Tasks alive, each running one delivery.
-    running: usize,
-    /// Deliveries taken in and not yet settled or handed back.
-    held: usize,
-    next_seq: u64,
-    paused: bool,
-    /// The current budget, and whether new work may start (ledger ready, not stopping).
-    allowed: usize,
-    may_start: bool,
-    /// The dispatcher waits for tasks to finish: they notify it.
-    wake_on_done: bool,
-    /// Parent of every lane's cancellation: the drain deadline cancels it.
-    all_cancel: CancellationToken,
-}
-
-impl State {
-    fn lane(&mut self, lane: Lane) -> &mut LaneState {
-        let parent = &self.all_cancel;
-        self.lanes.entry(lane).or_insert_with(|| LaneState { running: 0, cancel: parent.child_token() })
-    }
-
-    /// The next delivery of `key`, which becomes the key's head; when there is none
-    /// the key is forgotten.
-    fn next_of(&mut self, key: &str) -> Option<Pending> {
-        let next = self.keys.get_mut(key).and_then(VecDeque::pop_front);
-        if next.is_none() {
-            self.keys.remove(key);
-        }
-        next
-    }
-
-    /// Marks `p` running in its lane; returns the lane's cancellation.
-    fn begin(&mut self, p: &Pending) -> CancellationToken {
-        let lane = self.lane(p.lane());
-        lane.running += 1;
-        lane.cancel.clone()
-    }
-
-    /// A delivery of `key` in `lane` settled. Returns what its task runs next: the
-    /// next delivery of the same key, or else the next ready one, when new work may
-    /// start and the budget allows; `None` ends the task.
-    fn finished(&mut self, lane: &Lane, key: Option<&str>) -> Option<Pending> {
-        self.held -= 1;
-        if let Some(l) = self.lanes.get_mut(lane) {
-            l.running = l.running.saturating_sub(1);
-        }
-        let follower = key.and_then(|k| self.next_of(k));
-        let next = if self.may_start && self.running <= self.allowed {
-            follower.or_else(|| self.ready.pop_front())
-        } else {
-            if let Some(f) = follower {
-                self.ready.push_back(f);
-            }
-            None
-        };
-        if next.is_none() {
-            self.running -= 1;
-        }
-        next
-    }
-}
-
-/// The shared state and the dispatcher's doorbell.
-struct Sched {
-    state: std::sync::Mutex<State>,
-    wake: Notify,
-}
-
-impl Sched {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding the lock leaves counters that are still the best
-        // information there is; keep going with them.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Counts a task out even if it unwinds past its own guards.
-struct TaskGuard<'a> {
-    sched: &'a Sched,
-    current: Option<(Lane, Option<String>)>,
-}
-
-impl Drop for TaskGuard<'_> {
-    fn drop(&mut self) {
-        if let Some((lane, key)) = self.current.take() {
-            let mut st = self.sched.lock();
-            st.held -= 1;
-            st.running -= 1;
-            if let Some(l) = st.lanes.get_mut(&lane) {
-                l.running = l.running.saturating_sub(1);
-            }
-            // The key's next delivery must not wait behind a task that is gone.
-            if let Some(next) = key.and_then(|k| st.next_of(&k)) {
-                st.ready.push_back(next);
-            }
-            drop(st);
-            self.sched.wake.notify_one();
-        }
-    }
 }
 
 impl<H: Handler> Dispatcher<H> {
@@ -521,23 +390,6 @@ impl<H: Handler> Dispatcher<H> {
             }
         });
     }
-}
-
-/// Tells the source about every revoked lane with nothing left running.
-fn finish_revocations(st: &mut State) {
-    let lanes = &mut st.lanes;
-    st.revocations.retain_mut(|r| {
-        if r.lanes.iter().any(|l| lanes.get(l).is_some_and(|s| s.running > 0)) {
-            return true;
-        }
-        for l in &r.lanes {
-            lanes.remove(l);
-        }
-        if let Some(tx) = r.drained.take() {
-            let _ = tx.send(());
-        }
-        false
-    });
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

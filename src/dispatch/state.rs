@@ -1,0 +1,161 @@
+//! The dispatcher's bookkeeping, shared by its loop and its tasks under one lock:
+//! keys and what waits behind them, ready deliveries, lanes and their revocations,
+//! and the counts that bound what runs and what is held.
+
+use std::collections::{HashMap, VecDeque};
+
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Delivery, Lane};
+
+pub(super) struct Pending {
+    pub delivery: Delivery,
+    pub seq: u64,
+}
+
+impl Pending {
+    pub fn lane(&self) -> Lane {
+        self.delivery.message.lane()
+    }
+}
+
+pub(super) struct LaneState {
+    pub running: usize,
+    pub cancel: CancellationToken,
+}
+
+pub(super) struct Revocation {
+    pub lanes: Vec<Lane>,
+    pub drained: Option<oneshot::Sender<()>>,
+    pub deadline: Instant,
+    /// The deadline passed and the lanes' running deliveries were cancelled.
+    pub cancelled: bool,
+}
+
+/// The bookkeeping of one run, shared by the dispatcher and its tasks.
+pub(super) struct State {
+    /// Keys with a delivery running or ready; what waits behind it.
+    pub keys: HashMap<String, VecDeque<Pending>>,
+    /// Deliveries free to start (no earlier delivery of their key is unfinished).
+    pub ready: VecDeque<Pending>,
+    pub lanes: HashMap<Lane, LaneState>,
+    pub revocations: Vec<Revocation>,
+    /// Tasks alive, each running one delivery.
+    pub running: usize,
+    /// Deliveries taken in and not yet settled or handed back.
+    pub held: usize,
+    pub next_seq: u64,
+    pub paused: bool,
+    /// The current budget, and whether new work may start (ledger ready, not stopping).
+    pub allowed: usize,
+    pub may_start: bool,
+    /// The dispatcher waits for tasks to finish: they notify it.
+    pub wake_on_done: bool,
+    /// Parent of every lane's cancellation: the drain deadline cancels it.
+    pub all_cancel: CancellationToken,
+}
+
+impl State {
+    pub fn lane(&mut self, lane: Lane) -> &mut LaneState {
+        let parent = &self.all_cancel;
+        self.lanes.entry(lane).or_insert_with(|| LaneState { running: 0, cancel: parent.child_token() })
+    }
+
+    /// The next delivery of `key`, which becomes the key's head; when there is none
+    /// the key is forgotten.
+    pub fn next_of(&mut self, key: &str) -> Option<Pending> {
+        let next = self.keys.get_mut(key).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            self.keys.remove(key);
+        }
+        next
+    }
+
+    /// Marks `p` running in its lane; returns the lane's cancellation.
+    pub fn begin(&mut self, p: &Pending) -> CancellationToken {
+        let lane = self.lane(p.lane());
+        lane.running += 1;
+        lane.cancel.clone()
+    }
+
+    /// A delivery of `key` in `lane` settled. Returns what its task runs next: the
+    /// next delivery of the same key, or else the next ready one, when new work may
+    /// start and the budget allows; `None` ends the task.
+    pub fn finished(&mut self, lane: &Lane, key: Option<&str>) -> Option<Pending> {
+        self.held -= 1;
+        if let Some(l) = self.lanes.get_mut(lane) {
+            l.running = l.running.saturating_sub(1);
+        }
+        let follower = key.and_then(|k| self.next_of(k));
+        let next = if self.may_start && self.running <= self.allowed {
+            follower.or_else(|| self.ready.pop_front())
+        } else {
+            if let Some(f) = follower {
+                self.ready.push_back(f);
+            }
+            None
+        };
+        if next.is_none() {
+            self.running -= 1;
+        }
+        next
+    }
+}
+
+/// The shared state and the dispatcher's doorbell.
+pub(super) struct Sched {
+    pub state: std::sync::Mutex<State>,
+    pub wake: Notify,
+}
+
+impl Sched {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves counters that are still the best
+        // information there is; keep going with them.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Counts a task out even if it unwinds past its own guards.
+pub(super) struct TaskGuard<'a> {
+    pub sched: &'a Sched,
+    pub current: Option<(Lane, Option<String>)>,
+}
+
+impl Drop for TaskGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((lane, key)) = self.current.take() {
+            let mut st = self.sched.lock();
+            st.held -= 1;
+            st.running -= 1;
+            if let Some(l) = st.lanes.get_mut(&lane) {
+                l.running = l.running.saturating_sub(1);
+            }
+            // The key's next delivery must not wait behind a task that is gone.
+            if let Some(next) = key.and_then(|k| st.next_of(&k)) {
+                st.ready.push_back(next);
+            }
+            drop(st);
+            self.sched.wake.notify_one();
+        }
+    }
+}
+
+/// Tells the source about every revoked lane with nothing left running.
+pub(super) fn finish_revocations(st: &mut State) {
+    let lanes = &mut st.lanes;
+    st.revocations.retain_mut(|r| {
+        if r.lanes.iter().any(|l| lanes.get(l).is_some_and(|s| s.running > 0)) {
+            return true;
+        }
+        for l in &r.lanes {
+            lanes.remove(l);
+        }
+        if let Some(tx) = r.drained.take() {
+            let _ = tx.send(());
+        }
+        false
+    });
+}

@@ -14,7 +14,9 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: commands → library calls. [`settings`]: layered config, validation, redaction.
+//! - [`cli`]: commands → library calls. [`settings`]: layered config as plain data,
+//!   its own checks, redaction. [`policy`]: loads it and runs every check, domain
+//!   ones included. [`vocab`]: the values triage and routing share.
 //! - [`ticket`]: the wire contract. [`intake`]: bytes → [`ticket::Ticket`] or a rejection.
 //! - [`triage`]: prompts, the defensive answer parser, local signals and heuristics.
 //! - [`routing`]: ordered rules and budgets. [`moderation`]: our own check after a refusal.
@@ -25,7 +27,7 @@
 //!   control, rate-aware admission, one disposition per outcome, graceful drain.
 //! - [`observe`]: completions and their observers (summary, metrics, admission).
 //! - [`broker`]: sources and publishers (in-memory queue, output files).
-//! - [`ledger`]: idempotency and cost memory (in-memory).
+//! - [`ledger`]: idempotency and cost memory (in-memory and PostgreSQL).
 //! - [`process`]: the embedded `ticketflow process` command. [`summary`]: its report.
 //! - [`explain`]: triage and routing traces for rule authors, and policy comparison.
 //! - [`report`]: spend, savings, routing counts and latency from the PostgreSQL ledger.

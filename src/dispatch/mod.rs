@@ -14,7 +14,7 @@
 //!   unstarted deliveries are handed back at once, its running ones finish or are
 //!   cancelled at the drain deadline (releasing their ledger claims), and the source
 //!   is told when the lane is drained.
-//! - **Settlement.** A delivery runs in a task ([`task`]) that maps every attempt
+//! - **Settlement.** A delivery runs in a task (`task.rs`) that maps every attempt
 //!   through the one disposition function ([`disposition`]) and settles it exactly
 //!   once, panics included. A task that finishes takes the next delivery of its key,
 //!   or else the next ready one, itself: the dispatcher's own loop only takes in

@@ -4,8 +4,8 @@
 //!
 //! - this file: the unit protocol (claim, finish, publish, mark published, release,
 //!   the dead letter of a message that keeps failing);
-//! - [`answer`]: triage, routing and the reply chains with the moderation bypass;
-//! - [`output`]: the reply, dead letter and rejection documents.
+//! - `answer.rs`: triage, routing and the reply chains with the moderation bypass;
+//! - `output.rs`: the reply, dead letter and rejection documents.
 
 use std::sync::Arc;
 

@@ -81,6 +81,9 @@ pub enum Command {
     },
     /// Validate the effective configuration and print it with secrets redacted.
     Config,
+    /// Creates the broker's input, output and dead-letter queues (RabbitMQ) when
+    /// missing; idempotent. Reports what it created and what already existed.
+    Topics,
     /// Show, for each ticket, the triage, the rules that fired and the route, without
     /// calling any reply model.
     Explain {
@@ -148,6 +151,28 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 .context("writing the report")?;
             std::io::Write::flush(&mut out).context("writing the report")?;
             Ok(())
+        }
+        Command::Topics => {
+            let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
+            crate::policy::resolve_identity(&mut settings);
+            match settings.broker.kind {
+                crate::settings::BrokerKind::Rabbitmq => {
+                    use crate::broker::rabbitmq::{self, topology};
+                    let conn = rabbitmq::connect(&settings.broker.rabbitmq, &settings.worker.id).await?;
+                    let declared = topology::declare(&conn, &settings.broker).await;
+                    let _ = conn.close(200, "done".into()).await;
+                    for d in declared? {
+                        println!("{d}");
+                    }
+                    Ok(())
+                }
+                crate::settings::BrokerKind::Kafka => Err(Failure {
+                    code: 1,
+                    error: anyhow::anyhow!(
+                        "topics for Kafka are not supported yet; for RabbitMQ set broker.kind = \"rabbitmq\" (TICKETFLOW__BROKER__KIND=rabbitmq)"
+                    ),
+                }),
+            }
         }
         Command::Config => {
             let settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;

@@ -28,9 +28,14 @@ fn main() {
     }
 }
 
+/// Warnings and errors of ours. lapin logs at ERROR every refusal the broker sends,
+/// expected ones included (a passive declaration of a missing queue); the errors that
+/// matter reach the user through our own messages. `TICKETFLOW_LOG` overrides this.
+const DEFAULT_LOG_FILTER: &str = "warn,lapin=off";
+
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TICKETFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = EnvFilter::try_from_env("TICKETFLOW_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

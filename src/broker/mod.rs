@@ -9,6 +9,7 @@
 
 pub mod files;
 pub mod memory;
+pub mod rabbitmq;
 
 use async_trait::async_trait;
 use tokio::sync::oneshot;

@@ -31,6 +31,21 @@ impl Settings {
                 self.database.lease_ms, self.limits.ticket_deadline_ms
             ));
         }
+        let rabbit = &self.broker.rabbitmq;
+        if rabbit.dead_letter_exchange.trim().is_empty() {
+            problems.push("broker.rabbitmq.dead_letter_exchange must not be empty".into());
+        }
+        if rabbit.delivery_limit == 0 {
+            problems.push("broker.rabbitmq.delivery_limit must be at least 1".into());
+        }
+        let topics = &self.broker.topics;
+        let names = [&topics.input, &topics.replies, &topics.costs, &topics.dead_letters];
+        if names.iter().any(|n| n.trim().is_empty()) {
+            problems.push("broker.topics: every topic or queue name must be set".into());
+        }
+        if names.iter().enumerate().any(|(i, a)| names[i + 1..].contains(a)) {
+            problems.push("broker.topics: input, replies, costs and dead_letters must be four different names".into());
+        }
         if self.breaker.failure_threshold == 0 {
             problems.push("breaker.failure_threshold must be at least 1".into());
         }

@@ -151,8 +151,37 @@ pub struct KafkaSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RabbitSettings {
-    /// AMQP URL; the password is redacted in `ticketflow config`.
+    /// AMQP URL with the vhost as its path; the password is redacted in `ticketflow config`.
     pub url: String,
+    /// The type of every declared queue.
+    pub queue_type: QueueType,
+    /// Quorum queues: deliveries of one message before the broker dead-letters it.
+    pub delivery_limit: u32,
+    /// The exchange the input queue dead-letters into.
+    pub dead_letter_exchange: String,
+    /// When not empty, a direct exchange the output queues are also bound to.
+    pub output_exchange: String,
+    /// AMQP heartbeat interval.
+    pub heartbeat_secs: u16,
+    /// Connection name shown by the broker; empty for "ticketflow <worker id>".
+    pub connection_name: String,
+}
+
+/// RabbitMQ queue types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

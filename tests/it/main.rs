@@ -12,4 +12,5 @@ mod ledger_pg;
 mod pipeline;
 mod process_cli;
 mod providers;
+mod rabbitmq;
 mod real_providers;

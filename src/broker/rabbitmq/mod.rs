@@ -1,0 +1,75 @@
+//! RabbitMQ through lapin: connecting with the configured settings and declaring
+//! the topology ([`topology`]). The consumer and the confirmed publisher of the
+//! worker build on these.
+
+pub mod topology;
+
+use lapin::{Connection, ConnectionProperties};
+
+use crate::settings::{redact_url, RabbitSettings};
+
+/// A RabbitMQ failure, with the broker's own words where it gave any.
+#[derive(Debug, thiserror::Error)]
+pub enum RabbitError {
+    #[error("cannot connect to RabbitMQ at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("{what}: {reason}")]
+    Broker { what: String, reason: String },
+    /// A queue or exchange exists with other settings than ours.
+    #[error("{what} exists with other settings: {reason}; delete it (it must be empty) or change the configuration to match")]
+    Mismatch { what: String, reason: String },
+}
+
+/// Connects with the configured heartbeat and connection name (`worker_id` when the
+/// settings name none).
+pub async fn connect(settings: &RabbitSettings, worker_id: &str) -> Result<Connection, RabbitError> {
+    let name = if settings.connection_name.is_empty() {
+        format!("ticketflow {worker_id}")
+    } else {
+        settings.connection_name.clone()
+    };
+    let url = with_heartbeat(&settings.url, settings.heartbeat_secs);
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(&url, properties)
+        .await
+        .map_err(|e| RabbitError::Connect { url: redact_url(&settings.url), reason: reason(&e) })
+}
+
+/// The URL with the heartbeat as a query parameter, unless it sets one itself.
+fn with_heartbeat(url: &str, heartbeat_secs: u16) -> String {
+    if url.contains("heartbeat=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&heartbeat={heartbeat_secs}")
+    } else {
+        format!("{url}?heartbeat={heartbeat_secs}")
+    }
+}
+
+/// A lapin error as one readable phrase: the broker's message for protocol errors.
+pub fn reason(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => amqp.get_message().to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// The AMQP reply code of a broker error (404 not found, 406 precondition failed).
+fn code(e: &lapin::Error) -> Option<u16> {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_heartbeat_joins_the_url_unless_it_has_one() {
+        assert_eq!(with_heartbeat("amqp://h/%2f", 30), "amqp://h/%2f?heartbeat=30");
+        assert_eq!(with_heartbeat("amqp://h/v?channel_max=9", 5), "amqp://h/v?channel_max=9&heartbeat=5");
+        assert_eq!(with_heartbeat("amqp://h/v?heartbeat=7", 30), "amqp://h/v?heartbeat=7");
+    }
+}

@@ -1,0 +1,164 @@
+//! The RabbitMQ topology, declared idempotently by `ticketflow topics` (and the
+//! worker at start):
+//!
+//! - the input queue, durable, of `broker.rabbitmq.queue_type` (quorum with
+//!   `x-delivery-limit` by default), dead-lettering into the dead-letter exchange
+//!   with the dead-letter queue's name as routing key;
+//! - the dead-letter exchange (direct, durable), and the reply, cost and dead-letter
+//!   queues, durable and of the same type, so any client can read them by name;
+//! - the dead-letter queue bound to the dead-letter exchange; with
+//!   `broker.rabbitmq.output_exchange` set, the output queues bound to that
+//!   exchange too, each by its own name.
+//!
+//! A queue that exists with other arguments is reported with the broker's words
+//! (which name the argument), not left to crash a channel.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Connection, ExchangeKind};
+
+use super::{code, reason, RabbitError};
+use crate::settings::{BrokerSettings, QueueType};
+
+const NOT_FOUND: u16 = 404;
+const PRECONDITION_FAILED: u16 = 406;
+
+/// What a declaration found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Declared {
+    Created(String),
+    Existed(String),
+}
+
+impl std::fmt::Display for Declared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Declared::Created(what) => write!(f, "created {what}"),
+            Declared::Existed(what) => write!(f, "exists  {what}"),
+        }
+    }
+}
+
+/// The arguments of the input queue.
+pub fn input_arguments(broker: &BrokerSettings) -> FieldTable {
+    let r = &broker.rabbitmq;
+    let mut args = queue_type_arguments(r.queue_type);
+    args.insert("x-dead-letter-exchange".into(), long_string(&r.dead_letter_exchange));
+    args.insert("x-dead-letter-routing-key".into(), long_string(&broker.topics.dead_letters));
+    if r.queue_type == QueueType::Quorum {
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(r.delivery_limit)));
+    }
+    args
+}
+
+fn queue_type_arguments(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string(queue_type.as_str()));
+    args
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Declares the whole topology; returns what was created and what existed, in order.
+pub async fn declare(conn: &Connection, broker: &BrokerSettings) -> Result<Vec<Declared>, RabbitError> {
+    let r = &broker.rabbitmq;
+    let t = &broker.topics;
+    let mut report = Vec::new();
+    let output_args = queue_type_arguments(r.queue_type);
+    report.push(exchange(conn, &r.dead_letter_exchange).await?);
+    if !r.output_exchange.is_empty() {
+        report.push(exchange(conn, &r.output_exchange).await?);
+    }
+    report.push(queue(conn, &t.input, input_arguments(broker), r.queue_type).await?);
+    for name in [&t.replies, &t.costs, &t.dead_letters] {
+        report.push(queue(conn, name, output_args.clone(), r.queue_type).await?);
+    }
+    bind(conn, &t.dead_letters, &r.dead_letter_exchange, &t.dead_letters).await?;
+    if !r.output_exchange.is_empty() {
+        for name in [&t.replies, &t.costs, &t.dead_letters] {
+            bind(conn, name, &r.output_exchange, name).await?;
+        }
+    }
+    Ok(report)
+}
+
+/// Declares a durable queue: passively first, to tell "created" from "existed", then
+/// with our arguments, which the broker checks against the existing queue's. Each
+/// step has a channel of its own, since a refused declaration closes its channel.
+async fn queue(conn: &Connection, name: &str, args: FieldTable, kind: QueueType) -> Result<Declared, RabbitError> {
+    let what = format!("queue `{name}` ({})", kind.as_str());
+    let passive = QueueDeclareOptions { passive: true, durable: true, ..QueueDeclareOptions::default() };
+    let ch = channel(conn).await?;
+    let existed = match ch.queue_declare(name.into(), passive, FieldTable::default()).await {
+        Ok(_) => {
+            close(ch).await;
+            true
+        }
+        Err(e) if code(&e) == Some(NOT_FOUND) => false,
+        Err(e) => return Err(RabbitError::Broker { what, reason: reason(&e) }),
+    };
+    let options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    let ch = channel(conn).await?;
+    let declared = ch.queue_declare(name.into(), options, args).await;
+    if declared.is_ok() {
+        close(ch).await;
+    }
+    match declared {
+        Ok(_) if existed => Ok(Declared::Existed(what)),
+        Ok(_) => Ok(Declared::Created(what)),
+        Err(e) if code(&e) == Some(PRECONDITION_FAILED) => {
+            Err(RabbitError::Mismatch { what: format!("queue `{name}`"), reason: reason(&e) })
+        }
+        Err(e) => Err(RabbitError::Broker { what, reason: reason(&e) }),
+    }
+}
+
+async fn exchange(conn: &Connection, name: &str) -> Result<Declared, RabbitError> {
+    let what = format!("exchange `{name}` (direct)");
+    let passive = ExchangeDeclareOptions { passive: true, durable: true, ..ExchangeDeclareOptions::default() };
+    let ch = channel(conn).await?;
+    let existed = match ch.exchange_declare(name.into(), ExchangeKind::Direct, passive, FieldTable::default()).await {
+        Ok(()) => {
+            close(ch).await;
+            true
+        }
+        Err(e) if code(&e) == Some(NOT_FOUND) => false,
+        Err(e) => return Err(RabbitError::Broker { what, reason: reason(&e) }),
+    };
+    let options = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let ch = channel(conn).await?;
+    let declared = ch.exchange_declare(name.into(), ExchangeKind::Direct, options, FieldTable::default()).await;
+    if declared.is_ok() {
+        close(ch).await;
+    }
+    match declared {
+        Ok(()) if existed => Ok(Declared::Existed(what)),
+        Ok(()) => Ok(Declared::Created(what)),
+        Err(e) if code(&e) == Some(PRECONDITION_FAILED) => {
+            Err(RabbitError::Mismatch { what: format!("exchange `{name}`"), reason: reason(&e) })
+        }
+        Err(e) => Err(RabbitError::Broker { what, reason: reason(&e) }),
+    }
+}
+
+async fn bind(conn: &Connection, queue: &str, exchange: &str, key: &str) -> Result<(), RabbitError> {
+    let ch = channel(conn).await?;
+    ch.queue_bind(queue.into(), exchange.into(), key.into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .map_err(|e| RabbitError::Broker { what: format!("binding `{queue}` to `{exchange}`"), reason: reason(&e) })?;
+    close(ch).await;
+    Ok(())
+}
+
+/// Closes a channel that is still open (a refused declaration closed its own).
+async fn close(ch: lapin::Channel) {
+    let _ = ch.close(200, "done".into()).await;
+}
+
+async fn channel(conn: &Connection) -> Result<lapin::Channel, RabbitError> {
+    conn.create_channel()
+        .await
+        .map_err(|e| RabbitError::Broker { what: "opening a channel".into(), reason: reason(&e) })
+}

@@ -1,0 +1,138 @@
+//! `ticketflow topics` against the local RabbitMQ server (127.0.0.1:5672; the test
+//! script starts it): every test uses queue and exchange names of its own and
+//! deletes them afterwards.
+
+use std::process::Output;
+
+use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeleteOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+use crate::helpers::bin;
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Names of one test's topology.
+struct Names {
+    prefix: String,
+}
+
+impl Names {
+    fn new() -> Self {
+        Names { prefix: format!("tf-test-{}", uuid::Uuid::new_v4().simple()) }
+    }
+    fn queue(&self, what: &str) -> String {
+        format!("{}-{what}", self.prefix)
+    }
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("TICKETFLOW__BROKER__KIND".into(), "rabbitmq".into()),
+            ("TICKETFLOW__BROKER__RABBITMQ__URL".into(), URL.into()),
+            ("TICKETFLOW__BROKER__TOPICS__INPUT".into(), self.queue("in")),
+            ("TICKETFLOW__BROKER__TOPICS__REPLIES".into(), self.queue("replies")),
+            ("TICKETFLOW__BROKER__TOPICS__COSTS".into(), self.queue("costs")),
+            ("TICKETFLOW__BROKER__TOPICS__DEAD_LETTERS".into(), self.queue("dlq")),
+            ("TICKETFLOW__BROKER__RABBITMQ__DEAD_LETTER_EXCHANGE".into(), self.queue("dlx")),
+        ]
+    }
+    fn topics(&self, extra: &[(&str, &str)]) -> Output {
+        let mut cmd = bin();
+        cmd.arg("topics").envs(self.env());
+        cmd.envs(extra.iter().copied());
+        cmd.output().unwrap()
+    }
+    async fn delete(&self, conn: &Connection) {
+        let ch = conn.create_channel().await.unwrap();
+        for q in ["in", "replies", "costs", "dlq"] {
+            let _ = ch.queue_delete(self.queue(q).as_str().into(), QueueDeleteOptions::default()).await;
+        }
+        let _ = ch.exchange_delete(self.queue("dlx").as_str().into(), Default::default()).await;
+    }
+}
+
+async fn connect() -> Connection {
+    Connection::connect(URL, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672 (scripts/test.sh starts it)")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn topics_creates_the_topology_once_and_rejected_input_reaches_the_dead_letter_queue() {
+    let names = Names::new();
+    let first = names.topics(&[]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let created = stdout(&first);
+    assert_eq!(created.lines().filter(|l| l.starts_with("created")).count(), 5, "{created}");
+    for q in ["in", "replies", "costs", "dlq"] {
+        assert!(created.contains(&format!("queue `{}` (quorum)", names.queue(q))), "{created}");
+    }
+    let second = names.topics(&[]);
+    assert!(second.status.success(), "{}", stderr(&second));
+    let again = stdout(&second);
+    assert_eq!(again.lines().filter(|l| l.starts_with("exists")).count(), 5, "{again}");
+    assert!(!again.contains("created"), "{again}");
+
+    // A message the worker rejects without requeue lands in the dead-letter queue.
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        names.queue("in").as_str().into(),
+        BasicPublishOptions::default(),
+        b"{\"ticket_id\":\"T-1\"}",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let got = wait_get(&ch, &names.queue("in")).await;
+    got.nack(BasicNackOptions { requeue: false, ..Default::default() }).await.unwrap();
+    let dead = wait_get(&ch, &names.queue("dlq")).await;
+    assert_eq!(dead.data, b"{\"ticket_id\":\"T-1\"}");
+    names.delete(&conn).await;
+}
+
+/// The next message of `queue`, waiting for it to arrive (a few seconds at most).
+async fn wait_get(ch: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(m) = ch.basic_get(queue.into(), BasicGetOptions::default()).await.unwrap() {
+            return m;
+        }
+        assert!(std::time::Instant::now() < deadline, "no message in {queue}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_queue_declared_otherwise_is_named_with_its_argument_in_one_line() {
+    let names = Names::new();
+    assert!(names.topics(&[]).status.success());
+    let out = names.topics(&[("TICKETFLOW__BROKER__RABBITMQ__QUEUE_TYPE", "classic")]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(&format!("queue `{}`", names.queue("in"))) && err.contains("x-queue-type"), "{err}");
+    names.delete(&connect().await).await;
+}
+
+#[test]
+fn an_unreachable_broker_or_a_wrong_password_is_one_line_without_the_password() {
+    let names = Names::new();
+    for url in ["amqp://guest:guest@127.0.0.1:1/%2f", "amqp://guest:not-the-password@127.0.0.1:5672/%2f"] {
+        let out = names.topics(&[("TICKETFLOW__BROKER__RABBITMQ__URL", url)]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = stderr(&out);
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains("cannot connect to RabbitMQ at amqp://guest:REDACTED@127.0.0.1"), "{err}");
+        assert!(!err.contains("not-the-password"), "{err}");
+    }
+}

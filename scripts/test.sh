@@ -36,6 +36,13 @@ if command -v psql >/dev/null; then
     while read -r db; do [ -n "$db" ] && psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" || true; done
 fi
 
+# RabbitMQ tests use queues named tf-test-<uuid> and delete them when they pass;
+# delete any left behind by failed runs.
+if command -v rabbitmqctl >/dev/null; then
+  rabbitmqctl -q list_queues name 2>/dev/null | grep '^tf-test-' |
+    while read -r q; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
+fi
+
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 # Benches are compiled by clippy above and run by `cargo bench`, not here.

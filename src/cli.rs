@@ -84,6 +84,12 @@ pub enum Command {
     /// Creates the broker's input, output and dead-letter queues (RabbitMQ) when
     /// missing; idempotent. Reports what it created and what already existed.
     Topics,
+    /// Publishes JSONL tickets to the input queue (what a helpdesk integration does),
+    /// with publisher confirms; invalid lines are reported by number and not sent.
+    Produce {
+        /// JSONL file of tickets, or `-` for standard input.
+        input: PathBuf,
+    },
     /// Show, for each ticket, the triage, the rules that fired and the route, without
     /// calling any reply model.
     Explain {
@@ -151,6 +157,26 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 .context("writing the report")?;
             std::io::Write::flush(&mut out).context("writing the report")?;
             Ok(())
+        }
+        Command::Produce { input } => {
+            let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
+            crate::policy::resolve_identity(&mut settings);
+            let report = crate::produce::run(&settings, &input).await?;
+            for line in report.invalid.iter().chain(&report.refused) {
+                eprintln!("{line}");
+            }
+            println!(
+                "published {} ticket(s) to `{}`; {} invalid line(s) not sent; {} not confirmed by the broker",
+                report.published,
+                settings.broker.topics.input,
+                report.invalid.len(),
+                report.refused.len()
+            );
+            if report.invalid.is_empty() && report.refused.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure { code: 1, error: anyhow::anyhow!("some lines were not published") })
+            }
         }
         Command::Topics => {
             let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;

@@ -29,6 +29,7 @@
 //! - [`broker`]: sources and publishers (in-memory queue, output files).
 //! - [`ledger`]: idempotency and cost memory (in-memory and PostgreSQL).
 //! - [`process`]: the embedded `ticketflow process` command. [`summary`]: its report.
+//! - [`produce`]: `ticketflow produce`, tickets from a file onto the input queue.
 //! - [`explain`]: triage and routing traces for rule authors, and policy comparison.
 //! - [`report`]: spend, savings, routing counts and latency from the PostgreSQL ledger.
 //! - [`mock_provider`]: an OpenAI/DashScope/Anthropic-compatible mock server for tests and demos.
@@ -45,6 +46,7 @@ pub mod observe;
 pub mod pipeline;
 pub mod policy;
 pub mod process;
+pub mod produce;
 pub mod providers;
 pub mod reply_text;
 pub mod report;

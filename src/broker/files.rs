@@ -24,7 +24,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{BrokerError, Publisher};
+use super::{BrokerError, Publisher, ToJson};
 use crate::ticket::Output;
 
 const BUFFER: usize = 256 * 1024;
@@ -99,7 +99,7 @@ impl FilePublisher {
 #[async_trait]
 impl Publisher for FilePublisher {
     async fn publish(&self, output: &Output) -> Result<(), BrokerError> {
-        let ser = |v: &dyn erased::Json| -> Result<Vec<u8>, BrokerError> {
+        let ser = |v: &dyn ToJson| -> Result<Vec<u8>, BrokerError> {
             let mut line = v.to_json().map_err(|e| BrokerError::Refused(format!("serializing output: {e}")))?;
             line.push(b'\n');
             Ok(line)
@@ -137,19 +137,6 @@ impl Publisher for FilePublisher {
             f.flushed = f.written;
         }
         Ok(())
-    }
-}
-
-/// Object-safe serialization to JSON bytes, so one closure serves every output type.
-mod erased {
-    pub trait Json {
-        fn to_json(&self) -> serde_json::Result<Vec<u8>>;
-    }
-
-    impl<T: serde::Serialize> Json for T {
-        fn to_json(&self) -> serde_json::Result<Vec<u8>> {
-            serde_json::to_vec(self)
-        }
     }
 }
 

@@ -139,3 +139,14 @@ pub trait Publisher: Send + Sync {
     /// they are durably accepted.
     async fn publish(&self, output: &Output) -> Result<(), BrokerError>;
 }
+
+/// Object-safe serialization to JSON bytes, so one closure serves every output type.
+pub(crate) trait ToJson {
+    fn to_json(&self) -> serde_json::Result<Vec<u8>>;
+}
+
+impl<T: serde::Serialize> ToJson for T {
+    fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(self)
+    }
+}

@@ -7,7 +7,10 @@ use std::process::Output;
 use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-use crate::helpers::bin;
+use ticketflow::broker::rabbitmq::publish::RabbitPublisher;
+use ticketflow::broker::{BrokerError, Publisher};
+
+use crate::helpers::{bin, repo_path};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -135,4 +138,77 @@ fn an_unreachable_broker_or_a_wrong_password_is_one_line_without_the_password() 
         assert!(err.contains("cannot connect to RabbitMQ at amqp://guest:REDACTED@127.0.0.1"), "{err}");
         assert!(!err.contains("not-the-password"), "{err}");
     }
+}
+
+#[tokio::test]
+async fn produce_sends_valid_tickets_in_order_with_their_conversation_and_reports_bad_lines() {
+    let names = Names::new();
+    let dir = tempfile::tempdir().unwrap();
+    let examples = std::fs::read_to_string(repo_path("examples/tickets.jsonl")).unwrap();
+    let valid: Vec<&str> = examples.lines().filter(|l| !l.trim().is_empty()).take(40).collect();
+    let mut input = valid.join("\n");
+    input.push_str("\nnot json\n\n{\"ticket_id\": \"T-x\"}\n");
+    let path = dir.path().join("in.jsonl");
+    std::fs::write(&path, input).unwrap();
+    let out = bin().arg("produce").arg(&path).envs(names.env()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "invalid lines make the exit non-zero");
+    let err = stderr(&out);
+    assert!(err.contains("line 41: invalid_json"), "{err}");
+    assert!(err.contains("line 43: invalid_ticket") && err.contains("messages"), "{err}");
+    assert!(stdout(&out).contains("published 40 ticket(s)"), "{}", stdout(&out));
+
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    for line in &valid {
+        let m = wait_get(&ch, &names.queue("in")).await;
+        assert_eq!(std::str::from_utf8(&m.data).unwrap(), *line, "file order, bytes unchanged");
+        let ticket = ticketflow::intake::parse(line.as_bytes(), 1 << 20).unwrap();
+        let headers = m.properties.headers().clone().unwrap_or_default();
+        let conversation = headers.inner().get("conversation_id").cloned();
+        assert_eq!(
+            conversation.and_then(|v| v.as_long_string().map(|s| s.to_string())),
+            Some(ticket.conversation_id.clone())
+        );
+        assert_eq!(*m.properties.delivery_mode(), Some(2), "persistent");
+    }
+    assert!(ch.basic_get(names.queue("in").as_str().into(), BasicGetOptions::default()).await.unwrap().is_none());
+    names.delete(&conn).await;
+}
+
+#[tokio::test]
+async fn the_publisher_confirms_outputs_into_their_queues_and_a_missing_queue_is_refused() {
+    let names = Names::new();
+    assert!(names.topics(&[]).status.success());
+    let settings = {
+        let env: std::collections::BTreeMap<String, String> = names.env().into_iter().collect();
+        ticketflow::policy::load_from(None, &env).unwrap()
+    };
+    let conn = connect().await;
+    let publisher = RabbitPublisher::open(&conn, &settings.broker.topics).await.unwrap();
+    let output: ticketflow::ticket::Output = serde_json::from_str(
+        &std::fs::read_to_string(repo_path("tests/golden/reply.json"))
+            .map(|reply| {
+                let cost = std::fs::read_to_string(repo_path("tests/golden/cost_record.json")).unwrap();
+                format!("{{\"reply\": {{\"reply\": {reply}, \"costs\": [{cost}, {cost}]}}}}")
+            })
+            .unwrap(),
+    )
+    .unwrap();
+    publisher.publish(&output).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let reply = wait_get(&ch, &names.queue("replies")).await;
+    let value: serde_json::Value = serde_json::from_slice(&reply.data).unwrap();
+    assert_eq!(value["schema_version"], 1);
+    for _ in 0..2 {
+        wait_get(&ch, &names.queue("costs")).await;
+    }
+
+    let mut gone = settings.broker.topics.clone();
+    gone.replies = format!("{}-missing", names.prefix);
+    let to_nowhere = RabbitPublisher::open(&conn, &gone).await.unwrap();
+    match to_nowhere.publish(&output).await {
+        Err(BrokerError::Refused(e)) => assert!(e.contains("does not exist"), "{e}"),
+        other => panic!("an unroutable reply must be a failure, got {other:?}"),
+    }
+    names.delete(&conn).await;
 }

@@ -1,0 +1,143 @@
+//! Publishing with publisher confirms: every message persistent and mandatory, each
+//! publish awaited until the broker confirms it. A nack, a returned (unroutable)
+//! message or a dead channel is a failure, never a success.
+//!
+//! [`RabbitPublisher`] publishes a unit's outputs: the reply to the replies queue
+//! (or the dead letter to the dead-letter queue) and each cost record to the costs
+//! queue, through the default exchange, so the queues of SPEC §3 receive them by name.
+
+use async_trait::async_trait;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection};
+
+use super::{reason, RabbitError};
+use crate::broker::{BrokerError, Publisher, ToJson};
+use crate::settings::TopicSettings;
+use crate::ticket::Output;
+
+/// Delivery mode 2: the broker writes the message to disk.
+const PERSISTENT: u8 = 2;
+
+/// A channel in confirm mode.
+#[derive(Clone)]
+pub struct Confirmed {
+    channel: Channel,
+}
+
+impl Confirmed {
+    pub async fn open(conn: &Connection) -> Result<Self, RabbitError> {
+        let broker =
+            |e: lapin::Error| RabbitError::Broker { what: "opening a publishing channel".into(), reason: reason(&e) };
+        let channel = conn.create_channel().await.map_err(broker)?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(broker)?;
+        Ok(Confirmed { channel })
+    }
+
+    /// Publishes `payload` to `queue` and waits for the broker's confirmation.
+    /// `headers` travel as AMQP headers (string values).
+    pub async fn publish(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        message_id: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(), BrokerError> {
+        self.send(queue, payload, message_id, headers).await?.confirmed().await
+    }
+
+    /// Sends `payload` to `queue` without waiting for the confirmation: messages sent
+    /// one after another keep their order in the queue, and their confirmations can
+    /// be awaited later ([`Unconfirmed::confirmed`]).
+    pub async fn send(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        message_id: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Unconfirmed, BrokerError> {
+        let mut table = FieldTable::default();
+        for (k, v) in headers {
+            table.insert((*k).into(), AMQPValue::LongString(LongString::from(v.as_bytes().to_vec())));
+        }
+        let properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type("application/json".into())
+            .with_message_id(message_id.into())
+            .with_headers(table);
+        let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+        let confirm = self
+            .channel
+            .basic_publish("".into(), queue.into(), options, payload, properties)
+            .await
+            .map_err(|e| BrokerError::Publish(format!("publishing to `{queue}`: {}", reason(&e))))?;
+        Ok(Unconfirmed { queue: queue.to_owned(), confirm })
+    }
+}
+
+/// A message sent and not yet confirmed.
+pub struct Unconfirmed {
+    queue: String,
+    confirm: lapin::PublisherConfirm,
+}
+
+impl Unconfirmed {
+    /// Waits for the broker: an ack is success; a nack, a returned (unroutable)
+    /// message or a lost channel is a failure.
+    pub async fn confirmed(self) -> Result<(), BrokerError> {
+        let queue = self.queue;
+        let confirm =
+            self.confirm.await.map_err(|e| BrokerError::Publish(format!("publishing to `{queue}`: {}", reason(&e))))?;
+        if confirm.is_nack() {
+            return Err(BrokerError::Publish(format!("the broker did not take the message for `{queue}`")));
+        }
+        let acked = confirm.is_ack();
+        // Mandatory and unroutable: the queue does not exist. Waiting will not create
+        // it, so the attempt counts (`ticketflow topics` creates it).
+        if let Some(returned) = confirm.take_message() {
+            return Err(BrokerError::Refused(format!(
+                "`{queue}` does not exist (the broker returned the message: {}); run `ticketflow topics`",
+                returned.reply_text
+            )));
+        }
+        if acked {
+            Ok(())
+        } else {
+            Err(BrokerError::Publish("the channel is not in confirm mode".into()))
+        }
+    }
+}
+
+/// Publishes units' outputs to the queues of `[broker.topics]`.
+pub struct RabbitPublisher {
+    channel: Confirmed,
+    topics: TopicSettings,
+}
+
+impl RabbitPublisher {
+    pub async fn open(conn: &Connection, topics: &TopicSettings) -> Result<Self, RabbitError> {
+        Ok(RabbitPublisher { channel: Confirmed::open(conn).await?, topics: topics.clone() })
+    }
+}
+
+#[async_trait]
+impl Publisher for RabbitPublisher {
+    async fn publish(&self, output: &Output) -> Result<(), BrokerError> {
+        let json = |v: &dyn ToJson| v.to_json().map_err(|e| BrokerError::Refused(format!("serializing output: {e}")));
+        // Cost records first: once the reply is out, its costs are too.
+        for c in output.costs() {
+            self.channel.publish(&self.topics.costs, &json(c)?, &c.call_id, &[("ticket_id", &c.ticket_id)]).await?;
+        }
+        match output {
+            Output::Reply { reply, .. } => {
+                let headers = [("conversation_id", reply.conversation_id.as_str()), ("ticket_id", &reply.ticket_id)];
+                self.channel.publish(&self.topics.replies, &json(reply)?, &reply.unit_id, &headers).await
+            }
+            Output::DeadLetter { dead_letter, .. } => {
+                let id = dead_letter.unit_id.as_deref().or(dead_letter.ticket_id.as_deref()).unwrap_or("");
+                let kind = dead_letter.error.kind.as_str();
+                self.channel.publish(&self.topics.dead_letters, &json(dead_letter)?, id, &[("error_kind", kind)]).await
+            }
+        }
+    }
+}

@@ -84,6 +84,14 @@ pub enum Command {
     /// Creates the broker's input, output and dead-letter queues (RabbitMQ) when
     /// missing; idempotent. Reports what it created and what already existed.
     Topics,
+    /// Consumes the configured broker's input queue with the PostgreSQL ledger until
+    /// SIGTERM/SIGINT (RabbitMQ; a second signal stops at once).
+    Worker {
+        /// How long in-flight tickets may take after the first signal before they are
+        /// handed back.
+        #[arg(long, default_value_t = 30)]
+        drain_timeout_secs: u64,
+    },
     /// Publishes JSONL tickets to the input queue (what a helpdesk integration does),
     /// with publisher confirms; invalid lines are reported by number and not sent.
     Produce {
@@ -177,6 +185,21 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 Err(Failure { code: 1, error: anyhow::anyhow!("some lines were not published") })
             }
+        }
+        Command::Worker { drain_timeout_secs } => {
+            let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
+            crate::policy::resolve_identity(&mut settings);
+            let shutdown = Shutdown::new(Duration::from_secs(drain_timeout_secs));
+            spawn_signal_handler(shutdown.clone())?;
+            let stats = crate::worker::run(Arc::new(settings), shutdown).await?;
+            let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+            eprintln!(
+                "worker stopped: {} message(s) received, {} acked, {} handed back",
+                n(&stats.received),
+                n(&stats.acked),
+                n(&stats.handed_back)
+            );
+            Ok(())
         }
         Command::Topics => {
             let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;

@@ -30,6 +30,7 @@
 //! - [`ledger`]: idempotency and cost memory (in-memory and PostgreSQL).
 //! - [`process`]: the embedded `ticketflow process` command. [`summary`]: its report.
 //! - [`produce`]: `ticketflow produce`, tickets from a file onto the input queue.
+//! - [`worker`]: `ticketflow worker`, the long-running consumer (RabbitMQ).
 //! - [`explain`]: triage and routing traces for rule authors, and policy comparison.
 //! - [`report`]: spend, savings, routing counts and latency from the PostgreSQL ledger.
 //! - [`mock_provider`]: an OpenAI/DashScope/Anthropic-compatible mock server for tests and demos.
@@ -56,6 +57,7 @@ pub mod summary;
 pub mod ticket;
 pub mod triage;
 pub mod vocab;
+pub mod worker;
 
 /// An error with its causes, one after another: "a: b: c". Library errors such as
 /// tokio-postgres' keep the useful part ("database \"x\" does not exist") in a source.

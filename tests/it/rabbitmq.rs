@@ -212,3 +212,94 @@ async fn the_publisher_confirms_outputs_into_their_queues_and_a_missing_queue_is
     }
     names.delete(&conn).await;
 }
+
+/// Messages ready in `queue` (nobody consumes the output queues in these tests).
+async fn ready(conn: &Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let options = lapin::options::QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+    let q = ch.queue_declare(queue.into(), options, lapin::types::FieldTable::default()).await.unwrap();
+    let _ = ch.close(200, "done".into()).await;
+    q.message_count()
+}
+
+async fn wait_until(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while !condition().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Messages in `queue`, ready or unacknowledged, as `rabbitmqctl` reports them.
+fn in_queue(queue: &str) -> Option<u64> {
+    let out =
+        std::process::Command::new("rabbitmqctl").args(["-q", "list_queues", "name", "messages"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut parts = l.split_whitespace();
+        (parts.next() == Some(queue)).then(|| parts.next()?.parse().ok()).flatten()
+    })
+}
+
+/// Starts `ticketflow worker` with the test's topology, database and instant providers.
+fn start_worker(names: &Names, db_url: &str, config: &std::path::Path) -> std::process::Child {
+    bin()
+        .arg("--config")
+        .arg(config)
+        .arg("worker")
+        .envs(names.env())
+        .env("TICKETFLOW__DATABASE__URL", db_url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// SIGTERM, then the exit status and what the worker said.
+fn stop_worker(child: std::process::Child) -> (std::process::ExitStatus, String) {
+    let status = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_answers_every_produced_ticket_once_and_redelivery_pays_nothing_twice() {
+    let names = Names::new();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    let tickets = repo_path("examples/tickets.jsonl");
+    let total = std::fs::read_to_string(&tickets).unwrap().lines().filter(|l| !l.trim().is_empty()).count() as u32;
+    let produce = || bin().arg("produce").arg(&tickets).envs(names.env()).output().unwrap();
+    assert!(produce().status.success());
+    let conn = connect().await;
+
+    let worker = start_worker(&names, &db.url, &config);
+    wait_until("every ticket answered", async || ready(&conn, &names.queue("replies")).await == total).await;
+    let (status, said) = stop_worker(worker);
+    assert!(status.success(), "{said}");
+    assert!(said.contains(&format!("{total} message(s) received, {total} acked")), "{said}");
+    assert_eq!(ready(&conn, &names.queue("in")).await, 0);
+    assert_eq!(ready(&conn, &names.queue("dlq")).await, 0);
+    let costs = ready(&conn, &names.queue("costs")).await;
+    assert!(costs >= total, "{costs} cost records for {total} tickets");
+
+    // The helpdesk sends everything again: the ledger answers nothing twice and
+    // charges nothing twice, and every message is acked.
+    assert!(produce().status.success());
+    let worker = start_worker(&names, &db.url, &config);
+    // Ready and unacknowledged: only the broker's own tool tells the second.
+    let input = names.queue("in");
+    wait_until("every redelivered ticket acked", async || in_queue(&input) == Some(0)).await;
+    let (status, said) = stop_worker(worker);
+    assert!(status.success(), "{said}");
+    assert!(said.contains(&format!("{total} acked")), "{said}");
+    assert_eq!(ready(&conn, &names.queue("replies")).await, total, "no second reply");
+    assert_eq!(ready(&conn, &names.queue("costs")).await, costs, "no second charge");
+    let client = db.client().await;
+    let row = client.query_one("SELECT count(*), count(*) FILTER (WHERE published) FROM units", &[]).await.unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (i64::from(total), i64::from(total)));
+    drop(client);
+    names.delete(&conn).await;
+    db.drop_db().await;
+}

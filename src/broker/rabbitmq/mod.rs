@@ -2,6 +2,7 @@
 //! the topology ([`topology`]). The consumer and the confirmed publisher of the
 //! worker build on these.
 
+pub mod consume;
 pub mod publish;
 pub mod topology;
 

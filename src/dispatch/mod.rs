@@ -54,8 +54,6 @@ pub struct Attempt {
     /// Unique per delivery within this process, the same for every attempt at it:
     /// the handler names its ledger claim after it, so a retry finds its own claim.
     pub seq: u64,
-    /// 1 for the first attempt.
-    pub number: u32,
     /// Counted failures before this attempt.
     pub failures: u32,
     /// Cancelled when the delivery is abandoned: stop, release the claim, return
@@ -66,7 +64,7 @@ pub struct Attempt {
 impl Attempt {
     /// A first attempt that nobody cancels (tests, one-off calls).
     pub fn first(seq: u64) -> Self {
-        Attempt { seq, number: 1, failures: 0, cancel: CancellationToken::new() }
+        Attempt { seq, failures: 0, cancel: CancellationToken::new() }
     }
 }
 
@@ -128,7 +126,6 @@ pub struct RunStats {
     pub handed_back: AtomicU64,
     /// Deliveries whose work and dead letter both failed (see [`Settled::Rejected`]).
     pub rejected: AtomicU64,
-    pub in_flight: AtomicU64,
 }
 
 /// The dispatcher's settings.
@@ -189,7 +186,6 @@ impl<H: Handler> Dispatcher<H> {
                     let Some(p) = st.ready.pop_front() else { break };
                     st.running += 1;
                     let cancel = st.begin(&p);
-                    self.stats.in_flight.store(st.running as u64, Ordering::Relaxed);
                     self.spawn(&sched, p, cancel, &tracker, &observers, &shutdown);
                 }
                 let room = 2 * allowed;
@@ -347,7 +343,6 @@ impl<H: Handler> Dispatcher<H> {
                         let cancel = st.begin(&p);
                         (p, cancel)
                     });
-                    stats.in_flight.store(st.running as u64, Ordering::Relaxed);
                     st.wake_on_done
                 };
                 if wake {

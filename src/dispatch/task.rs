@@ -46,7 +46,7 @@ pub(super) async fn run<H: Handler>(ctx: TaskContext<H>, delivery: Delivery, seq
     let mut giving_up: Option<String> = None;
     loop {
         tries += 1;
-        let attempt = Attempt { seq, number: tries, failures, cancel: ctx.cancel.clone() };
+        let attempt = Attempt { seq, failures, cancel: ctx.cancel.clone() };
         let work = async {
             match &giving_up {
                 None => ctx.handler.handle(&message, &attempt).await,

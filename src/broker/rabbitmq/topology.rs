@@ -84,42 +84,58 @@ pub async fn declare(conn: &Connection, broker: &BrokerSettings) -> Result<Vec<D
     Ok(report)
 }
 
-/// Declares a durable queue: passively first, to tell "created" from "existed", then
-/// with our arguments, which the broker checks against the existing queue's. Each
-/// step has a channel of its own, since a refused declaration closes its channel.
+/// Declares a durable queue with our arguments, which the broker checks against an
+/// existing queue's.
 async fn queue(conn: &Connection, name: &str, args: FieldTable, kind: QueueType) -> Result<Declared, RabbitError> {
-    let what = format!("queue `{name}` ({})", kind.as_str());
     let passive = QueueDeclareOptions { passive: true, durable: true, ..QueueDeclareOptions::default() };
-    let ch = channel(conn).await?;
-    let existed = match ch.queue_declare(name.into(), passive, FieldTable::default()).await {
-        Ok(_) => {
-            close(ch).await;
-            true
-        }
-        Err(e) if code(&e) == Some(NOT_FOUND) => false,
-        Err(e) => return Err(RabbitError::Broker { what, reason: reason(&e) }),
-    };
     let options = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-    let ch = channel(conn).await?;
-    let declared = ch.queue_declare(name.into(), options, args).await;
-    if declared.is_ok() {
-        close(ch).await;
-    }
-    match declared {
-        Ok(_) if existed => Ok(Declared::Existed(what)),
-        Ok(_) => Ok(Declared::Created(what)),
-        Err(e) if code(&e) == Some(PRECONDITION_FAILED) => {
-            Err(RabbitError::Mismatch { what: format!("queue `{name}`"), reason: reason(&e) })
-        }
-        Err(e) => Err(RabbitError::Broker { what, reason: reason(&e) }),
-    }
+    checked(
+        conn,
+        format!("queue `{name}`"),
+        format!("queue `{name}` ({})", kind.as_str()),
+        |ch| async move { ch.queue_declare(name.into(), passive, FieldTable::default()).await.map(drop) },
+        |ch| async move { ch.queue_declare(name.into(), options, args).await.map(drop) },
+    )
+    .await
 }
 
 async fn exchange(conn: &Connection, name: &str) -> Result<Declared, RabbitError> {
-    let what = format!("exchange `{name}` (direct)");
     let passive = ExchangeDeclareOptions { passive: true, durable: true, ..ExchangeDeclareOptions::default() };
+    let options = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let declare = |options| {
+        move |ch: lapin::Channel| async move {
+            ch.exchange_declare(name.into(), ExchangeKind::Direct, options, FieldTable::default()).await
+        }
+    };
+    checked(
+        conn,
+        format!("exchange `{name}`"),
+        format!("exchange `{name}` (direct)"),
+        declare(passive),
+        declare(options),
+    )
+    .await
+}
+
+/// Runs a passive declaration first, to tell "created" from "existed", then the real
+/// one. Each step has a channel of its own (a refused declaration closes its
+/// channel), closed again after a success. A refusal of the real declaration for
+/// other settings is a [`RabbitError::Mismatch`] in the broker's words.
+async fn checked<P, PF, D, DF>(
+    conn: &Connection,
+    name: String,
+    what: String,
+    passive: P,
+    declare: D,
+) -> Result<Declared, RabbitError>
+where
+    P: FnOnce(lapin::Channel) -> PF,
+    PF: std::future::Future<Output = lapin::Result<()>>,
+    D: FnOnce(lapin::Channel) -> DF,
+    DF: std::future::Future<Output = lapin::Result<()>>,
+{
     let ch = channel(conn).await?;
-    let existed = match ch.exchange_declare(name.into(), ExchangeKind::Direct, passive, FieldTable::default()).await {
+    let existed = match passive(ch.clone()).await {
         Ok(()) => {
             close(ch).await;
             true
@@ -127,17 +143,14 @@ async fn exchange(conn: &Connection, name: &str) -> Result<Declared, RabbitError
         Err(e) if code(&e) == Some(NOT_FOUND) => false,
         Err(e) => return Err(RabbitError::Broker { what, reason: reason(&e) }),
     };
-    let options = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     let ch = channel(conn).await?;
-    let declared = ch.exchange_declare(name.into(), ExchangeKind::Direct, options, FieldTable::default()).await;
-    if declared.is_ok() {
-        close(ch).await;
-    }
-    match declared {
-        Ok(()) if existed => Ok(Declared::Existed(what)),
-        Ok(()) => Ok(Declared::Created(what)),
+    match declare(ch.clone()).await {
+        Ok(()) => {
+            close(ch).await;
+            Ok(if existed { Declared::Existed(what) } else { Declared::Created(what) })
+        }
         Err(e) if code(&e) == Some(PRECONDITION_FAILED) => {
-            Err(RabbitError::Mismatch { what: format!("exchange `{name}`"), reason: reason(&e) })
+            Err(RabbitError::Mismatch { what: name, reason: reason(&e) })
         }
         Err(e) => Err(RabbitError::Broker { what, reason: reason(&e) }),
     }

@@ -35,6 +35,7 @@
 //! - [`report`]: spend, savings, routing counts and latency from the PostgreSQL ledger.
 //! - [`mock_provider`]: an OpenAI/DashScope/Anthropic-compatible mock server for tests and demos.
 
+pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod dispatch;

@@ -14,13 +14,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
+use crate::backoff::Backoff;
 use crate::broker::files::FilePublisher;
 use crate::broker::{memory, Message};
 use crate::dispatch::{DispatchConfig, Dispatcher, RetryPolicy, RunStats, Shutdown};
 use crate::intake;
 use crate::ledger::memory::MemoryLedger;
 use crate::ledger::postgres::PgLedger;
-use crate::ledger::resilient::{Backoff, Health, Resilient};
+use crate::ledger::resilient::{Health, Resilient};
 use crate::ledger::Ledger;
 use crate::pipeline::Pipeline;
 use crate::providers::admission::{admission_target, RateAdmission};

@@ -14,13 +14,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use rand::Rng;
+
 use tokio::sync::watch;
 
 use super::{Claim, Ledger, LedgerError};
+use crate::backoff::Backoff;
 use crate::ticket::{DeadLetter, Output};
 
 /// Whether the ledger is reachable: the worker's readiness.
@@ -65,20 +65,6 @@ impl Health {
     }
 }
 
-/// Backoff of the prober: `initial`, doubling up to `max`, each wait drawn with full
-/// jitter in its upper half so that replicas do not probe in step.
-#[derive(Debug, Clone, Copy)]
-pub struct Backoff {
-    pub initial: Duration,
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(10) }
-    }
-}
-
 /// A ledger that waits out database outages instead of failing.
 pub struct Resilient {
     inner: Arc<dyn Ledger>,
@@ -116,20 +102,17 @@ impl Resilient {
         let (inner, health, backoff) = (self.inner.clone(), self.health.clone(), self.backoff);
         tokio::spawn(async move {
             let started = tokio::time::Instant::now();
-            let mut wait = backoff.initial;
-            loop {
-                let jittered = wait.mul_f64(rand::thread_rng().gen_range(0.5..=1.0));
-                tokio::time::sleep(jittered).await;
+            for wait in backoff.waits() {
+                tokio::time::sleep(wait).await;
                 health.probes.fetch_add(1, Ordering::Relaxed);
                 match inner.ping().await {
                     Ok(()) => {
-                        tracing::info!(down_for = ?started.elapsed(), "ledger reachable again: resuming");
+                        tracing::warn!(down_for = ?started.elapsed(), "ledger reachable again: resuming");
                         health.ready.send_replace(true);
                         return;
                     }
-                    Err(e) => tracing::debug!(error = %e, next_in = ?wait, "ledger still unavailable"),
+                    Err(e) => tracing::debug!(error = %e, "ledger still unavailable"),
                 }
-                wait = (wait * 2).min(backoff.max);
             }
         });
     }
@@ -174,6 +157,7 @@ mod tests {
     use super::*;
     use crate::ledger::memory::MemoryLedger;
     use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
 
     /// A ledger whose database can be switched off.
     struct Switchable {

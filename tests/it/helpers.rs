@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -73,5 +74,72 @@ impl Outputs {
             *m.entry(c["unit_id"].as_str().unwrap().to_owned()).or_insert(0.0) += c["cost_usd"].as_f64().unwrap();
         }
         m
+    }
+}
+
+/// A TCP proxy in front of a server (the database, the broker) that can be cut
+/// (every connection dropped, new ones refused) and restored: an outage that hits
+/// one test alone.
+pub struct Proxy {
+    pub port: u16,
+    state: Arc<std::sync::Mutex<ProxyState>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyState {
+    open: bool,
+    connections: Vec<tokio::task::AbortHandle>,
+    /// Connections refused while cut.
+    refused: usize,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &'static str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(std::sync::Mutex::new(ProxyState { open: true, connections: Vec::new(), refused: 0 }));
+        let accept = tokio::spawn({
+            let state = state.clone();
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let mut guard = state.lock().unwrap();
+                    if !guard.open {
+                        guard.refused += 1;
+                        continue; // dropped: the client sees the connection close
+                    }
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    guard.connections.push(task.abort_handle());
+                }
+            }
+        });
+        Proxy { port, state, accept }
+    }
+
+    pub fn cut(&self) {
+        let mut guard = self.state.lock().unwrap();
+        guard.open = false;
+        for connection in guard.connections.drain(..) {
+            connection.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.state.lock().unwrap().open = true;
+    }
+
+    /// Connections refused since the proxy was cut: a client trying to reconnect.
+    pub fn refused(&self) -> usize {
+        self.state.lock().unwrap().refused
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
     }
 }

@@ -12,7 +12,7 @@ use ticketflow::ledger::{Claim, Ledger, LedgerError};
 use ticketflow::settings::DatabaseSettings;
 use ticketflow::ticket::*;
 
-use crate::helpers::{bin, repo_path};
+use crate::helpers::{bin, repo_path, Proxy};
 
 const SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 
@@ -478,59 +478,6 @@ async fn tls_modes_connect_as_libpq_would() {
     assert_eq!(encrypted(&with(&by_ip, TlsMode::VerifyCa, &cert)).await, Ok(true));
 }
 
-/// A TCP proxy in front of the database that can be cut (every connection dropped, new
-/// ones refused) and restored: a database outage that hits this test alone.
-struct Proxy {
-    port: u16,
-    state: Arc<std::sync::Mutex<(bool, Vec<tokio::task::AbortHandle>)>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: &'static str) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(std::sync::Mutex::new((true, Vec::new())));
-        let accept = tokio::spawn({
-            let state = state.clone();
-            async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    let mut guard = state.lock().unwrap();
-                    if !guard.0 {
-                        continue; // dropped: the client sees the connection close
-                    }
-                    let task = tokio::spawn(async move {
-                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                        }
-                    });
-                    guard.1.push(task.abort_handle());
-                }
-            }
-        });
-        Proxy { port, state, accept }
-    }
-
-    fn cut(&self) {
-        let mut guard = self.state.lock().unwrap();
-        guard.0 = false;
-        for connection in guard.1.drain(..) {
-            connection.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.state.lock().unwrap().0 = true;
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
-}
-
 /// Polls `condition` every 10 ms until it holds; panics after `limit`.
 async fn wait_for<F, Fut>(what: &str, limit: Duration, condition: F)
 where
@@ -550,9 +497,10 @@ where
 async fn a_database_outage_pauses_intake_and_nothing_is_lost_or_done_twice() {
     use std::collections::HashMap;
     use std::sync::atomic::Ordering;
+    use ticketflow::backoff::Backoff;
     use ticketflow::broker::memory::{self, MemoryPublisher};
     use ticketflow::dispatch::{DispatchConfig, Dispatcher, RetryPolicy, RunStats, Shutdown, Unlimited};
-    use ticketflow::ledger::resilient::{Backoff, Health, Resilient};
+    use ticketflow::ledger::resilient::{Health, Resilient};
 
     let db = TestDb::new().await;
     let proxy = Proxy::start("127.0.0.1:5432").await;

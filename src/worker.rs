@@ -4,20 +4,21 @@
 //! with confirms, and stops gracefully on SIGTERM/SIGINT (a second signal stops at
 //! once; nothing unfinished is acked).
 //!
-//! Not yet here (issue 10 goes on): reconnecting after the broker goes away (today
-//! the worker drains and exits 1, and a supervisor restarts it; the ledger keeps
-//! that from answering or paying twice), stall detection, TLS client certificates,
-//! and the HTTP endpoints of the operations issue.
+//! The connection is kept up by [`Link`]: after a broker restart or a dropped
+//! connection the worker reconnects by itself (see `broker::rabbitmq::link`). Not yet
+//! here: the HTTP endpoints of the operations issue (readiness is
+//! `Link::is_connected` and the ledger's `Health`).
 
 use std::sync::Arc;
 
-use crate::broker::rabbitmq::consume::RabbitSource;
+use crate::backoff::Backoff;
+use crate::broker::rabbitmq::link::Link;
 use crate::broker::rabbitmq::publish::RabbitPublisher;
-use crate::broker::rabbitmq::{self, topology, RabbitError};
+use crate::broker::rabbitmq::RabbitError;
 use crate::broker::BrokerError;
 use crate::dispatch::{DispatchConfig, Dispatcher, RetryPolicy, RunStats, Shutdown};
 use crate::ledger::postgres::PgLedger;
-use crate::ledger::resilient::{Backoff, Health, Resilient};
+use crate::ledger::resilient::{Health, Resilient};
 use crate::ledger::LedgerError;
 use crate::pipeline::Pipeline;
 use crate::providers::admission::{admission_target, RateAdmission};
@@ -47,13 +48,11 @@ pub async fn run(settings: Arc<Settings>, shutdown: Shutdown) -> Result<Arc<RunS
     let analyzer = Arc::new(Analyzer::new(&settings.triage));
     let providers = Providers::from_settings(&settings, analyzer.clone())?;
     let store = Arc::new(PgLedger::connect(&settings.database).await?);
-    let conn = rabbitmq::connect(&settings.broker.rabbitmq, &settings.worker.id).await?;
-    topology::declare(&conn, &settings.broker).await?;
-    let publisher = Arc::new(RabbitPublisher::open(&conn, &settings.broker.topics).await?);
     let max_in_flight = settings.limits.max_in_flight;
     // The dispatcher holds up to twice its budget; the broker sends no more ahead.
     let prefetch = u16::try_from(max_in_flight.saturating_mul(2)).unwrap_or(u16::MAX);
-    let source = RabbitSource::start(&conn, &settings.broker.topics.input, prefetch, &settings.worker.id).await?;
+    let (link, source) = Link::open(settings.clone(), prefetch).await?;
+    let publisher = Arc::new(RabbitPublisher::new(link.clone(), &settings.broker.topics));
     let health = Health::new();
     let ledger = Arc::new(Resilient::new(store, health.clone(), Backoff::default()));
     let pipeline = Arc::new(Pipeline::new(settings.clone(), analyzer, providers.clone(), ledger, publisher));
@@ -69,7 +68,7 @@ pub async fn run(settings: Arc<Settings>, shutdown: Shutdown) -> Result<Arc<RunS
     };
     tracing::info!(queue = %settings.broker.topics.input, worker_id = %settings.worker.id, "worker consuming");
     let result = dispatcher.run(source, shutdown).await;
-    let _ = conn.close(200, "worker stopping".into()).await;
+    link.close().await;
     result?;
     Ok(stats)
 }

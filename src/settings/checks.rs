@@ -38,6 +38,23 @@ impl Settings {
         if rabbit.delivery_limit == 0 {
             problems.push("broker.rabbitmq.delivery_limit must be at least 1".into());
         }
+        if rabbit.reconnect_max_secs == 0 || rabbit.stall_timeout_secs == 0 {
+            problems.push("broker.rabbitmq.reconnect_max_secs and stall_timeout_secs must be at least 1".into());
+        }
+        for (key, path) in [
+            ("tls_ca_file", &rabbit.tls_ca_file),
+            ("tls_client_cert_file", &rabbit.tls_client_cert_file),
+            ("tls_client_key_file", &rabbit.tls_client_key_file),
+        ] {
+            if !path.is_empty() && !std::path::Path::new(path).is_file() {
+                problems.push(format!("broker.rabbitmq.{key}: no such file: {path}"));
+            }
+        }
+        if rabbit.tls_client_cert_file.is_empty() != rabbit.tls_client_key_file.is_empty() {
+            problems.push(
+                "broker.rabbitmq.tls_client_cert_file and tls_client_key_file go together: set both or neither".into(),
+            );
+        }
         let topics = &self.broker.topics;
         let names = [&topics.input, &topics.replies, &topics.costs, &topics.dead_letters];
         if names.iter().any(|n| n.trim().is_empty()) {

@@ -165,6 +165,18 @@ pub struct RabbitSettings {
     pub heartbeat_secs: u16,
     /// Connection name shown by the broker; empty for "ticketflow <worker id>".
     pub connection_name: String,
+    /// Longest wait between reconnection attempts after the connection is lost.
+    pub reconnect_max_secs: u64,
+    /// A consumer that received nothing for this long while the queue has ready
+    /// messages (and the worker has room for them) is restarted.
+    pub stall_timeout_secs: u64,
+    /// `amqps://` only: PEM file of the CA certificates that sign the server's
+    /// certificate; empty for the system's roots.
+    pub tls_ca_file: String,
+    /// `amqps://` only: PEM client certificate (chain) and its PKCS#8 key, for brokers
+    /// that authenticate clients by certificate; both or neither.
+    pub tls_client_cert_file: String,
+    pub tls_client_key_file: String,
 }
 
 /// RabbitMQ queue types.

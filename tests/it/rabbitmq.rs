@@ -7,10 +7,11 @@ use std::process::Output;
 use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-use ticketflow::broker::rabbitmq::publish::RabbitPublisher;
+use ticketflow::broker::rabbitmq::link::Link;
+use ticketflow::broker::rabbitmq::publish::{Confirmed, RabbitPublisher};
 use ticketflow::broker::{BrokerError, Publisher};
 
-use crate::helpers::{bin, repo_path};
+use crate::helpers::{bin, repo_path, Proxy};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -184,7 +185,8 @@ async fn the_publisher_confirms_outputs_into_their_queues_and_a_missing_queue_is
         ticketflow::policy::load_from(None, &env).unwrap()
     };
     let conn = connect().await;
-    let publisher = RabbitPublisher::open(&conn, &settings.broker.topics).await.unwrap();
+    let (link, _source) = Link::open(std::sync::Arc::new(settings.clone()), 1).await.unwrap();
+    let publisher = RabbitPublisher::new(link.clone(), &settings.broker.topics);
     let output: ticketflow::ticket::Output = serde_json::from_str(
         &std::fs::read_to_string(repo_path("tests/golden/reply.json"))
             .map(|reply| {
@@ -203,12 +205,13 @@ async fn the_publisher_confirms_outputs_into_their_queues_and_a_missing_queue_is
         wait_get(&ch, &names.queue("costs")).await;
     }
 
-    let mut gone = settings.broker.topics.clone();
-    gone.replies = format!("{}-missing", names.prefix);
-    let to_nowhere = RabbitPublisher::open(&conn, &gone).await.unwrap();
-    match to_nowhere.publish(&output).await {
+    link.close().await;
+
+    let channel = Confirmed::open(&conn).await.unwrap();
+    let missing = format!("{}-missing", names.prefix);
+    match channel.publish(&missing, b"{}", "id", &[]).await {
         Err(BrokerError::Refused(e)) => assert!(e.contains("does not exist"), "{e}"),
-        other => panic!("an unroutable reply must be a failure, got {other:?}"),
+        other => panic!("an unroutable message must be a failure, got {other:?}"),
     }
     names.delete(&conn).await;
 }
@@ -231,25 +234,56 @@ async fn wait_until(what: &str, mut condition: impl AsyncFnMut() -> bool) {
 }
 
 /// Starts `ticketflow worker` with the test's topology, database and instant providers.
-fn start_worker(names: &Names, db_url: &str, config: &std::path::Path) -> std::process::Child {
-    bin()
+fn start_worker(names: &Names, db_url: &str, config: &std::path::Path) -> Worker {
+    start_worker_with(names, db_url, config, &[])
+}
+
+fn start_worker_with(names: &Names, db_url: &str, config: &std::path::Path, env: &[(&str, &str)]) -> Worker {
+    let mut child = bin()
         .arg("--config")
         .arg(config)
         .arg("worker")
         .envs(names.env())
+        .envs(env.iter().copied())
         .env("TICKETFLOW__DATABASE__URL", db_url)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    // Read what it says as it goes, so a chatty worker never blocks on a full pipe.
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut said = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut said);
+        said
+    });
+    Worker { child, reader }
+}
+
+/// A worker process and the reader of its standard error.
+struct Worker {
+    child: std::process::Child,
+    reader: std::thread::JoinHandle<String>,
+}
+
+impl Worker {
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// SIGKILL: no drain, no goodbye.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
 }
 
 /// SIGTERM, then the exit status and what the worker said.
-fn stop_worker(child: std::process::Child) -> (std::process::ExitStatus, String) {
-    let status = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+fn stop_worker(mut worker: Worker) -> (std::process::ExitStatus, String) {
+    let status = std::process::Command::new("kill").arg("-TERM").arg(worker.child.id().to_string()).status().unwrap();
     assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+    let status = worker.child.wait().unwrap();
+    (status, worker.reader.join().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,6 +331,204 @@ async fn the_worker_answers_every_produced_ticket_once_and_redelivery_pays_nothi
     let row = client.query_one("SELECT count(*), count(*) FILTER (WHERE published) FROM units", &[]).await.unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (i64::from(total), i64::from(total)));
     drop(client);
+    names.delete(&conn).await;
+    db.drop_db().await;
+}
+
+/// `n` tickets as JSONL, cycling through the examples, in `conversations`
+/// conversations interleaved (ticket i belongs to conversation i mod conversations),
+/// so that every conversation has several tickets far apart in the queue.
+fn synth_tickets(n: usize, conversations: usize) -> String {
+    let examples = std::fs::read_to_string(repo_path("examples/tickets.jsonl")).unwrap();
+    let base: Vec<serde_json::Value> =
+        examples.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut out = String::new();
+    for i in 0..n {
+        let mut t = base[i % base.len()].clone();
+        t["ticket_id"] = format!("S-{i}").into();
+        t["conversation_id"] = format!("SC-{}", i % conversations).into();
+        out.push_str(&serde_json::to_string(&t).unwrap());
+        out.push('\n');
+    }
+    out
+}
+
+/// Every message of `queue`, taken off it in order.
+async fn take_all(conn: &Connection, queue: &str) -> Vec<serde_json::Value> {
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    let options = BasicGetOptions { no_ack: true };
+    while let Some(m) = ch.basic_get(queue.into(), options).await.unwrap() {
+        out.push(serde_json::from_slice(&m.delivery.data).unwrap());
+    }
+    let _ = ch.close(200, "done".into()).await;
+    out
+}
+
+/// What a run left in the output queues and the ledger, checked against the SPEC's
+/// guarantees for `total` tickets `S-0`..`S-{total-1}` in `conversations` conversations.
+struct Settled {
+    /// Replies published more than once (identical copies: a confirm lost with a
+    /// connection); never a second answer.
+    duplicate_replies: usize,
+}
+
+impl Settled {
+    async fn check(
+        conn: &Connection,
+        names: &Names,
+        db: &crate::ledger_pg::TestDb,
+        total: usize,
+        conversations: usize,
+    ) -> Settled {
+        let replies = take_all(conn, &names.queue("replies")).await;
+        let dead = take_all(conn, &names.queue("dlq")).await;
+        assert!(dead.is_empty(), "no dead letters expected: {:?}", dead.first());
+        let mut first: std::collections::HashMap<String, serde_json::Value> = std::collections::HashMap::new();
+        let mut order: std::collections::HashMap<String, Vec<usize>> = std::collections::HashMap::new();
+        let mut duplicate_replies = 0;
+        for reply in &replies {
+            let ticket = reply["ticket_id"].as_str().unwrap().to_owned();
+            if let Some(earlier) = first.get(&ticket) {
+                assert_eq!(earlier, reply, "a ticket answered twice with different replies");
+                duplicate_replies += 1;
+                continue;
+            }
+            let index: usize = ticket.trim_start_matches("S-").parse().unwrap();
+            order.entry(reply["conversation_id"].as_str().unwrap().to_owned()).or_default().push(index);
+            first.insert(ticket, reply.clone());
+        }
+        assert_eq!(first.len(), total, "every ticket answered");
+        assert_eq!(order.len(), conversations);
+        for (conversation, indexes) in &order {
+            assert!(indexes.windows(2).all(|w| w[0] < w[1]), "{conversation} answered out of order: {indexes:?}");
+        }
+        // Costs: one record per paid call, whatever was republished; their sum is the
+        // ledger's spend and the replies' cost.
+        let mut calls: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
+        for cost in take_all(conn, &names.queue("costs")).await {
+            let amount = cost["cost_usd"].as_f64().unwrap();
+            let earlier = calls.insert(cost["call_id"].as_str().unwrap().to_owned(), amount);
+            assert!(earlier.is_none_or(|e| e == amount), "a call republished with another price");
+        }
+        let published: f64 = calls.values().sum();
+        let replied: f64 = first.values().map(|r| r["cost_usd"].as_f64().unwrap()).sum();
+        let client = db.client().await;
+        let row = client
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE published), (SELECT count(*) FROM cost_records), \
+                 (SELECT coalesce(sum(cost_usd), 0) FROM cost_records) FROM units",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (units, marked, paid_calls, spend): (i64, i64, i64, f64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!((units, marked), (total as i64, total as i64), "one unit per ticket, each published");
+        assert_eq!(paid_calls as usize, calls.len(), "every paid call published once, no call paid twice");
+        assert!((spend - published).abs() < 1e-9 && (spend - replied).abs() < 1e-9, "{spend} {published} {replied}");
+        Settled { duplicate_replies }
+    }
+}
+
+/// Distinct tickets answered so far, judged by the replies queue's length (copies
+/// included) and nothing else: cheap enough to poll.
+async fn replies_ready(conn: &Connection, names: &Names) -> u32 {
+    ready(conn, &names.queue("replies")).await
+}
+
+fn produce_text(names: &Names, text: &str) {
+    use std::io::Write as _;
+    let mut child = bin()
+        .arg("produce")
+        .arg("-")
+        .envs(names.env())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_tickets_are_each_answered_once_in_conversation_order() {
+    let (total, conversations) = (10_000, 2_000);
+    let names = Names::new();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    produce_text(&names, &synth_tickets(total, conversations));
+    let conn = connect().await;
+    let worker = start_worker(&names, &db.url, &config);
+    wait_until("every ticket answered", async || replies_ready(&conn, &names).await >= total as u32).await;
+    let (status, said) = stop_worker(worker);
+    assert!(status.success(), "{said}");
+    assert_eq!(ready(&conn, &names.queue("in")).await, 0);
+    let settled = Settled::check(&conn, &names, &db, total, conversations).await;
+    assert_eq!(settled.duplicate_replies, 0, "no fault, no copy");
+    names.delete(&conn).await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_reconnects_by_itself_after_its_broker_connection_drops() {
+    let (total, conversations) = (3_000, 600);
+    let names = Names::new();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    produce_text(&names, &synth_tickets(total, conversations));
+    let conn = connect().await;
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let through_proxy = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let mut worker =
+        start_worker_with(&names, &db.url, &config, &[("TICKETFLOW__BROKER__RABBITMQ__URL", &through_proxy)]);
+    wait_until("a third answered", async || replies_ready(&conn, &names).await >= total as u32 / 3).await;
+    proxy.cut();
+    // The worker notices and tries again (refused while the proxy is cut)...
+    wait_until("a reconnection attempt", async || proxy.refused() >= 1).await;
+    assert!(worker.is_running(), "the worker must not exit when the broker goes away");
+    proxy.restore();
+    // ...and finishes the work by itself once the broker is back.
+    wait_until("every ticket answered", async || {
+        ready(&conn, &names.queue("in")).await == 0 && replies_ready(&conn, &names).await >= total as u32
+    })
+    .await;
+    let (status, said) = stop_worker(worker);
+    assert!(status.success(), "{said}");
+    assert!(said.contains("reconnected to RabbitMQ"), "{said}");
+    let settled = Settled::check(&conn, &names, &db, total, conversations).await;
+    assert!(settled.duplicate_replies < total / 10, "{} copies", settled.duplicate_replies);
+    names.delete(&conn).await;
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_run_and_restarted_loses_nothing_and_pays_nothing_twice() {
+    let (total, conversations) = (3_000, 600);
+    let names = Names::new();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    produce_text(&names, &synth_tickets(total, conversations));
+    let conn = connect().await;
+    // The killed worker's claims hold its units until their lease expires: short
+    // leases keep the test short (the default is three minutes).
+    let short_leases = [("TICKETFLOW__LIMITS__TICKET_DEADLINE_MS", "3000"), ("TICKETFLOW__DATABASE__LEASE_MS", "5000")];
+    let worker = start_worker_with(&names, &db.url, &config, &short_leases);
+    wait_until("a third answered", async || replies_ready(&conn, &names).await >= total as u32 / 3).await;
+    worker.kill();
+    let worker = start_worker_with(&names, &db.url, &config, &short_leases);
+    wait_until("every ticket answered", async || {
+        ready(&conn, &names.queue("in")).await == 0 && replies_ready(&conn, &names).await >= total as u32
+    })
+    .await;
+    let (status, said) = stop_worker(worker);
+    assert!(status.success(), "{said}");
+    let settled = Settled::check(&conn, &names, &db, total, conversations).await;
+    assert!(settled.duplicate_replies < total / 10, "{} copies", settled.duplicate_replies);
     names.delete(&conn).await;
     db.drop_db().await;
 }

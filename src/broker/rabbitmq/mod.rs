@@ -1,11 +1,14 @@
-//! RabbitMQ through lapin: connecting with the configured settings and declaring
-//! the topology ([`topology`]). The consumer and the confirmed publisher of the
-//! worker build on these.
+//! RabbitMQ through lapin: connecting with the configured settings (heartbeat,
+//! connection name, TLS) and declaring the topology ([`topology`]). The worker's
+//! [`link::Link`] keeps a connection up; the consumer ([`consume`]) and the confirmed
+//! publisher ([`publish`]) build on it.
 
 pub mod consume;
+pub mod link;
 pub mod publish;
 pub mod topology;
 
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties};
 
 use crate::settings::{redact_url, RabbitSettings};
@@ -20,6 +23,8 @@ pub enum RabbitError {
     /// A queue or exchange exists with other settings than ours.
     #[error("{what} exists with other settings: {reason}; delete it (it must be empty) or change the configuration to match")]
     Mismatch { what: String, reason: String },
+    #[error("broker.rabbitmq.{key} {path}: {reason}")]
+    Tls { key: &'static str, path: String, reason: String },
 }
 
 /// Connects with the configured heartbeat and connection name (`worker_id` when the
@@ -32,9 +37,35 @@ pub async fn connect(settings: &RabbitSettings, worker_id: &str) -> Result<Conne
     };
     let url = with_heartbeat(&settings.url, settings.heartbeat_secs);
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(&url, properties)
+    let tls = tls_config(settings)?;
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|e| RabbitError::Connect { url: redact_url(&settings.url), reason: reason(&e) })?;
+    Connection::connect_with_config(&url, properties, tls, runtime)
         .await
         .map_err(|e| RabbitError::Connect { url: redact_url(&settings.url), reason: reason(&e) })
+}
+
+/// The TLS material named by the settings (used by `amqps://` URLs only).
+fn tls_config(settings: &RabbitSettings) -> Result<OwnedTLSConfig, RabbitError> {
+    let read = |key: &'static str, path: &str| -> Result<Option<Vec<u8>>, RabbitError> {
+        if path.is_empty() {
+            return Ok(None);
+        }
+        let bytes =
+            std::fs::read(path).map_err(|e| RabbitError::Tls { key, path: path.to_owned(), reason: e.to_string() })?;
+        if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+            return Err(RabbitError::Tls { key, path: path.to_owned(), reason: "not a PEM file".into() });
+        }
+        Ok(Some(bytes))
+    };
+    let cert_chain = read("tls_ca_file", &settings.tls_ca_file)?.map(|b| String::from_utf8_lossy(&b).into_owned());
+    let cert = read("tls_client_cert_file", &settings.tls_client_cert_file)?;
+    let key = read("tls_client_key_file", &settings.tls_client_key_file)?;
+    let identity = match (cert, key) {
+        (Some(pem), Some(key)) => Some(OwnedIdentity::PKCS8 { pem, key }),
+        _ => None,
+    };
+    Ok(OwnedTLSConfig { identity, cert_chain })
 }
 
 /// The URL with the heartbeat as a query parameter, unless it sets one itself.

@@ -9,8 +9,11 @@
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use std::sync::Arc;
+
 use lapin::{BasicProperties, Channel, Connection};
 
+use super::link::Link;
 use super::{reason, RabbitError};
 use crate::broker::{BrokerError, Publisher, ToJson};
 use crate::settings::TopicSettings;
@@ -32,6 +35,11 @@ impl Confirmed {
         let channel = conn.create_channel().await.map_err(broker)?;
         channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(broker)?;
         Ok(Confirmed { channel })
+    }
+
+    /// Whether the channel is still open.
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
     }
 
     /// Publishes `payload` to `queue` and waits for the broker's confirmation.
@@ -108,36 +116,48 @@ impl Unconfirmed {
     }
 }
 
-/// Publishes units' outputs to the queues of `[broker.topics]`.
+/// Publishes units' outputs to the queues of `[broker.topics]`, on the publishing
+/// channel of the link's current connection.
 pub struct RabbitPublisher {
-    channel: Confirmed,
+    link: Arc<Link>,
     topics: TopicSettings,
 }
 
 impl RabbitPublisher {
-    pub async fn open(conn: &Connection, topics: &TopicSettings) -> Result<Self, RabbitError> {
-        Ok(RabbitPublisher { channel: Confirmed::open(conn).await?, topics: topics.clone() })
+    pub fn new(link: Arc<Link>, topics: &TopicSettings) -> Self {
+        RabbitPublisher { link, topics: topics.clone() }
+    }
+
+    async fn publish_on(&self, channel: &Confirmed, output: &Output) -> Result<(), BrokerError> {
+        let json = |v: &dyn ToJson| v.to_json().map_err(|e| BrokerError::Refused(format!("serializing output: {e}")));
+        // Cost records first: once the reply is out, its costs are too.
+        for c in output.costs() {
+            channel.publish(&self.topics.costs, &json(c)?, &c.call_id, &[("ticket_id", &c.ticket_id)]).await?;
+        }
+        match output {
+            Output::Reply { reply, .. } => {
+                let headers = [("conversation_id", reply.conversation_id.as_str()), ("ticket_id", &reply.ticket_id)];
+                channel.publish(&self.topics.replies, &json(reply)?, &reply.unit_id, &headers).await
+            }
+            Output::DeadLetter { dead_letter, .. } => {
+                let id = dead_letter.unit_id.as_deref().or(dead_letter.ticket_id.as_deref()).unwrap_or("");
+                let kind = dead_letter.error.kind.as_str();
+                channel.publish(&self.topics.dead_letters, &json(dead_letter)?, id, &[("error_kind", kind)]).await
+            }
+        }
     }
 }
 
 #[async_trait]
 impl Publisher for RabbitPublisher {
     async fn publish(&self, output: &Output) -> Result<(), BrokerError> {
-        let json = |v: &dyn ToJson| v.to_json().map_err(|e| BrokerError::Refused(format!("serializing output: {e}")));
-        // Cost records first: once the reply is out, its costs are too.
-        for c in output.costs() {
-            self.channel.publish(&self.topics.costs, &json(c)?, &c.call_id, &[("ticket_id", &c.ticket_id)]).await?;
+        let Some(session) = self.link.session() else {
+            return Err(BrokerError::Publish("not connected to RabbitMQ (reconnecting)".into()));
+        };
+        let result = self.publish_on(&session.publish, output).await;
+        if matches!(result, Err(BrokerError::Publish(_))) && !session.publish.is_open() {
+            self.link.lost(session.generation, "the publishing channel closed".into());
         }
-        match output {
-            Output::Reply { reply, .. } => {
-                let headers = [("conversation_id", reply.conversation_id.as_str()), ("ticket_id", &reply.ticket_id)];
-                self.channel.publish(&self.topics.replies, &json(reply)?, &reply.unit_id, &headers).await
-            }
-            Output::DeadLetter { dead_letter, .. } => {
-                let id = dead_letter.unit_id.as_deref().or(dead_letter.ticket_id.as_deref()).unwrap_or("");
-                let kind = dead_letter.error.kind.as_str();
-                self.channel.publish(&self.topics.dead_letters, &json(dead_letter)?, id, &[("error_kind", kind)]).await
-            }
-        }
+        result
     }
 }

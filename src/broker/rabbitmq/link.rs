@@ -1,0 +1,298 @@
+//! The worker's connection to RabbitMQ, kept up.
+//!
+//! [`Link::open`] connects, declares the topology, opens the confirmed publishing
+//! channel and starts the consumer; a failure there is final (a wrong URL or password
+//! is a configuration problem, reported in one line). From then on a supervisor task
+//! watches the connection. When it is lost (a broker restart, a dropped connection,
+//! missed heartbeats), when a part of it reports itself dead (the broker cancelled
+//! the consumer, the publishing channel closed) or when the consumer has stalled
+//! (nothing received for `stall_timeout_secs` while the queue has ready messages and
+//! the worker has room for them, or the queue shows no consumer), the supervisor:
+//!
+//! 1. marks the link not connected (the worker's readiness) and drops the session, so
+//!    publishes fail as "not confirmed" and are retried without counting as attempts;
+//! 2. closes what is left of the connection, so the broker requeues every delivery
+//!    that was not acked;
+//! 3. reconnects with jittered backoff (0.2 s up to `reconnect_max_secs`), redeclares
+//!    the topology, reopens the channels and hands the new consumer to the source.
+//!
+//! The source reports the old consumer's lane revoked and the new one assigned, so
+//! the dispatcher hands back unstarted deliveries of the lost channel and lets the
+//! running ones finish (their acks are logged no-ops: the broker redelivers those
+//! messages, and the ledger answers them from its record without paying twice).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Connection, Consumer};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::consume::{self, RabbitSource};
+use super::publish::Confirmed;
+use super::{reason, topology, RabbitError};
+use crate::backoff::Backoff;
+use crate::settings::Settings;
+
+/// How long one attempt to connect and set up may take before it is given up.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One connection and the channels opened on it.
+pub struct Session {
+    /// Counts connections: 0 for the first, one more after each reconnection.
+    pub generation: u32,
+    conn: Connection,
+    pub publish: Confirmed,
+    started: Instant,
+}
+
+/// What the consumer is doing, for stall detection.
+pub(super) struct Activity {
+    epoch: Instant,
+    /// Milliseconds since `epoch` at the last delivery.
+    last_delivery_ms: AtomicU64,
+    /// Deliveries handed out and not yet settled.
+    pub(super) outstanding: AtomicUsize,
+    pub(super) paused: AtomicBool,
+}
+
+impl Activity {
+    pub(super) fn delivered(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_delivery_ms.store(ms, Ordering::Relaxed);
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_delivery_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+/// The connection to RabbitMQ, reconnected by a supervisor task when lost.
+pub struct Link {
+    settings: Arc<Settings>,
+    prefetch: u16,
+    session: Mutex<Option<Arc<Session>>>,
+    connected: watch::Sender<bool>,
+    /// A part of the session reported it dead: (generation, why).
+    lost: Mutex<Option<(u32, String)>>,
+    lost_notify: Notify,
+    pub(super) activity: Activity,
+    stop: CancellationToken,
+    reconnections: AtomicU64,
+}
+
+impl Link {
+    /// Connects and starts consuming the input queue with `prefetch` unacknowledged
+    /// deliveries at most; returns the link (for publishing) and the source.
+    pub async fn open(settings: Arc<Settings>, prefetch: u16) -> Result<(Arc<Link>, RabbitSource), RabbitError> {
+        let (session, consumer) = establish(&settings, 0, prefetch).await?;
+        let now = Instant::now();
+        let link = Arc::new(Link {
+            settings: settings.clone(),
+            prefetch,
+            session: Mutex::new(Some(Arc::new(session))),
+            connected: watch::Sender::new(true),
+            lost: Mutex::new(None),
+            lost_notify: Notify::new(),
+            activity: Activity {
+                epoch: now,
+                last_delivery_ms: AtomicU64::new(0),
+                outstanding: AtomicUsize::new(0),
+                paused: AtomicBool::new(false),
+            },
+            stop: CancellationToken::new(),
+            reconnections: AtomicU64::new(0),
+        });
+        let (consumers, fresh) = mpsc::channel(1);
+        let source = RabbitSource::new(&settings.broker.topics.input, link.clone(), consumer, fresh);
+        tokio::spawn(link.clone().supervise(consumers));
+        Ok((link, source))
+    }
+
+    /// The current session; `None` while reconnecting.
+    pub fn session(&self) -> Option<Arc<Session>> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// False from the loss of the connection until the worker consumes again.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// Returns once the link is connected (`true`) or not (`false`).
+    pub async fn wait_connected(&self, connected: bool) {
+        let mut rx = self.connected.subscribe();
+        let _ = rx.wait_for(|c| *c == connected).await;
+    }
+
+    /// The input queue's delivery limit (quorum queues), or `u32::MAX`.
+    pub fn delivery_limit(&self) -> u32 {
+        let rabbit = &self.settings.broker.rabbitmq;
+        match rabbit.queue_type {
+            crate::settings::QueueType::Quorum => rabbit.delivery_limit,
+            crate::settings::QueueType::Classic => u32::MAX,
+        }
+    }
+
+    /// How many times the link reconnected.
+    pub fn reconnections(&self) -> u64 {
+        self.reconnections.load(Ordering::Relaxed)
+    }
+
+    /// A part of session `generation` is dead (its consumer ended, its publishing
+    /// channel closed): the supervisor replaces the session.
+    pub fn lost(&self, generation: u32, why: String) {
+        let mut lost = self.lost.lock().unwrap_or_else(|e| e.into_inner());
+        if lost.is_none() {
+            *lost = Some((generation, why));
+            self.lost_notify.notify_one();
+        }
+    }
+
+    /// Stops supervising and closes the connection cleanly; the broker requeues what
+    /// was not acked.
+    pub async fn close(&self) {
+        self.stop.cancel();
+        let session = self.session.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(session) = session {
+            let _ = session.conn.close(200, "worker stopping".into()).await;
+        }
+        self.connected.send_replace(false);
+    }
+
+    async fn supervise(self: Arc<Self>, consumers: mpsc::Sender<(u32, Consumer)>) {
+        let rabbit = &self.settings.broker.rabbitmq;
+        let backoff =
+            Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(rabbit.reconnect_max_secs) };
+        let mut generation = 0;
+        loop {
+            let Some(session) = self.session() else { return };
+            let Some(why) = self.watch(&session).await else { return };
+            self.connected.send_replace(false);
+            self.session.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let outstanding = self.activity.outstanding.load(Ordering::Relaxed);
+            tracing::warn!(reason = %why, unacked = outstanding, "RabbitMQ connection lost: not ready; reconnecting (unacked tickets are redelivered by the broker)");
+            // Whatever is left of it goes, so the broker requeues its deliveries.
+            let _ = tokio::time::timeout(Duration::from_secs(5), session.conn.close(320, "reconnecting".into())).await;
+            drop(session);
+            let down = Instant::now();
+            generation += 1;
+            let mut waits = backoff.waits();
+            let (session, consumer) = loop {
+                let attempt = tokio::time::timeout(SETUP_TIMEOUT, establish(&self.settings, generation, self.prefetch));
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    result = attempt => match result {
+                        Ok(Ok(up)) => break up,
+                        Ok(Err(e)) => tracing::info!(error = %e, "RabbitMQ still unreachable"),
+                        Err(_) => tracing::info!("connecting to RabbitMQ timed out"),
+                    },
+                }
+                let wait = waits.next().unwrap_or(backoff.max);
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            };
+            *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            if self.stop.is_cancelled() || consumers.send((generation, consumer)).await.is_err() {
+                let _ = session.conn.close(200, "worker stopping".into()).await;
+                return;
+            }
+            *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(session));
+            self.reconnections.fetch_add(1, Ordering::Relaxed);
+            self.connected.send_replace(true);
+            tracing::warn!(down_for = ?down.elapsed(), generation, "reconnected to RabbitMQ: topology declared, consuming again");
+        }
+    }
+
+    /// Waits until `session` is lost; returns why, or `None` when the link is closed.
+    async fn watch(&self, session: &Session) -> Option<String> {
+        let mut events = session.conn.events_listener();
+        let timeout = Duration::from_secs(self.settings.broker.rabbitmq.stall_timeout_secs);
+        let mut tick = tokio::time::interval(Duration::from_secs(1).min(timeout));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_stall_check = Instant::now() + timeout;
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return None,
+                _ = self.lost_notify.notified() => {
+                    let lost = self.lost.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    match lost {
+                        Some((generation, why)) if generation == session.generation => return Some(why),
+                        _ => {}
+                    }
+                }
+                event = events.next() => match event {
+                    Some(lapin::Event::Error(e)) => return Some(reason(&e)),
+                    Some(lapin::Event::ConnectionBlocked(why)) => tracing::warn!(%why, "RabbitMQ blocked the connection (resource alarm): publishing waits"),
+                    Some(lapin::Event::ConnectionUnblocked) => tracing::info!("RabbitMQ unblocked the connection"),
+                    Some(_) => {}
+                    None => return Some("the connection closed".into()),
+                },
+                _ = tick.tick() => {
+                    if !session.conn.status().connected() {
+                        return Some("the connection closed".into());
+                    }
+                    if Instant::now() >= next_stall_check {
+                        next_stall_check = Instant::now() + timeout / 4;
+                        if let Some(why) = self.stalled(session, timeout).await {
+                            return Some(why);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the consumer of `session` has silently stopped receiving.
+    async fn stalled(&self, session: &Session, timeout: Duration) -> Option<String> {
+        let a = &self.activity;
+        let has_room = a.outstanding.load(Ordering::Relaxed) < usize::from(self.prefetch);
+        let quiet = a.idle_for() >= timeout && session.started.elapsed() >= timeout;
+        if a.paused.load(Ordering::Relaxed) || !has_room || !quiet {
+            return None;
+        }
+        let queue = &self.settings.broker.topics.input;
+        let (ready, consumers) = match queue_counts(&session.conn, queue).await {
+            Ok(counts) => counts,
+            Err(e) => return Some(format!("checking `{queue}` failed: {}", reason(&e))),
+        };
+        if consumers == 0 {
+            Some(format!("`{queue}` shows no consumer: the broker dropped ours"))
+        } else if ready > 0 {
+            Some(format!(
+                "the consumer stalled: nothing received for {timeout:?} while `{queue}` has {ready} ready messages"
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// Connects, declares the topology, opens the publishing channel and the consumer.
+async fn establish(settings: &Settings, generation: u32, prefetch: u16) -> Result<(Session, Consumer), RabbitError> {
+    let conn = super::connect(&settings.broker.rabbitmq, &settings.worker.id).await?;
+    topology::declare(&conn, &settings.broker).await?;
+    let publish = Confirmed::open(&conn).await?;
+    let consumer = consume::subscribe(&conn, &settings.broker.topics.input, prefetch, &settings.worker.id).await?;
+    Ok((Session { generation, conn, publish, started: Instant::now() }, consumer))
+}
+
+/// Ready messages and consumers of `queue`, from a passive declare on a channel of
+/// its own (a missing queue closes the channel it is asked on).
+async fn queue_counts(conn: &Connection, queue: &str) -> Result<(u32, u32), lapin::Error> {
+    let channel = conn.create_channel().await?;
+    let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let result = channel.queue_declare(queue.into(), options, FieldTable::default()).await;
+    let _ = channel.close(200, "checked".into()).await;
+    let q = result?;
+    Ok((q.message_count(), q.consumer_count()))
+}

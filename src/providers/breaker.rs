@@ -1,10 +1,15 @@
 //! A circuit breaker per provider. After `failure_threshold` consecutive transient
 //! failures the circuit opens and calls skip the provider (failing over at once
 //! instead of waiting for timeouts); after `cooldown` one probe call goes through;
-//! its success closes the circuit, its failure opens it again.
+//! its success closes the circuit, its failure opens it again. While the probe is
+//! out, other calls wait for its verdict ([`Admission::Wait`]) instead of failing:
+//! after an outage, a burst of tickets (a replay of the dead-letter queue) would
+//! otherwise all fail but the one probe, and die a second time.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 /// What the breaker says about a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +20,8 @@ pub enum Admission {
     Probe {
         since: Instant,
     },
+    /// A probe is out: ask again once the breaker changes ([`Breaker::changes`]).
+    Wait,
     Rejected,
 }
 
@@ -41,6 +48,8 @@ pub struct Breaker {
     threshold: u32,
     cooldown: Duration,
     inner: Mutex<Inner>,
+    /// Bumped on every change of state, for calls waiting on a probe.
+    changed: watch::Sender<u64>,
 }
 
 impl Breaker {
@@ -50,7 +59,18 @@ impl Breaker {
             threshold: threshold.max(1),
             cooldown,
             inner: Mutex::new(Inner::Closed { failures: 0 }),
+            changed: watch::Sender::new(0),
         }
+    }
+
+    /// A receiver that sees every later change of state: take it before
+    /// [`Breaker::admit`], and on [`Admission::Wait`] await its `changed()`.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// May a call go to this provider now?
@@ -71,7 +91,7 @@ impl Breaker {
                 *inner = Inner::HalfOpen { probe_started: now };
                 Admission::Probe { since: now }
             }
-            Inner::HalfOpen { .. } => Admission::Rejected,
+            Inner::HalfOpen { .. } => Admission::Wait,
         }
     }
 
@@ -79,6 +99,9 @@ impl Breaker {
     /// (timeouts, 5xx, overload, connection errors).
     pub fn record(&self, healthy: bool) {
         let Ok(mut inner) = self.inner.lock() else { return };
+        if matches!(*inner, Inner::HalfOpen { .. }) {
+            self.bump();
+        }
         match (&mut *inner, healthy) {
             (Inner::Closed { failures }, true) => *failures = 0,
             (Inner::Closed { failures }, false) => {
@@ -111,6 +134,7 @@ impl Breaker {
         // Only while it is still this probe: once stale, another may have been handed out.
         if matches!(*inner, Inner::HalfOpen { probe_started } if probe_started == since) {
             *inner = Inner::Open { until: since };
+            self.bump();
         }
     }
 
@@ -142,7 +166,7 @@ mod tests {
         assert_eq!(b.admit(), Admission::Rejected);
         std::thread::sleep(Duration::from_millis(35));
         assert!(matches!(b.admit(), Admission::Probe { .. }));
-        assert_eq!(b.admit(), Admission::Rejected, "one probe at a time");
+        assert_eq!(b.admit(), Admission::Wait, "one probe at a time; the others wait for it");
         b.record(false);
         assert_eq!(b.state(), State::Open);
         std::thread::sleep(Duration::from_millis(35));
@@ -159,15 +183,17 @@ mod tests {
         std::thread::sleep(Duration::from_millis(35));
         let probe = b.admit();
         assert!(matches!(probe, Admission::Probe { .. }));
-        assert_eq!(b.admit(), Admission::Rejected);
+        assert_eq!(b.admit(), Admission::Wait);
+        let changes = b.changes();
         b.release(probe);
+        assert!(changes.has_changed().unwrap(), "waiting calls are woken");
         assert_eq!(b.state(), State::Open);
         std::thread::sleep(Duration::from_millis(1));
         let again = b.admit();
         assert!(matches!(again, Admission::Probe { .. }), "probing again at once, not after another cooldown");
         b.release(Admission::Allowed);
         b.release(probe);
-        assert_eq!(b.admit(), Admission::Rejected, "releasing anything but the current probe changes nothing");
+        assert_eq!(b.admit(), Admission::Wait, "releasing anything but the current probe changes nothing");
         b.record(true);
         assert_eq!(b.admit(), Admission::Allowed);
     }

@@ -144,7 +144,28 @@ impl ChainRunner<'_> {
                     errors.push(format!("{entry}: ticket deadline passed"));
                     return ChainResult::Exhausted { errors, attempts };
                 }
-                let admission = handle.breaker.admit();
+                let admission = loop {
+                    let mut changes = handle.breaker.changes();
+                    match handle.breaker.admit() {
+                        // A probe is out: its verdict comes within its own deadline.
+                        // Waiting for it is our own state, like a rate-limit wait, so
+                        // it may stretch the deadline up to the hold.
+                        Admission::Wait => {
+                            let waited = Instant::now();
+                            if tokio::time::timeout_at(
+                                tokio::time::Instant::from_std(unit.hold_until),
+                                changes.changed(),
+                            )
+                            .await
+                            .is_err()
+                            {
+                                break Admission::Rejected;
+                            }
+                            unit.deadline = (unit.deadline + waited.elapsed()).min(unit.hold_until);
+                        }
+                        other => break other,
+                    }
+                };
                 if admission == Admission::Rejected {
                     any_transient = true;
                     errors.push(format!("{entry}: circuit open"));
@@ -353,5 +374,60 @@ mod tests {
             matches!(handle.breaker.admit(), Admission::Probe { .. }),
             "the probe that was never sent is available again at once"
         );
+    }
+
+    /// Answers after `delay`, counting calls.
+    #[derive(Default)]
+    struct Slow {
+        calls: AtomicU32,
+        delay: Duration,
+    }
+
+    #[async_trait]
+    impl Provider for Slow {
+        async fn complete(&self, _request: &ChatRequest) -> Outcome {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            Outcome::Ok { text: "ok".into(), usage: None }
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_wait_for_the_probe_of_a_half_open_circuit_instead_of_failing() {
+        let mut settings = crate::policy::load_from(None, &BTreeMap::new()).unwrap();
+        settings.breaker.failure_threshold = 1;
+        settings.breaker.cooldown_ms = 50;
+        let qwen = settings.providers.get_mut("qwen").unwrap();
+        (qwen.requests_per_minute, qwen.tokens_per_minute) = (600_000, 1_000_000_000);
+        let adapter = Arc::new(Slow { delay: Duration::from_millis(100), ..Slow::default() });
+        let adapters = BTreeMap::from([("qwen".to_owned(), adapter.clone() as Arc<dyn Provider>)]);
+        let providers = Providers::from_adapters(adapters, &settings, &["qwen"]);
+        // The outage is over; the circuit is still open, its cooldown passed.
+        providers.get("qwen").unwrap().breaker.record(false);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let prices = PriceTable::from_settings(&settings);
+        let runner = ChainRunner { providers: &providers, prices: &prices, retry: &settings.retry };
+        let request = ChatRequest {
+            model: String::new(),
+            stage: Stage::Reply,
+            system: "s".into(),
+            user: "u".into(),
+            json_mode: false,
+            max_output_tokens: 10,
+        };
+        let chain = ["qwen/qwen-plus".to_owned()];
+        // A burst, as a replay sends: one call probes, the others wait for its verdict.
+        let burst = (0..5).map(|i| {
+            let (runner, request, chain) = (&runner, request.clone(), &chain);
+            async move {
+                let mut unit = UnitCalls::new(&format!("T-{i}"), "U", Instant::now() + Duration::from_secs(5));
+                runner.run(Stage::Reply, chain, request, &mut unit).await
+            }
+        });
+        let results = futures_util::future::join_all(burst).await;
+        for result in &results {
+            assert!(matches!(result, ChainResult::Answered { .. }), "{result:?}");
+        }
+        assert_eq!(adapter.calls.load(Ordering::SeqCst), 5);
     }
 }

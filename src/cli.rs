@@ -98,6 +98,34 @@ pub enum Command {
         /// JSONL file of tickets, or `-` for standard input.
         input: PathBuf,
     },
+    /// Moves dead letters back to the input queue (RabbitMQ). Each is acked in the
+    /// dead-letter queue only once its republish is confirmed; what does not match
+    /// stays there, in its order.
+    Replay {
+        /// Only this error kind (repeatable, or comma-separated): too_large,
+        /// invalid_encoding, invalid_json, invalid_ticket, providers_exhausted,
+        /// rejected, internal, delivery_limit (dead-lettered by the broker itself).
+        #[arg(long, value_delimiter = ',', value_name = "KIND")]
+        kind: Vec<String>,
+        /// Only dead letters that failed at or after this time (RFC 3339, or YYYY-MM-DD).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only dead letters that failed before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this ticket (repeatable, or comma-separated).
+        #[arg(long, value_delimiter = ',', value_name = "TICKET_ID")]
+        ticket: Vec<String>,
+        /// Move at most this many.
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+        /// List what would move; move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most N republishes per second (spares providers just back from an outage).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        rate: Option<u32>,
+    },
     /// Show, for each ticket, the triage, the rules that fired and the route, without
     /// calling any reply model.
     Explain {
@@ -200,6 +228,65 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 n(&stats.handed_back)
             );
             Ok(())
+        }
+        Command::Replay { kind, since, until, ticket, limit, dry_run, rate } => {
+            let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
+            crate::policy::resolve_identity(&mut settings);
+            let usage = |e: String| Failure { code: 2, error: anyhow::anyhow!(e) };
+            if let Some(bad) = kind.iter().find(|k| !crate::replay::KINDS.contains(&k.as_str())) {
+                return Err(usage(format!(
+                    "--kind {bad}: not a dead-letter kind; one of {}",
+                    crate::replay::KINDS.join(", ")
+                )));
+            }
+            let time = |flag: &str, v: &Option<String>| -> Result<_, Failure> {
+                v.as_deref().map(crate::report::parse_time).transpose().map_err(|e| usage(format!("{flag}: {e}")))
+            };
+            let options = crate::replay::ReplayOptions {
+                kinds: kind,
+                since: time("--since", &since)?,
+                until: time("--until", &until)?,
+                tickets: ticket,
+                limit,
+                dry_run,
+                rate: rate.and_then(std::num::NonZeroU32::new),
+            };
+            let report = crate::replay::run(&settings, &options).await?;
+            for line in &report.listed {
+                println!("would replay {line}");
+            }
+            for line in report.stay_dead.iter().chain(&report.unreadable).chain(&report.failed) {
+                eprintln!("{line}");
+            }
+            let (input, dlq) = (&settings.broker.topics.input, &settings.broker.topics.dead_letters);
+            if dry_run {
+                println!(
+                    "dry run: {} dead letter(s) of `{dlq}` would move to `{input}`; {} past max_replays stay dead; {} not matching; {} unreadable; nothing moved",
+                    report.listed.len(),
+                    report.stay_dead.len(),
+                    report.unmatched,
+                    report.unreadable.len()
+                );
+            } else {
+                println!(
+                    "replayed {} dead letter(s) from `{dlq}` to `{input}`; {} past max_replays stay dead; {} not matching and {} unreadable stay in `{dlq}`",
+                    report.moved,
+                    report.stay_dead.len(),
+                    report.unmatched,
+                    report.unreadable.len()
+                );
+            }
+            if report.failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: 1,
+                    error: anyhow::anyhow!(
+                        "{} dead letter(s) could not be republished and stay in `{dlq}`",
+                        report.failed.len()
+                    ),
+                })
+            }
         }
         Command::Topics => {
             let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;

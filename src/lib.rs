@@ -30,6 +30,7 @@
 //! - [`ledger`]: idempotency and cost memory (in-memory and PostgreSQL).
 //! - [`process`]: the embedded `ticketflow process` command. [`summary`]: its report.
 //! - [`produce`]: `ticketflow produce`, tickets from a file onto the input queue.
+//! - [`replay`]: `ticketflow replay`, dead letters back onto the input queue.
 //! - [`worker`]: `ticketflow worker`, the long-running consumer (RabbitMQ).
 //! - [`explain`]: triage and routing traces for rule authors, and policy comparison.
 //! - [`report`]: spend, savings, routing counts and latency from the PostgreSQL ledger.
@@ -50,6 +51,7 @@ pub mod policy;
 pub mod process;
 pub mod produce;
 pub mod providers;
+pub mod replay;
 pub mod reply_text;
 pub mod report;
 pub mod routing;

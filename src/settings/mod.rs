@@ -96,6 +96,9 @@ pub struct Limits {
     pub delivery_retry_base_ms: u64,
     /// Ceiling of that wait.
     pub delivery_retry_max_ms: u64,
+    /// Times `ticketflow replay` may move one message back to the input; a dead
+    /// letter replayed this often stays in the dead-letter queue.
+    pub max_replays: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

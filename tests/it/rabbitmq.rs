@@ -2,6 +2,7 @@
 //! script starts it): every test uses queue and exchange names of its own and
 //! deletes them afterwards.
 
+use std::collections::BTreeSet;
 use std::process::Output;
 
 use lapin::options::{BasicGetOptions, BasicNackOptions, BasicPublishOptions, QueueDeleteOptions};
@@ -529,6 +530,161 @@ async fn a_worker_killed_mid_run_and_restarted_loses_nothing_and_pays_nothing_tw
     assert!(status.success(), "{said}");
     let settled = Settled::check(&conn, &names, &db, total, conversations).await;
     assert!(settled.duplicate_replies < total / 10, "{} copies", settled.duplicate_replies);
+    names.delete(&conn).await;
+    db.drop_db().await;
+}
+
+/// A dead letter as the worker writes it (SPEC §3.4), carrying `payload`.
+fn dead_letter(ticket: &str, kind: &str, replays: u32, payload: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schema_version": 1, "ticket_id": ticket, "unit_id": format!("{ticket}:0"),
+        "error": {"kind": kind, "message": "m"}, "attempts": 1, "replay_count": replays,
+        "source": {"topic": "tickets", "partition": 0, "offset": 1}, "failed_at": "2026-11-20T10:00:00Z",
+        "worker_id": "w", "payload": payload, "payload_encoding": "utf8"
+    }))
+    .unwrap()
+}
+
+fn header_of(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
+    let headers = m.delivery.properties.headers().clone()?;
+    headers.inner().get(name).and_then(|v| v.as_long_string().map(|s| s.to_string()))
+}
+
+#[tokio::test]
+async fn replay_moves_matching_dead_letters_once_confirmed_and_leaves_the_rest_in_order() {
+    let names = Names::new();
+    assert!(names.topics(&[]).status.success());
+    let conn = connect().await;
+    let dlq = names.queue("dlq");
+    let channel = Confirmed::open(&conn).await.unwrap();
+    let ticket = |id: &str| {
+        format!(r#"{{"ticket_id":"{id}","conversation_id":"C-{id}","messages":[{{"role":"customer","text":"hi"}}]}}"#)
+    };
+    let letters = [
+        ("A", "invalid_json", 0),
+        ("B", "providers_exhausted", 0),
+        ("C", "providers_exhausted", 3), // limits.max_replays is 3 by default
+        ("D", "internal", 0),
+        ("E", "providers_exhausted", 1),
+    ];
+    for (id, kind, replays) in letters {
+        channel.publish(&dlq, &dead_letter(id, kind, replays, &ticket(id)), id, &[]).await.unwrap();
+    }
+    let replay = |args: &[&str]| bin().arg("replay").args(args).envs(names.env()).output().unwrap();
+
+    let dry = replay(&["--kind", "providers_exhausted", "--dry-run"]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let dry_out = stdout(&dry);
+    let listed: Vec<&str> = dry_out.lines().filter(|l| l.starts_with("would replay")).map(|l| &l[13..14]).collect();
+    assert_eq!(listed, ["B", "E"], "{}", stdout(&dry));
+    assert!(stderr(&dry).contains("C (providers_exhausted") && stderr(&dry).contains("stays dead"), "{}", stderr(&dry));
+    assert_eq!(ready(&conn, &dlq).await, 5, "a dry run moves nothing");
+    assert_eq!(ready(&conn, &names.queue("in")).await, 0);
+
+    let bad = replay(&["--kind", "bogus"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert_eq!(stderr(&bad).lines().count(), 1, "{}", stderr(&bad));
+
+    let moved = replay(&["--kind", "providers_exhausted"]);
+    assert!(moved.status.success(), "{}", stderr(&moved));
+    assert!(stdout(&moved).contains("replayed 2 dead letter(s)"), "{}", stdout(&moved));
+    let ch = conn.create_channel().await.unwrap();
+    for (id, count) in [("B", "1"), ("E", "2")] {
+        let m = wait_get(&ch, &names.queue("in")).await;
+        assert_eq!(m.delivery.data, ticket(id).as_bytes(), "the original bytes");
+        assert_eq!(header_of(&m, "x-replay-count").as_deref(), Some(count));
+        assert_eq!(header_of(&m, "conversation_id"), Some(format!("C-{id}")));
+    }
+    let left: Vec<String> =
+        take_all(&conn, &dlq).await.iter().map(|d| d["ticket_id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(left, ["A", "C", "D"], "the rest stays, in its order");
+    names.delete(&conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_poison_and_an_outage_then_replay_answer_every_ticket_once() {
+    let (total, conversations) = (300, 100);
+    let names = Names::new();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    let (base, mock) =
+        ticketflow::mock_provider::spawn(ticketflow::mock_provider::MockConfig::default()).await.unwrap();
+    for (provider, _) in crate::real_providers::PROVIDERS {
+        mock.start_outage(provider, 3600.0);
+    }
+    produce_text(&names, &synth_tickets(total, conversations));
+    // Poison, straight onto the queue (produce refuses it): not JSON, and a ticket
+    // without messages.
+    let conn = connect().await;
+    let channel = Confirmed::open(&conn).await.unwrap();
+    let poison = [&b"{not json"[..], br#"{"ticket_id":"P-1","messages":[]}"#];
+    for p in poison {
+        channel.publish(&names.queue("in"), p, "poison", &[]).await.unwrap();
+    }
+    let mut env = crate::real_providers::mock_env(&base);
+    env.extend([
+        ("TICKETFLOW__RETRY__BASE_DELAY_MS".to_owned(), "1".to_owned()),
+        ("TICKETFLOW__RETRY__MAX_DELAY_MS".to_owned(), "5".to_owned()),
+        // An operator replays minutes after the providers are back, when the workers'
+        // circuits have cooled down (30 s by default); here they cool down at once.
+        ("TICKETFLOW__BREAKER__COOLDOWN_MS".to_owned(), "1".to_owned()),
+    ]);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let workers =
+        [start_worker_with(&names, &db.url, &config, &env), start_worker_with(&names, &db.url, &config, &env)];
+    let settled = (total + poison.len()) as u32;
+    wait_until("every ticket answered or dead-lettered", async || {
+        replies_ready(&conn, &names).await + ready(&conn, &names.queue("dlq")).await >= settled
+    })
+    .await;
+    let handed_off = replies_ready(&conn, &names).await;
+    assert!(handed_off < total as u32, "the outage must dead-letter the tickets that need a model");
+
+    // The providers come back; the operator replays what the outage killed.
+    for (provider, _) in crate::real_providers::PROVIDERS {
+        mock.start_outage(provider, 0.0);
+    }
+    let replay = bin().arg("replay").arg("--kind").arg("providers_exhausted").envs(names.env()).output().unwrap();
+    assert!(replay.status.success(), "{}", stderr(&replay));
+    assert!(
+        stdout(&replay).contains(&format!("replayed {} dead letter(s)", total as u32 - handed_off)),
+        "{}",
+        stdout(&replay)
+    );
+    wait_until("every ticket answered", async || replies_ready(&conn, &names).await >= total as u32).await;
+    for worker in workers {
+        let (status, said) = stop_worker(worker);
+        assert!(status.success(), "{said}");
+    }
+    // Only the poison stays dead.
+    let dead = take_all(&conn, &names.queue("dlq")).await;
+    let kinds: BTreeSet<&str> = dead.iter().map(|d| d["error"]["kind"].as_str().unwrap()).collect();
+    assert_eq!(dead.len(), poison.len(), "{dead:?}");
+    assert_eq!(kinds, BTreeSet::from(["invalid_json", "invalid_ticket"]));
+
+    // Exactly one reply per ticket (two workers, one queue: no fault, no copy).
+    let replies = take_all(&conn, &names.queue("replies")).await;
+    let tickets: BTreeSet<&str> = replies.iter().map(|r| r["ticket_id"].as_str().unwrap()).collect();
+    assert_eq!((replies.len(), tickets.len()), (total, total));
+    // No unit paid twice for its answer: one successful reply call at most per unit.
+    let costs = take_all(&conn, &names.queue("costs")).await;
+    let mut answered: std::collections::HashMap<&str, u32> = std::collections::HashMap::new();
+    for c in &costs {
+        if c["stage"] == "reply" && c["outcome"] == "ok" {
+            *answered.entry(c["unit_id"].as_str().unwrap()).or_default() += 1;
+        }
+    }
+    assert!(answered.values().all(|n| *n == 1), "a unit answered twice");
+    let client = db.client().await;
+    let row = client
+        .query_one("SELECT count(*), (SELECT coalesce(sum(cost_usd), 0) FROM cost_records) FROM cost_records", &[])
+        .await
+        .unwrap();
+    let published: f64 = costs.iter().map(|c| c["cost_usd"].as_f64().unwrap()).sum();
+    assert_eq!(row.get::<_, i64>(0) as usize, costs.len(), "every paid call published once");
+    assert!((row.get::<_, f64>(1) - published).abs() < 1e-9);
+    drop(client);
     names.delete(&conn).await;
     db.drop_db().await;
 }

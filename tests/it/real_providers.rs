@@ -10,13 +10,32 @@ use ticketflow::mock_provider::{self, MockConfig, MockServer};
 use crate::helpers::{repo_path, Outputs};
 use crate::providers::{KEY_ENV, PLANTED_KEY};
 
-const PROVIDERS: [(&str, &str); 5] = [
+pub const PROVIDERS: [(&str, &str); 5] = [
     ("qwen", "dashscope"),
     ("openai", "openai"),
     ("anthropic", "anthropic"),
     ("mistral", "openai"),
     ("deepseek", "openai"),
 ];
+
+/// The environment that points every provider, with its real adapter kind, at the
+/// mock at `base`, with the planted key and account limits far above any test's rate.
+pub fn mock_env(base: &str) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for (name, kind) in PROVIDERS {
+        let upper = name.to_uppercase();
+        let var = |key: &str| format!("TICKETFLOW__PROVIDERS__{upper}__{key}");
+        env.push((var("KIND"), kind.to_owned()));
+        env.push((var("BASE_URL"), format!("{base}/{name}/v1")));
+        env.push((var("API_KEY_ENV"), KEY_ENV.to_owned()));
+        // The default account limits (e.g. 1,200 rpm and 2M tokens/min for Qwen) would
+        // pace a test to tens of seconds.
+        env.push((var("REQUESTS_PER_MINUTE"), "600000".to_owned()));
+        env.push((var("TOKENS_PER_MINUTE"), "1000000000".to_owned()));
+    }
+    env.push((KEY_ENV.to_owned(), PLANTED_KEY.to_owned()));
+    env
+}
 
 /// Runs `ticketflow process` on the first `n` example tickets against the mock at `base`.
 async fn process_against(base: &str, n: usize, dir: &Path) -> (std::process::Output, Outputs) {
@@ -49,16 +68,7 @@ async fn process_with(
     if let Some(config) = config {
         cmd.arg("--config").arg(config);
     }
-    for (name, kind) in PROVIDERS {
-        let upper = name.to_uppercase();
-        cmd.env(format!("TICKETFLOW__PROVIDERS__{upper}__KIND"), kind)
-            .env(format!("TICKETFLOW__PROVIDERS__{upper}__BASE_URL"), format!("{base}/{name}/v1"))
-            .env(format!("TICKETFLOW__PROVIDERS__{upper}__API_KEY_ENV"), KEY_ENV)
-            // The default account limits (e.g. 1,200 rpm and 2M tokens/min for Qwen) would
-            // pace this test to tens of seconds.
-            .env(format!("TICKETFLOW__PROVIDERS__{upper}__REQUESTS_PER_MINUTE"), "600000")
-            .env(format!("TICKETFLOW__PROVIDERS__{upper}__TOKENS_PER_MINUTE"), "1000000000");
-    }
+    cmd.envs(mock_env(base));
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
     let output = cmd.output().await.unwrap();
     assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));

@@ -1,0 +1,295 @@
+//! `ticketflow replay`: moves dead letters back to the input queue (SPEC §2).
+//!
+//! The dead-letter queue is read one message at a time (`basic.get`), never more than
+//! the messages it held when the replay began, so dead letters arriving meanwhile
+//! cannot keep it going. A dead letter that matches the filters is republished to
+//! the input (its original bytes, with `x-replay-count` one higher and its
+//! `conversation_id`), and acked only once the broker has confirmed the republish:
+//! a crash at any point loses nothing (at worst a ticket is both in the input and
+//! still in the dead-letter queue, and the ledger stops a second answer). Everything
+//! else (not matching, past `limits.max_replays`, unreadable, listed by `--dry-run`)
+//! is left unacked until the end and goes back to the queue, in its order, when the
+//! channel closes.
+//!
+//! Besides our own dead letters (SPEC §3.4) the queue may hold raw tickets the
+//! broker dead-lettered itself (a quorum queue's delivery limit, marked by the
+//! `x-death` header); they replay the same way, with kind `delivery_limit`.
+
+use std::num::NonZeroU32;
+
+use chrono::{DateTime, Utc};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+use crate::broker::rabbitmq::consume::{CONVERSATION_HEADER, REPLAY_COUNT_HEADER};
+use crate::broker::rabbitmq::publish::Confirmed;
+use crate::broker::rabbitmq::{self, reason, topology, RabbitError};
+use crate::settings::{BrokerKind, Settings};
+use crate::ticket::DeadLetter;
+
+/// The kinds `--kind` accepts: SPEC §3.4's and the broker's own.
+pub const KINDS: [&str; 8] = [
+    "too_large",
+    "invalid_encoding",
+    "invalid_json",
+    "invalid_ticket",
+    "providers_exhausted",
+    "rejected",
+    "internal",
+    "delivery_limit",
+];
+
+/// Which dead letters to move, and how.
+#[derive(Debug, Default, Clone)]
+pub struct ReplayOptions {
+    /// Error kinds to replay; empty for all.
+    pub kinds: Vec<String>,
+    /// Only dead letters that failed at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only dead letters that failed before this time.
+    pub until: Option<DateTime<Utc>>,
+    /// Only these tickets; empty for all.
+    pub tickets: Vec<String>,
+    /// Move (or list) at most this many.
+    pub limit: Option<u64>,
+    /// List what would move, move nothing.
+    pub dry_run: bool,
+    /// At most this many republishes per second.
+    pub rate: Option<NonZeroU32>,
+}
+
+/// What a replay did, and one line per dead letter it moved, listed or kept dead.
+#[derive(Debug, Default)]
+pub struct ReplayReport {
+    pub scanned: u64,
+    pub moved: u64,
+    /// `--dry-run`: the dead letters that would move.
+    pub listed: Vec<String>,
+    /// Past `limits.max_replays`: they stay in the dead-letter queue.
+    pub stay_dead: Vec<String>,
+    pub unmatched: u64,
+    /// Messages that are neither a dead letter nor a ticket dead-lettered by the
+    /// broker: left in the queue.
+    pub unreadable: Vec<String>,
+    /// Republishes the broker did not confirm: those dead letters stay.
+    pub failed: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Rabbit(#[from] RabbitError),
+    #[error("replay for Kafka is not supported yet; for RabbitMQ set broker.kind = \"rabbitmq\" (TICKETFLOW__BROKER__KIND=rabbitmq)")]
+    Kafka,
+}
+
+/// One message of the dead-letter queue, as replay sees it.
+#[derive(Debug, PartialEq)]
+struct Dead {
+    ticket_id: Option<String>,
+    kind: String,
+    failed_at: Option<DateTime<Utc>>,
+    replay_count: u32,
+    payload: Vec<u8>,
+}
+
+impl Dead {
+    fn read(body: &[u8], headers: Option<&FieldTable>) -> Result<Dead, String> {
+        let header = |name: &str| headers.and_then(|h| h.inner().get(name));
+        if let Some(AMQPValue::FieldArray(deaths)) = header("x-death") {
+            // Dead-lettered by the broker: the body is the ticket itself.
+            let death = match deaths.as_slice().first() {
+                Some(AMQPValue::FieldTable(t)) => Some(t),
+                _ => None,
+            };
+            let field = |name: &str| death.and_then(|t| t.inner().get(name));
+            let kind = match field("reason") {
+                Some(AMQPValue::LongString(s)) => match s.to_string().as_str() {
+                    "delivery_limit" => "delivery_limit".to_owned(),
+                    other => format!("broker_{other}"),
+                },
+                _ => "delivery_limit".to_owned(),
+            };
+            let failed_at = match field("time") {
+                Some(AMQPValue::Timestamp(secs)) => DateTime::from_timestamp(*secs as i64, 0),
+                _ => None,
+            };
+            let replay_count = header(REPLAY_COUNT_HEADER).and_then(as_u32).unwrap_or(0);
+            let ticket_id = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("ticket_id").and_then(|t| t.as_str()).map(str::to_owned));
+            return Ok(Dead { ticket_id, kind, failed_at, replay_count, payload: body.to_vec() });
+        }
+        let letter: DeadLetter = serde_json::from_slice(body).map_err(|e| format!("not a dead letter: {e}"))?;
+        let payload = letter.payload_bytes().map_err(|e| format!("its payload is not valid base64: {e}"))?;
+        Ok(Dead {
+            ticket_id: letter.ticket_id,
+            kind: letter.error.kind.as_str().to_owned(),
+            failed_at: DateTime::parse_from_rfc3339(&letter.failed_at).ok().map(|t| t.with_timezone(&Utc)),
+            replay_count: letter.replay_count,
+            payload,
+        })
+    }
+
+    fn matches(&self, o: &ReplayOptions) -> bool {
+        let kind = o.kinds.is_empty() || o.kinds.contains(&self.kind);
+        let ticket = o.tickets.is_empty() || self.ticket_id.as_ref().is_some_and(|t| o.tickets.contains(t));
+        // A dead letter without a time matches no time filter.
+        let since = o.since.is_none_or(|s| self.failed_at.is_some_and(|t| t >= s));
+        let until = o.until.is_none_or(|u| self.failed_at.is_some_and(|t| t < u));
+        kind && ticket && since && until
+    }
+
+    fn describe(&self) -> String {
+        let failed = self.failed_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "unknown".into());
+        format!(
+            "{} ({}, failed at {failed}, replayed {} time(s) before)",
+            self.ticket_id.as_deref().unwrap_or("<no ticket id>"),
+            self.kind,
+            self.replay_count
+        )
+    }
+}
+
+fn as_u32(v: &AMQPValue) -> Option<u32> {
+    match v {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
+        AMQPValue::LongUInt(n) => Some(*n),
+        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// Moves the matching dead letters of the configured broker back to the input.
+pub async fn run(settings: &Settings, options: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+    if settings.broker.kind == BrokerKind::Kafka {
+        return Err(ReplayError::Kafka);
+    }
+    let conn = rabbitmq::connect(&settings.broker.rabbitmq, &settings.worker.id).await?;
+    let result = replay(settings, options, &conn).await;
+    let _ = conn.close(200, "done".into()).await;
+    result
+}
+
+async fn replay(settings: &Settings, o: &ReplayOptions, conn: &lapin::Connection) -> Result<ReplayReport, ReplayError> {
+    topology::declare(conn, &settings.broker).await?;
+    let dlq = settings.broker.topics.dead_letters.as_str();
+    let input = settings.broker.topics.input.as_str();
+    let broker = |e: lapin::Error| RabbitError::Broker { what: format!("reading `{dlq}`"), reason: reason(&e) };
+    let channel = conn.create_channel().await.map_err(broker)?;
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let held = channel.queue_declare(dlq.into(), passive, FieldTable::default()).await.map_err(broker)?.message_count();
+    let out = Confirmed::open(conn).await?;
+    let limiter = o.rate.map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
+    let max_replays = settings.limits.max_replays;
+    let mut report = ReplayReport::default();
+    while report.scanned < u64::from(held) {
+        if o.limit.is_some_and(|l| report.moved + report.listed.len() as u64 >= l) {
+            break;
+        }
+        let Some(message) = channel.basic_get(dlq.into(), BasicGetOptions { no_ack: false }).await.map_err(broker)?
+        else {
+            break;
+        };
+        report.scanned += 1;
+        let delivery = message.delivery;
+        let dead = match Dead::read(&delivery.data, delivery.properties.headers().as_ref()) {
+            Ok(dead) => dead,
+            Err(e) => {
+                report.unreadable.push(format!("message {} of `{dlq}`: {e}", report.scanned));
+                continue;
+            }
+        };
+        if !dead.matches(o) {
+            report.unmatched += 1;
+            continue;
+        }
+        if dead.replay_count >= max_replays {
+            report.stay_dead.push(format!("{}: past limits.max_replays ({max_replays}), stays dead", dead.describe()));
+            continue;
+        }
+        if o.dry_run {
+            report.listed.push(dead.describe());
+            continue;
+        }
+        if let Some(limiter) = &limiter {
+            limiter.until_ready().await;
+        }
+        let count = (dead.replay_count + 1).to_string();
+        let conversation = crate::intake::conversation_key(&dead.payload);
+        let ticket = dead.ticket_id.clone().unwrap_or_default();
+        let mut headers = vec![(REPLAY_COUNT_HEADER, count.as_str()), ("ticket_id", ticket.as_str())];
+        if let Some(c) = &conversation {
+            headers.push((CONVERSATION_HEADER, c.as_str()));
+        }
+        match out.publish(input, &dead.payload, &ticket, &headers).await {
+            Ok(()) => {
+                delivery.acker.ack(BasicAckOptions::default()).await.map_err(broker)?;
+                report.moved += 1;
+            }
+            Err(e) => report.failed.push(format!("{}: {e}; it stays in `{dlq}`", dead.describe())),
+        }
+    }
+    // What was not moved goes back to the queue, in its order.
+    let _ = channel.close(200, "replay done".into()).await;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldArray, LongString};
+
+    fn letter(kind: &str, ticket: &str, failed_at: &str, replays: u32, payload: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "schema_version": 1, "ticket_id": ticket, "unit_id": format!("{ticket}:abc"),
+            "error": {"kind": kind, "message": "m"}, "attempts": 1, "replay_count": replays,
+            "source": {"topic": "tickets", "partition": 0, "offset": 1}, "failed_at": failed_at,
+            "worker_id": "w", "payload": payload, "payload_encoding": "utf8"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_dead_letter_gives_back_its_original_bytes_and_facts() {
+        let dead =
+            Dead::read(&letter("providers_exhausted", "T-1", "2026-11-20T10:00:00Z", 1, "{\"x\":1}"), None).unwrap();
+        assert_eq!(dead.payload, b"{\"x\":1}");
+        assert_eq!(dead.kind, "providers_exhausted");
+        assert_eq!(dead.replay_count, 1);
+        assert_eq!(dead.ticket_id.as_deref(), Some("T-1"));
+        assert!(Dead::read(b"{\"not\": \"a dead letter\"}", None).is_err());
+    }
+
+    #[test]
+    fn a_ticket_dead_lettered_by_the_broker_replays_as_itself() {
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), AMQPValue::LongString(LongString::from("delivery_limit")));
+        death.insert("time".into(), AMQPValue::Timestamp(1_790_000_000));
+        let mut headers = FieldTable::default();
+        headers.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])));
+        headers.insert(REPLAY_COUNT_HEADER.into(), AMQPValue::LongString(LongString::from("2")));
+        let body = br#"{"ticket_id":"T-9","messages":[{"role":"customer","text":"hi"}]}"#;
+        let dead = Dead::read(body, Some(&headers)).unwrap();
+        assert_eq!(dead.payload, body);
+        assert_eq!((dead.kind.as_str(), dead.replay_count), ("delivery_limit", 2));
+        assert_eq!(dead.ticket_id.as_deref(), Some("T-9"));
+        assert!(dead.failed_at.is_some());
+    }
+
+    #[test]
+    fn filters_combine_and_a_time_filter_wants_a_time() {
+        let dead = Dead::read(&letter("rejected", "T-1", "2026-11-20T10:00:00Z", 0, "p"), None).unwrap();
+        let at = |s: &str| Some(DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc));
+        let all = ReplayOptions::default();
+        assert!(dead.matches(&all));
+        assert!(dead.matches(&ReplayOptions { kinds: vec!["internal".into(), "rejected".into()], ..all.clone() }));
+        assert!(!dead.matches(&ReplayOptions { kinds: vec!["internal".into()], ..all.clone() }));
+        assert!(!dead.matches(&ReplayOptions { tickets: vec!["T-2".into()], ..all.clone() }));
+        assert!(dead.matches(&ReplayOptions { since: at("2026-11-20T10:00:00Z"), ..all.clone() }));
+        assert!(!dead.matches(&ReplayOptions { until: at("2026-11-20T10:00:00Z"), ..all.clone() }));
+        let timeless = Dead { failed_at: None, ..dead };
+        assert!(!timeless.matches(&ReplayOptions { since: at("2000-01-01T00:00:00Z"), ..all }));
+    }
+}

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::io::Write as _;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -221,7 +223,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             spawn_signal_handler(shutdown.clone())?;
             let stats = crate::worker::run(Arc::new(settings), shutdown).await?;
             let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-            eprintln!(
+            // A supervisor may have closed stderr by now: never panic over the goodbye.
+            let _ = writeln!(
+                std::io::stderr(),
                 "worker stopped: {} message(s) received, {} acked, {} handed back",
                 n(&stats.received),
                 n(&stats.acked),
@@ -296,7 +300,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     use crate::broker::rabbitmq::{self, topology};
                     let conn = rabbitmq::connect(&settings.broker.rabbitmq, &settings.worker.id).await?;
                     let declared = topology::declare(&conn, &settings.broker).await;
-                    let _ = conn.close(200, "done".into()).await;
+                    rabbitmq::close(&conn, 200, "done").await;
                     for d in declared? {
                         println!("{d}");
                     }
@@ -424,8 +428,13 @@ fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
                 }
                 count += 1;
                 if count == 1 {
-                    eprintln!("stopping: finishing in-flight tickets (send the signal again to stop at once)");
                     shutdown.stop_intake.cancel();
+                    // Not eprintln!: with stderr closed (a supervisor that went away) it
+                    // would panic, and this task would never see the second signal.
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "stopping: finishing in-flight tickets (send the signal again to stop at once)"
+                    );
                 } else {
                     shutdown.abort.cancel();
                     return;

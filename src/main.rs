@@ -1,6 +1,8 @@
 //! The `ticketflow` binary: parse the command line, set up logging, run a command,
 //! map failures to exit codes (0 ok, 1 runtime failure, 2 usage or configuration).
 
+use std::io::Write as _;
+
 use clap::Parser;
 
 // A worker allocates small, short-lived buffers for every message and call; mimalloc
@@ -22,7 +24,7 @@ fn main() {
     };
     if let Err(failure) = runtime.block_on(cli::run(cli)) {
         if failure.code != 130 {
-            eprintln!("error: {:#}", failure.error);
+            let _ = writeln!(std::io::stderr(), "error: {:#}", failure.error);
         }
         std::process::exit(failure.code);
     }

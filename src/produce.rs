@@ -56,7 +56,7 @@ pub async fn run(settings: &Settings, input: &Path) -> Result<ProduceReport, Pro
     };
     let conn = rabbitmq::connect(&settings.broker.rabbitmq, &settings.worker.id).await?;
     let result = produce(settings, &conn, reader).await;
-    let _ = conn.close(200, "done".into()).await;
+    rabbitmq::close(&conn, 200, "done").await;
     result
 }
 

@@ -168,7 +168,7 @@ pub async fn run(settings: &Settings, options: &ReplayOptions) -> Result<ReplayR
     }
     let conn = rabbitmq::connect(&settings.broker.rabbitmq, &settings.worker.id).await?;
     let result = replay(settings, options, &conn).await;
-    let _ = conn.close(200, "done".into()).await;
+    rabbitmq::close(&conn, 200, "done").await;
     result
 }
 
@@ -232,7 +232,7 @@ async fn replay(settings: &Settings, o: &ReplayOptions, conn: &lapin::Connection
         }
     }
     // What was not moved goes back to the queue, in its order.
-    let _ = channel.close(200, "replay done".into()).await;
+    rabbitmq::close_channel(&channel, "replay done").await;
     Ok(report)
 }
 

@@ -258,13 +258,23 @@ fn start_worker_with(names: &Names, db_url: &str, config: &std::path::Path, env:
         let _ = std::io::Read::read_to_string(&mut stderr, &mut said);
         said
     });
-    Worker { child, reader }
+    Worker { child, reader: Some(reader) }
 }
 
-/// A worker process and the reader of its standard error.
+/// A worker process and the reader of its standard error. Dropped while running (a
+/// failed assertion), it is killed: a test never leaves a worker behind.
 struct Worker {
     child: std::process::Child,
-    reader: std::thread::JoinHandle<String>,
+    reader: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Worker {
@@ -277,14 +287,19 @@ impl Worker {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
+
+    /// SIGTERM.
+    fn terminate(&self) {
+        let status = std::process::Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success());
+    }
 }
 
 /// SIGTERM, then the exit status and what the worker said.
 fn stop_worker(mut worker: Worker) -> (std::process::ExitStatus, String) {
-    let status = std::process::Command::new("kill").arg("-TERM").arg(worker.child.id().to_string()).status().unwrap();
-    assert!(status.success());
+    worker.terminate();
     let status = worker.child.wait().unwrap();
-    (status, worker.reader.join().unwrap())
+    (status, worker.reader.take().unwrap().join().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -685,6 +700,51 @@ async fn two_workers_poison_and_an_outage_then_replay_answer_every_ticket_once()
     assert_eq!(row.get::<_, i64>(0) as usize, costs.len(), "every paid call published once");
     assert!((row.get::<_, f64>(1) - published).abs() < 1e-9);
     drop(client);
+    names.delete(&conn).await;
+    db.drop_db().await;
+}
+
+/// Consumers of `queue`, from the broker.
+async fn consumers(conn: &Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let options = lapin::options::QueueDeclareOptions { passive: true, durable: true, ..Default::default() };
+    // Not declared yet: no consumer either.
+    let Ok(q) = ch.queue_declare(queue.into(), options, lapin::types::FieldTable::default()).await else { return 0 };
+    let _ = ch.close(200, "done".into()).await;
+    q.consumer_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_stderr_was_closed_still_stops_on_sigterm() {
+    let names = Names::new();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    let mut child = bin()
+        .arg("--config")
+        .arg(&config)
+        .arg("worker")
+        .envs(names.env())
+        .env("TICKETFLOW__DATABASE__URL", &db.url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its supervisor goes away: the read end of its standard error is closed.
+    drop(child.stderr.take());
+    let mut worker = Worker { child, reader: None };
+    let conn = connect().await;
+    wait_until("the worker consuming", async || consumers(&conn, &names.queue("in")).await == 1).await;
+    worker.terminate();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = worker.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "SIGTERM did not stop the worker");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
     names.delete(&conn).await;
     db.drop_db().await;
 }

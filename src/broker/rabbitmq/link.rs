@@ -162,7 +162,7 @@ impl Link {
         self.stop.cancel();
         let session = self.session.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(session) = session {
-            let _ = session.conn.close(200, "worker stopping".into()).await;
+            super::close(&session.conn, 200, "worker stopping").await;
         }
         self.connected.send_replace(false);
     }
@@ -180,7 +180,7 @@ impl Link {
             let outstanding = self.activity.outstanding.load(Ordering::Relaxed);
             tracing::warn!(reason = %why, unacked = outstanding, "RabbitMQ connection lost: not ready; reconnecting (unacked tickets are redelivered by the broker)");
             // Whatever is left of it goes, so the broker requeues its deliveries.
-            let _ = tokio::time::timeout(Duration::from_secs(5), session.conn.close(320, "reconnecting".into())).await;
+            super::close(&session.conn, 320, "reconnecting").await;
             drop(session);
             let down = Instant::now();
             generation += 1;
@@ -203,7 +203,7 @@ impl Link {
             };
             *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = None;
             if self.stop.is_cancelled() || consumers.send((generation, consumer)).await.is_err() {
-                let _ = session.conn.close(200, "worker stopping".into()).await;
+                super::close(&session.conn, 200, "worker stopping").await;
                 return;
             }
             *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(session));
@@ -292,7 +292,7 @@ async fn queue_counts(conn: &Connection, queue: &str) -> Result<(u32, u32), lapi
     let channel = conn.create_channel().await?;
     let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
     let result = channel.queue_declare(queue.into(), options, FieldTable::default()).await;
-    let _ = channel.close(200, "checked".into()).await;
+    super::close_channel(&channel, "checked").await;
     let q = result?;
     Ok((q.message_count(), q.consumer_count()))
 }

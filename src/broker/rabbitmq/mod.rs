@@ -68,6 +68,21 @@ fn tls_config(settings: &RabbitSettings) -> Result<OwnedTLSConfig, RabbitError> 
     Ok(OwnedTLSConfig { identity, cert_chain })
 }
 
+/// How long a clean close may wait for the broker's answer: a connection whose
+/// socket is already gone never answers.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Closes `conn` cleanly (code 200, or 320 when giving it up), without waiting
+/// forever for a broker that cannot answer.
+pub async fn close(conn: &Connection, code: u16, why: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(code, why.into())).await;
+}
+
+/// Closes `channel` the same way.
+pub async fn close_channel(channel: &lapin::Channel, why: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, why.into())).await;
+}
+
 /// The URL with the heartbeat as a query parameter, unless it sets one itself.
 fn with_heartbeat(url: &str, heartbeat_secs: u16) -> String {
     if url.contains("heartbeat=") {

@@ -22,6 +22,10 @@ use crate::ticket::Output;
 /// Delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
 
+/// How long a confirmation may take. A healthy broker confirms in milliseconds; a
+/// connection whose socket died without lapin noticing would leave the wait hanging.
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A channel in confirm mode.
 #[derive(Clone)]
 pub struct Confirmed {
@@ -94,8 +98,16 @@ impl Unconfirmed {
     /// message or a lost channel is a failure.
     pub async fn confirmed(self) -> Result<(), BrokerError> {
         let queue = self.queue;
-        let confirm =
-            self.confirm.await.map_err(|e| BrokerError::Publish(format!("publishing to `{queue}`: {}", reason(&e))))?;
+        let confirm = match tokio::time::timeout(CONFIRM_TIMEOUT, self.confirm).await {
+            Ok(confirm) => {
+                confirm.map_err(|e| BrokerError::Publish(format!("publishing to `{queue}`: {}", reason(&e))))?
+            }
+            Err(_) => {
+                return Err(BrokerError::Publish(format!(
+                    "publishing to `{queue}`: no confirmation from the broker within {CONFIRM_TIMEOUT:?}"
+                )))
+            }
+        };
         if confirm.is_nack() {
             return Err(BrokerError::Publish(format!("the broker did not take the message for `{queue}`")));
         }
@@ -128,23 +140,36 @@ impl RabbitPublisher {
         RabbitPublisher { link, topics: topics.clone() }
     }
 
+    /// Sends the cost records, then the reply or dead letter, one after another on
+    /// one channel (so they reach their queues in that order), then waits for every
+    /// confirmation: one round trip to the broker per unit, not one per message.
     async fn publish_on(&self, channel: &Confirmed, output: &Output) -> Result<(), BrokerError> {
         let json = |v: &dyn ToJson| v.to_json().map_err(|e| BrokerError::Refused(format!("serializing output: {e}")));
-        // Cost records first: once the reply is out, its costs are too.
+        let mut sent = Vec::with_capacity(output.costs().len() + 1);
         for c in output.costs() {
-            channel.publish(&self.topics.costs, &json(c)?, &c.call_id, &[("ticket_id", &c.ticket_id)]).await?;
+            sent.push(channel.send(&self.topics.costs, &json(c)?, &c.call_id, &[("ticket_id", &c.ticket_id)]).await?);
         }
-        match output {
+        sent.push(match output {
             Output::Reply { reply, .. } => {
                 let headers = [("conversation_id", reply.conversation_id.as_str()), ("ticket_id", &reply.ticket_id)];
-                channel.publish(&self.topics.replies, &json(reply)?, &reply.unit_id, &headers).await
+                channel.send(&self.topics.replies, &json(reply)?, &reply.unit_id, &headers).await?
             }
             Output::DeadLetter { dead_letter, .. } => {
                 let id = dead_letter.unit_id.as_deref().or(dead_letter.ticket_id.as_deref()).unwrap_or("");
                 let kind = dead_letter.error.kind.as_str();
-                channel.publish(&self.topics.dead_letters, &json(dead_letter)?, id, &[("error_kind", kind)]).await
+                channel.send(&self.topics.dead_letters, &json(dead_letter)?, id, &[("error_kind", kind)]).await?
+            }
+        });
+        // Every confirmation is awaited, even after a failure, and the worst failure
+        // wins: a refusal (counted) over a missing confirmation (retried uncounted).
+        let mut result = Ok(());
+        for unconfirmed in sent {
+            match (unconfirmed.confirmed().await, &result) {
+                (Ok(()), _) | (Err(_), Err(BrokerError::Refused(_))) => {}
+                (Err(e), _) => result = Err(e),
             }
         }
+        result
     }
 }
 

@@ -167,7 +167,7 @@ async fn bind(conn: &Connection, queue: &str, exchange: &str, key: &str) -> Resu
 
 /// Closes a channel that is still open (a refused declaration closed its own).
 async fn close(ch: lapin::Channel) {
-    let _ = ch.close(200, "done".into()).await;
+    super::close_channel(&ch, "done").await;
 }
 
 async fn channel(conn: &Connection) -> Result<lapin::Channel, RabbitError> {

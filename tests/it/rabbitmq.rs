@@ -748,3 +748,69 @@ async fn a_worker_whose_stderr_was_closed_still_stops_on_sigterm() {
     names.delete(&conn).await;
     db.drop_db().await;
 }
+
+/// `f`, or a panic after a minute.
+async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(60), f).await.expect("timed out")
+}
+
+/// The test's settings, as the worker would load them, with `extra` on top.
+fn settings_of(names: &Names, extra: &[(&str, &str)]) -> std::sync::Arc<ticketflow::settings::Settings> {
+    let mut env: std::collections::BTreeMap<String, String> = names.env().into_iter().collect();
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut settings = ticketflow::policy::load_from(None, &env).unwrap();
+    ticketflow::policy::resolve_identity(&mut settings);
+    std::sync::Arc::new(settings)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_link_is_not_ready_while_disconnected_and_consumes_again_after() {
+    use ticketflow::broker::{Source, SourceEvent};
+    let names = Names::new();
+    let proxy = Proxy::start("127.0.0.1:5672").await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
+    let settings = settings_of(&names, &[("TICKETFLOW__BROKER__RABBITMQ__URL", &url)]);
+    let (link, mut source) = Link::open(settings, 4).await.unwrap();
+    assert!(link.is_connected());
+    let conn = connect().await;
+    let channel = Confirmed::open(&conn).await.unwrap();
+    let next = async |source: &mut ticketflow::broker::rabbitmq::consume::RabbitSource| {
+        tokio::time::timeout(std::time::Duration::from_secs(60), source.next()).await.unwrap().unwrap().unwrap()
+    };
+
+    channel.publish(&names.queue("in"), b"one", "1", &[]).await.unwrap();
+    let SourceEvent::Delivery(first) = next(&mut source).await else { panic!("a delivery first") };
+    assert_eq!(&first.message.payload[..], b"one");
+
+    proxy.cut();
+    within(link.wait_connected(false)).await;
+    assert!(link.session().is_none(), "nothing is published on a lost connection");
+    // The lost consumer's lane is revoked; acking its delivery is a no-op, not an error.
+    assert!(matches!(next(&mut source).await, SourceEvent::Revoked { .. }));
+    first.acker.ack().await.unwrap();
+    proxy.restore();
+    within(link.wait_connected(true)).await;
+    assert_eq!(link.reconnections(), 1);
+    assert!(matches!(next(&mut source).await, SourceEvent::Assigned(_)));
+    // The unacked message comes back, on the new lane.
+    let SourceEvent::Delivery(again) = next(&mut source).await else { panic!("the message again") };
+    assert_eq!(&again.message.payload[..], b"one");
+    assert!(again.message.redelivered);
+    assert_eq!(again.message.source.partition, 1, "the second connection's lane");
+    again.acker.ack().await.unwrap();
+
+    // The broker cancels the consumer (its queue is deleted): the link redeclares the
+    // queue and consumes again.
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_delete(names.queue("in").as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+    assert!(matches!(next(&mut source).await, SourceEvent::Revoked { .. }));
+    assert!(matches!(next(&mut source).await, SourceEvent::Assigned(_)));
+    assert_eq!(link.reconnections(), 2);
+    channel.publish(&names.queue("in"), b"two", "2", &[]).await.unwrap();
+    let SourceEvent::Delivery(second) = next(&mut source).await else { panic!("a delivery after the cancel") };
+    assert_eq!(&second.message.payload[..], b"two");
+    second.acker.ack().await.unwrap();
+    link.close().await;
+    assert_eq!(ready(&conn, &names.queue("in")).await, 0, "every message acked once");
+    names.delete(&conn).await;
+}

@@ -175,8 +175,8 @@ impl Link {
         loop {
             let Some(session) = self.session() else { return };
             let Some(why) = self.watch(&session).await else { return };
-            self.connected.send_replace(false);
             self.session.lock().unwrap_or_else(|e| e.into_inner()).take();
+            self.connected.send_replace(false);
             let outstanding = self.activity.outstanding.load(Ordering::Relaxed);
             tracing::warn!(reason = %why, unacked = outstanding, "RabbitMQ connection lost: not ready; reconnecting (unacked tickets are redelivered by the broker)");
             // Whatever is left of it goes, so the broker requeues its deliveries.
@@ -202,12 +202,16 @@ impl Link {
                 }
             };
             *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            // Publishing works before the first new delivery arrives.
+            let session = Arc::new(session);
+            *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
+            self.reconnections.fetch_add(1, Ordering::Relaxed);
             if self.stop.is_cancelled() || consumers.send((generation, consumer)).await.is_err() {
+                self.session.lock().unwrap_or_else(|e| e.into_inner()).take();
                 super::close(&session.conn, 200, "worker stopping").await;
                 return;
             }
-            *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(session));
-            self.reconnections.fetch_add(1, Ordering::Relaxed);
+            drop(session);
             self.connected.send_replace(true);
             tracing::warn!(down_for = ?down.elapsed(), generation, "reconnected to RabbitMQ: topology declared, consuming again");
         }

@@ -420,7 +420,9 @@ mod tests {
         let burst = (0..5).map(|i| {
             let (runner, request, chain) = (&runner, request.clone(), &chain);
             async move {
-                let mut unit = UnitCalls::new(&format!("T-{i}"), "U", Instant::now() + Duration::from_secs(5));
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let mut unit =
+                    UnitCalls::new(&format!("T-{i}"), "U", deadline).with_hold_until(deadline + Duration::from_secs(5));
                 runner.run(Stage::Reply, chain, request, &mut unit).await
             }
         });

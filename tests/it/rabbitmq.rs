@@ -452,6 +452,12 @@ async fn replies_ready(conn: &Connection, names: &Names) -> u32 {
     ready(conn, &names.queue("replies")).await
 }
 
+/// Units whose outputs are confirmed published, from the ledger: distinct tickets.
+async fn published_units(db: &crate::ledger_pg::TestDb) -> i64 {
+    let client = db.client().await;
+    client.query_one("SELECT count(*) FROM units WHERE published", &[]).await.unwrap().get(0)
+}
+
 fn produce_text(names: &Names, text: &str) {
     use std::io::Write as _;
     let mut child = bin()
@@ -508,10 +514,8 @@ async fn the_worker_reconnects_by_itself_after_its_broker_connection_drops() {
     assert!(worker.is_running(), "the worker must not exit when the broker goes away");
     proxy.restore();
     // ...and finishes the work by itself once the broker is back.
-    wait_until("every ticket answered", async || {
-        ready(&conn, &names.queue("in")).await == 0 && replies_ready(&conn, &names).await >= total as u32
-    })
-    .await;
+    // Copies in the replies queue do not count: the ledger's published units do.
+    wait_until("every ticket answered", async || published_units(&db).await == total as i64).await;
     let (status, said) = stop_worker(worker);
     assert!(status.success(), "{said}");
     assert!(said.contains("reconnected to RabbitMQ"), "{said}");
@@ -537,10 +541,8 @@ async fn a_worker_killed_mid_run_and_restarted_loses_nothing_and_pays_nothing_tw
     wait_until("a third answered", async || replies_ready(&conn, &names).await >= total as u32 / 3).await;
     worker.kill();
     let worker = start_worker_with(&names, &db.url, &config, &short_leases);
-    wait_until("every ticket answered", async || {
-        ready(&conn, &names.queue("in")).await == 0 && replies_ready(&conn, &names).await >= total as u32
-    })
-    .await;
+    // Copies in the replies queue do not count: the ledger's published units do.
+    wait_until("every ticket answered", async || published_units(&db).await == total as i64).await;
     let (status, said) = stop_worker(worker);
     assert!(status.success(), "{said}");
     let settled = Settled::check(&conn, &names, &db, total, conversations).await;
@@ -812,5 +814,32 @@ async fn the_link_is_not_ready_while_disconnected_and_consumes_again_after() {
     second.acker.ack().await.unwrap();
     link.close().await;
     assert_eq!(ready(&conn, &names.queue("in")).await, 0, "every message acked once");
+    names.delete(&conn).await;
+}
+
+#[tokio::test]
+async fn a_ticket_past_the_delivery_limit_lands_in_the_dead_letter_queue_and_replays() {
+    let names = Names::new();
+    let limit = [("TICKETFLOW__BROKER__RABBITMQ__DELIVERY_LIMIT", "1")];
+    assert!(names.topics(&limit).status.success());
+    let conn = connect().await;
+    let ticket = br#"{"ticket_id":"T-L","conversation_id":"C-L","messages":[{"role":"customer","text":"hi"}]}"#;
+    Confirmed::open(&conn).await.unwrap().publish(&names.queue("in"), ticket, "T-L", &[]).await.unwrap();
+    // A worker that keeps dying on it hands it back each time.
+    let ch = conn.create_channel().await.unwrap();
+    for _ in 0..2 {
+        let got = wait_get(&ch, &names.queue("in")).await;
+        got.nack(BasicNackOptions { requeue: true, ..Default::default() }).await.unwrap();
+    }
+    // The broker dead-letters it as it was: not lost.
+    wait_until("the dead-letter queue", async || ready(&conn, &names.queue("dlq")).await == 1).await;
+    let replay = bin().args(["replay", "--kind", "delivery_limit"]).envs(names.env()).envs(limit).output().unwrap();
+    assert!(replay.status.success(), "{}", stderr(&replay));
+    assert!(stdout(&replay).contains("replayed 1 dead letter(s)"), "{}", stdout(&replay));
+    let back = wait_get(&ch, &names.queue("in")).await;
+    assert_eq!(back.delivery.data, ticket);
+    assert_eq!(header_of(&back, "x-replay-count").as_deref(), Some("1"));
+    assert_eq!(header_of(&back, "conversation_id").as_deref(), Some("C-L"));
+    assert_eq!(ready(&conn, &names.queue("dlq")).await, 0);
     names.delete(&conn).await;
 }

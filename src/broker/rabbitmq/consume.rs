@@ -173,7 +173,7 @@ impl Source for RabbitSource {
                         let Some((generation, _)) = self.current else { continue };
                         let message = self.message(generation, &d);
                         self.link.activity.delivered();
-                        let acker = Box::new(RabbitAcker { acker: d.acker, link: self.link.clone() });
+                        let acker = Box::new(RabbitAcker { acker: d.acker, link: self.link.clone(), generation });
                         return Ok(Some(SourceEvent::Delivery(Delivery { message, acker })));
                     }
                     ended => {
@@ -204,15 +204,31 @@ impl Source for RabbitSource {
     }
 }
 
+/// How long an ack or nack may take to be written. lapin resolves it once the frame
+/// is on the socket; a connection whose I/O loop died never resolves it.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Settles one AMQP delivery on the channel it came on; a no-op (logged) once that
 /// channel is gone, since the broker has taken the message back.
 struct RabbitAcker {
     acker: lapin::Acker,
     link: Arc<Link>,
+    generation: u32,
 }
 
 impl RabbitAcker {
-    fn settled(&self, what: &str, result: Result<bool, lapin::Error>) -> Result<(), BrokerError> {
+    fn settled(
+        &self,
+        what: &str,
+        result: Result<Result<bool, lapin::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<(), BrokerError> {
+        let Ok(result) = result else {
+            // The connection is beyond use: the link replaces it, and the broker takes
+            // the message back with it.
+            tracing::warn!("{what} not written within {SETTLE_TIMEOUT:?}: the connection is stuck; reconnecting");
+            self.link.lost(self.generation, format!("an {what} was not written within {SETTLE_TIMEOUT:?}"));
+            return Ok(());
+        };
         match result {
             Ok(true) => Ok(()),
             Ok(false) => {
@@ -237,12 +253,13 @@ impl Drop for RabbitAcker {
 #[async_trait]
 impl Acker for RabbitAcker {
     async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
-        let result = self.acker.ack(BasicAckOptions::default()).await;
+        let result = tokio::time::timeout(SETTLE_TIMEOUT, self.acker.ack(BasicAckOptions::default())).await;
         self.settled("ack", result)
     }
 
     async fn nack(self: Box<Self>, requeue: bool) -> Result<(), BrokerError> {
-        let result = self.acker.nack(BasicNackOptions { requeue, ..BasicNackOptions::default() }).await;
+        let options = BasicNackOptions { requeue, ..BasicNackOptions::default() };
+        let result = tokio::time::timeout(SETTLE_TIMEOUT, self.acker.nack(options)).await;
         self.settled("nack", result)
     }
 }

@@ -22,9 +22,13 @@ use crate::ticket::Output;
 /// Delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
 
-/// How long a confirmation may take. A healthy broker confirms in milliseconds; a
-/// connection whose socket died without lapin noticing would leave the wait hanging.
-const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long sending a message, and then its confirmation, may take. A healthy broker
+/// confirms in milliseconds (a blocked one, during a resource alarm, may take longer);
+/// on a connection whose I/O loop died, lapin would leave the wait hanging forever.
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How a publish that timed out is reported, and recognised.
+const NO_ANSWER: &str = "no answer from the broker within";
 
 /// A channel in confirm mode.
 #[derive(Clone)]
@@ -78,11 +82,13 @@ impl Confirmed {
             .with_message_id(message_id.into())
             .with_headers(table);
         let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-        let confirm = self
-            .channel
-            .basic_publish("".into(), queue.into(), options, payload, properties)
-            .await
-            .map_err(|e| BrokerError::Publish(format!("publishing to `{queue}`: {}", reason(&e))))?;
+        let publish = self.channel.basic_publish("".into(), queue.into(), options, payload, properties);
+        let confirm = match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+            Ok(sent) => sent.map_err(|e| BrokerError::Publish(format!("publishing to `{queue}`: {}", reason(&e))))?,
+            Err(_) => {
+                return Err(BrokerError::Publish(format!("publishing to `{queue}`: {NO_ANSWER} {CONFIRM_TIMEOUT:?}")))
+            }
+        };
         Ok(Unconfirmed { queue: queue.to_owned(), confirm })
     }
 }
@@ -103,9 +109,7 @@ impl Unconfirmed {
                 confirm.map_err(|e| BrokerError::Publish(format!("publishing to `{queue}`: {}", reason(&e))))?
             }
             Err(_) => {
-                return Err(BrokerError::Publish(format!(
-                    "publishing to `{queue}`: no confirmation from the broker within {CONFIRM_TIMEOUT:?}"
-                )))
+                return Err(BrokerError::Publish(format!("publishing to `{queue}`: {NO_ANSWER} {CONFIRM_TIMEOUT:?}")))
             }
         };
         if confirm.is_nack() {
@@ -180,8 +184,12 @@ impl Publisher for RabbitPublisher {
             return Err(BrokerError::Publish("not connected to RabbitMQ (reconnecting)".into()));
         };
         let result = self.publish_on(&session.publish, output).await;
-        if matches!(result, Err(BrokerError::Publish(_))) && !session.publish.is_open() {
-            self.link.lost(session.generation, "the publishing channel closed".into());
+        if let Err(BrokerError::Publish(e)) = &result {
+            if !session.publish.is_open() {
+                self.link.lost(session.generation, "the publishing channel closed".into());
+            } else if e.contains(NO_ANSWER) {
+                self.link.lost(session.generation, format!("the publishing channel is stuck: {e}"));
+            }
         }
         result
     }

@@ -327,6 +327,17 @@ mod tests {
     use super::*;
     use crate::providers::Provider;
 
+    fn reply_request() -> ChatRequest {
+        ChatRequest {
+            model: String::new(),
+            stage: Stage::Reply,
+            system: "s".into(),
+            user: "u".into(),
+            json_mode: false,
+            max_output_tokens: 10,
+        }
+    }
+
     #[derive(Default)]
     struct Counting {
         calls: AtomicU32,
@@ -358,14 +369,7 @@ mod tests {
 
         let prices = PriceTable::from_settings(&settings);
         let runner = ChainRunner { providers: &providers, prices: &prices, retry: &settings.retry };
-        let request = ChatRequest {
-            model: String::new(),
-            stage: Stage::Reply,
-            system: "s".into(),
-            user: "u".into(),
-            json_mode: false,
-            max_output_tokens: 10,
-        };
+        let request = reply_request();
         let mut unit = UnitCalls::new("T-1", "U-1", Instant::now() + Duration::from_millis(20));
         let result = runner.run(Stage::Reply, &["qwen/qwen-plus".to_owned()], request, &mut unit).await;
         assert!(matches!(&result, ChainResult::Exhausted { attempts: 0, .. }), "{result:?}");
@@ -407,14 +411,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(60)).await;
         let prices = PriceTable::from_settings(&settings);
         let runner = ChainRunner { providers: &providers, prices: &prices, retry: &settings.retry };
-        let request = ChatRequest {
-            model: String::new(),
-            stage: Stage::Reply,
-            system: "s".into(),
-            user: "u".into(),
-            json_mode: false,
-            max_output_tokens: 10,
-        };
+        let request = reply_request();
         let chain = ["qwen/qwen-plus".to_owned()];
         // A burst, as a replay sends: one call probes, the others wait for its verdict.
         let burst = (0..5).map(|i| {

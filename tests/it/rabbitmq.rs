@@ -474,81 +474,98 @@ fn produce_text(names: &Names, text: &str) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// `total` generated tickets in `conversations` conversations, produced onto a
+/// topology and checked against a database of their own.
+struct Scenario {
+    names: Names,
+    db: crate::ledger_pg::TestDb,
+    _dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    conn: Connection,
+    total: usize,
+    conversations: usize,
+}
+
+impl Scenario {
+    async fn new(total: usize, conversations: usize) -> Scenario {
+        let names = Names::new();
+        let db = crate::ledger_pg::TestDb::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::helpers::instant_config(dir.path());
+        produce_text(&names, &synth_tickets(total, conversations));
+        let conn = connect().await;
+        Scenario { names, db, _dir: dir, config, conn, total, conversations }
+    }
+
+    fn worker(&self, env: &[(&str, &str)]) -> Worker {
+        start_worker_with(&self.names, &self.db.url, &self.config, env)
+    }
+
+    async fn wait_for_a_third(&self) {
+        let third = self.total as u32 / 3;
+        wait_until("a third answered", async || replies_ready(&self.conn, &self.names).await >= third).await;
+    }
+
+    /// Copies in the replies queue do not count: the ledger's published units do.
+    async fn wait_for_all(&self) {
+        wait_until("every ticket answered", async || published_units(&self.db).await == self.total as i64).await;
+    }
+
+    /// Checks every guarantee (at most `max_copies` replies published twice, each
+    /// identical to its first) and removes the queues and the database.
+    async fn finish(self, max_copies: usize) {
+        assert_eq!(ready(&self.conn, &self.names.queue("in")).await, 0);
+        let settled = Settled::check(&self.conn, &self.names, &self.db, self.total, self.conversations).await;
+        assert!(settled.duplicate_replies <= max_copies, "{} copies", settled.duplicate_replies);
+        self.names.delete(&self.conn).await;
+        self.db.drop_db().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tickets_are_each_answered_once_in_conversation_order() {
-    let (total, conversations) = (10_000, 2_000);
-    let names = Names::new();
-    let db = crate::ledger_pg::TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = crate::helpers::instant_config(dir.path());
-    produce_text(&names, &synth_tickets(total, conversations));
-    let conn = connect().await;
-    let worker = start_worker(&names, &db.url, &config);
-    wait_until("every ticket answered", async || replies_ready(&conn, &names).await >= total as u32).await;
+    let run = Scenario::new(10_000, 2_000).await;
+    let worker = run.worker(&[]);
+    run.wait_for_all().await;
     let (status, said) = stop_worker(worker);
     assert!(status.success(), "{said}");
-    assert_eq!(ready(&conn, &names.queue("in")).await, 0);
-    let settled = Settled::check(&conn, &names, &db, total, conversations).await;
-    assert_eq!(settled.duplicate_replies, 0, "no fault, no copy");
-    names.delete(&conn).await;
-    db.drop_db().await;
+    run.finish(0).await; // no fault, no copy
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_reconnects_by_itself_after_its_broker_connection_drops() {
-    let (total, conversations) = (3_000, 600);
-    let names = Names::new();
-    let db = crate::ledger_pg::TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = crate::helpers::instant_config(dir.path());
-    produce_text(&names, &synth_tickets(total, conversations));
-    let conn = connect().await;
+    let run = Scenario::new(3_000, 600).await;
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let through_proxy = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
-    let mut worker =
-        start_worker_with(&names, &db.url, &config, &[("TICKETFLOW__BROKER__RABBITMQ__URL", &through_proxy)]);
-    wait_until("a third answered", async || replies_ready(&conn, &names).await >= total as u32 / 3).await;
+    let mut worker = run.worker(&[("TICKETFLOW__BROKER__RABBITMQ__URL", &through_proxy)]);
+    run.wait_for_a_third().await;
     proxy.cut();
     // The worker notices and tries again (refused while the proxy is cut)...
     wait_until("a reconnection attempt", async || proxy.refused() >= 1).await;
     assert!(worker.is_running(), "the worker must not exit when the broker goes away");
     proxy.restore();
     // ...and finishes the work by itself once the broker is back.
-    // Copies in the replies queue do not count: the ledger's published units do.
-    wait_until("every ticket answered", async || published_units(&db).await == total as i64).await;
+    run.wait_for_all().await;
     let (status, said) = stop_worker(worker);
     assert!(status.success(), "{said}");
     assert!(said.contains("reconnected to RabbitMQ"), "{said}");
-    let settled = Settled::check(&conn, &names, &db, total, conversations).await;
-    assert!(settled.duplicate_replies < total / 10, "{} copies", settled.duplicate_replies);
-    names.delete(&conn).await;
-    db.drop_db().await;
+    run.finish(300).await; // a tenth: confirms lost with the connection
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_run_and_restarted_loses_nothing_and_pays_nothing_twice() {
-    let (total, conversations) = (3_000, 600);
-    let names = Names::new();
-    let db = crate::ledger_pg::TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = crate::helpers::instant_config(dir.path());
-    produce_text(&names, &synth_tickets(total, conversations));
-    let conn = connect().await;
+    let run = Scenario::new(3_000, 600).await;
     // The killed worker's claims hold its units until their lease expires: short
     // leases keep the test short (the default is three minutes).
     let short_leases = [("TICKETFLOW__LIMITS__TICKET_DEADLINE_MS", "3000"), ("TICKETFLOW__DATABASE__LEASE_MS", "5000")];
-    let worker = start_worker_with(&names, &db.url, &config, &short_leases);
-    wait_until("a third answered", async || replies_ready(&conn, &names).await >= total as u32 / 3).await;
+    let worker = run.worker(&short_leases);
+    run.wait_for_a_third().await;
     worker.kill();
-    let worker = start_worker_with(&names, &db.url, &config, &short_leases);
-    // Copies in the replies queue do not count: the ledger's published units do.
-    wait_until("every ticket answered", async || published_units(&db).await == total as i64).await;
+    let worker = run.worker(&short_leases);
+    run.wait_for_all().await;
     let (status, said) = stop_worker(worker);
     assert!(status.success(), "{said}");
-    let settled = Settled::check(&conn, &names, &db, total, conversations).await;
-    assert!(settled.duplicate_replies < total / 10, "{} copies", settled.duplicate_replies);
-    names.delete(&conn).await;
-    db.drop_db().await;
+    run.finish(300).await; // a tenth: confirms lost with the connection
 }
 
 /// A dead letter as the worker writes it (SPEC §3.4), carrying `payload`.

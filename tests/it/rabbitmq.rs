@@ -352,8 +352,8 @@ async fn the_worker_answers_every_produced_ticket_once_and_redelivery_pays_nothi
 }
 
 /// `n` tickets as JSONL, cycling through the examples, in `conversations`
-/// conversations interleaved (ticket i belongs to conversation i mod conversations),
-/// so that every conversation has several tickets far apart in the queue.
+/// conversations of consecutive tickets, so that a worker ignoring the order of a
+/// conversation would answer its tickets out of order.
 fn synth_tickets(n: usize, conversations: usize) -> String {
     let examples = std::fs::read_to_string(repo_path("examples/tickets.jsonl")).unwrap();
     let base: Vec<serde_json::Value> =
@@ -362,7 +362,7 @@ fn synth_tickets(n: usize, conversations: usize) -> String {
     for i in 0..n {
         let mut t = base[i % base.len()].clone();
         t["ticket_id"] = format!("S-{i}").into();
-        t["conversation_id"] = format!("SC-{}", i % conversations).into();
+        t["conversation_id"] = format!("SC-{}", i / n.div_ceil(conversations)).into();
         out.push_str(&serde_json::to_string(&t).unwrap());
         out.push('\n');
     }
@@ -528,7 +528,15 @@ impl Scenario {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tickets_are_each_answered_once_in_conversation_order() {
     let run = Scenario::new(10_000, 2_000).await;
-    let worker = run.worker(&[]);
+    // Calls that take a random few milliseconds: later tickets of a conversation
+    // would overtake earlier ones if the worker let them run side by side.
+    let mut jitter = Vec::new();
+    for p in ["QWEN", "OPENAI", "ANTHROPIC", "MISTRAL", "DEEPSEEK"] {
+        jitter.push((format!("TICKETFLOW__PROVIDERS__{p}__LATENCY_MS"), "3"));
+        jitter.push((format!("TICKETFLOW__PROVIDERS__{p}__JITTER_MS"), "3"));
+    }
+    let jitter: Vec<(&str, &str)> = jitter.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let worker = run.worker(&jitter);
     run.wait_for_all().await;
     let (status, said) = stop_worker(worker);
     assert!(status.success(), "{said}");

@@ -306,12 +306,12 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     }
                     Ok(())
                 }
-                crate::settings::BrokerKind::Kafka => Err(Failure {
-                    code: 1,
-                    error: anyhow::anyhow!(
-                        "topics for Kafka are not supported yet; for RabbitMQ set broker.kind = \"rabbitmq\" (TICKETFLOW__BROKER__KIND=rabbitmq)"
-                    ),
-                }),
+                crate::settings::BrokerKind::Kafka => {
+                    for d in crate::broker::kafka::topics::create(&settings.broker).await? {
+                        println!("{d}");
+                    }
+                    Ok(())
+                }
             }
         }
         Command::Config => {

@@ -10,6 +10,11 @@ use std::path::Path;
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::broker::kafka;
 use crate::broker::rabbitmq::publish::{Confirmed, Unconfirmed};
 use crate::broker::rabbitmq::{self, topology, RabbitError};
 use crate::intake;
@@ -37,15 +42,12 @@ pub enum ProduceError {
     Read(std::io::Error),
     #[error(transparent)]
     Rabbit(#[from] RabbitError),
-    #[error("producing to Kafka is not supported yet; for RabbitMQ set broker.kind = \"rabbitmq\" (TICKETFLOW__BROKER__KIND=rabbitmq)")]
-    Kafka,
+    #[error(transparent)]
+    Kafka(#[from] kafka::KafkaSetupError),
 }
 
 /// Publishes every valid ticket of `input` (`-` for standard input).
 pub async fn run(settings: &Settings, input: &Path) -> Result<ProduceReport, ProduceError> {
-    if settings.broker.kind == BrokerKind::Kafka {
-        return Err(ProduceError::Kafka);
-    }
     let reader: Box<dyn AsyncBufRead + Unpin + Send> = if input == Path::new("-") {
         Box::new(BufReader::new(tokio::io::stdin()))
     } else {
@@ -54,23 +56,110 @@ pub async fn run(settings: &Settings, input: &Path) -> Result<ProduceReport, Pro
             .map_err(|source| ProduceError::Input { path: input.display().to_string(), source })?;
         Box::new(BufReader::new(file))
     };
-    let conn = rabbitmq::connect(&settings.broker.rabbitmq, &settings.worker.id).await?;
-    let result = produce(settings, &conn, reader).await;
-    rabbitmq::close(&conn, 200, "done").await;
-    result
+    let topic = settings.broker.topics.input.clone();
+    match settings.broker.kind {
+        BrokerKind::Rabbitmq => {
+            let conn = rabbitmq::connect(&settings.broker.rabbitmq, &settings.worker.id).await?;
+            let result = async {
+                topology::declare(&conn, &settings.broker).await?;
+                let channel = Confirmed::open(&conn).await?;
+                produce(settings, reader, Sink::Rabbit { channel, queue: topic, waiting: VecDeque::new() }).await
+            }
+            .await;
+            rabbitmq::close(&conn, 200, "done").await;
+            result
+        }
+        BrokerKind::Kafka => {
+            let producer = kafka::publish::producer(&settings.broker.kafka)?;
+            produce(settings, reader, Sink::Kafka { producer, topic, waiting: VecDeque::new() }).await
+        }
+    }
+}
+
+/// Where the tickets go, and the sends not yet confirmed.
+enum Sink {
+    Rabbit { channel: Confirmed, queue: String, waiting: VecDeque<(u64, Unconfirmed)> },
+    Kafka { producer: FutureProducer, topic: String, waiting: VecDeque<(u64, DeliveryFuture)> },
+}
+
+impl Sink {
+    /// Sends one ticket (in order: RabbitMQ keeps the queue's order, Kafka the order
+    /// of a key's partition) without waiting for its confirmation.
+    async fn send(&mut self, line_no: u64, line: &[u8], ticket: &crate::ticket::Ticket, report: &mut ProduceReport) {
+        let headers = [("conversation_id", ticket.conversation_id.as_str()), ("ticket_id", &ticket.ticket_id)];
+        match self {
+            Sink::Rabbit { channel, queue, waiting } => {
+                match channel.send(queue, line, &ticket.unit_id, &headers).await {
+                    Ok(unconfirmed) => waiting.push_back((line_no, unconfirmed)),
+                    Err(e) => report.refused.push(format!("line {line_no}: {e}")),
+                }
+            }
+            Sink::Kafka { producer, topic, waiting } => {
+                let mut kafka_headers = OwnedHeaders::new();
+                for (key, value) in headers {
+                    kafka_headers = kafka_headers.insert(Header { key, value: Some(value) });
+                }
+                let mut record =
+                    FutureRecord::to(topic.as_str()).payload(line).key(&ticket.conversation_id).headers(kafka_headers);
+                loop {
+                    match producer.send_result(record) {
+                        Ok(delivery) => break waiting.push_back((line_no, delivery)),
+                        // The producer's queue is full: let it drain, then try again.
+                        Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                            record = back;
+                            match waiting.pop_front() {
+                                Some(oldest) => Self::settle_kafka(oldest, report).await,
+                                None => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                            }
+                        }
+                        Err((e, _)) => break report.refused.push(format!("line {line_no}: {}", kafka::reason(&e))),
+                    }
+                }
+            }
+        }
+    }
+
+    fn waiting(&self) -> usize {
+        match self {
+            Sink::Rabbit { waiting, .. } => waiting.len(),
+            Sink::Kafka { waiting, .. } => waiting.len(),
+        }
+    }
+
+    /// Waits for the oldest confirmation.
+    async fn settle_oldest(&mut self, report: &mut ProduceReport) {
+        match self {
+            Sink::Rabbit { waiting, .. } => {
+                let Some((line_no, unconfirmed)) = waiting.pop_front() else { return };
+                match unconfirmed.confirmed().await {
+                    Ok(()) => report.published += 1,
+                    Err(e) => report.refused.push(format!("line {line_no}: {e}")),
+                }
+            }
+            Sink::Kafka { waiting, .. } => {
+                if let Some(oldest) = waiting.pop_front() {
+                    Self::settle_kafka(oldest, report).await;
+                }
+            }
+        }
+    }
+
+    async fn settle_kafka((line_no, delivery): (u64, DeliveryFuture), report: &mut ProduceReport) {
+        match delivery.await {
+            Ok(Ok(_)) => report.published += 1,
+            Ok(Err((e, _))) => report.refused.push(format!("line {line_no}: {}", kafka::reason(&e))),
+            Err(_) => report.refused.push(format!("line {line_no}: the producer went away")),
+        }
+    }
 }
 
 async fn produce(
     settings: &Settings,
-    conn: &lapin::Connection,
     mut reader: Box<dyn AsyncBufRead + Unpin + Send>,
+    mut sink: Sink,
 ) -> Result<ProduceReport, ProduceError> {
-    topology::declare(conn, &settings.broker).await?;
-    let channel = Confirmed::open(conn).await?;
-    let queue = &settings.broker.topics.input;
     let limit = settings.limits.max_message_bytes;
     let mut report = ProduceReport::default();
-    let mut waiting: VecDeque<(u64, Unconfirmed)> = VecDeque::new();
     let mut line = Vec::new();
     let mut line_no = 0u64;
     loop {
@@ -92,25 +181,13 @@ async fn produce(
                 continue;
             }
         };
-        let headers = [("conversation_id", ticket.conversation_id.as_str()), ("ticket_id", &ticket.ticket_id)];
-        match channel.send(queue, &line, &ticket.unit_id, &headers).await {
-            Ok(unconfirmed) => waiting.push_back((line_no, unconfirmed)),
-            Err(e) => report.refused.push(format!("line {line_no}: {e}")),
-        }
-        if waiting.len() >= WINDOW {
-            settle(waiting.pop_front(), &mut report).await;
+        sink.send(line_no, &line, &ticket, &mut report).await;
+        if sink.waiting() >= WINDOW {
+            sink.settle_oldest(&mut report).await;
         }
     }
-    while !waiting.is_empty() {
-        settle(waiting.pop_front(), &mut report).await;
+    while sink.waiting() > 0 {
+        sink.settle_oldest(&mut report).await;
     }
     Ok(report)
-}
-
-async fn settle(next: Option<(u64, Unconfirmed)>, report: &mut ProduceReport) {
-    let Some((line_no, unconfirmed)) = next else { return };
-    match unconfirmed.confirmed().await {
-        Ok(()) => report.published += 1,
-        Err(e) => report.refused.push(format!("line {line_no}: {e}")),
-    }
 }

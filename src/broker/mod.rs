@@ -8,6 +8,7 @@
 //! in-memory queue of `ticketflow process` all plug in here.
 
 pub mod files;
+pub mod kafka;
 pub mod memory;
 pub mod rabbitmq;
 

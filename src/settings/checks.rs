@@ -55,6 +55,36 @@ impl Settings {
                 "broker.rabbitmq.tls_client_cert_file and tls_client_key_file go together: set both or neither".into(),
             );
         }
+        let kafka = &self.broker.kafka;
+        if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&kafka.security_protocol.as_str()) {
+            problems.push(format!(
+                "broker.kafka.security_protocol: `{}` is not one of plaintext, ssl, sasl_plaintext, sasl_ssl",
+                kafka.security_protocol
+            ));
+        }
+        if kafka.security_protocol.starts_with("sasl")
+            && !["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&kafka.sasl_mechanism.as_str())
+        {
+            problems.push(
+                "broker.kafka.sasl_mechanism must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with a sasl_* protocol"
+                    .into(),
+            );
+        }
+        for (key, path) in [
+            ("ssl_ca_file", &kafka.ssl_ca_file),
+            ("ssl_certificate_file", &kafka.ssl_certificate_file),
+            ("ssl_key_file", &kafka.ssl_key_file),
+        ] {
+            if !path.is_empty() && !std::path::Path::new(path).is_file() {
+                problems.push(format!("broker.kafka.{key}: no such file: {path}"));
+            }
+        }
+        if kafka.partitions < 1 || kafka.replication_factor < 1 {
+            problems.push("broker.kafka.partitions and replication_factor must be at least 1".into());
+        }
+        if kafka.commit_interval_ms == 0 {
+            problems.push("broker.kafka.commit_interval_ms must be at least 1".into());
+        }
         let topics = &self.broker.topics;
         let names = [&topics.input, &topics.replies, &topics.costs, &topics.dead_letters];
         if names.iter().any(|n| n.trim().is_empty()) {

@@ -150,6 +150,28 @@ pub struct KafkaSettings {
     pub bootstrap_servers: String,
     /// Consumer group shared by all worker replicas.
     pub group_id: String,
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub security_protocol: String,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` with a `sasl_*` protocol.
+    pub sasl_mechanism: String,
+    /// Environment variables holding the SASL user name and password (never the
+    /// secrets themselves in a file).
+    pub sasl_username_env: String,
+    pub sasl_password_env: String,
+    /// PEM files: the CA of the brokers' certificates, and a client certificate and key.
+    pub ssl_ca_file: String,
+    pub ssl_certificate_file: String,
+    pub ssl_key_file: String,
+    /// Partitions and replication factor of the topics `ticketflow topics` creates.
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// How often the offsets of finished messages are committed.
+    pub commit_interval_ms: u64,
+    /// Consumer group session timeout (a member silent this long is evicted).
+    pub session_timeout_ms: u64,
+    /// Any other librdkafka property, passed through as is (for example
+    /// `"fetch.max.bytes" = "1048576"`). Ours win where both set one.
+    pub properties: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,0 +1,312 @@
+//! The Kafka consumer: a group member with cooperative-sticky assignment whose
+//! partitions are the dispatcher's lanes.
+//!
+//! A thread of its own polls librdkafka without pause, whatever the dispatcher does,
+//! so the member never exceeds `max.poll.interval.ms` (not during a database outage
+//! either): backpressure pauses partitions instead. Polled messages go to the
+//! dispatcher with an acker; their offsets are tracked ([`Offsets`]) and only the
+//! highest contiguous finished offset of a partition is stored
+//! (`enable.auto.offset.store=false`), then committed on an interval by librdkafka,
+//! at every revocation and at shutdown.
+//!
+//! A revocation runs in librdkafka's rebalance callback on the polling thread: it
+//! reports the lanes revoked, waits until the dispatcher has drained them (handing
+//! back what had not started, letting running tickets finish or abandoning them at
+//! its deadline), commits their final positions, and only then lets the partitions
+//! go. The next owner starts at the first unfinished message; the ledger keeps what
+//! is redone from being answered or paid twice.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::ClientContext;
+use tokio::sync::{mpsc, oneshot};
+
+use super::offsets::Offsets;
+use super::{client_config, KafkaSetupError, REPLAY_COUNT_HEADER};
+use crate::broker::{Acker, BrokerError, Delivery, Lane, Message, Source, SourceEvent};
+use crate::intake;
+use crate::settings::Settings;
+use crate::ticket::SourceRef;
+
+/// The librdkafka context: rebalances become lane events.
+struct Ctx {
+    control: mpsc::UnboundedSender<SourceEvent>,
+    offsets: Arc<Offsets>,
+}
+
+impl ClientContext for Ctx {}
+
+fn lanes_of(tpl: &TopicPartitionList) -> Vec<Lane> {
+    tpl.elements().iter().map(|e| Lane { topic: e.topic().to_owned(), partition: e.partition() }).collect()
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let lanes = lanes_of(tpl);
+        tracing::info!(?lanes, "partitions revoked: draining them");
+        let (drained, done) = oneshot::channel();
+        if self.control.send(SourceEvent::Revoked { lanes: lanes.clone(), drained }).is_ok() {
+            // The dispatcher answers within its drain deadline (or drops the sender
+            // when it stops).
+            let _ = done.blocking_recv();
+        }
+        let mut commit = TopicPartitionList::new();
+        for lane in &lanes {
+            if let Some(position) = self.offsets.position(&lane.topic, lane.partition) {
+                let _ = commit.add_partition_offset(&lane.topic, lane.partition, Offset::Offset(position));
+            }
+            self.offsets.forget(&lane.topic, lane.partition);
+        }
+        if commit.count() > 0 {
+            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+                tracing::warn!(error = %super::reason(&e), "committing revoked partitions failed; their next owner may redo finished tickets (the ledger answers them from its record)");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let lanes = lanes_of(tpl);
+                tracing::info!(?lanes, "partitions assigned");
+                let _ = self.control.send(SourceEvent::Assigned(lanes));
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %super::reason(e), "rebalance failed"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// The consumer of the input topic.
+pub struct KafkaSource {
+    consumer: Arc<BaseConsumer<Ctx>>,
+    offsets: Arc<Offsets>,
+    control: mpsc::UnboundedReceiver<SourceEvent>,
+    deliveries: mpsc::UnboundedReceiver<Delivery>,
+    pending: VecDeque<SourceEvent>,
+    paused: bool,
+    stop: Arc<AtomicBool>,
+    poller: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KafkaSource {
+    /// Joins the group and starts polling the input topic.
+    pub fn start(settings: &Settings) -> Result<Self, KafkaSetupError> {
+        let k = &settings.broker.kafka;
+        let (control_tx, control) = mpsc::unbounded_channel();
+        let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
+        let offsets = Arc::new(Offsets::default());
+        let consumer: BaseConsumer<Ctx> = client_config(k)?
+            .set("group.id", &k.group_id)
+            .set("client.id", &settings.worker.id)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", k.commit_interval_ms.to_string())
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", k.session_timeout_ms.to_string())
+            // What librdkafka fetches ahead per partition set, beyond what the
+            // dispatcher holds: a bound on memory while partitions are paused.
+            .set("queued.max.messages.kbytes", "16384")
+            .create_with_context(Ctx { control: control_tx, offsets: offsets.clone() })
+            .map_err(|e| KafkaSetupError::Broker { servers: k.bootstrap_servers.clone(), reason: super::reason(&e) })?;
+        let input = settings.broker.topics.input.clone();
+        consumer
+            .subscribe(&[input.as_str()])
+            .map_err(|e| KafkaSetupError::Broker { servers: k.bootstrap_servers.clone(), reason: super::reason(&e) })?;
+        let consumer = Arc::new(consumer);
+        let stop = Arc::new(AtomicBool::new(false));
+        let poller = std::thread::Builder::new()
+            .name("kafka-poll".into())
+            .spawn({
+                let (consumer, offsets, stop) = (consumer.clone(), offsets.clone(), stop.clone());
+                move || poll_loop(consumer, offsets, deliveries_tx, stop)
+            })
+            .map_err(|e| KafkaSetupError::Config(format!("cannot start the polling thread: {e}")))?;
+        Ok(KafkaSource {
+            consumer,
+            offsets,
+            control,
+            deliveries,
+            pending: VecDeque::new(),
+            paused: false,
+            stop,
+            poller: Some(poller),
+        })
+    }
+
+    fn pause_all(&self, pause: bool) -> Result<(), BrokerError> {
+        let assignment = self.consumer.assignment().map_err(|e| BrokerError::Source(super::reason(&e)))?;
+        let result = if pause { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        result.map_err(|e| BrokerError::Source(super::reason(&e)))
+    }
+
+    /// The commit position of every partition with messages polled, for tests and
+    /// the metrics issue (consumer lag).
+    pub fn offsets(&self) -> Arc<Offsets> {
+        self.offsets.clone()
+    }
+}
+
+fn poll_loop(
+    consumer: Arc<BaseConsumer<Ctx>>,
+    offsets: Arc<Offsets>,
+    deliveries: mpsc::UnboundedSender<Delivery>,
+    stop: Arc<AtomicBool>,
+) {
+    while !stop.load(Ordering::Relaxed) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let payload = bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default());
+                let key = m
+                    .key()
+                    .and_then(|k| std::str::from_utf8(k).ok())
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_owned)
+                    .or_else(|| intake::conversation_key(&payload));
+                let replay_count = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == REPLAY_COUNT_HEADER))
+                    .and_then(|h| h.value)
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                    .unwrap_or(0);
+                let (topic, partition, offset) = (m.topic().to_owned(), m.partition(), m.offset());
+                offsets.polled(&topic, partition, offset);
+                let message = Message {
+                    payload,
+                    full_len: None,
+                    source: SourceRef { topic: topic.clone(), partition, offset },
+                    key,
+                    redelivered: false,
+                    replay_count,
+                };
+                let acker =
+                    KafkaAcker { consumer: consumer.clone(), offsets: offsets.clone(), topic, partition, offset };
+                if deliveries.send(Delivery { message, acker: Box::new(acker) }).is_err() {
+                    break; // the source is gone
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %super::reason(&e), "Kafka consumer error"),
+            None => {}
+        }
+    }
+    // Stopping: commit what is finished, then leave the group (the final revocation
+    // finds no dispatcher and commits the same positions).
+    if let Ok(assignment) = consumer.assignment() {
+        let mut commit = TopicPartitionList::new();
+        for e in assignment.elements() {
+            if let Some(position) = offsets.position(e.topic(), e.partition()) {
+                let _ = commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(position));
+            }
+        }
+        if commit.count() > 0 {
+            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+                tracing::warn!(error = %super::reason(&e), "final offset commit failed");
+            }
+        }
+    }
+    consumer.unsubscribe();
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // No one answers revocations any more: a rebalance during the close must not wait.
+        self.control.close();
+        while self.control.try_recv().is_ok() {}
+        if let Some(poller) = self.poller.take() {
+            let _ = poller.join();
+        }
+    }
+}
+
+#[async_trait]
+impl Source for KafkaSource {
+    async fn next(&mut self) -> Result<Option<SourceEvent>, BrokerError> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(Some(event));
+            }
+            let deliver = !self.paused;
+            tokio::select! {
+                biased;
+                event = self.control.recv() => match event {
+                    Some(SourceEvent::Revoked { lanes, drained }) => {
+                        // Everything polled before the revocation comes first.
+                        while let Ok(d) = self.deliveries.try_recv() {
+                            self.pending.push_back(SourceEvent::Delivery(d));
+                        }
+                        self.pending.push_back(SourceEvent::Revoked { lanes, drained });
+                    }
+                    Some(event) => return Ok(Some(event)),
+                    None => return Ok(None),
+                },
+                delivery = self.deliveries.recv(), if deliver => match delivery {
+                    Some(d) => return Ok(Some(SourceEvent::Delivery(d))),
+                    None => return Err(BrokerError::Source("the Kafka polling thread stopped".into())),
+                },
+            }
+        }
+    }
+
+    fn pause(&mut self, _lanes: &[Lane]) -> Result<(), BrokerError> {
+        self.paused = true;
+        self.pause_all(true)
+    }
+
+    fn resume(&mut self, _lanes: &[Lane]) -> Result<(), BrokerError> {
+        self.paused = false;
+        self.pause_all(false)
+    }
+}
+
+/// Marks one message finished; its partition's stored offset moves up to the first
+/// unfinished message.
+struct KafkaAcker {
+    consumer: Arc<BaseConsumer<Ctx>>,
+    offsets: Arc<Offsets>,
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+impl KafkaAcker {
+    fn complete(&self) {
+        let Some(position) = self.offsets.completed(&self.topic, self.partition, self.offset) else { return };
+        let mut tpl = TopicPartitionList::new();
+        let _ = tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(position));
+        if let Err(e) = self.consumer.store_offsets(&tpl) {
+            // The partition was revoked meanwhile: its final position is committed.
+            tracing::debug!(error = %super::reason(&e), "offset not stored");
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for KafkaAcker {
+    async fn ack(self: Box<Self>) -> Result<(), BrokerError> {
+        self.complete();
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, requeue: bool) -> Result<(), BrokerError> {
+        if requeue {
+            // Handed back (revocation, shutdown): its offset stays uncommitted, so the
+            // partition's next owner (or next run) starts from it.
+            return Ok(());
+        }
+        // Kafka has no dead-letter exchange: a message whose dead letter could not be
+        // published must not block its partition for ever.
+        tracing::error!(topic = %self.topic, partition = self.partition, offset = self.offset, "message rejected without a published dead letter; its offset moves on (see the ledger's dead_letters)");
+        self.complete();
+        Ok(())
+    }
+}

@@ -143,3 +143,21 @@ impl Drop for Proxy {
         self.cut();
     }
 }
+
+/// `n` tickets as JSONL, cycling through the examples, in `conversations`
+/// conversations of consecutive tickets, so that a worker ignoring the order of a
+/// conversation would answer its tickets out of order.
+pub fn synth_tickets(n: usize, conversations: usize) -> String {
+    let examples = std::fs::read_to_string(repo_path("examples/tickets.jsonl")).unwrap();
+    let base: Vec<serde_json::Value> =
+        examples.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut out = String::new();
+    for i in 0..n {
+        let mut t = base[i % base.len()].clone();
+        t["ticket_id"] = format!("S-{i}").into();
+        t["conversation_id"] = format!("SC-{}", i / n.div_ceil(conversations)).into();
+        out.push_str(&serde_json::to_string(&t).unwrap());
+        out.push('\n');
+    }
+    out
+}

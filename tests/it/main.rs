@@ -8,6 +8,7 @@ mod contract;
 mod corpus;
 mod dispatch;
 mod explain_cli;
+mod kafka;
 mod ledger_pg;
 mod pipeline;
 mod process_cli;

@@ -12,7 +12,7 @@ use ticketflow::broker::rabbitmq::link::Link;
 use ticketflow::broker::rabbitmq::publish::{Confirmed, RabbitPublisher};
 use ticketflow::broker::{BrokerError, Publisher};
 
-use crate::helpers::{bin, repo_path, Proxy};
+use crate::helpers::{bin, repo_path, synth_tickets, Proxy};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -349,24 +349,6 @@ async fn the_worker_answers_every_produced_ticket_once_and_redelivery_pays_nothi
     drop(client);
     names.delete(&conn).await;
     db.drop_db().await;
-}
-
-/// `n` tickets as JSONL, cycling through the examples, in `conversations`
-/// conversations of consecutive tickets, so that a worker ignoring the order of a
-/// conversation would answer its tickets out of order.
-fn synth_tickets(n: usize, conversations: usize) -> String {
-    let examples = std::fs::read_to_string(repo_path("examples/tickets.jsonl")).unwrap();
-    let base: Vec<serde_json::Value> =
-        examples.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
-    let mut out = String::new();
-    for i in 0..n {
-        let mut t = base[i % base.len()].clone();
-        t["ticket_id"] = format!("S-{i}").into();
-        t["conversation_id"] = format!("SC-{}", i / n.div_ceil(conversations)).into();
-        out.push_str(&serde_json::to_string(&t).unwrap());
-        out.push('\n');
-    }
-    out
 }
 
 /// Every message of `queue`, taken off it in order.

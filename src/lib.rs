@@ -26,12 +26,12 @@
 //! - [`dispatch`]: between a source and the pipeline: order per key, lanes, flow
 //!   control, rate-aware admission, one disposition per outcome, graceful drain.
 //! - [`observe`]: completions and their observers (summary, metrics, admission).
-//! - [`broker`]: sources and publishers (in-memory queue, output files).
+//! - [`broker`]: sources and publishers (in-memory queue, output files, RabbitMQ, Kafka).
 //! - [`ledger`]: idempotency and cost memory (in-memory and PostgreSQL).
 //! - [`process`]: the embedded `ticketflow process` command. [`summary`]: its report.
 //! - [`produce`]: `ticketflow produce`, tickets from a file onto the input queue.
 //! - [`replay`]: `ticketflow replay`, dead letters back onto the input queue.
-//! - [`worker`]: `ticketflow worker`, the long-running consumer (RabbitMQ).
+//! - [`worker`]: `ticketflow worker`, the long-running consumer (RabbitMQ, Kafka).
 //! - [`explain`]: triage and routing traces for rule authors, and policy comparison.
 //! - [`report`]: spend, savings, routing counts and latency from the PostgreSQL ledger.
 //! - [`mock_provider`]: an OpenAI/DashScope/Anthropic-compatible mock server for tests and demos.

@@ -12,6 +12,13 @@ impl Settings {
             copy.database.password = "REDACTED".into();
         }
         copy.broker.rabbitmq.url = redact_url(&copy.broker.rabbitmq.url);
+        // Passthrough librdkafka properties may carry secrets (`sasl.password`,
+        // `ssl.key.password`, `sasl.oauthbearer.client.secret`).
+        for (key, value) in copy.broker.kafka.properties.iter_mut() {
+            if ["password", "secret", "token"].iter().any(|s| key.contains(s)) {
+                *value = "REDACTED".into();
+            }
+        }
         for p in copy.providers.values_mut() {
             p.base_url = redact_url(&p.base_url);
         }

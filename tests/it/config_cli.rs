@@ -84,3 +84,19 @@ fn a_missing_input_file_is_a_readable_runtime_error() {
     assert!(err.contains("cannot open input /nonexistent/tickets.jsonl"), "{err}");
     assert!(!err.contains("panicked"));
 }
+
+#[test]
+fn kafka_passthrough_secrets_are_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kafka.toml");
+    std::fs::write(
+        &file,
+        "[broker.kafka.properties]\n\"sasl.password\" = \"hunter2\"\n\"fetch.max.bytes\" = \"1048576\"\n",
+    )
+    .unwrap();
+    let out = bin().arg("--config").arg(&file).arg("config").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("\"fetch.max.bytes\" = \"1048576\""), "{text}");
+}

@@ -217,6 +217,16 @@ async fn the_publisher_confirms_outputs_into_their_queues_and_a_missing_queue_is
     names.delete(&conn).await;
 }
 
+/// Ready plus unacknowledged messages of `queue`, from `rabbitmqctl` (statistics
+/// that lag a few seconds behind for quorum queues); `None` if it cannot tell.
+fn held_by_consumers(queue: &str) -> Option<u64> {
+    let out =
+        std::process::Command::new("rabbitmqctl").args(["-q", "list_queues", "name", "messages"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(queue)?.strip_prefix('\t')?.trim().parse().ok())
+}
+
 /// Messages ready in `queue` (nobody consumes the output queues in these tests).
 async fn ready(conn: &Connection, queue: &str) -> u32 {
     let ch = conn.create_channel().await.unwrap();
@@ -334,7 +344,12 @@ async fn the_worker_answers_every_produced_ticket_once_and_redelivery_pays_nothi
     for round in 0.. {
         assert!(round < 10, "the redelivered tickets were never all acked");
         let worker = start_worker(&names, &db.url, &config);
-        wait_until("the input queue drained", async || ready(&conn, &names.queue("in")).await == 0).await;
+        // Not only delivered (ready 0) but acked: the broker's count of ready and
+        // unacknowledged messages, which lags a few seconds (the loop covers a stale 0).
+        wait_until("the input queue drained", async || {
+            ready(&conn, &names.queue("in")).await == 0 && held_by_consumers(&names.queue("in")) == Some(0)
+        })
+        .await;
         let (status, said) = stop_worker(worker);
         assert!(status.success(), "{said}");
         if ready(&conn, &names.queue("in")).await == 0 {

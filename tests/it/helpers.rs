@@ -161,3 +161,27 @@ pub fn synth_tickets(n: usize, conversations: usize) -> String {
     }
     out
 }
+
+/// `ticketflow produce -` with `text` on standard input and `env`; asserts success.
+pub fn produce_stdin<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(
+    env: impl IntoIterator<Item = (K, V)>,
+    text: &str,
+) {
+    use std::io::Write as _;
+    let mut child = bin()
+        .args(["produce", "-"])
+        .envs(env)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Units whose outputs are confirmed published, from the ledger: distinct tickets.
+pub async fn published_units(db: &crate::ledger_pg::TestDb) -> i64 {
+    db.client().await.query_one("SELECT count(*) FROM units WHERE published", &[]).await.unwrap().get(0)
+}

@@ -13,7 +13,7 @@ use rdkafka::producer::DefaultProducerContext;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
 
-use crate::helpers::{bin, synth_tickets};
+use crate::helpers::{bin, produce_stdin, published_units, synth_tickets};
 
 const PARTITIONS: i32 = 6;
 
@@ -84,25 +84,6 @@ impl Cluster {
     }
 }
 
-async fn published_units(db: &crate::ledger_pg::TestDb) -> i64 {
-    db.client().await.query_one("SELECT count(*) FROM units WHERE published", &[]).await.unwrap().get(0)
-}
-
-fn produce(env: &[(String, String)], text: &str) {
-    use std::io::Write as _;
-    let mut child = bin()
-        .args(["produce", "-"])
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tickets_on_six_partitions_are_answered_once_in_order_and_fully_committed() {
     let (total, conversations) = (10_000, 2_000);
@@ -118,7 +99,7 @@ async fn ten_thousand_tickets_on_six_partitions_are_answered_once_in_order_and_f
         env.push((format!("TICKETFLOW__PROVIDERS__{p}__LATENCY_MS"), "3".into()));
         env.push((format!("TICKETFLOW__PROVIDERS__{p}__JITTER_MS"), "3".into()));
     }
-    produce(&env, &synth_tickets(total, conversations));
+    produce_stdin(env.iter().cloned(), &synth_tickets(total, conversations));
     let mut worker = bin()
         .arg("--config")
         .arg(&config)

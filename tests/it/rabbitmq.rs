@@ -12,7 +12,7 @@ use ticketflow::broker::rabbitmq::link::Link;
 use ticketflow::broker::rabbitmq::publish::{Confirmed, RabbitPublisher};
 use ticketflow::broker::{BrokerError, Publisher};
 
-use crate::helpers::{bin, repo_path, synth_tickets, Proxy};
+use crate::helpers::{bin, published_units, repo_path, synth_tickets, Proxy};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -449,26 +449,8 @@ async fn replies_ready(conn: &Connection, names: &Names) -> u32 {
     ready(conn, &names.queue("replies")).await
 }
 
-/// Units whose outputs are confirmed published, from the ledger: distinct tickets.
-async fn published_units(db: &crate::ledger_pg::TestDb) -> i64 {
-    let client = db.client().await;
-    client.query_one("SELECT count(*) FROM units WHERE published", &[]).await.unwrap().get(0)
-}
-
 fn produce_text(names: &Names, text: &str) {
-    use std::io::Write as _;
-    let mut child = bin()
-        .arg("produce")
-        .arg("-")
-        .envs(names.env())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    crate::helpers::produce_stdin(names.env(), text);
 }
 
 /// `total` generated tickets in `conversations` conversations, produced onto a

@@ -59,6 +59,11 @@ pub struct MockProvider {
     /// system and user text.
     #[serde(default)]
     pub filter_words: Vec<String>,
+    /// Words that hold a request (a case-insensitive substring match on the system
+    /// and user text) until `POST /admin/release`: a ticket that takes as long as a
+    /// test wants.
+    #[serde(default)]
+    pub hold_words: Vec<String>,
     /// Windows, in seconds since server start, in which every request gets the
     /// style's overload/unavailable error.
     #[serde(default)]
@@ -85,6 +90,7 @@ impl MockProvider {
             error_rate: 0.0,
             requests_per_minute: 0,
             filter_words: Vec::new(),
+            hold_words: Vec::new(),
             outages: Vec::new(),
         }
     }

@@ -10,6 +10,7 @@
 //! - `POST /{name}/v1/messages`: providers of style `anthropic` (`x-api-key` and
 //!   `anthropic-version`).
 //! - `GET /admin/stats`, `POST /admin/reset`, `POST /admin/outage/{name}?seconds=N`,
+//!   `POST /admin/release` (lets requests held by a provider's `hold_words` go),
 //!   `GET /healthz`.
 //!
 //! # One request
@@ -85,6 +86,8 @@ struct Inner {
     providers: BTreeMap<String, ProviderState>,
     /// Produces the text of every answer.
     content: Simulated,
+    /// False until `POST /admin/release`: requests with a hold word wait for it.
+    released: tokio::sync::watch::Sender<bool>,
 }
 
 /// The two completion endpoints.
@@ -136,7 +139,8 @@ impl MockServer {
         qwen.filter_words.clear();
         let content = Simulated::new("mock", &qwen, analyzer);
         let providers = config.providers.into_iter().map(|(name, p)| (name, ProviderState::new(p))).collect();
-        MockServer { inner: Arc::new(Inner { started: Instant::now(), providers, content }) }
+        let released = tokio::sync::watch::Sender::new(false);
+        MockServer { inner: Arc::new(Inner { started: Instant::now(), providers, content, released }) }
     }
 
     /// All endpoints, with this server's state.
@@ -146,6 +150,7 @@ impl MockServer {
             .route("/admin/stats", get(admin_stats))
             .route("/admin/reset", post(admin_reset))
             .route("/admin/outage/{name}", post(admin_outage))
+            .route("/admin/release", post(admin_release))
             .route("/{name}/v1/chat/completions", post(chat_completions))
             .route("/{name}/v1/messages", post(messages))
             .fallback(fallback)
@@ -189,6 +194,11 @@ impl MockServer {
         }
     }
 
+    /// Lets every held request go, and those that come later (`POST /admin/release`).
+    pub fn release(&self) {
+        self.inner.released.send_replace(true);
+    }
+
     async fn handle(&self, name: &str, endpoint: Endpoint, headers: &HeaderMap, body: &[u8]) -> Response {
         let Some(p) = self.inner.providers.get(name) else {
             return wire::not_found(endpoint.native_style(), "POST", &endpoint.path(name));
@@ -225,6 +235,9 @@ impl MockServer {
             return wire::unavailable(style);
         }
         let request = chat_request(prompt);
+        if p.held(&request.system) || p.held(&request.user) {
+            let _ = self.inner.released.subscribe().wait_for(|released| *released).await;
+        }
         if let Some(word) = p.filtered(&request.user) {
             p.count(Counter::Refused);
             tracing::debug!(provider = name, word, "mock content filter");
@@ -344,6 +357,11 @@ async fn admin_reset(State(server): State<MockServer>) -> StatusCode {
 #[derive(Debug, Deserialize)]
 struct OutageQuery {
     seconds: f64,
+}
+
+async fn admin_release(State(server): State<MockServer>) -> Response {
+    server.release();
+    (StatusCode::OK, Json(serde_json::json!({ "released": true }))).into_response()
 }
 
 async fn admin_outage(

@@ -65,6 +65,8 @@ pub struct ProviderState {
     pub config: MockProvider,
     /// Filter words, matched like the simulated provider's filter.
     filter: KeywordSet,
+    /// Hold words: requests that wait for a release.
+    hold: KeywordSet,
     counters: [AtomicU64; 7],
     window: Mutex<Window>,
     /// End of an admin-started outage, in nanoseconds since server start (0: none).
@@ -76,9 +78,11 @@ impl ProviderState {
     pub fn new(mut config: MockProvider) -> Self {
         config.error_rate = if config.error_rate.is_nan() { 0.0 } else { config.error_rate.clamp(0.0, 1.0) };
         let filter = KeywordSet::new([("filter", config.filter_words.iter())]);
+        let hold = KeywordSet::new([("hold", config.hold_words.iter())]);
         ProviderState {
             config,
             filter,
+            hold,
             counters: Default::default(),
             window: Mutex::new(Window::default()),
             outage_until_ns: AtomicU64::new(0),
@@ -152,6 +156,11 @@ impl ProviderState {
     /// The first filter word in the user text (the ticket), matched as the simulated
     /// provider does: case-insensitive, whole words in spaced scripts, anywhere in
     /// Chinese or Thai. Instructions are ours and never trip the filter.
+    /// Whether a request with this text waits for a release.
+    pub fn held(&self, text: &str) -> bool {
+        self.hold.first_match(&text.to_lowercase()).is_some()
+    }
+
     pub fn filtered(&self, user: &str) -> Option<String> {
         self.filter.first_match(&user.to_lowercase()).map(str::to_owned)
     }

@@ -601,3 +601,21 @@ async fn throughput() {
         assert!(rate > 5000.0, "{rate:.0} requests/s");
     }
 }
+
+#[tokio::test]
+async fn a_held_request_waits_for_the_release_and_others_do_not() {
+    let p = MockProvider { hold_words: vec!["Hold-Me".into()], ..provider(Style::Openai) };
+    let (base, server) = spawn(config(&[("openai", p)])).await.unwrap();
+    let held = tokio::spawn({
+        let base = base.clone();
+        async move { chat(&base, "openai", &openai_body(&reply_system(), &ticket_user("please hold-me"), false)).await }
+    });
+    // Others pass while it waits.
+    let free = chat(&base, "openai", &openai_body(&reply_system(), &ticket_user("Where is my order?"), false)).await;
+    assert_eq!(free.status(), 200);
+    assert!(!held.is_finished(), "the held request must wait");
+    let response = reqwest::Client::new().post(format!("{base}/admin/release")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(held.await.unwrap().status(), 200);
+    drop(server);
+}

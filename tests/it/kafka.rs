@@ -25,13 +25,29 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Cluster {
+        Cluster::with_input_partitions(PARTITIONS)
+    }
+
+    fn with_input_partitions(input: i32) -> Cluster {
         let cluster = MockCluster::new(1).unwrap();
         let prefix = format!("tf-test-{}", uuid::Uuid::new_v4().simple());
         let c = Cluster { cluster, prefix };
-        for t in ["in", "replies", "costs", "dlq"] {
+        c.cluster.create_topic(&c.topic("in"), input, 1).unwrap();
+        for t in ["replies", "costs", "dlq"] {
             c.cluster.create_topic(&c.topic(t), PARTITIONS, 1).unwrap();
         }
         c
+    }
+
+    /// The offsets the worker group committed on the input topic's first `partitions`.
+    fn committed(&self, partitions: i32) -> Vec<Offset> {
+        let consumer = self.consumer(&self.topic("group"));
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&self.topic("in"), p);
+        }
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+        committed.elements().iter().map(|e| e.offset()).collect()
     }
 
     fn topic(&self, what: &str) -> String {
@@ -84,6 +100,42 @@ impl Cluster {
     }
 }
 
+/// A worker process and the reader of what it says.
+fn start_worker(
+    config: &std::path::Path,
+    env: &[(String, String)],
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    let mut worker = bin()
+        .arg("--config")
+        .arg(config)
+        .arg("worker")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = worker.stderr.take().unwrap();
+    let said = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    (worker, said)
+}
+
+/// Polls `condition` every 50 ms; panics after two minutes or when the worker exits.
+async fn wait_for(what: &str, worker: &mut std::process::Child, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !condition().await {
+        assert!(worker.try_wait().unwrap().is_none(), "the worker exited while waiting for {what}");
+        if std::time::Instant::now() > deadline {
+            let _ = worker.kill();
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tickets_on_six_partitions_are_answered_once_in_order_and_fully_committed() {
     let (total, conversations) = (10_000, 2_000);
@@ -100,29 +152,8 @@ async fn ten_thousand_tickets_on_six_partitions_are_answered_once_in_order_and_f
         env.push((format!("TICKETFLOW__PROVIDERS__{p}__JITTER_MS"), "3".into()));
     }
     produce_stdin(env.iter().cloned(), &synth_tickets(total, conversations));
-    let mut worker = bin()
-        .arg("--config")
-        .arg(&config)
-        .arg("worker")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = worker.stderr.take().unwrap();
-    let said = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
-        s
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while published_units(&db).await < total as i64 {
-        if std::time::Instant::now() > deadline || worker.try_wait().unwrap().is_some() {
-            let _ = worker.kill();
-            panic!("not every ticket answered: {}", said.join().unwrap());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (mut worker, said) = start_worker(&config, &env);
+    wait_for("every ticket answered", &mut worker, async || published_units(&db).await == total as i64).await;
     std::process::Command::new("kill").arg("-TERM").arg(worker.id().to_string()).status().unwrap();
     let status = worker.wait().unwrap();
     let said = said.join().unwrap();
@@ -145,15 +176,63 @@ async fn ten_thousand_tickets_on_six_partitions_are_answered_once_in_order_and_f
     }
     assert_eq!(seen.len(), total);
     // The group's committed offsets are the end of every input partition.
-    let consumer = c.consumer(&c.topic("group"));
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(&c.topic("in"), p);
+    let consumer = c.consumer("tf-test-watermarks");
+    for (p, committed) in c.committed(PARTITIONS).into_iter().enumerate() {
+        let (_, high) = consumer.fetch_watermarks(&c.topic("in"), p as i32, Duration::from_secs(10)).unwrap();
+        assert_eq!(committed, Offset::Offset(high), "partition {p}");
     }
-    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    for e in committed.elements() {
-        let (_, high) = consumer.fetch_watermarks(&c.topic("in"), e.partition(), Duration::from_secs(10)).unwrap();
-        assert_eq!(e.offset(), Offset::Offset(high), "partition {}", e.partition());
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_message_holds_back_the_committed_offset_of_its_partition_until_it_finishes() {
+    let (total, slow) = (1_000usize, 10usize);
+    let c = Cluster::with_input_partitions(1);
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    // Every provider holds a request that mentions the word until the test releases it.
+    let mut mock_config = ticketflow::mock_provider::MockConfig::default();
+    for p in mock_config.providers.values_mut() {
+        p.hold_words = vec!["zz-slow-zz".into()];
     }
+    let (base, mock) = ticketflow::mock_provider::spawn(mock_config).await.unwrap();
+    let mut env = c.env();
+    env.extend(crate::real_providers::mock_env(&base));
+    env.push(("TICKETFLOW__DATABASE__URL".into(), db.url.clone()));
+    env.push(("TICKETFLOW__BROKER__KAFKA__COMMIT_INTERVAL_MS".into(), "100".into()));
+    for (p, _) in crate::real_providers::PROVIDERS {
+        env.push((format!("TICKETFLOW__PROVIDERS__{}__TIMEOUT_MS", p.to_uppercase()), "600000".into()));
+    }
+    let mut tickets = String::new();
+    for (i, line) in synth_tickets(total, total).lines().enumerate() {
+        let mut t: serde_json::Value = serde_json::from_str(line).unwrap();
+        if i == slow {
+            t["messages"][0]["text"] = "My order is late, zz-slow-zz please check".into();
+        }
+        tickets.push_str(&t.to_string());
+        tickets.push('\n');
+    }
+    produce_stdin(env.iter().cloned(), &tickets);
+    let (mut worker, said) = start_worker(&config, &env);
+    let others = (total - 1) as i64;
+    wait_for("every other ticket answered", &mut worker, async || published_units(&db).await == others).await;
+    // The commit reaches the slow message and stays there while it is held, however
+    // many messages behind it are finished.
+    wait_for("the commit at the slow message", &mut worker, async || c.committed(1) == [Offset::Offset(slow as i64)])
+        .await;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await; // a commit interval
+        assert_eq!(c.committed(1), [Offset::Offset(slow as i64)], "the commit passed a message still in flight");
+    }
+    mock.release();
+    wait_for("the slow ticket answered and committed", &mut worker, async || {
+        published_units(&db).await == total as i64 && c.committed(1) == [Offset::Offset(total as i64)]
+    })
+    .await;
+    std::process::Command::new("kill").arg("-TERM").arg(worker.id().to_string()).status().unwrap();
+    let status = worker.wait().unwrap();
+    let said = said.join().unwrap();
+    assert!(status.success(), "{said}");
     db.drop_db().await;
 }

@@ -1,4 +1,6 @@
-//! `ticketflow replay`: moves dead letters back to the input queue (SPEC §2).
+//! `ticketflow replay`: moves dead letters back to the input (SPEC §2). Kafka: see
+//! `replay_kafka` (a consumer group of its own, progress committed after each
+//! acknowledged republish). RabbitMQ, below.
 //!
 //! The dead-letter queue is read one message at a time (`basic.get`), never more than
 //! the messages it held when the replay began, so dead letters arriving meanwhile
@@ -21,6 +23,7 @@ use chrono::{DateTime, Utc};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
+use crate::broker::kafka::{self, KafkaSetupError};
 use crate::broker::rabbitmq::consume::{CONVERSATION_HEADER, REPLAY_COUNT_HEADER};
 use crate::broker::rabbitmq::publish::Confirmed;
 use crate::broker::rabbitmq::{self, reason, topology, RabbitError};
@@ -75,12 +78,55 @@ pub struct ReplayReport {
     pub failed: Vec<String>,
 }
 
+/// What becomes of one message of the dead-letter topic or queue.
+enum Verdict {
+    Move(Dead),
+    /// Left where it is (reported in the [`ReplayReport`]).
+    Keep {
+        handled: bool,
+    },
+}
+
+impl ReplayReport {
+    /// The filters, `max_replays` and `--dry-run` applied to one message read from
+    /// `dlq`. A kept message is `handled` when no later run should look at it again
+    /// (unreadable, or past `max_replays`), not when it merely did not match.
+    fn decide(&mut self, read: Result<Dead, String>, o: &ReplayOptions, max_replays: u32, dlq: &str) -> Verdict {
+        let dead = match read {
+            Ok(dead) => dead,
+            Err(e) => {
+                self.unreadable.push(format!("message {} of `{dlq}`: {e}", self.scanned));
+                return Verdict::Keep { handled: true };
+            }
+        };
+        if !dead.matches(o) {
+            self.unmatched += 1;
+            return Verdict::Keep { handled: false };
+        }
+        if dead.replay_count >= max_replays {
+            self.stay_dead.push(format!("{}: past limits.max_replays ({max_replays}), stays dead", dead.describe()));
+            return Verdict::Keep { handled: true };
+        }
+        if o.dry_run {
+            self.listed.push(dead.describe());
+            return Verdict::Keep { handled: false };
+        }
+        Verdict::Move(dead)
+    }
+
+    fn limit_reached(&self, o: &ReplayOptions) -> bool {
+        o.limit.is_some_and(|l| self.moved + self.listed.len() as u64 >= l)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(transparent)]
     Rabbit(#[from] RabbitError),
-    #[error("replay for Kafka is not supported yet; for RabbitMQ set broker.kind = \"rabbitmq\" (TICKETFLOW__BROKER__KIND=rabbitmq)")]
-    Kafka,
+    #[error(transparent)]
+    KafkaSetup(#[from] KafkaSetupError),
+    #[error("Kafka at {servers}: {reason}")]
+    Kafka { servers: String, reason: String },
 }
 
 /// One message of the dead-letter queue, as replay sees it.
@@ -120,6 +166,11 @@ impl Dead {
                 .and_then(|v| v.get("ticket_id").and_then(|t| t.as_str()).map(str::to_owned));
             return Ok(Dead { ticket_id, kind, failed_at, replay_count, payload: body.to_vec() });
         }
+        Dead::from_envelope(body)
+    }
+
+    /// One of our own dead letters (SPEC §3.4).
+    fn from_envelope(body: &[u8]) -> Result<Dead, String> {
         let letter: DeadLetter = serde_json::from_slice(body).map_err(|e| format!("not a dead letter: {e}"))?;
         let payload = letter.payload_bytes().map_err(|e| format!("its payload is not valid base64: {e}"))?;
         Ok(Dead {
@@ -164,7 +215,7 @@ fn as_u32(v: &AMQPValue) -> Option<u32> {
 /// Moves the matching dead letters of the configured broker back to the input.
 pub async fn run(settings: &Settings, options: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
     if settings.broker.kind == BrokerKind::Kafka {
-        return Err(ReplayError::Kafka);
+        return replay_kafka(settings, options).await;
     }
     let conn = rabbitmq::connect(&settings.broker.rabbitmq, &settings.worker.id).await?;
     let result = replay(settings, options, &conn).await;
@@ -185,7 +236,7 @@ async fn replay(settings: &Settings, o: &ReplayOptions, conn: &lapin::Connection
     let max_replays = settings.limits.max_replays;
     let mut report = ReplayReport::default();
     while report.scanned < u64::from(held) {
-        if o.limit.is_some_and(|l| report.moved + report.listed.len() as u64 >= l) {
+        if report.limit_reached(o) {
             break;
         }
         let Some(message) = channel.basic_get(dlq.into(), BasicGetOptions { no_ack: false }).await.map_err(broker)?
@@ -194,25 +245,8 @@ async fn replay(settings: &Settings, o: &ReplayOptions, conn: &lapin::Connection
         };
         report.scanned += 1;
         let delivery = message.delivery;
-        let dead = match Dead::read(&delivery.data, delivery.properties.headers().as_ref()) {
-            Ok(dead) => dead,
-            Err(e) => {
-                report.unreadable.push(format!("message {} of `{dlq}`: {e}", report.scanned));
-                continue;
-            }
-        };
-        if !dead.matches(o) {
-            report.unmatched += 1;
-            continue;
-        }
-        if dead.replay_count >= max_replays {
-            report.stay_dead.push(format!("{}: past limits.max_replays ({max_replays}), stays dead", dead.describe()));
-            continue;
-        }
-        if o.dry_run {
-            report.listed.push(dead.describe());
-            continue;
-        }
+        let read = Dead::read(&delivery.data, delivery.properties.headers().as_ref());
+        let Verdict::Move(dead) = report.decide(read, o, max_replays, dlq) else { continue };
         if let Some(limiter) = &limiter {
             limiter.until_ready().await;
         }
@@ -234,6 +268,135 @@ async fn replay(settings: &Settings, o: &ReplayOptions, conn: &lapin::Connection
     // What was not moved goes back to the queue, in its order.
     rabbitmq::close_channel(&channel, "replay done").await;
     Ok(report)
+}
+
+/// Kafka: the dead-letter topic is read in a consumer group of its own
+/// (`<group_id>-replay`), from its committed position up to the end each partition
+/// had when the replay began. A moved dead letter is republished to the input with
+/// its original key and `replay_count` one higher; the group's position moves past
+/// it only once the producer has the republish acknowledged, so a crash loses
+/// nothing and the next run starts after what this one finished. The position never
+/// passes a dead letter that did not match the filters: a later run with other
+/// filters still sees it (and re-sends what this run moved after it, which the
+/// ledger answers without a second call or charge).
+async fn replay_kafka(settings: &Settings, o: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::message::Message as _;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+    let k = &settings.broker.kafka;
+    let dlq = settings.broker.topics.dead_letters.as_str();
+    let input = settings.broker.topics.input.as_str();
+    let failed = |e: rdkafka::error::KafkaError| ReplayError::Kafka {
+        servers: k.bootstrap_servers.clone(),
+        reason: format!("reading `{dlq}`: {}", kafka::reason(&e)),
+    };
+    let consumer: BaseConsumer = kafka::client_config(k)?
+        .set("group.id", format!("{}-replay", k.group_id))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .map_err(failed)?;
+    let timeout = std::time::Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(Some(dlq), timeout).map_err(failed)?;
+    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let mut all = TopicPartitionList::new();
+    for p in &partitions {
+        all.add_partition(dlq, *p);
+    }
+    let committed = consumer.committed_offsets(all, timeout).map_err(failed)?;
+    // Where each partition starts and ends for this run.
+    let mut ends = std::collections::HashMap::new();
+    let mut start = TopicPartitionList::new();
+    for e in committed.elements() {
+        let (low, high) = consumer.fetch_watermarks(dlq, e.partition(), timeout).map_err(failed)?;
+        let from = match e.offset() {
+            Offset::Offset(n) => n.max(low),
+            _ => low,
+        };
+        if from < high {
+            ends.insert(e.partition(), high);
+            start.add_partition_offset(dlq, e.partition(), Offset::Offset(from)).map_err(failed)?;
+        }
+    }
+    let producer = kafka::publish::producer(k)?;
+    let limiter = o.rate.map(|n| governor::RateLimiter::direct(governor::Quota::per_second(n)));
+    let max_replays = settings.limits.max_replays;
+    let mut report = ReplayReport::default();
+    if ends.is_empty() {
+        return Ok(report);
+    }
+    consumer.assign(&start).map_err(failed)?;
+    // Partitions whose position stays where it is for the rest of this run: a dead
+    // letter in it was kept without being handled. A dry run commits nothing.
+    let mut held_back = std::collections::HashSet::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ends.is_empty() && !report.limit_reached(o) {
+        let Some(polled) = consumer.poll(std::time::Duration::from_millis(100)) else {
+            if std::time::Instant::now() > deadline {
+                return Err(ReplayError::Kafka {
+                    servers: k.bootstrap_servers.clone(),
+                    reason: format!("`{dlq}` stopped delivering before its end"),
+                });
+            }
+            continue;
+        };
+        let m = polled.map_err(failed)?;
+        let (partition, offset) = (m.partition(), m.offset());
+        let Some(&end) = ends.get(&partition) else { continue };
+        if offset >= end {
+            ends.remove(&partition);
+            continue;
+        }
+        if offset + 1 >= end {
+            ends.remove(&partition);
+        }
+        report.scanned += 1;
+        let read = Dead::from_envelope(m.payload().unwrap_or_default());
+        let dead = match report.decide(read, o, max_replays, dlq) {
+            Verdict::Move(dead) => dead,
+            Verdict::Keep { handled: false } => {
+                held_back.insert(partition);
+                continue;
+            }
+            Verdict::Keep { handled: true } => {
+                if !held_back.contains(&partition) && !o.dry_run {
+                    commit(&consumer, dlq, partition, offset + 1).map_err(failed)?;
+                }
+                continue;
+            }
+        };
+        if let Some(limiter) = &limiter {
+            limiter.until_ready().await;
+        }
+        let count = (dead.replay_count + 1).to_string();
+        let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
+        let record = kafka::publish::Record {
+            topic: input,
+            key,
+            payload: &dead.payload,
+            headers: &[(kafka::REPLAY_COUNT_HEADER, count.as_str())],
+        };
+        match kafka::publish::send(&producer, record).await {
+            Ok(_) => {
+                report.moved += 1;
+                if !held_back.contains(&partition) {
+                    commit(&consumer, dlq, partition, offset + 1).map_err(failed)?;
+                }
+            }
+            Err(e) => {
+                report.failed.push(format!("{}: {e}; it stays in `{dlq}`", dead.describe()));
+                held_back.insert(partition);
+            }
+        }
+    }
+    return Ok(report);
+
+    fn commit(consumer: &BaseConsumer, topic: &str, partition: i32, next: i64) -> rdkafka::error::KafkaResult<()> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
+        consumer.commit(&tpl, CommitMode::Sync)
+    }
 }
 
 #[cfg(test)]

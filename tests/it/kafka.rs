@@ -236,3 +236,89 @@ async fn a_slow_message_holds_back_the_committed_offset_of_its_partition_until_i
     assert!(status.success(), "{said}");
     db.drop_db().await;
 }
+
+impl Cluster {
+    /// Every message of `topic` as (key, payload, `replay_count` header).
+    fn read_raw(&self, topic: &str) -> Vec<(String, Vec<u8>, Option<String>)> {
+        use rdkafka::message::Headers as _;
+        let consumer = self.consumer("tf-test-raw-reader");
+        let mut out = Vec::new();
+        for p in 0..PARTITIONS {
+            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+            consumer.assign(&tpl).unwrap();
+            let mut read = 0;
+            while read < high {
+                let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
+                let m = m.unwrap();
+                read += 1;
+                let count = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "replay_count"))
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned());
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                out.push((key, m.payload().unwrap_or_default().to_vec(), count));
+            }
+        }
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_moves_matching_dead_letters_with_their_key_and_a_second_run_moves_nothing() {
+    use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
+    let c = Cluster::new();
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", c.cluster.bootstrap_servers()).create().unwrap();
+    let ticket = |id: &str| {
+        format!(r#"{{"ticket_id":"{id}","conversation_id":"C-{id}","messages":[{{"role":"customer","text":"hi"}}]}}"#)
+    };
+    // In one partition, in this order; the one that does not match comes last.
+    for (id, kind, replays) in [
+        ("B", "providers_exhausted", 0),
+        ("C", "providers_exhausted", 3),
+        ("D", "providers_exhausted", 1),
+        ("A", "invalid_json", 0),
+    ] {
+        let letter = serde_json::json!({
+            "schema_version": 1, "ticket_id": id, "unit_id": format!("{id}:0"),
+            "error": {"kind": kind, "message": "m"}, "attempts": 1, "replay_count": replays,
+            "source": {"topic": "tickets", "partition": 0, "offset": 1}, "failed_at": "2026-11-20T10:00:00Z",
+            "worker_id": "w", "payload": ticket(id), "payload_encoding": "utf8"
+        })
+        .to_string();
+        let key = format!("C-{id}");
+        producer.send(BaseRecord::to(&c.topic("dlq")).partition(0).key(&key).payload(&letter)).unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let replay = |args: &[&str]| {
+        let out = bin().arg("replay").args(args).envs(c.env()).output().unwrap();
+        let text =
+            (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+        assert!(out.status.success(), "{text:?}");
+        text
+    };
+
+    let (listed, said) = replay(&["--kind", "providers_exhausted", "--dry-run"]);
+    let would: Vec<&str> = listed.lines().filter(|l| l.starts_with("would replay")).map(|l| &l[13..14]).collect();
+    assert_eq!(would, ["B", "D"], "{listed}");
+    assert!(said.contains("C (providers_exhausted") && said.contains("stays dead"), "{said}");
+    assert!(c.read_raw(&c.topic("in")).is_empty(), "a dry run moves nothing");
+
+    let (moved, _) = replay(&["--kind", "providers_exhausted"]);
+    assert!(moved.contains("replayed 2 dead letter(s)"), "{moved}");
+    let mut input = c.read_raw(&c.topic("in"));
+    input.sort();
+    assert_eq!(
+        input,
+        [
+            ("C-B".to_owned(), ticket("B").into_bytes(), Some("1".to_owned())),
+            ("C-D".to_owned(), ticket("D").into_bytes(), Some("2".to_owned())),
+        ]
+    );
+    let (again, _) = replay(&["--kind", "providers_exhausted"]);
+    assert!(again.contains("replayed 0 dead letter(s)"), "a second run replays nothing twice: {again}");
+    assert_eq!(c.read_raw(&c.topic("in")).len(), 2);
+}

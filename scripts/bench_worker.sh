@@ -11,6 +11,8 @@
 # message is acked). PROVIDERS is `mock` (default: the real HTTP adapters against
 # `ticketflow mock-provider` at zero latency) or `simulated` (in-process, 0 ms).
 # Prints one line per run and the medians. BIN=path overrides the binary (A/B).
+# BROKER=kafka runs it on a fresh librdkafka mock cluster per run (examples/kafka_mock.rs,
+# topics of six partitions) instead of the local RabbitMQ.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}
@@ -18,16 +20,19 @@ RUNS=${2:-3}
 PROVIDERS=${3:-mock}
 WORK=${WORK:-/tmp/ticketflow-bench}
 mkdir -p "$WORK"
+BROKER=${BROKER:-rabbitmq}
 if [ -z "${BIN:-}" ]; then
   cargo build --release --quiet
   BIN=target/release/ticketflow
 fi
+[ "$BROKER" = kafka ] && cargo build --release --quiet --example kafka_mock
 [ -s "$WORK/tickets-$N.jsonl" ] || python3 scripts/gen_tickets.py "$N" > "$WORK/tickets-$N.jsonl"
 TICKS=$(getconf CLK_TCK)
 
 cleanup() {
   [ -n "${worker:-}" ] && kill -9 "$worker" 2>/dev/null || true
   [ -n "${mock:-}" ] && kill "$mock" 2>/dev/null || true
+  [ -n "${cluster:-}" ] && kill "$cluster" 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -49,10 +54,18 @@ rates=(); cpus=()
 for run in $(seq 1 "$RUNS"); do
   tag="tf-bench-$$-$run"
   db="tf_bench_worker_$$_$run"
-  export TICKETFLOW__BROKER__KIND=rabbitmq
-  export TICKETFLOW__BROKER__TOPICS__INPUT=$tag-in TICKETFLOW__BROKER__TOPICS__REPLIES=$tag-replies
-  export TICKETFLOW__BROKER__TOPICS__COSTS=$tag-costs TICKETFLOW__BROKER__TOPICS__DEAD_LETTERS=$tag-dlq
-  export TICKETFLOW__BROKER__RABBITMQ__DEAD_LETTER_EXCHANGE=$tag-dlx
+  if [ "$BROKER" = kafka ]; then
+    target/release/examples/kafka_mock > "$WORK/cluster.out" 2>&1 &
+    cluster=$!
+    for _ in $(seq 1 50); do grep -q "bootstrap servers" "$WORK/cluster.out" 2>/dev/null && break; sleep 0.1; done
+    export TICKETFLOW__BROKER__KIND=kafka TICKETFLOW__BROKER__KAFKA__GROUP_ID=$tag
+    export TICKETFLOW__BROKER__KAFKA__BOOTSTRAP_SERVERS=$(sed -n 's/^bootstrap servers //p' "$WORK/cluster.out")
+  else
+    export TICKETFLOW__BROKER__KIND=rabbitmq
+    export TICKETFLOW__BROKER__TOPICS__INPUT=$tag-in TICKETFLOW__BROKER__TOPICS__REPLIES=$tag-replies
+    export TICKETFLOW__BROKER__TOPICS__COSTS=$tag-costs TICKETFLOW__BROKER__TOPICS__DEAD_LETTERS=$tag-dlq
+    export TICKETFLOW__BROKER__RABBITMQ__DEAD_LETTER_EXCHANGE=$tag-dlx
+  fi
   export TICKETFLOW__DATABASE__URL=postgres://postgres@127.0.0.1:5432/$db
   "$BIN" migrate > /dev/null
   "$BIN" produce "$WORK/tickets-$N.jsonl" > /dev/null
@@ -79,9 +92,10 @@ for run in $(seq 1 "$RUNS"); do
   cpu=$(python3 -c "print(f'{($utime + $stime) / $TICKS * 1000 / $N:.3f}')")
   echo "run $run: $N tickets in $(python3 -c "print(f'{$end - $start:.2f}')") s: $rate tickets/s; worker CPU $cpu ms/ticket"
   rates+=("$rate"); cpus+=("$cpu")
+  if [ -n "${cluster:-}" ]; then kill "$cluster"; wait "$cluster" 2>/dev/null || true; cluster=; fi
   for q in in replies costs dlq; do rabbitmqctl -q delete_queue "$tag-$q" > /dev/null 2>&1 || true; done
   rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$tag-dlx\">>), false, <<\"bench\">>)." > /dev/null 2>&1 || true
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-echo "median of $RUNS: $(median "${rates[@]}") tickets/s; worker CPU $(median "${cpus[@]}") ms/ticket ($PROVIDERS providers)"
+echo "median of $RUNS: $(median "${rates[@]}") tickets/s; worker CPU $(median "${cpus[@]}") ms/ticket ($PROVIDERS providers, $BROKER)"

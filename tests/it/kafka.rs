@@ -322,3 +322,84 @@ async fn replay_moves_matching_dead_letters_with_their_key_and_a_second_run_move
     assert!(again.contains("replayed 0 dead letter(s)"), "a second run replays nothing twice: {again}");
     assert_eq!(c.read_raw(&c.topic("in")).len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_joining_and_one_killed_lose_nothing_answer_nothing_twice_and_commit_to_the_end() {
+    let (total, conversations) = (3_000, 600);
+    let c = Cluster::new();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    let mut env = c.env();
+    env.push(("TICKETFLOW__DATABASE__URL".into(), db.url.clone()));
+    // A killed worker's claims hold its units until their lease expires: short
+    // leases keep the test short (the default is three minutes).
+    env.push(("TICKETFLOW__LIMITS__TICKET_DEADLINE_MS".into(), "3000".into()));
+    env.push(("TICKETFLOW__DATABASE__LEASE_MS".into(), "5000".into()));
+    for p in ["QWEN", "OPENAI", "ANTHROPIC", "MISTRAL", "DEEPSEEK"] {
+        env.push((format!("TICKETFLOW__PROVIDERS__{p}__LATENCY_MS"), "3".into()));
+        env.push((format!("TICKETFLOW__PROVIDERS__{p}__JITTER_MS"), "3".into()));
+    }
+    produce_stdin(env.iter().cloned(), &synth_tickets(total, conversations));
+    let (mut first, _) = start_worker(&config, &env);
+    let (mut second, second_said) = start_worker(&config, &env);
+    wait_for("a quarter answered", &mut second, async || published_units(&db).await >= total as i64 / 4).await;
+    let (mut third, third_said) = start_worker(&config, &env); // a rebalance
+    wait_for("half answered", &mut third, async || published_units(&db).await >= total as i64 / 2).await;
+    first.kill().unwrap(); // SIGKILL: its partitions go to the others after its session times out
+    first.wait().unwrap();
+    let (mut restarted, restarted_said) = start_worker(&config, &env);
+    wait_for("every ticket answered", &mut restarted, async || published_units(&db).await == total as i64).await;
+    // The killed worker's partitions are redone by their next owners from its last
+    // commit (answered already: acked without a second answer): done when the group
+    // has committed every partition to its end.
+    let watermarks = c.consumer("tf-test-watermarks");
+    let ends: Vec<Offset> = (0..PARTITIONS)
+        .map(|p| Offset::Offset(watermarks.fetch_watermarks(&c.topic("in"), p, Duration::from_secs(10)).unwrap().1))
+        .collect();
+    wait_for("every partition committed to its end", &mut restarted, async || c.committed(PARTITIONS) == ends).await;
+    let mut logs = String::new();
+    for (mut worker, said) in [(second, second_said), (third, third_said), (restarted, restarted_said)] {
+        std::process::Command::new("kill").arg("-TERM").arg(worker.id().to_string()).status().unwrap();
+        let status = worker.wait().unwrap();
+        let said = said.join().unwrap();
+        assert!(status.success(), "{said}");
+        logs.push_str(&said);
+    }
+
+    // Every ticket answered; a copy (a reply republished from the ledger after the
+    // kill) is identical to the first; first answers in conversation order.
+    let mut first_reply: HashMap<String, serde_json::Value> = HashMap::new();
+    for partition in c.read_all(&c.topic("replies")) {
+        let mut last: HashMap<String, usize> = HashMap::new();
+        for reply in partition {
+            let ticket = reply["ticket_id"].as_str().unwrap().to_owned();
+            if let Some(earlier) = first_reply.get(&ticket) {
+                assert_eq!(earlier, &reply, "{ticket} answered twice with different replies");
+                continue;
+            }
+            let index: usize = ticket.trim_start_matches("S-").parse().unwrap();
+            let conversation = reply["conversation_id"].as_str().unwrap().to_owned();
+            if let Some(before) = last.insert(conversation.clone(), index) {
+                assert!(before < index, "{conversation}: S-{index} answered after S-{before}");
+            }
+            first_reply.insert(ticket, reply);
+        }
+    }
+    assert_eq!(first_reply.len(), total);
+    // No call paid twice: the ledger's paid calls are the distinct published ones.
+    let mut calls = HashMap::new();
+    for partition in c.read_all(&c.topic("costs")) {
+        for cost in partition {
+            calls.insert(cost["call_id"].as_str().unwrap().to_owned(), cost["cost_usd"].as_f64().unwrap());
+        }
+    }
+    let client = db.client().await;
+    let row = client.query_one("SELECT count(*), coalesce(sum(cost_usd), 0) FROM cost_records", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0) as usize, calls.len(), "every paid call published, none paid twice");
+    assert!((row.get::<_, f64>(1) - calls.values().sum::<f64>()).abs() < 1e-9);
+    drop(client);
+    // Stopping took nothing back.
+    assert_eq!(c.committed(PARTITIONS), ends, "the workers said:\n{logs}");
+    db.drop_db().await;
+}

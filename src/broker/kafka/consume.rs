@@ -213,7 +213,17 @@ fn poll_loop(
             }
         }
     }
+    // Leave the group here, serving the revocation on this thread: closing a consumer
+    // that still holds partitions from `Drop` can hang in librdkafka's incremental
+    // unassign (seen with cooperative-sticky), and a worker must always stop.
     consumer.unsubscribe();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let _ = consumer.poll(Duration::from_millis(100));
+        if consumer.assignment().map(|a| a.count() == 0).unwrap_or(true) {
+            break;
+        }
+    }
 }
 
 impl Drop for KafkaSource {

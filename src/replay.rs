@@ -24,7 +24,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::broker::kafka::{self, KafkaSetupError};
-use crate::broker::rabbitmq::consume::{CONVERSATION_HEADER, REPLAY_COUNT_HEADER};
+use crate::broker::rabbitmq::consume::{as_u32, CONVERSATION_HEADER, REPLAY_COUNT_HEADER};
 use crate::broker::rabbitmq::publish::Confirmed;
 use crate::broker::rabbitmq::{self, reason, topology, RabbitError};
 use crate::settings::{BrokerKind, Settings};
@@ -199,16 +199,6 @@ impl Dead {
             self.kind,
             self.replay_count
         )
-    }
-}
-
-fn as_u32(v: &AMQPValue) -> Option<u32> {
-    match v {
-        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
-        AMQPValue::LongUInt(n) => Some(*n),
-        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
-        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
-        _ => None,
     }
 }
 

@@ -47,6 +47,24 @@ fn lanes_of(tpl: &TopicPartitionList) -> Vec<Lane> {
     tpl.elements().iter().map(|e| Lane { topic: e.topic().to_owned(), partition: e.partition() }).collect()
 }
 
+/// Commits, synchronously, the position of each of `partitions` with messages polled.
+fn commit_positions(
+    consumer: &BaseConsumer<Ctx>,
+    offsets: &Offsets,
+    partitions: &[(&str, i32)],
+) -> rdkafka::error::KafkaResult<()> {
+    let mut commit = TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        if let Some(position) = offsets.position(topic, *partition) {
+            commit.add_partition_offset(topic, *partition, Offset::Offset(position))?;
+        }
+    }
+    if commit.count() == 0 {
+        return Ok(());
+    }
+    consumer.commit(&commit, CommitMode::Sync)
+}
+
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(tpl) = rebalance else { return };
@@ -58,17 +76,12 @@ impl ConsumerContext for Ctx {
             // when it stops).
             let _ = done.blocking_recv();
         }
-        let mut commit = TopicPartitionList::new();
-        for lane in &lanes {
-            if let Some(position) = self.offsets.position(&lane.topic, lane.partition) {
-                let _ = commit.add_partition_offset(&lane.topic, lane.partition, Offset::Offset(position));
-            }
-            self.offsets.forget(&lane.topic, lane.partition);
+        let partitions: Vec<(&str, i32)> = lanes.iter().map(|l| (l.topic.as_str(), l.partition)).collect();
+        if let Err(e) = commit_positions(consumer, &self.offsets, &partitions) {
+            tracing::warn!(error = %super::reason(&e), "committing revoked partitions failed; their next owner may redo finished tickets (the ledger answers them from its record)");
         }
-        if commit.count() > 0 {
-            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
-                tracing::warn!(error = %super::reason(&e), "committing revoked partitions failed; their next owner may redo finished tickets (the ledger answers them from its record)");
-            }
+        for lane in &lanes {
+            self.offsets.forget(&lane.topic, lane.partition);
         }
     }
 
@@ -201,16 +214,10 @@ fn poll_loop(
     // Stopping: commit what is finished, then leave the group (the final revocation
     // finds no dispatcher and commits the same positions).
     if let Ok(assignment) = consumer.assignment() {
-        let mut commit = TopicPartitionList::new();
-        for e in assignment.elements() {
-            if let Some(position) = offsets.position(e.topic(), e.partition()) {
-                let _ = commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(position));
-            }
-        }
-        if commit.count() > 0 {
-            if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
-                tracing::warn!(error = %super::reason(&e), "final offset commit failed");
-            }
+        let elements = assignment.elements();
+        let partitions: Vec<(&str, i32)> = elements.iter().map(|e| (e.topic(), e.partition())).collect();
+        if let Err(e) = commit_positions(&consumer, &offsets, &partitions) {
+            tracing::warn!(error = %super::reason(&e), "final offset commit failed");
         }
     }
     // Leave the group here, serving the revocation on this thread: closing a consumer

@@ -131,7 +131,8 @@ async fn next_of(current: &mut Option<(u32, Consumer)>) -> Option<Result<lapin::
     }
 }
 
-fn as_u32(v: &AMQPValue) -> Option<u32> {
+/// A numeric AMQP header value (any integer type, or a number as a string).
+pub(crate) fn as_u32(v: &AMQPValue) -> Option<u32> {
     match v {
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
         AMQPValue::ShortShortUInt(n) => Some(u32::from(*n)),

@@ -185,3 +185,14 @@ pub fn produce_stdin<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(
 pub async fn published_units(db: &crate::ledger_pg::TestDb) -> i64 {
     db.client().await.query_one("SELECT count(*) FROM units WHERE published", &[]).await.unwrap().get(0)
 }
+
+/// Provider calls that take a random few milliseconds (3 ± 3 ms): later tickets of a
+/// conversation would overtake earlier ones if a worker let them run side by side.
+pub fn jittery_calls() -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for p in ["QWEN", "OPENAI", "ANTHROPIC", "MISTRAL", "DEEPSEEK"] {
+        env.push((format!("TICKETFLOW__PROVIDERS__{p}__LATENCY_MS"), "3".to_owned()));
+        env.push((format!("TICKETFLOW__PROVIDERS__{p}__JITTER_MS"), "3".to_owned()));
+    }
+    env
+}

@@ -100,6 +100,77 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The first reply of every ticket, checking on the way that a copy (a reply
+    /// republished from the ledger after a fault) is identical to it and that first
+    /// replies come in conversation order (a conversation's replies share a
+    /// partition: their key). Returns them and the number of copies.
+    fn first_replies(&self) -> (HashMap<String, serde_json::Value>, usize) {
+        let (mut first, mut copies) = (HashMap::new(), 0);
+        for partition in self.read_all(&self.topic("replies")) {
+            let mut last: HashMap<String, usize> = HashMap::new();
+            for reply in partition {
+                let ticket = reply["ticket_id"].as_str().unwrap().to_owned();
+                if let Some(earlier) = first.get(&ticket) {
+                    assert_eq!(earlier, &reply, "{ticket} answered twice with different replies");
+                    copies += 1;
+                    continue;
+                }
+                let index: usize = ticket.trim_start_matches("S-").parse().unwrap();
+                let conversation = reply["conversation_id"].as_str().unwrap().to_owned();
+                if let Some(before) = last.insert(conversation.clone(), index) {
+                    assert!(before < index, "{conversation}: S-{index} answered after S-{before}");
+                }
+                first.insert(ticket, reply);
+            }
+        }
+        (first, copies)
+    }
+
+    /// The end of every input partition.
+    fn input_ends(&self) -> Vec<Offset> {
+        let consumer = self.consumer("tf-test-watermarks");
+        (0..PARTITIONS)
+            .map(|p| {
+                Offset::Offset(consumer.fetch_watermarks(&self.topic("in"), p, Duration::from_secs(10)).unwrap().1)
+            })
+            .collect()
+    }
+}
+
+/// A test's cluster, database and worker configuration.
+struct Run {
+    c: Cluster,
+    db: crate::ledger_pg::TestDb,
+    _dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Run {
+    async fn new(c: Cluster) -> Run {
+        let db = crate::ledger_pg::TestDb::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::helpers::instant_config(dir.path());
+        let mut env = c.env();
+        env.push(("TICKETFLOW__DATABASE__URL".into(), db.url.clone()));
+        Run { c, db, _dir: dir, config, env }
+    }
+
+    fn worker(&self) -> (std::process::Child, std::thread::JoinHandle<String>) {
+        start_worker(&self.config, &self.env)
+    }
+}
+
+/// SIGTERM, and what the worker said, once it exited successfully.
+fn stop(mut worker: std::process::Child, said: std::thread::JoinHandle<String>) -> String {
+    std::process::Command::new("kill").arg("-TERM").arg(worker.id().to_string()).status().unwrap();
+    let status = worker.wait().unwrap();
+    let said = said.join().unwrap();
+    assert!(status.success(), "{said}");
+    said
+}
+
 /// A worker process and the reader of what it says.
 fn start_worker(
     config: &std::path::Path,
@@ -139,67 +210,30 @@ async fn wait_for(what: &str, worker: &mut std::process::Child, mut condition: i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tickets_on_six_partitions_are_answered_once_in_order_and_fully_committed() {
     let (total, conversations) = (10_000, 2_000);
-    let c = Cluster::new();
-    let db = crate::ledger_pg::TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = crate::helpers::instant_config(dir.path());
-    let mut env = c.env();
-    env.push(("TICKETFLOW__DATABASE__URL".into(), db.url.clone()));
-    // Jittery calls: later tickets of a conversation would overtake earlier ones if
-    // the worker let them run side by side.
-    for p in ["QWEN", "OPENAI", "ANTHROPIC", "MISTRAL", "DEEPSEEK"] {
-        env.push((format!("TICKETFLOW__PROVIDERS__{p}__LATENCY_MS"), "3".into()));
-        env.push((format!("TICKETFLOW__PROVIDERS__{p}__JITTER_MS"), "3".into()));
-    }
-    produce_stdin(env.iter().cloned(), &synth_tickets(total, conversations));
-    let (mut worker, said) = start_worker(&config, &env);
-    wait_for("every ticket answered", &mut worker, async || published_units(&db).await == total as i64).await;
-    std::process::Command::new("kill").arg("-TERM").arg(worker.id().to_string()).status().unwrap();
-    let status = worker.wait().unwrap();
-    let said = said.join().unwrap();
-    assert!(status.success(), "{said}");
-
-    // One reply per ticket, each conversation's in input order (a conversation's
-    // replies share a partition: their key).
-    let mut seen = HashMap::new();
-    for partition in c.read_all(&c.topic("replies")) {
-        let mut last: HashMap<String, usize> = HashMap::new();
-        for reply in partition {
-            let ticket = reply["ticket_id"].as_str().unwrap().to_owned();
-            let index: usize = ticket.trim_start_matches("S-").parse().unwrap();
-            let conversation = reply["conversation_id"].as_str().unwrap().to_owned();
-            if let Some(before) = last.insert(conversation.clone(), index) {
-                assert!(before < index, "{conversation}: S-{index} answered after S-{before}");
-            }
-            assert!(seen.insert(ticket, ()).is_none(), "a ticket answered twice");
-        }
-    }
-    assert_eq!(seen.len(), total);
-    // The group's committed offsets are the end of every input partition.
-    let consumer = c.consumer("tf-test-watermarks");
-    for (p, committed) in c.committed(PARTITIONS).into_iter().enumerate() {
-        let (_, high) = consumer.fetch_watermarks(&c.topic("in"), p as i32, Duration::from_secs(10)).unwrap();
-        assert_eq!(committed, Offset::Offset(high), "partition {p}");
-    }
-    db.drop_db().await;
+    let mut run = Run::new(Cluster::new()).await;
+    run.env.extend(crate::helpers::jittery_calls());
+    produce_stdin(run.env.iter().cloned(), &synth_tickets(total, conversations));
+    let (mut worker, said) = run.worker();
+    wait_for("every ticket answered", &mut worker, async || published_units(&run.db).await == total as i64).await;
+    stop(worker, said);
+    let (first, copies) = run.c.first_replies();
+    assert_eq!((first.len(), copies), (total, 0), "one reply per ticket");
+    assert_eq!(run.c.committed(PARTITIONS), run.c.input_ends(), "committed to the end of every partition");
+    run.db.drop_db().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_message_holds_back_the_committed_offset_of_its_partition_until_it_finishes() {
     let (total, slow) = (1_000usize, 10usize);
-    let c = Cluster::with_input_partitions(1);
-    let db = crate::ledger_pg::TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = crate::helpers::instant_config(dir.path());
+    let mut run = Run::new(Cluster::with_input_partitions(1)).await;
     // Every provider holds a request that mentions the word until the test releases it.
     let mut mock_config = ticketflow::mock_provider::MockConfig::default();
     for p in mock_config.providers.values_mut() {
         p.hold_words = vec!["zz-slow-zz".into()];
     }
     let (base, mock) = ticketflow::mock_provider::spawn(mock_config).await.unwrap();
-    let mut env = c.env();
+    let env = &mut run.env;
     env.extend(crate::real_providers::mock_env(&base));
-    env.push(("TICKETFLOW__DATABASE__URL".into(), db.url.clone()));
     env.push(("TICKETFLOW__BROKER__KAFKA__COMMIT_INTERVAL_MS".into(), "100".into()));
     for (p, _) in crate::real_providers::PROVIDERS {
         env.push((format!("TICKETFLOW__PROVIDERS__{}__TIMEOUT_MS", p.to_uppercase()), "600000".into()));
@@ -213,10 +247,11 @@ async fn a_slow_message_holds_back_the_committed_offset_of_its_partition_until_i
         tickets.push_str(&t.to_string());
         tickets.push('\n');
     }
-    produce_stdin(env.iter().cloned(), &tickets);
-    let (mut worker, said) = start_worker(&config, &env);
+    produce_stdin(run.env.iter().cloned(), &tickets);
+    let (mut worker, said) = run.worker();
+    let (c, db) = (&run.c, &run.db);
     let others = (total - 1) as i64;
-    wait_for("every other ticket answered", &mut worker, async || published_units(&db).await == others).await;
+    wait_for("every other ticket answered", &mut worker, async || published_units(db).await == others).await;
     // The commit reaches the slow message and stays there while it is held, however
     // many messages behind it are finished.
     wait_for("the commit at the slow message", &mut worker, async || c.committed(1) == [Offset::Offset(slow as i64)])
@@ -227,14 +262,11 @@ async fn a_slow_message_holds_back_the_committed_offset_of_its_partition_until_i
     }
     mock.release();
     wait_for("the slow ticket answered and committed", &mut worker, async || {
-        published_units(&db).await == total as i64 && c.committed(1) == [Offset::Offset(total as i64)]
+        published_units(db).await == total as i64 && c.committed(1) == [Offset::Offset(total as i64)]
     })
     .await;
-    std::process::Command::new("kill").arg("-TERM").arg(worker.id().to_string()).status().unwrap();
-    let status = worker.wait().unwrap();
-    let said = said.join().unwrap();
-    assert!(status.success(), "{said}");
-    db.drop_db().await;
+    stop(worker, said);
+    run.db.drop_db().await;
 }
 
 impl Cluster {
@@ -326,67 +358,35 @@ async fn replay_moves_matching_dead_letters_with_their_key_and_a_second_run_move
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_joining_and_one_killed_lose_nothing_answer_nothing_twice_and_commit_to_the_end() {
     let (total, conversations) = (3_000, 600);
-    let c = Cluster::new();
-    let db = crate::ledger_pg::TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = crate::helpers::instant_config(dir.path());
-    let mut env = c.env();
-    env.push(("TICKETFLOW__DATABASE__URL".into(), db.url.clone()));
+    let mut run = Run::new(Cluster::new()).await;
+    let env = &mut run.env;
     // A killed worker's claims hold its units until their lease expires: short
     // leases keep the test short (the default is three minutes).
     env.push(("TICKETFLOW__LIMITS__TICKET_DEADLINE_MS".into(), "3000".into()));
     env.push(("TICKETFLOW__DATABASE__LEASE_MS".into(), "5000".into()));
-    for p in ["QWEN", "OPENAI", "ANTHROPIC", "MISTRAL", "DEEPSEEK"] {
-        env.push((format!("TICKETFLOW__PROVIDERS__{p}__LATENCY_MS"), "3".into()));
-        env.push((format!("TICKETFLOW__PROVIDERS__{p}__JITTER_MS"), "3".into()));
-    }
-    produce_stdin(env.iter().cloned(), &synth_tickets(total, conversations));
-    let (mut first, _) = start_worker(&config, &env);
-    let (mut second, second_said) = start_worker(&config, &env);
-    wait_for("a quarter answered", &mut second, async || published_units(&db).await >= total as i64 / 4).await;
-    let (mut third, third_said) = start_worker(&config, &env); // a rebalance
-    wait_for("half answered", &mut third, async || published_units(&db).await >= total as i64 / 2).await;
+    env.extend(crate::helpers::jittery_calls());
+    produce_stdin(run.env.iter().cloned(), &synth_tickets(total, conversations));
+    let (c, db) = (&run.c, &run.db);
+    let (mut first, _) = run.worker();
+    let (mut second, second_said) = run.worker();
+    wait_for("a quarter answered", &mut second, async || published_units(db).await >= total as i64 / 4).await;
+    let (mut third, third_said) = run.worker(); // a rebalance
+    wait_for("half answered", &mut third, async || published_units(db).await >= total as i64 / 2).await;
     first.kill().unwrap(); // SIGKILL: its partitions go to the others after its session times out
     first.wait().unwrap();
-    let (mut restarted, restarted_said) = start_worker(&config, &env);
-    wait_for("every ticket answered", &mut restarted, async || published_units(&db).await == total as i64).await;
+    let (mut restarted, restarted_said) = run.worker();
+    wait_for("every ticket answered", &mut restarted, async || published_units(db).await == total as i64).await;
     // The killed worker's partitions are redone by their next owners from its last
     // commit (answered already: acked without a second answer): done when the group
     // has committed every partition to its end.
-    let watermarks = c.consumer("tf-test-watermarks");
-    let ends: Vec<Offset> = (0..PARTITIONS)
-        .map(|p| Offset::Offset(watermarks.fetch_watermarks(&c.topic("in"), p, Duration::from_secs(10)).unwrap().1))
-        .collect();
+    let ends = c.input_ends();
     wait_for("every partition committed to its end", &mut restarted, async || c.committed(PARTITIONS) == ends).await;
     let mut logs = String::new();
-    for (mut worker, said) in [(second, second_said), (third, third_said), (restarted, restarted_said)] {
-        std::process::Command::new("kill").arg("-TERM").arg(worker.id().to_string()).status().unwrap();
-        let status = worker.wait().unwrap();
-        let said = said.join().unwrap();
-        assert!(status.success(), "{said}");
-        logs.push_str(&said);
+    for (worker, said) in [(second, second_said), (third, third_said), (restarted, restarted_said)] {
+        logs.push_str(&stop(worker, said));
     }
-
-    // Every ticket answered; a copy (a reply republished from the ledger after the
-    // kill) is identical to the first; first answers in conversation order.
-    let mut first_reply: HashMap<String, serde_json::Value> = HashMap::new();
-    for partition in c.read_all(&c.topic("replies")) {
-        let mut last: HashMap<String, usize> = HashMap::new();
-        for reply in partition {
-            let ticket = reply["ticket_id"].as_str().unwrap().to_owned();
-            if let Some(earlier) = first_reply.get(&ticket) {
-                assert_eq!(earlier, &reply, "{ticket} answered twice with different replies");
-                continue;
-            }
-            let index: usize = ticket.trim_start_matches("S-").parse().unwrap();
-            let conversation = reply["conversation_id"].as_str().unwrap().to_owned();
-            if let Some(before) = last.insert(conversation.clone(), index) {
-                assert!(before < index, "{conversation}: S-{index} answered after S-{before}");
-            }
-            first_reply.insert(ticket, reply);
-        }
-    }
-    assert_eq!(first_reply.len(), total);
+    let (first_replies, _) = c.first_replies();
+    assert_eq!(first_replies.len(), total, "every ticket answered");
     // No call paid twice: the ledger's paid calls are the distinct published ones.
     let mut calls = HashMap::new();
     for partition in c.read_all(&c.topic("costs")) {
@@ -401,5 +401,5 @@ async fn workers_joining_and_one_killed_lose_nothing_answer_nothing_twice_and_co
     drop(client);
     // Stopping took nothing back.
     assert_eq!(c.committed(PARTITIONS), ends, "the workers said:\n{logs}");
-    db.drop_db().await;
+    run.db.drop_db().await;
 }

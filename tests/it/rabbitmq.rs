@@ -507,14 +507,8 @@ impl Scenario {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_tickets_are_each_answered_once_in_conversation_order() {
     let run = Scenario::new(10_000, 2_000).await;
-    // Calls that take a random few milliseconds: later tickets of a conversation
-    // would overtake earlier ones if the worker let them run side by side.
-    let mut jitter = Vec::new();
-    for p in ["QWEN", "OPENAI", "ANTHROPIC", "MISTRAL", "DEEPSEEK"] {
-        jitter.push((format!("TICKETFLOW__PROVIDERS__{p}__LATENCY_MS"), "3"));
-        jitter.push((format!("TICKETFLOW__PROVIDERS__{p}__JITTER_MS"), "3"));
-    }
-    let jitter: Vec<(&str, &str)> = jitter.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let jitter = crate::helpers::jittery_calls();
+    let jitter: Vec<(&str, &str)> = jitter.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let worker = run.worker(&jitter);
     run.wait_for_all().await;
     let (status, said) = stop_worker(worker);

@@ -23,6 +23,7 @@ use chrono::{DateTime, Utc};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
+use crate::broker::kafka::progress::Progress;
 use crate::broker::kafka::{self, KafkaSetupError};
 use crate::broker::rabbitmq::consume::{as_u32, CONVERSATION_HEADER, REPLAY_COUNT_HEADER};
 use crate::broker::rabbitmq::publish::Confirmed;
@@ -263,12 +264,12 @@ async fn replay(settings: &Settings, o: &ReplayOptions, conn: &lapin::Connection
 /// Kafka: the dead-letter topic is read in a consumer group of its own
 /// (`<group_id>-replay`), from its committed position up to the end each partition
 /// had when the replay began. A moved dead letter is republished to the input with
-/// its original key and `replay_count` one higher; the group's position moves past
-/// it only once the producer has the republish acknowledged, so a crash loses
-/// nothing and the next run starts after what this one finished. The position never
-/// passes a dead letter that did not match the filters: a later run with other
-/// filters still sees it (and re-sends what this run moved after it, which the
-/// ledger answers without a second call or charge).
+/// its original key and `replay_count` one higher; its progress is committed only
+/// once the producer has the republish acknowledged, so a crash loses nothing and
+/// the next run starts after what this one finished. The position never passes a
+/// dead letter that did not match the filters (a later run with other filters still
+/// sees it); what was handled after it is recorded in the commit's metadata
+/// ([`Progress`]), so no later run moves it again.
 async fn replay_kafka(settings: &Settings, o: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     use rdkafka::message::Message as _;
@@ -295,18 +296,18 @@ async fn replay_kafka(settings: &Settings, o: &ReplayOptions) -> Result<ReplayRe
         all.add_partition(dlq, *p);
     }
     let committed = consumer.committed_offsets(all, timeout).map_err(failed)?;
-    // Where each partition starts and ends for this run.
+    // Where each partition starts and ends for this run, and what earlier runs
+    // handled above their committed position.
     let mut ends = std::collections::HashMap::new();
+    let mut progress = std::collections::HashMap::new();
     let mut start = TopicPartitionList::new();
     for e in committed.elements() {
         let (low, high) = consumer.fetch_watermarks(dlq, e.partition(), timeout).map_err(failed)?;
-        let from = match e.offset() {
-            Offset::Offset(n) => n.max(low),
-            _ => low,
-        };
-        if from < high {
+        let p = Progress::from_commit(e.offset(), e.metadata(), low);
+        if p.position() < high {
             ends.insert(e.partition(), high);
-            start.add_partition_offset(dlq, e.partition(), Offset::Offset(from)).map_err(failed)?;
+            start.add_partition_offset(dlq, e.partition(), Offset::Offset(p.position())).map_err(failed)?;
+            progress.insert(e.partition(), p);
         }
     }
     let producer = kafka::publish::producer(k)?;
@@ -317,9 +318,6 @@ async fn replay_kafka(settings: &Settings, o: &ReplayOptions) -> Result<ReplayRe
         return Ok(report);
     }
     consumer.assign(&start).map_err(failed)?;
-    // Partitions whose position stays where it is for the rest of this run: a dead
-    // letter in it was kept without being handled. A dry run commits nothing.
-    let mut held_back = std::collections::HashSet::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !ends.is_empty() && !report.limit_reached(o) {
         let Some(polled) = consumer.poll(std::time::Duration::from_millis(100)) else {
@@ -333,7 +331,7 @@ async fn replay_kafka(settings: &Settings, o: &ReplayOptions) -> Result<ReplayRe
         };
         let m = polled.map_err(failed)?;
         let (partition, offset) = (m.partition(), m.offset());
-        let Some(&end) = ends.get(&partition) else { continue };
+        let (Some(&end), Some(p)) = (ends.get(&partition), progress.get_mut(&partition)) else { continue };
         if offset >= end {
             ends.remove(&partition);
             continue;
@@ -341,50 +339,66 @@ async fn replay_kafka(settings: &Settings, o: &ReplayOptions) -> Result<ReplayRe
         if offset + 1 >= end {
             ends.remove(&partition);
         }
+        if p.is_done(offset) {
+            continue; // moved (or found dead for good) by an earlier run
+        }
         report.scanned += 1;
         let read = Dead::from_envelope(m.payload().unwrap_or_default());
         let dead = match report.decide(read, o, max_replays, dlq) {
             Verdict::Move(dead) => dead,
-            Verdict::Keep { handled: false } => {
-                held_back.insert(partition);
-                continue;
-            }
+            Verdict::Keep { handled: false } => continue,
             Verdict::Keep { handled: true } => {
-                if !held_back.contains(&partition) && !o.dry_run {
-                    commit(&consumer, dlq, partition, offset + 1).map_err(failed)?;
+                if !o.dry_run {
+                    record(&consumer, dlq, partition, offset, p).map_err(failed)?;
                 }
                 continue;
             }
         };
+        let mut after = p.clone();
+        after.done(offset);
+        if !after.fits() {
+            report.failed.push(format!(
+                "{}: too many dead letters kept for later in front of it in partition {partition} of `{dlq}` to record more progress; it stays (replay those first, or without filters)",
+                dead.describe()
+            ));
+            ends.remove(&partition);
+            continue;
+        }
         if let Some(limiter) = &limiter {
             limiter.until_ready().await;
         }
         let count = (dead.replay_count + 1).to_string();
         let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
-        let record = kafka::publish::Record {
+        let republish = kafka::publish::Record {
             topic: input,
             key,
             payload: &dead.payload,
             headers: &[(kafka::REPLAY_COUNT_HEADER, count.as_str())],
         };
-        match kafka::publish::send(&producer, record).await {
+        match kafka::publish::send(&producer, republish).await {
             Ok(_) => {
                 report.moved += 1;
-                if !held_back.contains(&partition) {
-                    commit(&consumer, dlq, partition, offset + 1).map_err(failed)?;
-                }
+                record(&consumer, dlq, partition, offset, p).map_err(failed)?;
             }
-            Err(e) => {
-                report.failed.push(format!("{}: {e}; it stays in `{dlq}`", dead.describe()));
-                held_back.insert(partition);
-            }
+            Err(e) => report.failed.push(format!("{}: {e}; it stays in `{dlq}`", dead.describe())),
         }
     }
     return Ok(report);
 
-    fn commit(consumer: &BaseConsumer, topic: &str, partition: i32, next: i64) -> rdkafka::error::KafkaResult<()> {
+    /// Marks `offset` handled and commits the partition's progress (synchronously:
+    /// a crash right after a republish replays at most that one dead letter again).
+    fn record(
+        consumer: &BaseConsumer,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        progress: &mut Progress,
+    ) -> rdkafka::error::KafkaResult<()> {
+        progress.done(offset);
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
+        let mut e = tpl.add_partition(topic, partition);
+        e.set_offset(Offset::Offset(progress.position()))?;
+        e.set_metadata(progress.metadata());
         consumer.commit(&tpl, CommitMode::Sync)
     }
 }

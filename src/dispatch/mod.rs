@@ -195,7 +195,14 @@ impl<H: Handler> Dispatcher<H> {
                     let lanes: Vec<Lane> = st.lanes.keys().cloned().collect();
                     let r = if want_paused { source.pause(&lanes) } else { source.resume(&lanes) };
                     match r {
-                        Ok(()) => st.paused = want_paused,
+                        Ok(()) => {
+                            st.paused = want_paused;
+                            if !ready {
+                                tracing::info!("intake paused until the worker is ready again");
+                            } else {
+                                tracing::debug!(paused = want_paused, held = st.held, "intake paused or resumed");
+                            }
+                        }
                         Err(e) => tracing::warn!(error = %e, "could not pause or resume intake"),
                     }
                 }

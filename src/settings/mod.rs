@@ -169,6 +169,9 @@ pub struct KafkaSettings {
     pub commit_interval_ms: u64,
     /// Consumer group session timeout (a member silent this long is evicted).
     pub session_timeout_ms: u64,
+    /// How often librdkafka reports its statistics, from which the consumer lag of
+    /// every assigned partition is taken (0: never).
+    pub statistics_interval_ms: u64,
     /// Any other librdkafka property, passed through as is (for example
     /// `"fetch.max.bytes" = "1048576"`). Ours win where both set one.
     pub properties: std::collections::BTreeMap<String, String>,

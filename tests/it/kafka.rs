@@ -77,7 +77,8 @@ impl Cluster {
     }
 
     /// Every message of `topic`, partition by partition, in order.
-    fn read_all(&self, topic: &str) -> Vec<Vec<serde_json::Value>> {
+    fn read_partitions(&self, topic: &str) -> Vec<Vec<Raw>> {
+        use rdkafka::message::Headers as _;
         let consumer = self.consumer("tf-test-reader");
         let mut out = Vec::new();
         for p in 0..PARTITIONS {
@@ -89,16 +90,41 @@ impl Cluster {
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
             while (messages.len() as i64) < high {
                 assert!(std::time::Instant::now() < deadline, "reading {topic}/{p}");
-                if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-                    let m = m.unwrap();
-                    messages.push(serde_json::from_slice(m.payload().unwrap()).unwrap());
-                }
+                let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
+                let m = m.unwrap();
+                let replay_count = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "replay_count"))
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned());
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                messages.push((key, m.payload().unwrap_or_default().to_vec(), replay_count));
             }
             out.push(messages);
         }
         out
     }
+
+    /// Every message of `topic`, as JSON, partition by partition, in order.
+    fn read_all(&self, topic: &str) -> Vec<Vec<serde_json::Value>> {
+        let parse = |(_, payload, _): Raw| serde_json::from_slice(&payload).unwrap();
+        self.read_partitions(topic).into_iter().map(|p| p.into_iter().map(parse).collect()).collect()
+    }
+
+    /// Every message of `topic`.
+    fn read_raw(&self, topic: &str) -> Vec<Raw> {
+        self.read_partitions(topic).into_iter().flatten().collect()
+    }
+
+    /// How many messages `topic` holds.
+    fn count(&self, topic: &str) -> i64 {
+        let consumer = self.consumer("tf-test-watermarks");
+        (0..PARTITIONS).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1).sum()
+    }
 }
+
+/// A message read back: its key, payload and `replay_count` header.
+type Raw = (String, Vec<u8>, Option<String>);
 
 impl Cluster {
     /// The first reply of every ticket, checking on the way that a copy (a reply
@@ -269,35 +295,6 @@ async fn a_slow_message_holds_back_the_committed_offset_of_its_partition_until_i
     run.db.drop_db().await;
 }
 
-impl Cluster {
-    /// Every message of `topic` as (key, payload, `replay_count` header).
-    fn read_raw(&self, topic: &str) -> Vec<(String, Vec<u8>, Option<String>)> {
-        use rdkafka::message::Headers as _;
-        let consumer = self.consumer("tf-test-raw-reader");
-        let mut out = Vec::new();
-        for p in 0..PARTITIONS {
-            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap();
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
-            consumer.assign(&tpl).unwrap();
-            let mut read = 0;
-            while read < high {
-                let Some(m) = consumer.poll(Duration::from_millis(100)) else { continue };
-                let m = m.unwrap();
-                read += 1;
-                let count = m
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == "replay_count"))
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned());
-                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-                out.push((key, m.payload().unwrap_or_default().to_vec(), count));
-            }
-        }
-        out
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_moves_matching_dead_letters_with_their_key_and_a_second_run_moves_nothing() {
     use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
@@ -307,12 +304,13 @@ async fn replay_moves_matching_dead_letters_with_their_key_and_a_second_run_move
     let ticket = |id: &str| {
         format!(r#"{{"ticket_id":"{id}","conversation_id":"C-{id}","messages":[{{"role":"customer","text":"hi"}}]}}"#)
     };
-    // In one partition, in this order; the one that does not match comes last.
+    // In one partition, in this order: the one that does not match comes first, so
+    // the group's position stays in front of the ones moved.
     for (id, kind, replays) in [
+        ("A", "invalid_json", 0),
         ("B", "providers_exhausted", 0),
         ("C", "providers_exhausted", 3),
         ("D", "providers_exhausted", 1),
-        ("A", "invalid_json", 0),
     ] {
         let letter = serde_json::json!({
             "schema_version": 1, "ticket_id": id, "unit_id": format!("{id}:0"),
@@ -353,6 +351,15 @@ async fn replay_moves_matching_dead_letters_with_their_key_and_a_second_run_move
     let (again, _) = replay(&["--kind", "providers_exhausted"]);
     assert!(again.contains("replayed 0 dead letter(s)"), "a second run replays nothing twice: {again}");
     assert_eq!(c.read_raw(&c.topic("in")).len(), 2);
+    // The one that did not match is still there for a run that wants it, and then
+    // nothing is left to move.
+    let (other, _) = replay(&["--kind", "invalid_json"]);
+    assert!(other.contains("replayed 1 dead letter(s)"), "{other}");
+    let (all, _) = replay(&[]);
+    assert!(all.contains("replayed 0 dead letter(s)"), "{all}");
+    let input: Vec<String> = c.read_raw(&c.topic("in")).into_iter().map(|(key, _, _)| key).collect();
+    assert_eq!(input.len(), 3, "{input:?}");
+    assert!(input.contains(&"C-A".to_owned()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

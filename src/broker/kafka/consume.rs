@@ -18,12 +18,13 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Headers, Message as _};
+use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use tokio::sync::{mpsc, oneshot};
@@ -35,13 +36,38 @@ use crate::intake;
 use crate::settings::Settings;
 use crate::ticket::SourceRef;
 
-/// The librdkafka context: rebalances become lane events.
+/// The librdkafka context: rebalances become lane events, statistics the lag.
 struct Ctx {
     control: mpsc::UnboundedSender<SourceEvent>,
     offsets: Arc<Offsets>,
+    lag: Arc<Mutex<ConsumerLag>>,
 }
 
-impl ClientContext for Ctx {}
+/// Messages behind the end of each assigned partition, counted from the first
+/// unfinished one (its stored or committed offset, or the partition's start when
+/// the group has none yet), as of librdkafka's latest statistics.
+pub type ConsumerLag = std::collections::BTreeMap<(String, i32), i64>;
+
+impl ClientContext for Ctx {
+    fn stats(&self, statistics: Statistics) {
+        let mut lag = ConsumerLag::new();
+        for (topic, t) in &statistics.topics {
+            for p in t.partitions.values() {
+                // Partition -1 is librdkafka's internal one; `desired` marks assigned ones.
+                if p.partition < 0 || !p.desired || p.hi_offset < 0 {
+                    continue;
+                }
+                let from = p.stored_offset.max(p.committed_offset);
+                let from = if from >= 0 { from } else { p.lo_offset };
+                if from >= 0 {
+                    lag.insert((topic.clone(), p.partition), (p.hi_offset - from).max(0));
+                }
+            }
+        }
+        tracing::debug!(?lag, "consumer lag");
+        *self.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
+    }
+}
 
 fn lanes_of(tpl: &TopicPartitionList) -> Vec<Lane> {
     tpl.elements().iter().map(|e| Lane { topic: e.topic().to_owned(), partition: e.partition() }).collect()
@@ -102,6 +128,7 @@ impl ConsumerContext for Ctx {
 pub struct KafkaSource {
     consumer: Arc<BaseConsumer<Ctx>>,
     offsets: Arc<Offsets>,
+    lag: Arc<Mutex<ConsumerLag>>,
     control: mpsc::UnboundedReceiver<SourceEvent>,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     pending: VecDeque<SourceEvent>,
@@ -117,6 +144,7 @@ impl KafkaSource {
         let (control_tx, control) = mpsc::unbounded_channel();
         let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
         let offsets = Arc::new(Offsets::default());
+        let lag = Arc::new(Mutex::new(ConsumerLag::new()));
         let consumer: BaseConsumer<Ctx> = client_config(k)?
             .set("group.id", &k.group_id)
             .set("client.id", &settings.worker.id)
@@ -129,7 +157,8 @@ impl KafkaSource {
             // What librdkafka fetches ahead per partition set, beyond what the
             // dispatcher holds: a bound on memory while partitions are paused.
             .set("queued.max.messages.kbytes", "16384")
-            .create_with_context(Ctx { control: control_tx, offsets: offsets.clone() })
+            .set("statistics.interval.ms", k.statistics_interval_ms.to_string())
+            .create_with_context(Ctx { control: control_tx, offsets: offsets.clone(), lag: lag.clone() })
             .map_err(|e| KafkaSetupError::Broker { servers: k.bootstrap_servers.clone(), reason: super::reason(&e) })?;
         let input = settings.broker.topics.input.clone();
         consumer
@@ -147,6 +176,7 @@ impl KafkaSource {
         Ok(KafkaSource {
             consumer,
             offsets,
+            lag,
             control,
             deliveries,
             pending: VecDeque::new(),
@@ -166,6 +196,12 @@ impl KafkaSource {
     /// the metrics issue (consumer lag).
     pub fn offsets(&self) -> Arc<Offsets> {
         self.offsets.clone()
+    }
+
+    /// The consumer lag of every assigned partition, as of the latest statistics
+    /// (`broker.kafka.statistics_interval_ms`), for the metrics.
+    pub fn lag(&self) -> ConsumerLag {
+        self.lag.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

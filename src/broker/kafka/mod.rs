@@ -5,6 +5,7 @@
 
 pub mod consume;
 pub mod offsets;
+pub mod progress;
 pub mod publish;
 pub mod topics;
 

@@ -130,8 +130,9 @@ impl Cluster {
     /// The first reply of every ticket, checking on the way that a copy (a reply
     /// republished from the ledger after a fault) is identical to it and that first
     /// replies come in conversation order (a conversation's replies share a
-    /// partition: their key). Returns them and the number of copies.
-    fn first_replies(&self) -> (HashMap<String, serde_json::Value>, usize) {
+    /// partition: their key) unless `replayed` (a replayed ticket is answered after
+    /// the later ones of its conversation). Returns them and the number of copies.
+    fn first_replies(&self, replayed: bool) -> (HashMap<String, serde_json::Value>, usize) {
         let (mut first, mut copies) = (HashMap::new(), 0);
         for partition in self.read_all(&self.topic("replies")) {
             let mut last: HashMap<String, usize> = HashMap::new();
@@ -144,7 +145,7 @@ impl Cluster {
                 }
                 let index: usize = ticket.trim_start_matches("S-").parse().unwrap();
                 let conversation = reply["conversation_id"].as_str().unwrap().to_owned();
-                if let Some(before) = last.insert(conversation.clone(), index) {
+                if let Some(before) = last.insert(conversation.clone(), index).filter(|_| !replayed) {
                     assert!(before < index, "{conversation}: S-{index} answered after S-{before}");
                 }
                 first.insert(ticket, reply);
@@ -242,7 +243,7 @@ async fn ten_thousand_tickets_on_six_partitions_are_answered_once_in_order_and_f
     let (mut worker, said) = run.worker();
     wait_for("every ticket answered", &mut worker, async || published_units(&run.db).await == total as i64).await;
     stop(worker, said);
-    let (first, copies) = run.c.first_replies();
+    let (first, copies) = run.c.first_replies(false);
     assert_eq!((first.len(), copies), (total, 0), "one reply per ticket");
     assert_eq!(run.c.committed(PARTITIONS), run.c.input_ends(), "committed to the end of every partition");
     run.db.drop_db().await;
@@ -392,7 +393,7 @@ async fn workers_joining_and_one_killed_lose_nothing_answer_nothing_twice_and_co
     for (worker, said) in [(second, second_said), (third, third_said), (restarted, restarted_said)] {
         logs.push_str(&stop(worker, said));
     }
-    let (first_replies, _) = c.first_replies();
+    let (first_replies, _) = c.first_replies(false);
     assert_eq!(first_replies.len(), total, "every ticket answered");
     // No call paid twice: the ledger's paid calls are the distinct published ones.
     let mut calls = HashMap::new();
@@ -409,4 +410,211 @@ async fn workers_joining_and_one_killed_lose_nothing_answer_nothing_twice_and_co
     // Stopping took nothing back.
     assert_eq!(c.committed(PARTITIONS), ends, "the workers said:\n{logs}");
     run.db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_lag_counts_from_the_first_unfinished_message_to_the_end() {
+    use ticketflow::broker::kafka::consume::{ConsumerLag, KafkaSource};
+    use ticketflow::broker::{Source, SourceEvent};
+    let c = Cluster::with_input_partitions(1);
+    let mut env: std::collections::BTreeMap<String, String> = c.env().into_iter().collect();
+    env.insert("TICKETFLOW__BROKER__KAFKA__STATISTICS_INTERVAL_MS".into(), "100".into());
+    produce_stdin(env.clone(), &synth_tickets(20, 20));
+    let mut settings = ticketflow::policy::load_from(None, &env).unwrap();
+    ticketflow::policy::resolve_identity(&mut settings);
+    let mut source = KafkaSource::start(&settings).unwrap();
+    let mut deliveries = Vec::new();
+    while deliveries.len() < 20 {
+        match tokio::time::timeout(Duration::from_secs(60), source.next()).await.unwrap().unwrap() {
+            Some(SourceEvent::Delivery(d)) => deliveries.push(d),
+            Some(_) => {}
+            None => panic!("the source ended"),
+        }
+    }
+    let lag_is = async |source: &KafkaSource, n: i64| {
+        let want = ConsumerLag::from([((c.topic("in"), 0), n)]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while source.lag() != want {
+            assert!(std::time::Instant::now() < deadline, "lag {:?}, want {want:?}", source.lag());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // Polled is not finished: all 20 are behind.
+    lag_is(&source, 20).await;
+    // Offsets 0..5 and 10 finished: the first unfinished is 5.
+    let mut rest = deliveries.split_off(5);
+    let tenth = rest.remove(5);
+    for d in deliveries.into_iter().chain([tenth]) {
+        d.acker.ack().await.unwrap();
+    }
+    lag_is(&source, 15).await;
+    for d in rest {
+        d.acker.ack().await.unwrap();
+    }
+    lag_is(&source, 0).await;
+    tokio::task::spawn_blocking(move || drop(source)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_and_an_outage_dead_letter_without_blocking_and_a_replay_killed_half_way_answers_every_ticket_once() {
+    use rdkafka::producer::{BaseRecord, Producer as _, ThreadedProducer};
+    let (total, conversations) = (300, 100);
+    let mut run = Run::new(Cluster::new()).await;
+    let (base, mock) =
+        ticketflow::mock_provider::spawn(ticketflow::mock_provider::MockConfig::default()).await.unwrap();
+    for (provider, _) in crate::real_providers::PROVIDERS {
+        mock.start_outage(provider, 3600.0);
+    }
+    let env = &mut run.env;
+    env.extend(crate::real_providers::mock_env(&base));
+    env.extend([
+        ("TICKETFLOW__RETRY__BASE_DELAY_MS".to_owned(), "1".to_owned()),
+        ("TICKETFLOW__RETRY__MAX_DELAY_MS".to_owned(), "5".to_owned()),
+        // An operator replays minutes after the providers are back, when the workers'
+        // circuits have cooled down (30 s by default); here they cool down at once.
+        ("TICKETFLOW__BREAKER__COOLDOWN_MS".to_owned(), "1".to_owned()),
+    ]);
+    let c = &run.c;
+    produce_stdin(run.env.iter().cloned(), &synth_tickets(total, conversations));
+    // Poison, straight onto the input (produce refuses it), in every partition: not
+    // JSON, a ticket without messages, and bytes that are not UTF-8 without a key.
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        ClientConfig::new().set("bootstrap.servers", c.cluster.bootstrap_servers()).create().unwrap();
+    let poison: [&[u8]; 3] = [b"{not json", br#"{"ticket_id":"P-1","messages":[]}"#, b"\xff\xfe"];
+    for p in 0..PARTITIONS {
+        let bad = poison[p as usize % poison.len()];
+        producer.send(BaseRecord::<str, [u8]>::to(&c.topic("in")).partition(p).payload(bad)).unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let (mut first, first_said) = run.worker();
+    let (second, second_said) = run.worker();
+    let settled = total as i64 + PARTITIONS as i64;
+    wait_for("every ticket answered or dead-lettered", &mut first, async || {
+        c.count(&c.topic("replies")) + c.count(&c.topic("dlq")) >= settled
+    })
+    .await;
+    let handed_off = c.count(&c.topic("replies"));
+    let dead = c.count(&c.topic("dlq")) - PARTITIONS as i64;
+    assert_eq!(handed_off + dead, total as i64);
+    assert!(dead > 20, "the outage must dead-letter the tickets that need a model ({dead})");
+
+    // The providers come back; the operator replays what the outage killed, and the
+    // first replay is killed half-way.
+    for (provider, _) in crate::real_providers::PROVIDERS {
+        mock.start_outage(provider, 0.0);
+    }
+    let inputs = c.count(&c.topic("in"));
+    let replay = || {
+        let mut replay = bin();
+        replay.arg("replay").arg("--kind").arg("providers_exhausted").envs(run.env.iter().cloned());
+        replay
+    };
+    let mut killed = replay().arg("--rate").arg("50").stdout(std::process::Stdio::null()).spawn().unwrap();
+    wait_for("some dead letters replayed", &mut killed, async || c.count(&c.topic("in")) >= inputs + 10).await;
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    let moved_first = c.count(&c.topic("in")) - inputs;
+    assert!(moved_first < dead, "the first replay was to be killed half-way ({moved_first} of {dead})");
+    let again = replay().output().unwrap();
+    let said = String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{said}{}", String::from_utf8_lossy(&again.stderr));
+    let moved_second: i64 = said.split("replayed ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    // At most the one whose progress the kill interrupted is sent twice (the ledger
+    // answers it from its record).
+    let moved = moved_first + moved_second;
+    assert!((dead..=dead + 1).contains(&moved), "{dead} dead letters, {moved} replayed: {said}");
+    wait_for("every ticket answered", &mut first, async || c.count(&c.topic("replies")) >= total as i64).await;
+    let logs = stop(first, first_said) + &stop(second, second_said);
+
+    let (replies, copies) = c.first_replies(true);
+    assert_eq!((replies.len(), copies), (total, 0), "{logs}");
+    // Only the poison stays dead for good: every other dead letter was replayed and
+    // a third replay finds nothing.
+    let kinds: std::collections::BTreeMap<String, usize> =
+        c.read_all(&c.topic("dlq")).into_iter().flatten().fold(Default::default(), |mut m, d| {
+            *m.entry(d["error"]["kind"].as_str().unwrap().to_owned()).or_default() += 1;
+            m
+        });
+    assert_eq!(kinds.values().sum::<usize>() as i64, dead + PARTITIONS as i64, "{kinds:?}");
+    for kind in ["invalid_json", "invalid_ticket", "invalid_encoding"] {
+        assert_eq!(kinds.get(kind), Some(&2), "{kinds:?}");
+    }
+    let third = replay().output().unwrap();
+    assert!(String::from_utf8_lossy(&third.stdout).contains("replayed 0 dead letter(s)"));
+    // No call paid twice: every paid call in the ledger is published once.
+    let mut calls = HashMap::new();
+    for cost in c.read_all(&c.topic("costs")).into_iter().flatten() {
+        assert!(calls.insert(cost["call_id"].as_str().unwrap().to_owned(), cost).is_none(), "a call published twice");
+    }
+    let client = run.db.client().await;
+    let row = client.query_one("SELECT count(*) FROM cost_records", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0) as usize, calls.len());
+    drop(client);
+    run.db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_of_a_minute_keeps_the_worker_in_its_group_and_loses_nothing() {
+    let (total, conversations) = (2_000, 400);
+    let mut run = Run::new(Cluster::new()).await;
+    let proxy = crate::helpers::Proxy::start("127.0.0.1:5432").await;
+    let through_proxy = run.db.url.replace(":5432/", &format!(":{}/", proxy.port));
+    for (key, value) in run.env.iter_mut() {
+        if key == "TICKETFLOW__DATABASE__URL" {
+            *value = through_proxy.clone();
+        }
+    }
+    // A member that did not poll for 10 s would be evicted: the outage lasts six
+    // times that. (The property has dots: a config file, not a variable.)
+    let mut config = std::fs::read_to_string(&run.config).unwrap();
+    config.push_str("[broker.kafka.properties]\n\"max.poll.interval.ms\" = \"10000\"\n");
+    std::fs::write(&run.config, config).unwrap();
+    run.env.extend(crate::helpers::jittery_calls());
+    produce_stdin(run.env.iter().cloned(), &synth_tickets(total, conversations));
+    // Rebalances and pauses are said at `info`.
+    run.env.push(("TICKETFLOW_LOG".into(), "info,lapin=off".into()));
+    let (c, db) = (&run.c, &run.db);
+    let (mut worker, said) = run.worker();
+    wait_for("a fifth answered", &mut worker, async || published_units(db).await >= total as i64 / 5).await;
+    proxy.cut();
+    let (replies_before, committed_before) = (c.count(&c.topic("replies")), c.committed(PARTITIONS));
+    let outage = std::time::Instant::now();
+    while outage.elapsed() < Duration::from_secs(60) {
+        assert!(worker.try_wait().unwrap().is_none(), "the worker exited during the outage");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Nothing was answered without the ledger, and nothing committed past it.
+    assert!(c.count(&c.topic("replies")) <= replies_before + 256, "answers went on without the ledger");
+    let committed_after = c.committed(PARTITIONS);
+    proxy.restore();
+    wait_for("every ticket answered", &mut worker, async || published_units(db).await == total as i64).await;
+    let ends = c.input_ends();
+    wait_for("every partition committed to its end", &mut worker, async || c.committed(PARTITIONS) == ends).await;
+    let logs = stop(worker, said);
+    let (replies, _) = c.first_replies(false);
+    assert_eq!(replies.len(), total, "{logs}");
+    // One assignment, and no revocation before the worker was told to stop: the
+    // member stayed in its group.
+    let running = &logs[..logs.find("stopping:").unwrap_or(logs.len())];
+    assert_eq!(running.matches("partitions assigned").count(), 1, "{logs}");
+    assert!(!running.contains("partitions revoked"), "{logs}");
+    assert!(committed_before.iter().zip(&committed_after).all(|(b, a)| offset(a) >= offset(b)));
+    let client = db.client().await;
+    let row = client.query_one("SELECT count(*) FROM cost_records", &[]).await.unwrap();
+    let calls: std::collections::HashSet<String> = c
+        .read_all(&c.topic("costs"))
+        .into_iter()
+        .flatten()
+        .map(|cost| cost["call_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(row.get::<_, i64>(0) as usize, calls.len(), "every paid call published, none paid twice");
+    drop(client);
+    run.db.drop_db().await;
+
+    fn offset(o: &Offset) -> i64 {
+        match o {
+            Offset::Offset(n) => *n,
+            _ => -1,
+        }
+    }
 }

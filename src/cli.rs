@@ -317,6 +317,10 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Config => {
             let settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
             print!("{}", settings.redacted_toml());
+            let mut stderr = std::io::stderr().lock();
+            for warning in crate::policy::filter_warnings(&settings) {
+                let _ = writeln!(stderr, "warning: {warning}");
+            }
             Ok(())
         }
         Command::Report { since, until, format } => {

@@ -238,7 +238,7 @@ impl MockServer {
         if p.held(&request.system) || p.held(&request.user) {
             let _ = self.inner.released.subscribe().wait_for(|released| *released).await;
         }
-        if let Some(word) = p.filtered(&request.user) {
+        if let Some(word) = p.filtered(&request.system).or_else(|| p.filtered(&request.user)) {
             p.count(Counter::Refused);
             tracing::debug!(provider = name, word, "mock content filter");
             return wire::refusal(style, &request.model, &Usage::estimate(&request, ""));

@@ -153,16 +153,17 @@ impl ProviderState {
         self.config.error_rate > 0.0 && rand::thread_rng().gen_bool(self.config.error_rate)
     }
 
-    /// The first filter word in the user text (the ticket), matched as the simulated
-    /// provider does: case-insensitive, whole words in spaced scripts, anywhere in
-    /// Chinese or Thai. Instructions are ours and never trip the filter.
     /// Whether a request with this text waits for a release.
     pub fn held(&self, text: &str) -> bool {
         self.hold.first_match(&text.to_lowercase()).is_some()
     }
 
-    pub fn filtered(&self, user: &str) -> Option<String> {
-        self.filter.first_match(&user.to_lowercase()).map(str::to_owned)
+    /// The first filter word in a request's text, matched as the simulated provider
+    /// does: case-insensitive, whole words in spaced scripts, anywhere in Chinese or
+    /// Thai. Callers pass the whole request, system prompt included, as a real
+    /// provider's filter reads it.
+    pub fn filtered(&self, text: &str) -> Option<String> {
+        self.filter.first_match(&text.to_lowercase()).map(str::to_owned)
     }
 
     /// Zeroes the counters and the window (outages are left as they are).

@@ -119,7 +119,8 @@ impl Provider for Simulated {
                 reached: true,
             };
         }
-        let lower = request.user.to_lowercase();
+        // A real filter reads the whole request: our instructions and policy text too.
+        let lower = format!("{}\n{}", request.system, request.user).to_lowercase();
         if let Some(word) = self.filter.first_match(&lower) {
             let detail = format!("{}: content filter (data_inspection_failed) on `{word}`", self.name);
             return match self.refusal_style {

@@ -75,7 +75,7 @@ pub fn triage_system(categories: &[String]) -> String {
          \"complexity\": \"simple\" or \"complex\";\n\
          \"sentiment\": \"positive\", \"neutral\", \"negative\" or \"angry\";\n\
          \"language\": ISO 639-1 code of the customer's latest message;\n\
-         \"risk\": \"legal\" (threats of legal action, lawyers, chargebacks, regulators), \
+         \"risk\": \"legal\" (threats of legal action, attorneys, chargebacks, regulators), \
          \"safety\" (injury, danger to life, self-harm) or \"none\";\n\
          \"confidence\": a number from 0 to 1.",
         categories.iter().map(|c| format!("\"{c}\"")).collect::<Vec<_>>().join(", ")

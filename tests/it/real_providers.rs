@@ -200,3 +200,47 @@ async fn a_provider_limited_far_below_the_arrival_rate_gets_no_429_and_no_ticket
     );
     assert!(slowest < DEADLINE_MS, "slowest ticket took {slowest} ms in flight");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_qwens_filter_on_only_tickets_carrying_a_filter_word_are_refused_each_once() {
+    use ticketflow::triage::keywords::KeywordSet;
+    crate::providers::plant_key();
+    let (base, _server) = mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, out) = process_against(&base, 245, dir.path()).await;
+    // The mock's Qwen (the default mock: the filter words of the default config) refuses a request that has one of these words anywhere in it,
+    // our system prompt and policy text included (as DashScope does).
+    let settings = ticketflow::policy::load_from(None, &Default::default()).unwrap();
+    let words = &settings.providers["qwen"].filter_words;
+    let filter = KeywordSet::new([("filter", words.iter())]);
+    let mut refusals: std::collections::HashMap<&str, Vec<&serde_json::Value>> = Default::default();
+    for c in out.costs.iter().filter(|c| c["outcome"] == "refused") {
+        refusals.entry(c["ticket_id"].as_str().unwrap()).or_default().push(c);
+    }
+    let examples = std::fs::read_to_string(repo_path("examples/tickets.jsonl")).unwrap();
+    let (mut with_word, mut without) = (0, 0);
+    for line in examples.lines() {
+        let t: serde_json::Value = serde_json::from_str(line).unwrap();
+        let id = t["ticket_id"].as_str().unwrap();
+        let mut text = t["subject"].as_str().unwrap_or_default().to_owned();
+        for m in t["messages"].as_array().unwrap() {
+            text.push('\n');
+            text.push_str(m["text"].as_str().unwrap());
+        }
+        let reply = out.replies.iter().find(|r| r["ticket_id"] == id).unwrap_or_else(|| panic!("{id} not answered"));
+        let refused = refusals.get(id).map_or(0, Vec::len);
+        if filter.first_match(&text.to_lowercase()).is_none() {
+            without += 1;
+            assert_eq!(refused, 0, "{id} has no filter word but was refused: {:?}", refusals.get(id));
+            assert!(reply["moderation"].is_null(), "{id}: {}", reply["moderation"]);
+        } else {
+            with_word += 1;
+            assert_eq!(refused, 1, "{id} carries a filter word: refused once, then skipped: {:?}", refusals.get(id));
+            assert_eq!(refusals[id][0]["provider"], "qwen");
+            let moderation = &reply["moderation"];
+            assert!(moderation["check"] == "passed" || moderation["check"] == "flagged", "{id}: {moderation}");
+            assert!(moderation["bypassed"] == true || reply["status"] == "needs_human", "{id}: {reply}");
+        }
+    }
+    assert!(with_word > 10 && without > 100, "{with_word} with a filter word, {without} without");
+}

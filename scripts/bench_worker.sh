@@ -12,7 +12,10 @@
 # `ticketflow mock-provider` at zero latency) or `simulated` (in-process, 0 ms).
 # Prints one line per run and the medians. BIN=path overrides the binary (A/B).
 # BROKER=kafka runs it on a fresh librdkafka mock cluster per run (examples/kafka_mock.rs,
-# topics of six partitions) instead of the local RabbitMQ.
+# topics of six partitions) instead of the local RabbitMQ. MOCK_CONFIG=FILE configures
+# the mock provider (e.g. scripts/bench/mock_latency_1s.toml) and WORKER_CONFIG=FILE
+# the worker (default scripts/bench/zero_latency.toml; e.g. in_flight_5000.toml). The
+# worker's peak RSS is reported too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}
@@ -50,7 +53,7 @@ env_for_mock() {
   done
 }
 
-rates=(); cpus=()
+rates=(); cpus=(); rsss=()
 for run in $(seq 1 "$RUNS"); do
   tag="tf-bench-$$-$run"
   db="tf_bench_worker_$$_$run"
@@ -70,13 +73,13 @@ for run in $(seq 1 "$RUNS"); do
   "$BIN" migrate > /dev/null
   "$BIN" produce "$WORK/tickets-$N.jsonl" > /dev/null
   if [ "$PROVIDERS" = mock ]; then
-    "$BIN" mock-provider --listen 127.0.0.1:0 > "$WORK/mock.out" 2>&1 &
+    "$BIN" ${MOCK_CONFIG:+--config "$MOCK_CONFIG"} mock-provider --listen 127.0.0.1:0 > "$WORK/mock.out" 2>&1 &
     mock=$!
     for _ in $(seq 1 50); do grep -q "listening on" "$WORK/mock.out" 2>/dev/null && break; sleep 0.1; done
     env_for_mock "$(sed -n 's/^listening on //p' "$WORK/mock.out")"
   fi
   start=$(date +%s.%N)
-  "$BIN" --config scripts/bench/zero_latency.toml worker 2> "$WORK/worker.err" &
+  "$BIN" --config "${WORKER_CONFIG:-scripts/bench/zero_latency.toml}" worker 2> "$WORK/worker.err" &
   worker=$!
   while :; do
     done_n=$(psql -h 127.0.0.1 -U postgres -d "$db" -tAc "SELECT count(*) FROM units WHERE published" 2>/dev/null || echo 0)
@@ -86,16 +89,17 @@ for run in $(seq 1 "$RUNS"); do
   done
   end=$(date +%s.%N)
   read -r utime stime < <(awk '{print $14, $15}' "/proc/$worker/stat")
+  rss=$(awk '/^VmHWM/ {print int($2 / 1024)}' "/proc/$worker/status")
   kill -TERM "$worker"; wait "$worker" || true; worker=
   if [ -n "${mock:-}" ]; then kill "$mock"; wait "$mock" 2>/dev/null || true; mock=; fi
   rate=$(python3 -c "print(round($N / ($end - $start)))")
   cpu=$(python3 -c "print(f'{($utime + $stime) / $TICKS * 1000 / $N:.3f}')")
-  echo "run $run: $N tickets in $(python3 -c "print(f'{$end - $start:.2f}')") s: $rate tickets/s; worker CPU $cpu ms/ticket"
-  rates+=("$rate"); cpus+=("$cpu")
+  echo "run $run: $N tickets in $(python3 -c "print(f'{$end - $start:.2f}')") s: $rate tickets/s; worker CPU $cpu ms/ticket; worker peak RSS $rss MB"
+  rates+=("$rate"); cpus+=("$cpu"); rsss+=("$rss")
   if [ -n "${cluster:-}" ]; then kill "$cluster"; wait "$cluster" 2>/dev/null || true; cluster=; fi
   for q in in replies costs dlq; do rabbitmqctl -q delete_queue "$tag-$q" > /dev/null 2>&1 || true; done
   rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$tag-dlx\">>), false, <<\"bench\">>)." > /dev/null 2>&1 || true
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-echo "median of $RUNS: $(median "${rates[@]}") tickets/s; worker CPU $(median "${cpus[@]}") ms/ticket ($PROVIDERS providers, $BROKER)"
+echo "median of $RUNS: $(median "${rates[@]}") tickets/s; worker CPU $(median "${cpus[@]}") ms/ticket; peak RSS $(median "${rsss[@]}") MB ($PROVIDERS providers, $BROKER)"

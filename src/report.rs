@@ -1,7 +1,9 @@
 //! `ticketflow report`: where the money goes, from the PostgreSQL ledger. Spend by
-//! provider, model, tier, category and day; the same tokens priced at the baseline
-//! premium model (savings); escalation, moderation-bypass, human-handoff and
-//! dead-letter counts; latency percentiles. Filtered by `--since` / `--until` on the
+//! provider, model, tier, category and day; the all-premium baseline (one premium
+//! reply call per answered unit, priced from the answering call's tokens) and the
+//! savings; the share of answered units per tier and the cost per answered ticket;
+//! escalation, moderation-bypass, human-handoff and dead-letter counts; latency
+//! percentiles. Filtered by `--since` / `--until` on the
 //! time of each call (spend) and of each decision (counts).
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -46,6 +48,25 @@ pub struct Report {
     pub by_day_and_tier: Vec<(String, String, f64)>,
     /// Finished units per route (tier, `human`, or `dead_letter`).
     pub route_mix: Vec<(String, i64)>,
+}
+
+impl Report {
+    /// Units answered per tier (`human` and dead letters are not tiers), with each
+    /// one's share of the answered units, largest first.
+    pub fn answered_by_tier(&self) -> Vec<(String, i64, f64)> {
+        let tiers: Vec<&(String, i64)> = self
+            .route_mix
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "human" | "needs_human" | "dead_letter"))
+            .collect();
+        let answered: i64 = tiers.iter().map(|(_, n)| n).sum();
+        tiers.into_iter().map(|(k, n)| (k.clone(), *n, *n as f64 / answered.max(1) as f64 * 100.0)).collect()
+    }
+
+    /// What an answered ticket cost on average, every call included.
+    pub fn cost_per_answered(&self) -> f64 {
+        self.total.cost_usd / self.answered.max(1) as f64
+    }
 }
 
 /// Parses `--since`/`--until`: an RFC 3339 time or a date (midnight UTC).
@@ -210,7 +231,8 @@ pub fn render_table(r: &Report) -> String {
     for (k, v) in [
         ("provider calls", r.total.calls.to_string()),
         ("spend", money(r.total.cost_usd)),
-        ("all-premium baseline", money(r.total.baseline_cost_usd)),
+        ("cost per answered ticket", money(r.cost_per_answered())),
+        (crate::summary::BASELINE_LABEL, money(r.total.baseline_cost_usd)),
         ("savings", format!("{} ({:.1}%)", money(r.savings_usd), r.savings_pct)),
         ("units of work decided", r.units.to_string()),
         ("answered", r.answered.to_string()),
@@ -224,6 +246,8 @@ pub fn render_table(r: &Report) -> String {
         summary.add_row(vec![Cell::new(k), Cell::new(v).set_alignment(CellAlignment::Right)]);
     }
     out.push_str(&summary.to_string());
+    out.push('\n');
+    out.push_str(crate::summary::BASELINE_NOTE);
     out.push('\n');
     for (title, rows) in [
         ("provider", &r.by_provider),
@@ -245,6 +269,17 @@ pub fn render_table(r: &Report) -> String {
         out.push_str(&t.to_string());
         out.push('\n');
     }
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED).set_header(vec!["tier", "answered", "share"]);
+    for (tier, n, share) in r.answered_by_tier() {
+        t.add_row(vec![
+            Cell::new(tier),
+            Cell::new(n).set_alignment(CellAlignment::Right),
+            Cell::new(format!("{share:.1}%")).set_alignment(CellAlignment::Right),
+        ]);
+    }
+    out.push_str(&t.to_string());
+    out.push('\n');
     if !r.dead_letters.is_empty() {
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED).set_header(vec!["dead letter kind", "count"]);
@@ -264,7 +299,27 @@ fn esc(s: &str) -> String {
 
 const PALETTE: &[&str] = &["#2f6fdf", "#e0803a", "#3aa872", "#c2457a", "#8a63d2", "#c9a227", "#4bb3c4", "#7a7a7a"];
 
-/// Horizontal bars: one row per (label, value), scaled to the largest value.
+/// The colour of a tier (or route, or figure), the same in every chart and every
+/// report: the shipped tiers have fixed colours, any other name a colour derived
+/// from the name itself, never from its position in a chart.
+pub fn colour(name: &str) -> &'static str {
+    match name {
+        "cheap" | "spent" => "#3aa872",
+        "premium" | "all-premium baseline" => "#2f6fdf",
+        "empathy" => "#c2457a",
+        "code" => "#8a63d2",
+        "multilingual" => "#4bb3c4",
+        "human" | "needs_human" => "#7a7a7a",
+        "dead_letter" => "#d64545",
+        other => {
+            let hash = other.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+            PALETTE[hash as usize % PALETTE.len()]
+        }
+    }
+}
+
+/// Horizontal bars: one row per (label, value), scaled to the largest value, each
+/// in its label's [`colour`].
 fn bars(rows: &[(String, f64)], unit: &dyn Fn(f64) -> String) -> String {
     let max = rows.iter().map(|r| r.1).fold(0.0f64, f64::max).max(f64::MIN_POSITIVE);
     let height = rows.len() * 30 + 10;
@@ -272,7 +327,7 @@ fn bars(rows: &[(String, f64)], unit: &dyn Fn(f64) -> String) -> String {
     for (i, (label, v)) in rows.iter().enumerate() {
         let y = i * 30 + 5;
         let w = (v / max * 380.0).max(1.0);
-        let color = PALETTE[i % PALETTE.len()];
+        let color = colour(label);
         svg.push_str(&format!(
             "<text x=\"0\" y=\"{}\" class=\"l\">{}</text><rect x=\"170\" y=\"{y}\" width=\"{w:.1}\" height=\"20\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\" class=\"v\">{}</text>",
             y + 15,
@@ -302,14 +357,14 @@ fn stacked_days(r: &Report) -> String {
     for (i, day) in days.iter().enumerate() {
         let x = 70.0 + i as f64 * (col + 16.0);
         let mut y = 220.0;
-        for (ti, tier) in tiers.iter().enumerate() {
+        for tier in &tiers {
             let v: f64 = r.by_day_and_tier.iter().filter(|x| x.0 == *day && x.1 == *tier).map(|x| x.2).sum();
             let h = v / max * 200.0;
             if h > 0.0 {
                 y -= h;
                 svg.push_str(&format!(
                     "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{col}\" height=\"{h:.1}\" fill=\"{}\"><title>{} {}: ${v:.6}</title></rect>",
-                    PALETTE[ti % PALETTE.len()],
+                    colour(tier),
                     esc(day),
                     esc(tier)
                 ));
@@ -320,10 +375,7 @@ fn stacked_days(r: &Report) -> String {
     svg.push_str("</svg>");
     let legend: String = tiers
         .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            format!("<span class=\"k\"><i style=\"background:{}\"></i>{}</span>", PALETTE[i % PALETTE.len()], esc(t))
-        })
+        .map(|t| format!("<span class=\"k\"><i style=\"background:{}\"></i>{}</span>", colour(t), esc(t)))
         .collect();
     format!("{svg}<div>{legend}</div>")
 }
@@ -381,6 +433,7 @@ svg .l{{fill:#334}} svg .v{{fill:#556}} svg .s{{font-size:11px;fill:#667}}
 <div class="cards">
 <div class="card">spent<b>{spent}</b></div>
 <div class="card">all-premium baseline<b>{baseline}</b></div>
+<div class="card">per answered ticket<b>{per_answered}</b></div>
 <div class="card">saved<b>{saved} ({pct:.1}%)</b></div>
 <div class="card">units<b>{units}</b></div>
 <div class="card">escalated<b>{escalated}</b></div>
@@ -390,7 +443,7 @@ svg .l{{fill:#334}} svg .v{{fill:#556}} svg .s{{font-size:11px;fill:#667}}
 </div>
 <h2>Spend per day, by tier</h2>{days}
 <div class="grid">
-<div><h2>Savings against the all-premium baseline</h2>{savings}</div>
+<div><h2>Savings against the all-premium baseline</h2>{savings}<div class="muted">{baseline_note}</div></div>
 <div><h2>Route mix (units)</h2>{mix}</div>
 <div><h2>Latency (ms)</h2>{latency}</div>
 <div><h2>Spend by provider</h2><table><tr><th>provider</th><th>calls</th><th>spent</th><th>baseline</th></tr>{providers}</table></div>
@@ -401,6 +454,8 @@ svg .l{{fill:#334}} svg .v{{fill:#556}} svg .s{{font-size:11px;fill:#667}}
 "#,
         spent = money(r.total.cost_usd),
         baseline = money(r.total.baseline_cost_usd),
+        per_answered = money(r.cost_per_answered()),
+        baseline_note = esc(crate::summary::BASELINE_NOTE),
         saved = money(r.savings_usd),
         pct = r.savings_pct,
         units = r.units,

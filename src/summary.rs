@@ -1,5 +1,6 @@
 //! The end-of-run summary of `ticketflow process`: outcomes, tiers, providers,
-//! spend against the all-premium baseline, and latency percentiles. Constant memory
+//! spend against the all-premium baseline (one premium reply call per answered
+//! unit, no triage, no moderation), and latency percentiles. Constant memory
 //! whatever the number of tickets (counters and one histogram).
 
 use std::collections::BTreeMap;
@@ -53,12 +54,9 @@ impl Summary {
         self.cost_usd += c.cost_usd;
         self.baseline_cost_usd += c.baseline_cost_usd;
         match published {
-            Published::Reply(status) => {
-                let outcome = match status {
-                    ReplyStatus::Answered => "answered",
-                    ReplyStatus::NeedsHuman => "needs_human",
-                };
-                *self.outcomes.entry(outcome.into()).or_default() += 1;
+            Published::Reply(ReplyStatus::Answered) => {
+                *self.outcomes.entry("answered".into()).or_default() += 1;
+                // Tiers and providers count answered units only: `human` is not a tier.
                 if let Some(tier) = &c.tier {
                     *self.tiers.entry(tier.clone()).or_default() += 1;
                 }
@@ -68,6 +66,10 @@ impl Summary {
                 if c.bypassed {
                     self.bypassed += 1;
                 }
+                self.latency_ms.saturating_record(c.latency_ms.unwrap_or(0).max(1));
+            }
+            Published::Reply(ReplyStatus::NeedsHuman) => {
+                *self.outcomes.entry("needs_human".into()).or_default() += 1;
                 self.latency_ms.saturating_record(c.latency_ms.unwrap_or(0).max(1));
             }
             Published::DeadLetter(kind) => {
@@ -81,6 +83,21 @@ impl Summary {
         self.outcomes.values().sum()
     }
 
+    /// Every input: replies, dead letters and duplicates.
+    pub fn tickets(&self) -> u64 {
+        self.total() + self.duplicates
+    }
+
+    /// Units answered by a model.
+    pub fn answered(&self) -> u64 {
+        self.outcomes.get("answered").copied().unwrap_or(0)
+    }
+
+    /// What an answered ticket cost on average, every call included.
+    pub fn cost_per_answered(&self) -> f64 {
+        self.cost_usd / self.answered().max(1) as f64
+    }
+
     pub fn latency_percentile(&self, q: f64) -> u64 {
         if self.latency_ms.is_empty() {
             0
@@ -91,31 +108,30 @@ impl Summary {
 
     /// Human-readable tables.
     pub fn render(&self, elapsed_secs: f64) -> String {
+        let right = |v: String| Cell::new(v).set_alignment(CellAlignment::Right);
         let mut out = String::new();
         let mut table = Table::new();
         table.load_preset(UTF8_FULL_CONDENSED).set_header(vec!["outcome", "tickets"]);
-        for (k, v) in &self.outcomes {
-            table.add_row(vec![Cell::new(k), Cell::new(v).set_alignment(CellAlignment::Right)]);
-        }
+        let mut rows: Vec<(String, u64)> = Vec::new();
+        rows.push(("answered".into(), self.answered()));
         if self.bypassed > 0 {
-            table.add_row(vec![
-                Cell::new("  answered through moderation bypass"),
-                Cell::new(self.bypassed).set_alignment(CellAlignment::Right),
-            ]);
+            rows.push(("  of which through moderation bypass".into(), self.bypassed));
         }
+        rows.extend(self.outcomes.iter().filter(|(k, _)| *k != "answered").map(|(k, v)| (k.clone(), *v)));
         if self.duplicates > 0 {
-            table.add_row(vec![
-                Cell::new("duplicate (already answered)"),
-                Cell::new(self.duplicates).set_alignment(CellAlignment::Right),
-            ]);
+            rows.push(("duplicate (already answered)".into(), self.duplicates));
+        }
+        for (k, v) in rows {
+            table.add_row(vec![Cell::new(k), right(v.to_string())]);
         }
         out.push_str(&table.to_string());
         out.push('\n');
         for (title, map) in [("tier", &self.tiers), ("provider", &self.providers)] {
             let mut t = Table::new();
-            t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![title, "replies"]);
+            t.load_preset(UTF8_FULL_CONDENSED).set_header(vec![title, "answered", "share"]);
             for (k, v) in map {
-                t.add_row(vec![Cell::new(k), Cell::new(v).set_alignment(CellAlignment::Right)]);
+                let share = *v as f64 / self.answered().max(1) as f64 * 100.0;
+                t.add_row(vec![Cell::new(k), right(v.to_string()), right(format!("{share:.1}%"))]);
             }
             out.push_str(&t.to_string());
             out.push('\n');
@@ -125,24 +141,34 @@ impl Summary {
         let mut t = Table::new();
         t.load_preset(UTF8_FULL_CONDENSED).set_header(vec!["figure", "value"]);
         let rows = [
-            ("tickets", self.total().to_string()),
+            ("tickets", self.tickets().to_string()),
             ("provider calls", self.provider_calls.to_string()),
             ("total cost", format!("${:.6}", self.cost_usd)),
-            ("all-premium baseline", format!("${:.6}", self.baseline_cost_usd)),
+            ("cost per answered ticket", format!("${:.6}", self.cost_per_answered())),
+            (BASELINE_LABEL, format!("${:.6}", self.baseline_cost_usd)),
             ("savings", format!("${savings:.6} ({pct:.1}%)")),
             ("latency p50", format!("{} ms", self.latency_percentile(0.50))),
             ("latency p95", format!("{} ms", self.latency_percentile(0.95))),
             ("elapsed", format!("{elapsed_secs:.2} s")),
-            ("throughput", format!("{:.0} tickets/s", self.total() as f64 / elapsed_secs.max(1e-9))),
+            ("throughput", format!("{:.0} tickets/s", self.tickets() as f64 / elapsed_secs.max(1e-9))),
         ];
         for (k, v) in rows {
-            t.add_row(vec![Cell::new(k), Cell::new(v).set_alignment(CellAlignment::Right)]);
+            t.add_row(vec![Cell::new(k), right(v)]);
         }
         out.push_str(&t.to_string());
+        out.push('\n');
+        out.push_str(BASELINE_NOTE);
         out.push('\n');
         out
     }
 }
+
+/// How the summary and the report name the baseline, and the note under their
+/// figures that says what it is.
+pub const BASELINE_LABEL: &str = "all-premium baseline";
+pub const BASELINE_NOTE: &str = "all-premium baseline: what the answered tickets would have cost before, one \
+reply each on pricing.baseline_model (no triage, no moderation), priced from the tokens of the reply call that \
+answered them";
 
 /// A [`Summary`] fed by the dispatcher's completions.
 #[derive(Debug, Default)]

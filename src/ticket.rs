@@ -181,12 +181,23 @@ pub struct CostRecord {
     pub at: String,
     /// True when the token counts are our estimate because the provider reported no usage.
     pub estimated: bool,
-    /// What the same tokens would cost on the baseline premium model, priced when the
+    /// What this call stands for before the migration: for the successful reply call
+    /// of a unit ([`CostRecord::is_answer`]), its tokens priced on the baseline
+    /// premium model; 0 for every other call (triage, moderation, refusals, failed
+    /// attempts), which an all-premium setup would not have made. Priced when the
     /// record is made. Internal: not on the wire (the ledger stores it in a column of
     /// its own), so a record read back from a stored output has 0 here until
     /// [`crate::providers::pricing::PriceTable::fill_baselines`] prices it again.
     #[serde(skip)]
     pub baseline_cost_usd: f64,
+}
+
+impl CostRecord {
+    /// Whether this is the call that answered its unit: the one call a unit would
+    /// have cost on the all-premium baseline.
+    pub fn is_answer(&self) -> bool {
+        self.stage == Stage::Reply && self.outcome == CallOutcome::Ok
+    }
 }
 
 /// Why a message became a dead letter (SPEC §3.4).

@@ -288,7 +288,7 @@ impl ChainRunner<'_> {
             }
             (None, _) => (Usage::default(), 0.0, true),
         };
-        unit.costs.push(CostRecord {
+        let mut record = CostRecord {
             schema_version: SCHEMA_VERSION,
             ticket_id: unit.ticket_id.clone(),
             unit_id: unit.unit_id.clone(),
@@ -305,8 +305,12 @@ impl ChainRunner<'_> {
             latency_ms,
             at: now_rfc3339(),
             estimated,
-            baseline_cost_usd: self.prices.baseline_cost(&usage),
-        });
+            baseline_cost_usd: 0.0,
+        };
+        if record.is_answer() {
+            record.baseline_cost_usd = self.prices.baseline_cost(&usage);
+        }
+        unit.costs.push(record);
     }
 }
 

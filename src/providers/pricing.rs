@@ -63,13 +63,13 @@ impl PriceTable {
         self.prices.get(entry).copied().unwrap_or(FREE)
     }
 
-    /// Prices the baseline of every cost record of `output` (records read back from
-    /// a stored output carry none).
+    /// Prices the baseline of the answering call among the cost records of `output`
+    /// (records read back from a stored output carry none).
     pub fn fill_baselines(&self, output: &mut crate::ticket::Output) {
         let costs = match output {
             crate::ticket::Output::Reply { costs, .. } | crate::ticket::Output::DeadLetter { costs, .. } => costs,
         };
-        for c in costs {
+        for c in costs.iter_mut().filter(|c| c.is_answer()) {
             c.baseline_cost_usd = self.baseline_cost(&Usage {
                 input_tokens: c.input_tokens,
                 cached_input_tokens: c.cached_input_tokens,
@@ -80,6 +80,7 @@ impl PriceTable {
 
     /// What the same tokens would cost on the baseline premium model. Cache hits are
     /// priced as cached there too, so savings come from routing, not from caching.
+    /// Only a unit's answering reply call has a baseline ([`crate::ticket::CostRecord::is_answer`]).
     pub fn baseline_cost(&self, usage: &Usage) -> f64 {
         self.baseline.cost(usage)
     }

@@ -196,3 +196,24 @@ pub fn jittery_calls() -> Vec<(String, String)> {
     }
     env
 }
+
+/// The all-premium baseline of a run, computed from its cost records alone: each
+/// answering call's tokens (stage `reply`, outcome `ok`: one per answered unit) at
+/// the default `pricing.baseline_model`'s prices; nothing for any other call.
+pub fn expected_baseline(costs: &[Value]) -> f64 {
+    let settings = ticketflow::policy::load_from(None, &Default::default()).unwrap();
+    let (provider, model) = settings.pricing.baseline_model.split_once('/').unwrap();
+    let price = &settings.providers[provider].models[model];
+    let tokens = |c: &Value, k: &str| c[k].as_u64().unwrap() as f64;
+    costs
+        .iter()
+        .filter(|c| c["stage"] == "reply" && c["outcome"] == "ok")
+        .map(|c| {
+            let (input, cached) = (tokens(c, "input_tokens"), tokens(c, "cached_input_tokens"));
+            ((input - cached) * price.input_usd_per_mtok
+                + cached * price.cached_input_usd_per_mtok
+                + tokens(c, "output_tokens") * price.output_usd_per_mtok)
+                / 1e6
+        })
+        .sum()
+}

@@ -240,7 +240,7 @@ async fn upgrading_keeps_unpublished_outputs_for_republishing() {
         }
     }
     drop(client);
-    assert_eq!(postgres::migrate(&db.settings).await.unwrap(), vec![postgres::latest_version()]);
+    assert_eq!(postgres::migrate(&db.settings).await.unwrap(), (2..=postgres::latest_version()).collect::<Vec<_>>());
     let ledger = db.ledger().await;
     match ledger.claim("U:1", "U", 0, "new").await.unwrap() {
         Claim::Unpublished(output) => assert_eq!(serde_json::to_string(&output).unwrap(), pending),
@@ -406,7 +406,11 @@ async fn report_figures_match_the_records_of_the_run() {
             out.costs.iter().filter(|c| c["provider"] == name).map(|c| c["cost_usd"].as_f64().unwrap()).sum();
         assert!((p["cost_usd"].as_f64().unwrap() - expected).abs() < 1e-9, "{name}");
     }
-    assert!(r["savings_pct"].as_f64().unwrap() > 50.0, "routing saves against the all-premium baseline");
+    // The baseline is one premium reply per answered unit, from the reply records.
+    let baseline = crate::helpers::expected_baseline(&out.costs);
+    assert!((r["total"]["baseline_cost_usd"].as_f64().unwrap() - baseline).abs() < 1e-9, "{}", r["total"]);
+    let pct = r["savings_pct"].as_f64().unwrap();
+    assert!((pct - (baseline - spent) / baseline * 100.0).abs() < 1e-6 && pct > 20.0, "{pct}");
     let empty = report(&["--since", "2999-01-01"]);
     assert_eq!(empty["total"]["calls"], 0);
     assert_eq!(empty["units"], 0);
@@ -622,5 +626,34 @@ async fn a_database_outage_pauses_intake_and_nothing_is_lost_or_done_twice() {
     assert!((row.get::<_, f64>(4) - cost).abs() < 1e-9, "ledger spend equals published spend");
     drop(observer);
     drop(proxy);
+    db.drop_db().await;
+}
+
+/// Version 3 keeps a baseline price only on each unit's answering call: ledgers
+/// written before it stop counting triage, moderation and failed calls as baseline.
+#[tokio::test]
+async fn upgrading_prices_the_baseline_on_answering_calls_only() {
+    let db = TestDb::at_version(Some(2)).await;
+    let pool = postgres::pool(&db.settings, ticketflow::ledger::connect::Session::Admin).unwrap();
+    let client = pool.get().await.unwrap();
+    for (stage, outcome, baseline) in [("triage", "ok", 0.5), ("reply", "refused", 0.25), ("reply", "ok", 2.0)] {
+        client
+            .execute(
+                "INSERT INTO cost_records (call_id, unit_id, ticket_id, stage, provider, model, input_tokens,
+                     cached_input_tokens, output_tokens, cost_usd, baseline_cost_usd, pricing_version, outcome,
+                     latency_ms, estimated, at)
+                 VALUES (gen_random_uuid(), 'B:1', 'B', $1, 'qwen', 'qwen-plus', 10, 0, 10, 0.1, $2, 'v', $3, 1, false, now())",
+                &[&stage, &baseline, &outcome],
+            )
+            .await
+            .unwrap();
+    }
+    drop(client);
+    postgres::migrate(&db.settings).await.unwrap();
+    let client = db.client().await;
+    let row = client.query_one("SELECT sum(baseline_cost_usd), sum(cost_usd) FROM cost_records", &[]).await.unwrap();
+    assert_eq!(row.get::<_, f64>(0), 2.0, "only the answering call keeps its baseline");
+    assert!((row.get::<_, f64>(1) - 0.3).abs() < 1e-12, "spend is untouched");
+    drop(client);
     db.drop_db().await;
 }

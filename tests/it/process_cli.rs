@@ -124,9 +124,19 @@ fn examples_each_end_as_exactly_one_reply_with_costs_that_add_up() {
     assert_eq!(water["moderation"]["check"], "passed");
 
     let summary = String::from_utf8_lossy(&run.stdout);
-    for figure in ["total cost", "all-premium baseline", "savings", "latency p50", "latency p95"] {
+    for figure in ["total cost", "cost per answered ticket", "savings", "latency p50", "latency p95"] {
         assert!(summary.contains(figure), "summary lacks {figure}: {summary}");
     }
+    // The baseline is one premium reply per answered ticket, computed here from the
+    // reply cost records alone; the summary prints that figure.
+    let baseline = crate::helpers::expected_baseline(&out.costs);
+    let printed = summary.lines().find(|l| l.contains("all-premium baseline")).expect("a baseline row");
+    assert!(printed.contains(&format!("${baseline:.6}")), "{printed} (expected ${baseline:.6})");
+    // The cheap tier answers most tickets; its share is printed.
+    let answered = out.replies.iter().filter(|r| r["status"] == "answered").count();
+    let cheap = out.replies.iter().filter(|r| r["status"] == "answered" && r["route"]["tier"] == "cheap").count();
+    let share = format!("{:.1}%", cheap as f64 / answered as f64 * 100.0);
+    assert!(summary.lines().any(|l| l.contains("cheap") && l.contains(&share)), "no cheap share {share}: {summary}");
 }
 
 /// A bad-input corpus: each line, what it must become (None: a reply).

@@ -122,3 +122,43 @@ fn heuristic_fallback_accuracy() {
     assert!(pct(route_hits) >= 90.0, "route {:.1}%", pct(route_hits));
     assert!(pct(hits["category"]) >= 55.0, "{report:?}");
 }
+
+/// Product-safety incidents (`tests/data/safety_tickets.jsonl`: overheating, smoke,
+/// sparks, melting, fire, burns, swollen batteries, electric shocks, choking) in every
+/// supported language, mixed Chinese-English included. When the triage model is down
+/// or refuses, the heuristics decide: every one of them must still reach a person,
+/// while ordinary tickets rarely raise a false alarm.
+#[test]
+fn the_heuristics_hand_every_product_safety_incident_to_a_person_in_every_language() {
+    let settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
+    let analyzer = Analyzer::new(&settings.triage);
+    let text = std::fs::read_to_string(repo_path("tests/data/safety_tickets.jsonl")).unwrap();
+    let mut misses = Vec::new();
+    let mut languages: BTreeMap<String, usize> = BTreeMap::new();
+    for line in text.lines() {
+        let labelled: serde_json::Value = serde_json::from_str(line).unwrap();
+        let ticket = ticketflow::intake::parse(line.as_bytes(), 256 * 1024).unwrap();
+        let (signals, h) = analyzer.analyze(&ticket);
+        let language = labelled["label"]["language"].as_str().unwrap();
+        *languages.entry(language.to_owned()).or_default() += 1;
+        let decision =
+            routing::route(&settings.routing.rules, &Facts { ticket: &ticket, triage: &h, signals: &signals });
+        if h.risk != "safety" || decision.target != "human" || h.language != language {
+            misses.push(format!(
+                "{}: risk {}, language {} (labelled {language}), routed {}: {}",
+                ticket.ticket_id, h.risk, h.language, decision.target, ticket.messages[0].text
+            ));
+        }
+    }
+    assert!(languages.len() >= 5 && languages.values().all(|n| *n >= 5), "{languages:?}");
+    assert!(misses.is_empty(), "{} missed:\n{}", misses.len(), misses.join("\n"));
+
+    // False alarms: ordinary tickets (labelled risk `none`) the heuristics flag.
+    let ordinary: Vec<_> = corpus().into_iter().filter(|(_, label)| label.risk == "none").collect();
+    let alarms: Vec<String> = ordinary
+        .iter()
+        .filter(|(ticket, _)| analyzer.analyze(ticket).1.risk != "none")
+        .map(|(ticket, _)| ticket.ticket_id.clone())
+        .collect();
+    assert!(alarms.len() * 50 < ordinary.len(), "{} false alarms of {}: {alarms:?}", alarms.len(), ordinary.len());
+}

@@ -39,7 +39,7 @@ fi
 # RabbitMQ tests use queues named tf-test-<uuid> and delete them when they pass;
 # delete any left behind by failed runs.
 if command -v rabbitmqctl >/dev/null; then
-  rabbitmqctl -q list_queues name 2>/dev/null | grep '^tf-test-' |
+  rabbitmqctl -q list_queues name 2>/dev/null | { grep '^tf-test-' || true; } |
     while read -r q; do rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true; done
 fi
 

@@ -23,6 +23,10 @@ pub struct Simulated {
     jitter_ms: u64,
     error_rate: f64,
     filter: KeywordSet,
+    /// The filter's verdict on each system prompt seen, by the prompt's hash: a
+    /// system prompt (instructions and policy text) recurs across tickets, so it is
+    /// lower-cased and scanned once, not on every call.
+    system_verdicts: std::sync::Mutex<std::collections::HashMap<u64, Option<String>>>,
     refusal_style: RefusalStyle,
     analyzer: Arc<Analyzer>,
 }
@@ -35,9 +39,35 @@ impl Simulated {
             jitter_ms: s.jitter_ms,
             error_rate: s.error_rate,
             filter: KeywordSet::new([("filter", s.filter_words.iter())]),
+            system_verdicts: Default::default(),
             refusal_style: s.refusal_style,
             analyzer,
         }
+    }
+
+    /// The first filter word in the request. A real filter reads the whole request:
+    /// the ticket, and our instructions and policy text too.
+    fn filtered(&self, request: &ChatRequest) -> Option<String> {
+        if self.filter.is_empty() {
+            return None;
+        }
+        if let Some(word) = self.filter.first_match(&request.user.to_lowercase()) {
+            return Some(word.to_owned());
+        }
+        let key = {
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(&request.system)
+        };
+        let mut verdicts = self.system_verdicts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(verdict) = verdicts.get(&key) {
+            return verdict.clone();
+        }
+        let verdict = self.filter.first_match(&request.system.to_lowercase()).map(str::to_owned);
+        if verdicts.len() >= 4096 {
+            verdicts.clear(); // prompts are few; this only bounds an unusual configuration
+        }
+        verdicts.insert(key, verdict.clone());
+        verdict
     }
 
     fn latency(&self) -> Option<Duration> {
@@ -119,9 +149,7 @@ impl Provider for Simulated {
                 reached: true,
             };
         }
-        // A real filter reads the whole request: our instructions and policy text too.
-        let lower = format!("{}\n{}", request.system, request.user).to_lowercase();
-        if let Some(word) = self.filter.first_match(&lower) {
+        if let Some(word) = self.filtered(request) {
             let detail = format!("{}: content filter (data_inspection_failed) on `{word}`", self.name);
             return match self.refusal_style {
                 RefusalStyle::Dashscope => Outcome::Refused { usage: None, detail },

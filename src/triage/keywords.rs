@@ -51,6 +51,11 @@ impl KeywordSet {
         KeywordSet { automaton, patterns, groups: names }
     }
 
+    /// Whether the set has no word at all (nothing can match).
+    pub fn is_empty(&self) -> bool {
+        self.automaton.is_none()
+    }
+
     /// Number of hits per group for an already lower-cased text.
     pub fn count(&self, lower: &str) -> Vec<usize> {
         let mut counts = vec![0; self.groups.len()];

@@ -40,6 +40,18 @@ pub enum ExplainFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvalTriage {
+    Heuristic,
+    Model,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvalFormat {
+    Table,
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -128,6 +140,26 @@ pub enum Command {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
         rate: Option<u32>,
     },
+    /// Measure the routing policy on labelled tickets: route accuracy and confusion,
+    /// recall of every must-escalate class, over-escalation, triage accuracy, and the
+    /// estimated spend against the all-premium baseline. Exit 1 when an `[eval]`
+    /// floor is missed.
+    Eval {
+        /// JSONL file of labelled tickets (each a ticket with a `label` object holding
+        /// `expected_tier` and optionally the expected triage fields), or `-`.
+        input: PathBuf,
+        /// Who triages: `heuristic` (the local heuristics, no model, no key) or
+        /// `model` (the triage chain, as the pipeline calls it).
+        #[arg(long, value_enum, default_value = "heuristic")]
+        triage: EvalTriage,
+        /// A second policy: this TOML file layered over the effective configuration,
+        /// evaluated on the same triage.
+        #[arg(long, value_name = "OTHER.toml")]
+        compare: Option<PathBuf>,
+        /// `table` for people, `json` for tools.
+        #[arg(long, value_enum, default_value = "table")]
+        format: EvalFormat,
+    },
     /// Show, for each ticket, the triage, the rules that fired and the route, without
     /// calling any reply model.
     Explain {
@@ -195,6 +227,43 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 .context("writing the report")?;
             std::io::Write::flush(&mut out).context("writing the report")?;
             Ok(())
+        }
+        Command::Eval { input, triage, compare, format } => {
+            let settings = Arc::new(crate::policy::load(cli.config.as_deref()).map_err(config_failure)?);
+            let other = match &compare {
+                Some(path) => {
+                    Some(crate::policy::load_with_overlay(cli.config.as_deref(), path).map_err(config_failure)?)
+                }
+                None => None,
+            };
+            let text = if input == std::path::Path::new("-") {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading standard input")?;
+                s
+            } else {
+                std::fs::read_to_string(&input).with_context(|| format!("cannot read {}", input.display()))?
+            };
+            let by = match triage {
+                EvalTriage::Heuristic => crate::eval::TriageBy::Heuristic,
+                EvalTriage::Model => crate::eval::TriageBy::Model,
+            };
+            let report = crate::eval::run(settings, other.as_ref(), &text, by).await?;
+            match format {
+                EvalFormat::Table => print!("{}", crate::eval::render_table(&report)),
+                EvalFormat::Json => {
+                    println!("{}", serde_json::to_string_pretty(&report).context("rendering the report")?)
+                }
+            }
+            let mut stderr = std::io::stderr().lock();
+            for line in &report.rejected {
+                let _ = writeln!(stderr, "{line}");
+            }
+            let missed = report.missed();
+            if missed.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure { code: 1, error: anyhow::anyhow!("floors missed: {}", missed.join("; ")) })
+            }
         }
         Command::Produce { input } => {
             let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;

@@ -32,6 +32,9 @@ pub struct PolicyRoute {
     /// First model of the target tier's chain; `None` for a human handoff.
     pub reply_model: Option<String>,
     pub estimated_reply_usd: f64,
+    /// The same reply on the baseline premium model (the all-premium baseline of an
+    /// answered ticket); 0 for a human handoff.
+    pub estimated_baseline_usd: f64,
 }
 
 /// Everything `explain` says about one ticket.
@@ -59,7 +62,7 @@ pub fn route_under(
     let reply_model = (decision.target != HUMAN)
         .then(|| settings.tiers.get(&decision.target).and_then(|t| t.chain.first().cloned()))
         .flatten();
-    let estimated_reply_usd = match &reply_model {
+    let (estimated_reply_usd, estimated_baseline_usd) = match &reply_model {
         Some(model) => {
             let tier = &settings.tiers[&decision.target];
             let system = prompt::reply_system(
@@ -74,11 +77,18 @@ pub fn route_under(
                 output_tokens: EXPECTED_REPLY_TOKENS,
             };
             let (provider, name) = model.split_once('/').unwrap_or((model.as_str(), ""));
-            prices.price(provider, name).cost(&usage)
+            (prices.price(provider, name).cost(&usage), prices.baseline_cost(&usage))
         }
-        None => 0.0,
+        None => (0.0, 0.0),
     };
-    PolicyRoute { rules, target: decision.target, reasons: decision.reasons, reply_model, estimated_reply_usd }
+    PolicyRoute {
+        rules,
+        target: decision.target,
+        reasons: decision.reasons,
+        reply_model,
+        estimated_reply_usd,
+        estimated_baseline_usd,
+    }
 }
 
 /// Explains every ticket of `input` and writes the report to `out`.

@@ -40,6 +40,7 @@ pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod dispatch;
+pub mod eval;
 pub mod explain;
 pub mod intake;
 pub mod ledger;

@@ -82,6 +82,17 @@ impl Settings {
         if kafka.partitions < 1 || kafka.replication_factor < 1 {
             problems.push("broker.kafka.partitions and replication_factor must be at least 1".into());
         }
+        let eval = &self.eval;
+        for (key, v) in [
+            ("min_route_accuracy", eval.min_route_accuracy),
+            ("min_human_recall", eval.min_human_recall),
+            ("min_escalation_recall", eval.min_escalation_recall),
+            ("max_over_escalation", eval.max_over_escalation),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                problems.push(format!("eval.{key} must be a share from 0 to 1, got {v}"));
+            }
+        }
         if kafka.commit_interval_ms == 0 {
             problems.push("broker.kafka.commit_interval_ms must be at least 1".into());
         }

@@ -70,6 +70,23 @@ pub struct Settings {
     pub moderation: ModerationSettings,
     /// Store policy text per category, used to ground replies.
     pub policies: BTreeMap<String, String>,
+    /// Floors `ticketflow eval` holds a routing policy to.
+    pub eval: EvalSettings,
+}
+
+/// Floors of `ticketflow eval` (shares from 0 to 1); a policy that misses one makes
+/// the command exit 1.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalSettings {
+    /// Share of tickets routed as labelled.
+    pub min_route_accuracy: f64,
+    /// Share of tickets labelled `human` that reach a person.
+    pub min_human_recall: f64,
+    /// Share of tickets labelled premium, empathy or specialist (code, multilingual)
+    /// routed to that class, for each class.
+    pub min_escalation_recall: f64,
+    /// Share of tickets labelled `cheap` routed anywhere else.
+    pub max_over_escalation: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

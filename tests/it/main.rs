@@ -7,6 +7,7 @@ mod config_cli;
 mod contract;
 mod corpus;
 mod dispatch;
+mod eval_cli;
 mod explain_cli;
 mod kafka;
 mod ledger_pg;

@@ -197,6 +197,25 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
+/// The policy of `--compare OTHER.toml`: OTHER.toml layered over the configuration.
+fn compared_policy(
+    config: Option<&std::path::Path>,
+    compare: Option<&std::path::Path>,
+) -> Result<Option<crate::settings::Settings>, Failure> {
+    compare.map(|path| crate::policy::load_with_overlay(config, path).map_err(config_failure)).transpose()
+}
+
+/// The whole of an input file, or of standard input for `-`.
+fn read_input(input: &std::path::Path) -> Result<String, Failure> {
+    if input == std::path::Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading standard input")?;
+        Ok(s)
+    } else {
+        Ok(std::fs::read_to_string(input).with_context(|| format!("cannot read {}", input.display()))?)
+    }
+}
+
 fn config_failure(e: crate::settings::ConfigError) -> Failure {
     Failure { code: 2, error: e.into() }
 }
@@ -206,19 +225,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Explain { input, compare, format } => {
             let settings = Arc::new(crate::policy::load(cli.config.as_deref()).map_err(config_failure)?);
-            let other = match &compare {
-                Some(path) => {
-                    Some(crate::policy::load_with_overlay(cli.config.as_deref(), path).map_err(config_failure)?)
-                }
-                None => None,
-            };
-            let text = if input == std::path::Path::new("-") {
-                let mut s = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading standard input")?;
-                s
-            } else {
-                std::fs::read_to_string(&input).with_context(|| format!("cannot read {}", input.display()))?
-            };
+            let other = compared_policy(cli.config.as_deref(), compare.as_deref())?;
+            let text = read_input(&input)?;
             let pipeline = Arc::new(crate::pipeline::Pipeline::for_explain(settings.clone())?);
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
@@ -230,19 +238,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Eval { input, triage, compare, format } => {
             let settings = Arc::new(crate::policy::load(cli.config.as_deref()).map_err(config_failure)?);
-            let other = match &compare {
-                Some(path) => {
-                    Some(crate::policy::load_with_overlay(cli.config.as_deref(), path).map_err(config_failure)?)
-                }
-                None => None,
-            };
-            let text = if input == std::path::Path::new("-") {
-                let mut s = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading standard input")?;
-                s
-            } else {
-                std::fs::read_to_string(&input).with_context(|| format!("cannot read {}", input.display()))?
-            };
+            let other = compared_policy(cli.config.as_deref(), compare.as_deref())?;
+            let text = read_input(&input)?;
             let by = match triage {
                 EvalTriage::Heuristic => crate::eval::TriageBy::Heuristic,
                 EvalTriage::Model => crate::eval::TriageBy::Model,

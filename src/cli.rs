@@ -41,12 +41,6 @@ pub enum ExplainFormat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum EvalTriage {
-    Heuristic,
-    Model,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum EvalFormat {
     Table,
     Json,
@@ -151,7 +145,7 @@ pub enum Command {
         /// Who triages: `heuristic` (the local heuristics, no model, no key) or
         /// `model` (the triage chain, as the pipeline calls it).
         #[arg(long, value_enum, default_value = "heuristic")]
-        triage: EvalTriage,
+        triage: crate::eval::TriageBy,
         /// A second policy: this TOML file layered over the effective configuration,
         /// evaluated on the same triage.
         #[arg(long, value_name = "OTHER.toml")]
@@ -240,11 +234,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let settings = Arc::new(crate::policy::load(cli.config.as_deref()).map_err(config_failure)?);
             let other = compared_policy(cli.config.as_deref(), compare.as_deref())?;
             let text = read_input(&input)?;
-            let by = match triage {
-                EvalTriage::Heuristic => crate::eval::TriageBy::Heuristic,
-                EvalTriage::Model => crate::eval::TriageBy::Model,
-            };
-            let report = crate::eval::run(settings, other.as_ref(), &text, by).await?;
+            let report = crate::eval::run(settings, other.as_ref(), &text, triage).await?;
             match format {
                 EvalFormat::Table => print!("{}", crate::eval::render_table(&report)),
                 EvalFormat::Json => {

@@ -24,8 +24,8 @@ use crate::settings::{EvalSettings, Settings};
 use crate::ticket::Ticket;
 use crate::triage::{Analyzer, Signals, Source, Triage};
 
-/// Who triages the tickets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who triages the tickets (`--triage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TriageBy {
     /// The local heuristics alone: no model, no key, no cost.
     Heuristic,

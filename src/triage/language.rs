@@ -112,11 +112,15 @@ impl Scripts {
 }
 
 /// The prose of a message: fenced code blocks and lines that look like code, stack
-/// traces, commands or log output left out.
+/// traces, commands or log output left out. Only a sample is looked at, so it stops
+/// once it has [`SAMPLE_BYTES`] of prose.
 fn prose(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
+    let mut out = String::with_capacity(text.len().min(SAMPLE_BYTES + 64));
     let mut fenced = false;
     for line in text.lines() {
+        if out.len() >= SAMPLE_BYTES {
+            break;
+        }
         let t = line.trim();
         if t.starts_with("```") {
             fenced = !fenced;

@@ -116,10 +116,15 @@ impl Cluster {
         self.read_partitions(topic).into_iter().flatten().collect()
     }
 
+    /// The end (high watermark) of every partition of `topic`.
+    fn ends(&self, topic: &str) -> Vec<i64> {
+        let consumer = self.consumer("tf-test-watermarks");
+        (0..PARTITIONS).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1).collect()
+    }
+
     /// How many messages `topic` holds.
     fn count(&self, topic: &str) -> i64 {
-        let consumer = self.consumer("tf-test-watermarks");
-        (0..PARTITIONS).map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1).sum()
+        self.ends(topic).iter().sum()
     }
 }
 
@@ -156,12 +161,7 @@ impl Cluster {
 
     /// The end of every input partition.
     fn input_ends(&self) -> Vec<Offset> {
-        let consumer = self.consumer("tf-test-watermarks");
-        (0..PARTITIONS)
-            .map(|p| {
-                Offset::Offset(consumer.fetch_watermarks(&self.topic("in"), p, Duration::from_secs(10)).unwrap().1)
-            })
-            .collect()
+        self.ends(&self.topic("in")).into_iter().map(Offset::Offset).collect()
     }
 }
 

@@ -134,8 +134,7 @@ impl Pipeline {
     /// handling), under the ticket's deadline counted from `started`.
     async fn triaged(&self, ticket: &Ticket, started: Instant) -> Triaged {
         let deadline = started + Duration::from_millis(self.settings.limits.ticket_deadline_ms);
-        // A quarter of the lease stays for recording and publishing the outcome.
-        let hold_until = started + Duration::from_millis(self.settings.database.lease_ms * 3 / 4);
+        let hold_until = started + super::unit_hold(&self.settings);
         let calls = UnitCalls::new(&ticket.ticket_id, &ticket.unit_id, deadline).with_hold_until(hold_until);
         let (signals, heuristic) = self.analyzer.analyze(ticket);
         let mut t =

@@ -276,3 +276,11 @@ async fn cancelled_for_good(attempt: &Attempt) {
     attempt.cancel.cancelled().await;
     tokio::time::sleep(CANCEL_GRACE).await;
 }
+
+/// How long a unit may be held from the start of its work: three quarters of its
+/// ledger lease, so that a quarter stays for recording and publishing the outcome
+/// before another worker could take the unit over. Waits on our own rate limiters
+/// move a unit's deadline, but never past its hold.
+pub fn unit_hold(settings: &crate::settings::Settings) -> std::time::Duration {
+    std::time::Duration::from_millis(settings.database.lease_ms * 3 / 4)
+}

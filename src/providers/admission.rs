@@ -1,5 +1,5 @@
 //! Rate-aware admission: how many tickets may be in flight so that what they will
-//! ask of each rate-limited provider can be served within half a ticket deadline.
+//! ask of each rate-limited provider can be served in the time a ticket may wait.
 //!
 //! The estimate: for each provider with limits, `share` is the number of calls to
 //! it per finished ticket (a moving average over windows of finished tickets,
@@ -9,7 +9,8 @@
 //! will ask about `n × share` calls of it, served in `n × share / rate` seconds; the
 //! allowed in-flight count is the largest `n` that keeps this within the target for
 //! every provider. Tickets beyond it wait in the broker, where waiting is durable
-//! and costs no deadline.
+//! and costs no deadline. The target is what a unit may wait on our limiters within
+//! its hold ([`admission_target`]).
 //!
 //! It is an estimate, and the dispatcher does not rely on it for correctness: the
 //! time a ticket spends waiting on our own limiters does not count against its
@@ -27,6 +28,8 @@ use crate::observe::{Completion, Observer};
 const WINDOW: u64 = 16;
 /// Weight of the newest window in the moving average.
 const ALPHA: f64 = 0.3;
+/// The least admission target: a configuration without slack still admits some work.
+const MIN_TARGET: Duration = Duration::from_millis(500);
 /// Shares below this count as this: a provider that is rarely used still has a bound.
 const MIN_SHARE: f64 = 0.02;
 
@@ -52,7 +55,7 @@ pub struct RateAdmission {
 
 impl RateAdmission {
     /// `target`: how long the in-flight tickets' demand may take to serve (the
-    /// worker uses half the ticket deadline).
+    /// worker uses [`admission_target`]).
     pub fn new(providers: &Providers, target: Duration) -> Self {
         let limited: Vec<Limited> = providers
             .by_name
@@ -76,9 +79,15 @@ impl RateAdmission {
     }
 }
 
-/// The admission target of a worker: half the ticket deadline.
+/// The admission target of a worker. A unit may wait on our own limiters only for
+/// as long as its hold outlasts its deadline (see `pipeline::unit_hold`; a wait past
+/// that would cut into the time the unit's calls need), and it may wait twice, for
+/// its triage call and for its reply call: so the target is half that slack, and
+/// never more than half the ticket deadline.
 pub fn admission_target(settings: &crate::settings::Settings) -> Duration {
-    Duration::from_millis(settings.limits.ticket_deadline_ms / 2)
+    let deadline = Duration::from_millis(settings.limits.ticket_deadline_ms);
+    let slack = crate::pipeline::unit_hold(settings).saturating_sub(deadline);
+    (deadline / 2).min(slack / 2).max(MIN_TARGET)
 }
 
 fn requested(l: &Limited) -> u64 {
@@ -179,6 +188,21 @@ mod tests {
         assert!(share("mistral") < 0.05, "{estimates:?}");
         // qwen binds: 3 s × 10/s ÷ 2 calls per ticket.
         assert_eq!(admission.allowed_in_flight(256), 15);
+    }
+
+    #[test]
+    fn the_target_is_half_the_wait_a_unit_has_within_its_hold() {
+        let mut settings = crate::policy::load_from(None, &BTreeMap::new()).unwrap();
+        // Shipped: a 180 s lease holds a unit 135 s; its deadline is 120 s, so it may
+        // wait 15 s on our limiters, 7.5 s for each of its two calls.
+        assert_eq!((settings.database.lease_ms, settings.limits.ticket_deadline_ms), (180_000, 120_000));
+        assert_eq!(admission_target(&settings), Duration::from_millis(7_500));
+        // A short deadline leaves a long hold: half the deadline binds.
+        settings.limits.ticket_deadline_ms = 3_000;
+        assert_eq!(admission_target(&settings), Duration::from_millis(1_500));
+        // No slack at all still admits something.
+        settings.limits.ticket_deadline_ms = 150_000;
+        assert_eq!(admission_target(&settings), MIN_TARGET);
     }
 
     #[test]

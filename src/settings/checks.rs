@@ -152,6 +152,15 @@ impl Settings {
         if self.tiers.contains_key(HUMAN) {
             problems.push("tiers.human: `human` is reserved for handoff and cannot be a tier".into());
         }
+        if let Err(unknown) = crate::triage::language::Detector::new(&self.triage.latin_languages) {
+            let known: Vec<&str> = crate::triage::language::LATIN.iter().map(|(_, c)| *c).collect();
+            for code in unknown {
+                problems.push(format!(
+                    "triage.latin_languages: '{code}' is not a Latin-script language ticketflow can detect (known: {})",
+                    known.join(", ")
+                ));
+            }
+        }
         if self.triage.categories.is_empty() {
             problems.push("triage.categories: at least one category is required".into());
         }

@@ -403,6 +403,9 @@ pub struct TriageSettings {
     /// Keywords that suggest each category, for the heuristic fallback and the
     /// simulated providers' classifier.
     pub category_keywords: BTreeMap<String, Vec<String>>,
+    /// Latin-script languages (ISO 639-1) that ticket text is told apart among;
+    /// languages with a script of their own need no entry.
+    pub latin_languages: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -14,21 +14,68 @@ use whatlang::Lang;
 /// detection go from most of a ticket's CPU time to a small share of it.
 const SAMPLE_BYTES: usize = 400;
 
-/// ISO 639-1 code of `text`, or of `locale` when the text is too short to tell.
-pub fn detect(text: &str, locale: Option<&str>) -> String {
-    let prose = prose(text);
-    let text = sample(if prose.trim().is_empty() { text } else { &prose });
-    let from_locale = locale.and_then(|l| l.split(['-', '_']).next()).filter(|l| !l.is_empty()).map(str::to_lowercase);
-    let scripts = Scripts::count(text);
-    if let Some(lang) = scripts.decide() {
-        return lang.into();
+/// Tells the language of customer messages. Scripts of their own decide at once;
+/// Latin-script prose is told apart among the configured `triage.latin_languages`
+/// only (Vietnamese by its own letters when listed, the rest by trigrams).
+#[derive(Debug, Clone)]
+pub struct Detector {
+    /// whatlang restricted to the configured Latin-script languages other than
+    /// Vietnamese; `None` when there are none.
+    trigrams: Option<whatlang::Detector>,
+    vietnamese: bool,
+    /// The one configured Latin-script language besides Vietnamese, if there is
+    /// just one: it needs no trigrams.
+    only: Option<&'static str>,
+}
+
+impl Detector {
+    /// A detector for the given Latin-script languages (ISO 639-1 codes), or the
+    /// codes it does not know.
+    pub fn new(latin_languages: &[String]) -> Result<Detector, Vec<String>> {
+        let unknown: Vec<String> =
+            latin_languages.iter().filter(|c| !LATIN.iter().any(|(_, known)| known == c)).cloned().collect();
+        if !unknown.is_empty() {
+            return Err(unknown);
+        }
+        let others: Vec<(Lang, &'static str)> = LATIN
+            .iter()
+            .filter(|(lang, code)| *lang != Lang::Vie && latin_languages.iter().any(|c| c == code))
+            .copied()
+            .collect();
+        Ok(Detector {
+            vietnamese: latin_languages.iter().any(|c| c == "vi"),
+            only: match others.as_slice() {
+                [(_, code)] => Some(code),
+                _ => None,
+            },
+            trigrams: (others.len() > 1)
+                .then(|| whatlang::Detector::with_allowlist(others.iter().map(|(lang, _)| *lang).collect())),
+        })
     }
-    if scripts.latin_letters == 0 {
-        return from_locale.unwrap_or_else(|| "und".into());
-    }
-    match detector().detect(text) {
-        Some(info) if info.is_reliable() || from_locale.is_none() => iso639_1(info.lang()).into(),
-        _ => from_locale.unwrap_or_else(|| "und".into()),
+
+    /// ISO 639-1 code of `text`, or of `locale` when the text is too short to tell.
+    pub fn detect(&self, text: &str, locale: Option<&str>) -> String {
+        let prose = prose(text);
+        let text = sample(if prose.trim().is_empty() { text } else { &prose });
+        let from_locale =
+            locale.and_then(|l| l.split(['-', '_']).next()).filter(|l| !l.is_empty()).map(str::to_lowercase);
+        let scripts = Scripts::count(text);
+        if let Some(lang) = scripts.decide() {
+            return lang.into();
+        }
+        if scripts.latin_letters == 0 {
+            return from_locale.unwrap_or_else(|| "und".into());
+        }
+        if self.vietnamese && scripts.is_vietnamese() {
+            return "vi".into();
+        }
+        let Some(trigrams) = &self.trigrams else {
+            return self.only.map(str::to_owned).or(from_locale).unwrap_or_else(|| "und".into());
+        };
+        match trigrams.detect(text) {
+            Some(info) if info.is_reliable() || from_locale.is_none() => iso639_1(info.lang()).into(),
+            _ => from_locale.unwrap_or_else(|| "und".into()),
+        }
     }
 }
 
@@ -48,6 +95,8 @@ struct Scripts {
     devanagari: usize,
     latin_letters: usize,
     latin_words: usize,
+    /// Latin letters only Vietnamese uses (ơ ư ă đ and the stacked tone marks).
+    vietnamese: usize,
 }
 
 impl Scripts {
@@ -58,6 +107,9 @@ impl Scripts {
             let latin = c.is_alphabetic() && (c.is_ascii() || matches!(c as u32, 0xC0..=0x24F | 0x1E00..=0x1EFF));
             if latin {
                 s.latin_letters += 1;
+                if matches!(c as u32, 0x1EA0..=0x1EF9 | 0x102 | 0x103 | 0x110 | 0x111 | 0x1A0 | 0x1A1 | 0x1AF | 0x1B0) {
+                    s.vietnamese += 1;
+                }
                 if !in_word {
                     s.latin_words += 1;
                 }
@@ -82,6 +134,12 @@ impl Scripts {
             }
         }
         s
+    }
+
+    /// Whether the Latin letters are Vietnamese: its own letters (ơ ư ă đ ạ ế ...)
+    /// make up a good share of them, where other languages have none at all.
+    fn is_vietnamese(&self) -> bool {
+        self.vietnamese >= 2 && self.vietnamese * 20 >= self.latin_letters
     }
 
     /// The language its script alone tells, if any. Han and kana characters carry
@@ -173,13 +231,13 @@ fn is_code_line(line: &str) -> bool {
         || t.ends_with('{')
 }
 
-/// The Latin-script languages the trigram detector chooses among (every other
-/// script is decided by [`Scripts::decide`]), with the ISO 639-1 code reported for
-/// each. Restricting the candidates keeps detection cheap (whatlang scores every
-/// allowed language's trigrams) and stops short support texts from being read as a
-/// rare language that shares their spelling (a short English line came back as
-/// Afrikaans before this list).
-const LANGUAGES: &[(Lang, &str)] = &[
+/// The Latin-script languages `triage.latin_languages` may list (every other script
+/// is decided by [`Scripts::decide`]), with the ISO 639-1 code reported for each.
+/// The detector chooses among the configured ones only: whatlang scores every
+/// allowed language's trigrams, so each one costs time, and short support texts are
+/// not read as a rare language that shares their spelling (a short English line
+/// came back as Afrikaans before the list).
+pub const LATIN: &[(Lang, &str)] = &[
     (Lang::Eng, "en"),
     (Lang::Spa, "es"),
     (Lang::Vie, "vi"),
@@ -195,11 +253,6 @@ const LANGUAGES: &[(Lang, &str)] = &[
     (Lang::Tgl, "tl"),
 ];
 
-fn detector() -> &'static whatlang::Detector {
-    static DETECTOR: std::sync::OnceLock<whatlang::Detector> = std::sync::OnceLock::new();
-    DETECTOR.get_or_init(|| whatlang::Detector::with_allowlist(LANGUAGES.iter().map(|(lang, _)| *lang).collect()))
-}
-
 /// The first [`SAMPLE_BYTES`] of `text`, cut at a character boundary.
 fn sample(text: &str) -> &str {
     if text.len() <= SAMPLE_BYTES {
@@ -213,12 +266,48 @@ fn sample(text: &str) -> &str {
 }
 
 fn iso639_1(lang: Lang) -> &'static str {
-    LANGUAGES.iter().find(|(l, _)| *l == lang).map_or(lang.code(), |(_, code)| code)
+    LATIN.iter().find(|(l, _)| *l == lang).map_or(lang.code(), |(_, code)| code)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::detect;
+    use super::Detector;
+
+    /// The shipped `triage.latin_languages`.
+    fn detect(text: &str, locale: Option<&str>) -> String {
+        let shipped = crate::policy::load_from(None, &Default::default()).unwrap().triage.latin_languages;
+        Detector::new(&shipped).unwrap().detect(text, locale)
+    }
+
+    fn detector(codes: &[&str]) -> Detector {
+        Detector::new(&codes.iter().map(|c| (*c).to_owned()).collect::<Vec<_>>()).unwrap()
+    }
+
+    #[test]
+    fn latin_text_is_told_apart_among_the_configured_languages_only() {
+        let german = "Meine Bestellung ist immer noch nicht angekommen, bitte helfen Sie mir.";
+        assert_eq!(detector(&["en", "de", "es"]).detect(german, None), "de");
+        assert_ne!(detector(&["en", "es"]).detect(german, None), "de");
+        // Vietnamese is read from its own letters, with or without other languages.
+        let vietnamese = "Đơn hàng của tôi vẫn chưa được giao, tôi đã đặt từ tuần trước.";
+        assert_eq!(detector(&["vi"]).detect(vietnamese, None), "vi");
+        assert_eq!(detector(&["en", "vi"]).detect(vietnamese, None), "vi");
+        // One Latin-script language needs no detection; scripts decide whatever is listed.
+        assert_eq!(detector(&["es", "vi"]).detect("Where is my order?", None), "es");
+        assert_eq!(detector(&["en"]).detect("我的订单什么时候到？", None), "zh");
+        // Spanish and French accents are not Vietnamese.
+        let spanish = "¿Dónde está mi pedido? Lo compré hace dos semanas y aún no ha llegado. Además, ¿pueden cambiar la dirección?";
+        let french = "Bonjour, ma commande n'est toujours pas arrivée. Pourriez-vous vérifier où elle se trouve? Merci beaucoup, à bientôt.";
+        let all = detector(&["en", "es", "fr", "vi"]);
+        assert_eq!(all.detect(spanish, None), "es");
+        assert_eq!(all.detect(french, None), "fr");
+    }
+
+    #[test]
+    fn an_unknown_code_is_named() {
+        let err = Detector::new(&["en".to_owned(), "xx".to_owned(), "zh".to_owned()]).unwrap_err();
+        assert_eq!(err, ["xx", "zh"]);
+    }
 
     #[test]
     fn detects_the_supported_languages() {

@@ -78,6 +78,7 @@ pub struct Analyzer {
     pub categories: Vec<String>,
     flags: KeywordSet,
     category_words: KeywordSet,
+    language: language::Detector,
 }
 
 impl Analyzer {
@@ -88,7 +89,18 @@ impl Analyzer {
             let words: &[String] = settings.category_keywords.get(c).map(Vec::as_slice).unwrap_or(&[]);
             (c.as_str(), words.iter())
         }));
-        Analyzer { categories: settings.categories.clone(), flags, category_words }
+        // Settings::check names unknown codes; a list that slipped past it still
+        // detects among the codes it knows.
+        let language = language::Detector::new(&settings.latin_languages).unwrap_or_else(|_| {
+            let known: Vec<String> = settings
+                .latin_languages
+                .iter()
+                .filter(|c| language::LATIN.iter().any(|(_, k)| k == c))
+                .cloned()
+                .collect();
+            language::Detector::new(&known).expect("only known codes")
+        });
+        Analyzer { categories: settings.categories.clone(), flags, category_words, language }
     }
 
     /// Local signals and the heuristic triage, sharing one pass over the text.
@@ -110,7 +122,7 @@ impl Analyzer {
         let flags: BTreeSet<String> = self.flags.hits(lower).map(str::to_owned).collect();
         let latest = ticket.latest_customer_text();
         Signals {
-            language: language::detect(latest, ticket.locale.as_deref()),
+            language: self.language.detect(latest, ticket.locale.as_deref()),
             customer_turns: ticket.customer_turns(),
             has_code: looks_like_code(customer_text),
             api_question: flags.contains(FLAG_API),

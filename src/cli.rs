@@ -72,11 +72,22 @@ pub enum Command {
         /// instead of in memory: a re-run then answers nothing twice and pays nothing twice.
         #[arg(long, value_name = "URL")]
         ledger: Option<String>,
+        /// At the end of the run, write the Prometheus metrics a worker would serve on
+        /// `/metrics` (tickets, costs, provider calls, latencies) to this file.
+        #[arg(long, value_name = "FILE")]
+        metrics_file: Option<PathBuf>,
     },
     /// Apply the SQL migrations to the configured database (creating it if needed).
-    Migrate,
+    Migrate {
+        /// The database to migrate, instead of `database.url`.
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+    },
     /// Cost and routing report from the PostgreSQL ledger.
     Report {
+        /// The ledger to read, instead of `database.url`.
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
         /// Only what happened at or after this time (RFC 3339, or YYYY-MM-DD for midnight UTC).
         #[arg(long)]
         since: Option<String>,
@@ -178,6 +189,36 @@ pub enum Command {
     },
 }
 
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes [`say`] write JSON lines (`--log-format json`).
+pub fn set_json_logs(json: bool) {
+    JSON_LOGS.store(json, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A line for the operator on standard error: as it is, or with `--log-format
+/// json` as a JSON object shaped like the log lines (`timestamp`, `level`,
+/// `fields.message`, `target`), so that every line of stderr parses. Never panics,
+/// even with stderr closed.
+pub fn say(level: &str, line: &str) {
+    let text = if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        serde_json::json!({
+            "timestamp": crate::ticket::now_rfc3339(),
+            "level": level,
+            "fields": {"message": line},
+            "target": "ticketflow",
+        })
+        .to_string()
+    } else if level == "WARN" {
+        format!("warning: {line}")
+    } else if level == "ERROR" {
+        format!("error: {line}")
+    } else {
+        line.to_owned()
+    };
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
 /// A failure with the exit code it maps to (SPEC §2: 1 runtime, 2 usage or configuration).
 #[derive(Debug)]
 pub struct Failure {
@@ -188,6 +229,27 @@ pub struct Failure {
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
         Failure { code: 1, error: e.into() }
+    }
+}
+
+/// A configuration error (exit 2) naming every provider whose API key is missing.
+fn require_keys(settings: &crate::settings::Settings) -> Result<(), Failure> {
+    let missing = crate::providers::missing_keys(settings);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Failure { code: 2, error: anyhow::anyhow!("missing API keys: {}", missing.join("; ")) })
+}
+
+/// A PostgreSQL URL given on the command line (`flag`), checked before anything
+/// connects: an unparseable one is a usage error.
+fn database_url(flag: &str, url: &str) -> Result<String, Failure> {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(_) => Ok(url.to_owned()),
+        Err(e) => Err(Failure {
+            code: 2,
+            error: anyhow::anyhow!("{flag} {}: not a PostgreSQL URL: {e}", crate::settings::redact_url(url)),
+        }),
     }
 }
 
@@ -221,6 +283,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let settings = Arc::new(crate::policy::load(cli.config.as_deref()).map_err(config_failure)?);
             let other = compared_policy(cli.config.as_deref(), compare.as_deref())?;
             let text = read_input(&input)?;
+            require_keys(&settings)?;
             let pipeline = Arc::new(crate::pipeline::Pipeline::for_explain(settings.clone())?);
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
@@ -234,6 +297,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let settings = Arc::new(crate::policy::load(cli.config.as_deref()).map_err(config_failure)?);
             let other = compared_policy(cli.config.as_deref(), compare.as_deref())?;
             let text = read_input(&input)?;
+            if triage == crate::eval::TriageBy::Model {
+                require_keys(&settings)?;
+            }
             let report = crate::eval::run(settings, other.as_ref(), &text, triage).await?;
             match format {
                 EvalFormat::Table => print!("{}", crate::eval::render_table(&report)),
@@ -241,9 +307,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     println!("{}", serde_json::to_string_pretty(&report).context("rendering the report")?)
                 }
             }
-            let mut stderr = std::io::stderr().lock();
             for line in &report.rejected {
-                let _ = writeln!(stderr, "{line}");
+                say("WARN", line);
             }
             let missed = report.missed();
             if missed.is_empty() {
@@ -257,7 +322,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             crate::policy::resolve_identity(&mut settings);
             let report = crate::produce::run(&settings, &input).await?;
             for line in report.invalid.iter().chain(&report.refused) {
-                eprintln!("{line}");
+                say("WARN", line);
             }
             println!(
                 "published {} ticket(s) to `{}`; {} invalid line(s) not sent; {} not confirmed by the broker",
@@ -274,18 +339,23 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Worker { drain_timeout_secs } => {
             let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
+            require_keys(&settings)?;
             crate::policy::resolve_identity(&mut settings);
             let shutdown = Shutdown::new(Duration::from_secs(drain_timeout_secs));
             spawn_signal_handler(shutdown.clone())?;
-            let stats = crate::worker::run(Arc::new(settings), shutdown).await?;
+            let metrics = crate::telemetry::install().map_err(|e| anyhow::anyhow!(e))?;
+            let telemetry = crate::worker::Telemetry { metrics };
+            let stats = crate::worker::run(Arc::new(settings), shutdown, telemetry).await?;
             let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-            // A supervisor may have closed stderr by now: never panic over the goodbye.
-            let _ = writeln!(
-                std::io::stderr(),
-                "worker stopped: {} message(s) received, {} acked, {} handed back",
-                n(&stats.received),
-                n(&stats.acked),
-                n(&stats.handed_back)
+            // A supervisor may have closed stderr by now: `say` never panics.
+            say(
+                "INFO",
+                &format!(
+                    "worker stopped: {} message(s) received, {} acked, {} handed back",
+                    n(&stats.received),
+                    n(&stats.acked),
+                    n(&stats.handed_back)
+                ),
             );
             Ok(())
         }
@@ -316,7 +386,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 println!("would replay {line}");
             }
             for line in report.stay_dead.iter().chain(&report.unreadable).chain(&report.failed) {
-                eprintln!("{line}");
+                say("WARN", line);
             }
             let (input, dlq) = (&settings.broker.topics.input, &settings.broker.topics.dead_letters);
             if dry_run {
@@ -373,14 +443,19 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Config => {
             let settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
             print!("{}", settings.redacted_toml());
-            let mut stderr = std::io::stderr().lock();
             for warning in crate::policy::filter_warnings(&settings) {
-                let _ = writeln!(stderr, "warning: {warning}");
+                say("WARN", &warning);
+            }
+            for missing in crate::providers::missing_keys(&settings) {
+                say("WARN", &format!("{missing}: commands that call providers will refuse to start"));
             }
             Ok(())
         }
-        Command::Report { since, until, format } => {
-            let settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
+        Command::Report { database_url: url, since, until, format } => {
+            let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
+            if let Some(url) = &url {
+                settings.database.url = database_url("--database-url", url)?;
+            }
             let parse = |v: &Option<String>| -> Result<_, Failure> {
                 v.as_deref()
                     .map(crate::report::parse_time)
@@ -399,8 +474,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Migrate => {
-            let settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
+        Command::Migrate { database_url: url } => {
+            let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
+            if let Some(url) = &url {
+                settings.database.url = database_url("--database-url", url)?;
+            }
             let applied = crate::ledger::postgres::migrate(&settings.database)
                 .await
                 .with_context(|| format!("migrating {}", crate::settings::redact_url(&settings.database.url)))?;
@@ -414,36 +492,61 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Process { input, out, quiet, drain_timeout_secs, ledger } => {
+        Command::Process { input, out, quiet, drain_timeout_secs, ledger, metrics_file } => {
             let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
             if let Some(url) = &ledger {
-                settings.database.url = url.clone();
+                settings.database.url = database_url("--ledger", url)?;
             }
+            require_keys(&settings)?;
             crate::policy::resolve_identity(&mut settings);
             let settings = Arc::new(settings);
             let shutdown = Shutdown::new(Duration::from_secs(drain_timeout_secs));
             spawn_signal_handler(shutdown.clone())?;
             if !quiet {
-                eprintln!(
-                    "processing {} into {} (Ctrl-C stops intake and finishes what is in flight)",
-                    input.display(),
-                    out.display()
+                say(
+                    "INFO",
+                    &format!(
+                        "processing {} into {} (Ctrl-C stops intake and finishes what is in flight)",
+                        input.display(),
+                        out.display()
+                    ),
                 );
             }
+            // Opened before the run, so that a wrong path is reported before the work.
+            let metrics_out = metrics_file
+                .as_ref()
+                .map(|path| {
+                    std::fs::File::create(path)
+                        .with_context(|| format!("--metrics-file: cannot write {}", path.display()))
+                })
+                .transpose()?;
+            let metrics = metrics_out
+                .as_ref()
+                .map(|_| crate::telemetry::install())
+                .transpose()
+                .map_err(|e| anyhow::anyhow!(e))?;
             let opts = ProcessOptions {
                 input,
                 out_dir: out.clone(),
                 progress: !quiet,
                 drain_timeout: shutdown.drain_timeout,
                 postgres_ledger: ledger.is_some(),
+                metrics: metrics.is_some(),
             };
             let report = process::run(settings, opts, shutdown).await.context("process failed")?;
+            if let (Some(mut file), Some(handle), Some(path)) = (metrics_out, &metrics, &metrics_file) {
+                file.write_all(handle.render().as_bytes())
+                    .with_context(|| format!("--metrics-file: cannot write {}", path.display()))?;
+            }
             println!("{}", report.summary.render(report.elapsed.as_secs_f64()));
             println!("outputs in {}", out.display());
             if report.interrupted {
-                eprintln!(
-                    "interrupted: stopped reading input; {} ticket(s) already read were not finished and are not in the outputs (run again to answer them)",
-                    report.unfinished
+                say(
+                    "WARN",
+                    &format!(
+                        "interrupted: stopped reading input; {} ticket(s) already read were not finished and are not in the outputs (run again to answer them)",
+                        report.unfinished
+                    ),
                 );
                 return Err(Failure { code: 130, error: anyhow::anyhow!("interrupted") });
             }
@@ -491,10 +594,7 @@ fn spawn_signal_handler(shutdown: Shutdown) -> anyhow::Result<()> {
                     shutdown.stop_intake.cancel();
                     // Not eprintln!: with stderr closed (a supervisor that went away) it
                     // would panic, and this task would never see the second signal.
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "stopping: finishing in-flight tickets (send the signal again to stop at once)"
-                    );
+                    say("INFO", "stopping: finishing in-flight tickets (send the signal again to stop at once)");
                 } else {
                     shutdown.abort.cancel();
                     return;

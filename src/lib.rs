@@ -26,12 +26,14 @@
 //! - [`dispatch`]: between a source and the pipeline: order per key, lanes, flow
 //!   control, rate-aware admission, one disposition per outcome, graceful drain.
 //! - [`observe`]: completions and their observers (summary, metrics, admission).
+//! - [`telemetry`]: the Prometheus metric families and their recording.
 //! - [`broker`]: sources and publishers (in-memory queue, output files, RabbitMQ, Kafka).
 //! - [`ledger`]: idempotency and cost memory (in-memory and PostgreSQL).
 //! - [`process`]: the embedded `ticketflow process` command. [`summary`]: its report.
 //! - [`produce`]: `ticketflow produce`, tickets from a file onto the input queue.
 //! - [`replay`]: `ticketflow replay`, dead letters back onto the input queue.
 //! - [`worker`]: `ticketflow worker`, the long-running consumer (RabbitMQ, Kafka).
+//!   [`endpoints`]: its `/metrics`, `/healthz` and `/readyz`.
 //! - [`explain`]: triage and routing traces for rule authors, and policy comparison.
 //! - [`report`]: spend, savings, routing counts and latency from the PostgreSQL ledger.
 //! - [`mock_provider`]: an OpenAI/DashScope/Anthropic-compatible mock server for tests and demos.
@@ -40,6 +42,7 @@ pub mod backoff;
 pub mod broker;
 pub mod cli;
 pub mod dispatch;
+pub mod endpoints;
 pub mod eval;
 pub mod explain;
 pub mod intake;
@@ -58,6 +61,7 @@ pub mod report;
 pub mod routing;
 pub mod settings;
 pub mod summary;
+pub mod telemetry;
 pub mod ticket;
 pub mod triage;
 pub mod vocab;

@@ -43,6 +43,8 @@ pub struct ProcessOptions {
     pub drain_timeout: Duration,
     /// Record in the PostgreSQL ledger at `database.url` instead of in memory.
     pub postgres_ledger: bool,
+    /// Count the run in the Prometheus metrics (installed by the caller).
+    pub metrics: bool,
 }
 
 /// What a run produced.
@@ -131,7 +133,13 @@ pub async fn run(
     let dispatcher = Dispatcher {
         handler: pipeline,
         config: DispatchConfig { max_in_flight, retry: RetryPolicy::from_settings(&settings.limits) },
-        observers: vec![summary.clone(), admission.clone()],
+        observers: {
+            let mut observers: Vec<Arc<dyn crate::observe::Observer>> = vec![summary.clone(), admission.clone()];
+            if opts.metrics {
+                observers.push(Arc::new(crate::telemetry::Metrics));
+            }
+            observers
+        },
         admission,
         health,
         stats: stats.clone(),
@@ -255,7 +263,7 @@ impl Progress {
                         bar.set_position(bytes_read.load(Ordering::Relaxed));
                         bar.set_message(format!("{done} tickets, {rate:.0}/s"));
                     }
-                    None => eprintln!("progress: {done} tickets done, {rate:.0} tickets/s"),
+                    None => crate::cli::say("INFO", &format!("progress: {done} tickets done, {rate:.0} tickets/s")),
                 }
             }
         });

@@ -116,6 +116,15 @@ pub enum ReplyStatus {
     NeedsHuman,
 }
 
+impl ReplyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplyStatus::Answered => "answered",
+            ReplyStatus::NeedsHuman => "needs_human",
+        }
+    }
+}
+
 /// A reply (SPEC §3.2). Every field is always present, `null` where there is no value.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Reply {
@@ -142,6 +151,16 @@ pub enum Stage {
     Triage,
     Reply,
     Moderation,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Triage => "triage",
+            Stage::Reply => "reply",
+            Stage::Moderation => "moderation",
+        }
+    }
 }
 
 /// How one provider call ended, as recorded in its cost record.

@@ -6,8 +6,11 @@
 //!
 //! RabbitMQ: the connection is kept up by [`Link`], which reconnects by itself (see
 //! `broker::rabbitmq::link`). Kafka: librdkafka reconnects by itself; the consumer
-//! commits only finished offsets (see `broker::kafka::consume`). Not yet here: the
-//! HTTP endpoints of the operations issue.
+//! commits only finished offsets (see `broker::kafka::consume`).
+//!
+//! With `http.listen` set, it serves `/metrics`, `/healthz` and `/readyz` (see
+//! [`crate::endpoints`]); an idle worker checks its database every
+//! [`LEDGER_CHECK_INTERVAL`] so that readiness reports an outage nobody else noticed.
 
 use std::sync::Arc;
 
@@ -20,6 +23,7 @@ use crate::broker::rabbitmq::publish::RabbitPublisher;
 use crate::broker::rabbitmq::RabbitError;
 use crate::broker::{BrokerError, Publisher, Source};
 use crate::dispatch::{DispatchConfig, Dispatcher, RetryPolicy, RunStats, Shutdown};
+use crate::endpoints::{Readiness, LEDGER_CHECK_INTERVAL};
 use crate::ledger::postgres::PgLedger;
 use crate::ledger::resilient::{Health, Resilient};
 use crate::ledger::LedgerError;
@@ -28,6 +32,7 @@ use crate::providers::admission::{admission_target, RateAdmission};
 use crate::providers::Providers;
 use crate::settings::{BrokerKind, Settings};
 use crate::triage::Analyzer;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -41,10 +46,27 @@ pub enum WorkerError {
     Rabbit(#[from] RabbitError),
     #[error("the broker connection failed: {0}")]
     Broker(#[from] BrokerError),
+    #[error("{0}")]
+    Http(String),
+}
+
+/// The worker's metrics and where to serve them.
+pub struct Telemetry {
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// Runs until `shutdown` (or a broker failure); returns the run's counters.
-pub async fn run(settings: Arc<Settings>, shutdown: Shutdown) -> Result<Arc<RunStats>, WorkerError> {
+pub async fn run(
+    settings: Arc<Settings>,
+    shutdown: Shutdown,
+    telemetry: Telemetry,
+) -> Result<Arc<RunStats>, WorkerError> {
+    // The address first: a port already taken is reported before anything connects.
+    let listener = match settings.http.listen.as_str() {
+        "" => None,
+        listen => Some(crate::endpoints::bind(listen).await.map_err(WorkerError::Http)?),
+    };
+    let endpoints = listener.map(|l| (l, telemetry.metrics));
     let store = Arc::new(PgLedger::connect(&settings.database).await?);
     match settings.broker.kind {
         BrokerKind::Rabbitmq => {
@@ -52,38 +74,61 @@ pub async fn run(settings: Arc<Settings>, shutdown: Shutdown) -> Result<Arc<RunS
             let prefetch = u16::try_from(settings.limits.max_in_flight.saturating_mul(2)).unwrap_or(u16::MAX);
             let (link, source) = Link::open(settings.clone(), prefetch).await?;
             let publisher = Arc::new(RabbitPublisher::new(link.clone(), &settings.broker.topics));
-            let result = serve(&settings, store, publisher, source, shutdown).await;
+            let connected = {
+                let link = link.clone();
+                Box::new(move || link.is_connected())
+            };
+            let result = serve(&settings, store, publisher, source, shutdown, endpoints, connected).await;
             link.close().await;
             result
         }
         BrokerKind::Kafka => {
             let publisher = Arc::new(KafkaPublisher::new(&settings.broker.kafka, &settings.broker.topics)?);
             let source = KafkaSource::start(&settings)?;
-            serve(&settings, store, publisher, source, shutdown).await
+            let flag = source.connected();
+            let connected = Box::new(move || flag.load(std::sync::atomic::Ordering::Relaxed));
+            serve(&settings, store, publisher, source, shutdown, endpoints, connected).await
         }
     }
 }
 
-/// The pipeline and the dispatcher over `source`, publishing with `publisher`.
+/// The pipeline and the dispatcher over `source`, publishing with `publisher`, and
+/// the HTTP endpoints when there is a listener.
 async fn serve(
     settings: &Arc<Settings>,
     store: Arc<PgLedger>,
     publisher: Arc<dyn Publisher>,
     source: impl Source,
     shutdown: Shutdown,
+    endpoints: Option<(tokio::net::TcpListener, metrics_exporter_prometheus::PrometheusHandle)>,
+    broker_connected: Box<dyn Fn() -> bool + Send + Sync>,
 ) -> Result<Arc<RunStats>, WorkerError> {
     let analyzer = Arc::new(Analyzer::new(&settings.triage));
     let providers = Providers::from_settings(settings, analyzer.clone())?;
     let health = Health::new();
     let ledger = Arc::new(Resilient::new(store, health.clone(), Backoff::default()));
-    let pipeline = Arc::new(Pipeline::new(settings.clone(), analyzer, providers.clone(), ledger, publisher));
+    let pipeline = Arc::new(Pipeline::new(settings.clone(), analyzer, providers.clone(), ledger.clone(), publisher));
     let admission = Arc::new(RateAdmission::new(&providers, admission_target(settings)));
     let stats = Arc::new(RunStats::default());
     let max_in_flight = settings.limits.max_in_flight;
+    let readiness = Arc::new(Readiness {
+        ledger: health.clone(),
+        broker: broker_connected,
+        draining: shutdown.stop_intake.clone(),
+    });
+    let stop_background = CancellationToken::new();
+    let _stop_background = stop_background.clone().drop_guard();
+    tokio::spawn(watch_readiness(ledger, readiness.clone(), stop_background.clone()));
+    if let Some((listener, metrics)) = endpoints {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        }
+        tokio::spawn(crate::endpoints::serve(listener, metrics, readiness, stop_background.clone()));
+    }
     let dispatcher = Dispatcher {
         handler: pipeline,
         config: DispatchConfig { max_in_flight, retry: RetryPolicy::from_settings(&settings.limits) },
-        observers: vec![admission.clone()],
+        observers: vec![admission.clone(), Arc::new(crate::telemetry::Metrics)],
         admission,
         health,
         stats: stats.clone(),
@@ -91,4 +136,19 @@ async fn serve(
     tracing::info!(input = %settings.broker.topics.input, worker_id = %settings.worker.id, "worker consuming");
     dispatcher.run(source, shutdown).await?;
     Ok(stats)
+}
+
+/// Checks the database while idle (a failed check turns the ledger not ready, and
+/// its prober turns it ready again) and keeps the `ready` gauge current.
+async fn watch_readiness(ledger: Arc<Resilient>, readiness: Arc<Readiness>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(LEDGER_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        ledger.check(LEDGER_CHECK_INTERVAL).await;
+        crate::telemetry::ready(readiness.problems().is_empty());
+    }
 }

@@ -75,6 +75,7 @@ impl State {
 
     /// Marks `p` running in its lane; returns the lane's cancellation.
     pub fn begin(&mut self, p: &Pending) -> CancellationToken {
+        crate::telemetry::in_flight(self.running);
         let lane = self.lane(p.lane());
         lane.running += 1;
         lane.cancel.clone()
@@ -99,6 +100,7 @@ impl State {
         };
         if next.is_none() {
             self.running -= 1;
+            crate::telemetry::in_flight(self.running);
         }
         next
     }
@@ -130,6 +132,7 @@ impl Drop for TaskGuard<'_> {
             let mut st = self.sched.lock();
             st.held -= 1;
             st.running -= 1;
+            crate::telemetry::in_flight(st.running);
             if let Some(l) = st.lanes.get_mut(&lane) {
                 l.running = l.running.saturating_sub(1);
             }

@@ -151,7 +151,7 @@ pub fn pool(settings: &DatabaseSettings, session: Session) -> Result<Pool, Ledge
 /// without the ledger sessions' statement timeout.
 pub async fn reader_pool(settings: &DatabaseSettings) -> Result<Pool, LedgerError> {
     let pool = pool(settings, Session::Admin)?;
-    check_schema(&pool).await?;
+    check_schema(&pool, settings).await?;
     Ok(pool)
 }
 
@@ -200,13 +200,32 @@ pub fn latest_version() -> i32 {
     embedded::migrations::runner().get_migrations().iter().map(|m| m.version() as i32).max().unwrap_or(0)
 }
 
+/// The database the settings point at, as a URL without its password: what a hint
+/// to the operator names.
+fn database_of(settings: &DatabaseSettings) -> String {
+    let Ok(target) = connect::target(settings, Session::Admin) else {
+        return crate::settings::redact_url(&settings.url);
+    };
+    let c = &target.config;
+    let host = match c.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    let user = c.get_user().map(|u| format!("{u}@")).unwrap_or_default();
+    format!("postgres://{user}{host}:{port}/{}", c.get_dbname().unwrap_or("postgres"))
+}
+
 /// Refuses a database whose schema is not this build's, naming the fix.
-async fn check_schema(pool: &Pool) -> Result<(), LedgerError> {
+async fn check_schema(pool: &Pool, settings: &DatabaseSettings) -> Result<(), LedgerError> {
+    let migrate = format!("`ticketflow migrate --database-url {}`", database_of(settings));
     let client = match pool.get().await {
         Ok(c) => c,
         Err(e) => {
             let text = crate::error_chain(&e);
-            let hint = if text.contains("does not exist") { " (`ticketflow migrate` creates it)" } else { "" };
+            let hint = if text.contains("does not exist") { format!(" ({migrate} creates it)") } else { String::new() };
             return Err(LedgerError::Unavailable(format!("cannot connect to the database: {text}{hint}")));
         }
     };
@@ -227,9 +246,9 @@ async fn check_schema(pool: &Pool) -> Result<(), LedgerError> {
         }
         other => {
             return Err(LedgerError::Other(format!(
-            "the database is not migrated (schema version {}, this build needs {expected}): run `ticketflow migrate`",
-            other.map_or("none".to_string(), |v| v.to_string())
-        )))
+                "the database is not migrated (schema version {}, this build needs {expected}): run {migrate}",
+                other.map_or("none".to_string(), |v| v.to_string())
+            )))
         }
     }
     Ok(())
@@ -239,7 +258,7 @@ impl PgLedger {
     /// Connects and checks that the database is migrated to this build's schema.
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, LedgerError> {
         let pool = pool(settings, Session::Ledger)?;
-        check_schema(&pool).await?;
+        check_schema(&pool, settings).await?;
         let lease_secs = Duration::from_millis(settings.lease_ms.max(1)).as_secs_f64();
         let claims = {
             let pool = pool.clone();

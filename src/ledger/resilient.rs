@@ -77,17 +77,35 @@ impl Resilient {
         Resilient { inner, health, backoff }
     }
 
-    async fn retrying<T, F, Fut>(&self, op: F) -> Result<T, LedgerError>
+    /// Runs `op` (the ledger operation `name`) until the database answers it,
+    /// timing each try for the metrics.
+    async fn retrying<T, F, Fut>(&self, name: &'static str, op: F) -> Result<T, LedgerError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, LedgerError>>,
     {
         loop {
             self.health.wait_ready().await;
-            match op().await {
+            let started = std::time::Instant::now();
+            let result = op().await;
+            crate::telemetry::ledger_operation(name, started.elapsed());
+            match result {
                 Err(LedgerError::Unavailable(error)) => self.went_down(&error),
                 other => return other,
             }
+        }
+    }
+
+    /// Checks that the database answers now (for readiness while idle): a failure
+    /// turns the ledger not ready and starts the prober, as a failed operation does.
+    pub async fn check(&self, timeout: std::time::Duration) {
+        if !self.health.is_ready() {
+            return;
+        }
+        match tokio::time::timeout(timeout, self.inner.ping()).await {
+            Ok(Err(LedgerError::Unavailable(error))) => self.went_down(&error),
+            Err(_) => self.went_down(&format!("no answer to a check within {timeout:?}")),
+            Ok(_) => {}
         }
     }
 
@@ -127,24 +145,27 @@ impl Ledger for Resilient {
         replay_count: u32,
         worker_id: &str,
     ) -> Result<Claim, LedgerError> {
-        self.retrying(|| self.inner.claim(unit_id, ticket_id, replay_count, worker_id)).await
+        self.retrying("claim", || self.inner.claim(unit_id, ticket_id, replay_count, worker_id)).await
     }
 
     async fn finish(&self, unit_id: &str, worker_id: &str, output: &Output) -> Result<(), LedgerError> {
-        self.retrying(|| self.inner.finish(unit_id, worker_id, output)).await
+        self.retrying("finish", || self.inner.finish(unit_id, worker_id, output)).await
     }
 
     async fn mark_published(&self, unit_id: &str) -> Result<(), LedgerError> {
-        self.retrying(|| self.inner.mark_published(unit_id)).await
+        self.retrying("mark_published", || self.inner.mark_published(unit_id)).await
     }
 
     /// Not retried: an unreleased claim simply expires with its lease.
     async fn release(&self, unit_id: &str, worker_id: &str) -> Result<(), LedgerError> {
-        self.inner.release(unit_id, worker_id).await
+        let started = std::time::Instant::now();
+        let result = self.inner.release(unit_id, worker_id).await;
+        crate::telemetry::ledger_operation("release", started.elapsed());
+        result
     }
 
     async fn record_rejected(&self, dead_letter: &DeadLetter) -> Result<(), LedgerError> {
-        self.retrying(|| self.inner.record_rejected(dead_letter)).await
+        self.retrying("record_rejected", || self.inner.record_rejected(dead_letter)).await
     }
 
     async fn ping(&self) -> Result<(), LedgerError> {

@@ -111,6 +111,13 @@ impl Pipeline {
                 return Ok(Completion::of(Handled::DeadLettered(kind), &output));
             }
         };
+        // Every line logged while working on the ticket carries its ids.
+        let span = tracing::info_span!("ticket", ticket_id = %ticket.ticket_id, unit_id = %ticket.unit_id);
+        tracing::Instrument::instrument(self.work(&ticket, message, attempt), span).await
+    }
+
+    /// Claim, answer, record and publish one ticket.
+    async fn work(&self, ticket: &Ticket, message: &Message, attempt: &Attempt) -> Result<Completion, HandleError> {
         let claimer = self.claimer(attempt);
         let claim = self.ledger.claim(&ticket.unit_id, &ticket.ticket_id, message.replay_count, &claimer).await?;
         let (attempts, prior_cost_usd) = match claim {
@@ -131,7 +138,7 @@ impl Pipeline {
                 self.release(&ticket.unit_id, &claimer).await;
                 return Err(HandleError::Cancelled);
             }
-            output = self.answer(&ticket, message, attempts, prior_cost_usd) => output,
+            output = self.answer(ticket, message, attempts, prior_cost_usd) => output,
         };
         let handled = match &output {
             Output::Reply { reply, .. } => Handled::Replied(reply.status),

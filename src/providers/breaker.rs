@@ -54,6 +54,7 @@ pub struct Breaker {
 
 impl Breaker {
     pub fn new(name: &str, threshold: u32, cooldown: Duration) -> Self {
+        crate::telemetry::breaker_state(name, 0);
         Breaker {
             name: name.to_owned(),
             threshold: threshold.max(1),
@@ -81,6 +82,7 @@ impl Breaker {
             Inner::Closed { .. } => Admission::Allowed,
             Inner::Open { until } if now >= until => {
                 *inner = Inner::HalfOpen { probe_started: now };
+                crate::telemetry::breaker_state(&self.name, 1);
                 tracing::info!(provider = %self.name, "circuit half-open: probing");
                 Admission::Probe { since: now }
             }
@@ -109,15 +111,18 @@ impl Breaker {
                 if *failures >= self.threshold {
                     tracing::warn!(provider = %self.name, failures = *failures, cooldown_ms = self.cooldown.as_millis() as u64, "circuit opened");
                     *inner = Inner::Open { until: Instant::now() + self.cooldown };
+                    crate::telemetry::breaker_state(&self.name, 2);
                 }
             }
             (Inner::HalfOpen { .. }, true) => {
                 tracing::info!(provider = %self.name, "circuit closed: provider recovered");
                 *inner = Inner::Closed { failures: 0 };
+                crate::telemetry::breaker_state(&self.name, 0);
             }
             (Inner::HalfOpen { .. }, false) => {
                 tracing::warn!(provider = %self.name, "probe failed: circuit open again");
                 *inner = Inner::Open { until: Instant::now() + self.cooldown };
+                crate::telemetry::breaker_state(&self.name, 2);
             }
             // Calls admitted before the circuit opened may still report; they change nothing.
             (Inner::Open { .. }, _) => {}
@@ -134,6 +139,7 @@ impl Breaker {
         // Only while it is still this probe: once stale, another may have been handed out.
         if matches!(*inner, Inner::HalfOpen { probe_started } if probe_started == since) {
             *inner = Inner::Open { until: since };
+            crate::telemetry::breaker_state(&self.name, 2);
             self.bump();
         }
     }

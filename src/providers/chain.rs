@@ -83,6 +83,18 @@ pub enum ChainResult {
     },
 }
 
+/// The `outcome` label of a call in the provider request metrics.
+fn outcome_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Ok { .. } => "ok",
+        Outcome::Refused { .. } => "refused",
+        Outcome::RateLimited { .. } => "rate_limited",
+        Outcome::Transient { reached: false, .. } => "unreachable",
+        Outcome::Transient { timeout: true, .. } => "timeout",
+        Outcome::Transient { .. } | Outcome::Permanent { .. } => "error",
+    }
+}
+
 /// One provider call, for its cost record.
 #[derive(Clone, Copy)]
 struct Call<'a> {
@@ -178,6 +190,7 @@ impl ChainRunner<'_> {
                     let wait_until = unit.hold_until.checked_sub(budget).unwrap_or(now).max(now);
                     match limits.acquire(estimated_tokens, wait_until).await {
                         Ok(waited) => {
+                            crate::telemetry::limiter_waited(provider_name, waited);
                             if waited > Duration::from_millis(100) {
                                 tracing::debug!(ticket_id = %unit.ticket_id, provider = provider_name, waited_ms = waited.as_millis() as u64, "waited for rate limit");
                             }
@@ -214,6 +227,13 @@ impl ChainRunner<'_> {
                         _ => {}
                     }
                 }
+                crate::telemetry::provider_call(
+                    provider_name,
+                    model,
+                    stage.as_str(),
+                    outcome_label(&outcome),
+                    started.elapsed(),
+                );
                 let latency_ms = started.elapsed().as_millis() as u64;
                 let call = Call { stage, provider: provider_name, model, price, request: &request, latency_ms };
                 self.record(unit, &call, &outcome);

@@ -79,6 +79,7 @@ impl ProviderLimits {
         let started = Instant::now();
         self.requested.fetch_add(1, Ordering::Relaxed);
         self.tokens_requested.fetch_add(tokens, Ordering::Relaxed);
+        let _waiting = Waiting::new(&self.name);
         let wait = async {
             let _turn = self.turn.lock().await;
             if let Some(until) = self.paused_until() {
@@ -170,6 +171,23 @@ impl ProviderLimits {
             Ok(mut l) => *l = fresh,
             Err(poisoned) => *poisoned.into_inner() = fresh,
         }
+    }
+}
+
+/// Counts a call in the provider's waiting gauge for as long as it waits (a wait
+/// given up at the deadline or cancelled with its ticket included).
+struct Waiting<'a>(&'a str);
+
+impl<'a> Waiting<'a> {
+    fn new(provider: &'a str) -> Self {
+        crate::telemetry::limiter_waiting(provider, 1.0);
+        Waiting(provider)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        crate::telemetry::limiter_waiting(self.0, -1.0);
     }
 }
 

@@ -123,6 +123,8 @@ pub struct Providers {
 pub enum BuildError {
     #[error("provider `{name}`: the API key variable {env} is not set (or empty)")]
     MissingKey { name: String, env: String },
+    #[error("{}", .0.join("; "))]
+    MissingKeys(Vec<String>),
     #[error("HTTP client: {0}")]
     Client(String),
 }
@@ -130,6 +132,10 @@ pub enum BuildError {
 impl Providers {
     /// Builds every configured provider.
     pub fn from_settings(settings: &Settings, analyzer: Arc<Analyzer>) -> Result<Self, BuildError> {
+        let missing = missing_keys(settings);
+        if !missing.is_empty() {
+            return Err(BuildError::MissingKeys(missing));
+        }
         let mut by_name = BTreeMap::new();
         for (name, p) in &settings.providers {
             let adapter: Arc<dyn Provider> = match p.kind {
@@ -176,6 +182,20 @@ impl Providers {
     pub fn get(&self, name: &str) -> Option<&Arc<ProviderHandle>> {
         self.by_name.get(name)
     }
+}
+
+/// Every provider of a real kind whose API key variable is unset or empty, one
+/// line each, so that all of them are named at once.
+pub fn missing_keys(settings: &Settings) -> Vec<String> {
+    settings
+        .providers
+        .iter()
+        .filter(|(_, p)| p.kind != ProviderKind::Simulated)
+        .filter(|(_, p)| std::env::var(p.api_key_env.trim()).map_or(true, |k| k.trim().is_empty()))
+        .map(|(name, p)| {
+            BuildError::MissingKey { name: name.clone(), env: p.api_key_env.trim().to_owned() }.to_string()
+        })
+        .collect()
 }
 
 fn limits_for(name: &str, p: &ProviderSettings, s: &Settings) -> limits::ProviderLimits {

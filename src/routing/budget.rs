@@ -28,6 +28,9 @@ pub struct Degraded {
 
 impl Budgets {
     pub fn new(caps: BTreeMap<String, BudgetSettings>) -> Self {
+        for tier in caps.keys() {
+            crate::telemetry::budget_spent(tier, 0.0);
+        }
         Budgets { caps, spent: Mutex::new((Utc::now().date_naive(), BTreeMap::new())) }
     }
 
@@ -50,8 +53,13 @@ impl Budgets {
             let today = Utc::now().date_naive();
             if guard.0 != today {
                 *guard = (today, BTreeMap::new());
+                for capped in self.caps.keys() {
+                    crate::telemetry::budget_spent(capped, 0.0);
+                }
             }
-            *guard.1.entry(tier.to_owned()).or_default() += usd;
+            let spent = guard.1.entry(tier.to_owned()).or_default();
+            *spent += usd;
+            crate::telemetry::budget_spent(tier, *spent);
         }
     }
 

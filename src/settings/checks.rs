@@ -19,6 +19,12 @@ impl Settings {
         if self.limits.max_delivery_attempts == 0 {
             problems.push("limits.max_delivery_attempts must be at least 1".into());
         }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!(
+                "http.listen: '{}' is not an address of the form host:port with an IP host (e.g. 0.0.0.0:9090)",
+                self.http.listen
+            ));
+        }
         if !(0.0..=0.5).contains(&self.limits.rate_limit_headroom) {
             problems.push("limits.rate_limit_headroom must be between 0 and 0.5".into());
         }

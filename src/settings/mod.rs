@@ -43,6 +43,8 @@ impl ConfigError {
 pub struct Settings {
     /// This worker's identity in outputs and leases.
     pub worker: WorkerSettings,
+    /// The worker's HTTP endpoints: `/metrics`, `/healthz`, `/readyz`.
+    pub http: HttpSettings,
     /// Input limits and concurrency.
     pub limits: Limits,
     /// Retry policy for transient and rate-limited provider outcomes.
@@ -93,6 +95,13 @@ pub struct EvalSettings {
 pub struct WorkerSettings {
     /// Identity written to `worker_id`; empty means `worker-<4 random hex digits>`.
     pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HttpSettings {
+    /// `host:port` the worker serves `/metrics`, `/healthz` and `/readyz` on; empty
+    /// serves nothing.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -486,19 +495,52 @@ impl Settings {
                 .try_parsing(true)
                 .source(Some(vars)),
         );
-        let cfg = builder.build().map_err(|e| ConfigError::one(e.to_string()))?;
+        // A value of the wrong type stops deserialization at the first one. To name
+        // every one at once, each offending key is set back to its default and the
+        // configuration read again, until it reads or a key has no default.
+        let defaults = Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+            .build()
+            .map_err(|e| ConfigError::one(e.to_string()))?;
+        let mut type_errors = Vec::new();
         let mut unknown = Vec::new();
-        let parsed: Result<Settings, _> = serde_ignored::deserialize(cfg, |path| unknown.push(path.to_string()));
+        let parsed = loop {
+            let cfg = builder.clone().build().map_err(|e| ConfigError::one(e.to_string()))?;
+            unknown.clear();
+            let input: Option<serde_json::Value> = cfg.clone().try_deserialize().ok();
+            match serde_ignored::deserialize::<_, _, Settings>(cfg, |path| unknown.push(path.to_string())) {
+                Ok(settings) => break Ok((settings, input)),
+                Err(e) => {
+                    let key = match &e {
+                        config::ConfigError::Type { key: Some(key), .. } => Some(key.clone()),
+                        _ => None,
+                    };
+                    type_errors.push(e.to_string());
+                    let fallback = key.as_ref().and_then(|k| defaults.get::<config::Value>(k).ok().map(|v| (k, v)));
+                    match fallback {
+                        Some((key, value)) if type_errors.len() < 64 => {
+                            builder = builder
+                                .set_override(key.as_str(), value)
+                                .map_err(|e| ConfigError::one(e.to_string()))?;
+                        }
+                        _ => break Err(()),
+                    }
+                }
+            }
+        };
         let mut problems: Vec<String> = unknown.into_iter().map(|key| format!("unknown key `{key}`")).collect();
+        problems.extend(type_errors);
         match parsed {
-            Ok(settings) => {
+            Ok((settings, input)) => {
+                // The configuration library rounds a fraction read into an integer
+                // (2.5 becomes 3): compare what was written with what was read.
+                if let (Some(input), Ok(read)) = (input, serde_json::to_value(&settings)) {
+                    rounded_fractions(&input, &read, "", &mut problems);
+                }
                 problems.extend(settings.validate());
                 Ok((settings, problems))
             }
-            Err(e) => {
-                problems.push(e.to_string());
-                Err(ConfigError { problems })
-            }
+            Err(()) => Err(ConfigError { problems }),
         }
     }
 
@@ -511,6 +553,33 @@ impl Settings {
         } else {
             self.worker.id.clone()
         }
+    }
+}
+
+/// Names every key where a number with a fraction was written and an integer was
+/// read: an error, not a rounding.
+fn rounded_fractions(input: &serde_json::Value, read: &serde_json::Value, path: &str, problems: &mut Vec<String>) {
+    use serde_json::Value;
+    match (input, read) {
+        (Value::Number(n), Value::Number(r))
+            if (r.is_u64() || r.is_i64()) && n.as_f64().is_some_and(|f| f.fract() != 0.0) =>
+        {
+            problems.push(format!("invalid type: {n} is not an integer, for key `{path}`"));
+        }
+        (Value::Object(i), Value::Object(r)) => {
+            for (key, value) in i {
+                if let Some(other) = r.get(key) {
+                    let path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                    rounded_fractions(value, other, &path, problems);
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(r)) => {
+            for (n, (value, other)) in i.iter().zip(r).enumerate() {
+                rounded_fractions(value, other, &format!("{path}[{n}]"), problems);
+            }
+        }
+        _ => {}
     }
 }
 

@@ -1,5 +1,5 @@
 //! Secrets out of sight: the configuration as `ticketflow config` prints it, and URLs
-//! without their passwords or query strings.
+//! without their passwords or secret query parameters.
 
 use super::Settings;
 
@@ -26,25 +26,38 @@ impl Settings {
     }
 }
 
-/// Replaces the password (and any query string, which may carry tokens) of a URL.
+/// Replaces the password of a URL, when it has one, and the values of query
+/// parameters that may carry secrets (`password`, `key`, `token`, `secret`, ...).
+/// A URL without a password shows none: `REDACTED` always stands for a secret that
+/// is there.
 pub fn redact_url(url: &str) -> String {
-    let (without_query, had_query) = match url.split_once('?') {
-        Some((base, _)) => (base, true),
-        None => (url, false),
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
     };
-    let redacted = match (without_query.find("://"), without_query.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &without_query[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:REDACTED{}", &without_query[..scheme_end + 3], &without_query[at..])
-        }
-        _ => without_query.to_owned(),
+    let mut out = match (base.find("://"), base.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => match base[scheme_end + 3..at].split_once(':') {
+            Some((user, _password)) => format!("{}{user}:REDACTED{}", &base[..scheme_end + 3], &base[at..]),
+            None => base.to_owned(),
+        },
+        _ => base.to_owned(),
     };
-    if had_query {
-        format!("{redacted}?REDACTED")
-    } else {
-        redacted
+    if let Some(query) = query {
+        let secret = |key: &str| {
+            let key = key.to_ascii_lowercase();
+            ["pass", "key", "token", "secret", "auth", "signature", "credential"].iter().any(|s| key.contains(s))
+        };
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, _)) if secret(key) => format!("{key}=REDACTED"),
+                _ => param.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
+    out
 }
 
 #[cfg(test)]
@@ -55,7 +68,16 @@ mod tests {
     fn urls_are_redacted() {
         assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:REDACTED@h:5432/db");
         assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:REDACTED@127.0.0.1:5672/%2f");
-        assert_eq!(redact_url("https://api.x/v1?key=abc"), "https://api.x/v1?REDACTED");
+        assert_eq!(redact_url("https://api.x/v1?key=abc"), "https://api.x/v1?key=REDACTED");
         assert_eq!(redact_url("http://h/v1"), "http://h/v1");
+        // Nothing to hide: no REDACTED where no password was ever set.
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1:5432/ticketflow"),
+            "postgres://postgres@127.0.0.1:5432/ticketflow"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=verify-full&password=hunter2&sslrootcert=/ca.pem"),
+            "postgres://u@h/db?sslmode=verify-full&password=REDACTED&sslrootcert=/ca.pem"
+        );
     }
 }

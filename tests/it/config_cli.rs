@@ -100,3 +100,145 @@ fn kafka_passthrough_secrets_are_redacted() {
     assert!(!text.contains("hunter2"), "{text}");
     assert!(text.contains("\"fetch.max.bytes\" = \"1048576\""), "{text}");
 }
+
+/// Keys of the real providers, all unset: the production profile needs every one.
+const KEY_VARS: [&str; 5] =
+    ["DASHSCOPE_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "MISTRAL_API_KEY", "DEEPSEEK_API_KEY"];
+
+fn without_keys(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    for var in KEY_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.env("TICKETFLOW_ENV", "production")
+}
+
+#[test]
+fn missing_api_keys_are_a_configuration_error_naming_every_one_at_once() {
+    let examples = crate::helpers::repo_path("examples/tickets.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        vec!["process", examples.to_str().unwrap(), "--quiet", "--out", dir.path().to_str().unwrap()],
+        vec!["explain", examples.to_str().unwrap()],
+    ] {
+        let out = without_keys(&mut bin()).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        for var in KEY_VARS {
+            assert!(err.contains(var), "{args:?} does not name {var}: {err}");
+        }
+    }
+    // `config` only warns, one line per missing key, and exits 0.
+    let out = without_keys(bin().arg("config")).output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for var in KEY_VARS {
+        assert_eq!(err.lines().filter(|l| l.starts_with("warning:") && l.contains(var)).count(), 1, "{err}");
+    }
+    // With the default (simulated) providers no key is needed and nothing is said.
+    let out = bin().arg("config").env_remove("TICKETFLOW_ENV").output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("API key"));
+}
+
+#[test]
+fn an_unparseable_database_url_on_the_command_line_is_a_usage_error() {
+    let examples = crate::helpers::repo_path("examples/tickets.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = "postgres://u:hunter2@host:notaport/db";
+    let runs = [
+        vec![
+            "process".to_owned(),
+            examples.display().to_string(),
+            "--quiet".into(),
+            "--out".into(),
+            dir.path().display().to_string(),
+            "--ledger".into(),
+            bad.into(),
+        ],
+        vec!["migrate".to_owned(), "--database-url".into(), bad.into()],
+        vec!["report".to_owned(), "--database-url".into(), bad.into()],
+    ];
+    for args in runs {
+        let out = bin().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a PostgreSQL URL"), "{err}");
+        assert!(!err.contains("hunter2"), "the password leaked: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}
+
+#[test]
+fn migrate_and_report_take_a_database_url_and_the_hint_names_the_database() {
+    let name = format!("tf_missing_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+    let out = bin().args(["report", "--database-url", &url]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("`ticketflow migrate --database-url {url}`")), "{err}");
+}
+
+#[test]
+fn config_shows_redacted_only_where_a_secret_was_set() {
+    let out = bin().arg("config").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    // The shipped database URL has no password: nothing to redact.
+    assert!(text.contains("url = \"postgres://postgres@127.0.0.1:5432/ticketflow\""), "{text}");
+    assert!(text.contains("password = \"\""));
+    let out = bin().arg("config").env("TICKETFLOW__DATABASE__URL", "postgres://u:hunter2@db/x").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("url = \"postgres://u:REDACTED@db/x\"") && !text.contains("hunter2"), "{text}");
+}
+
+#[test]
+fn a_fraction_where_an_integer_belongs_is_an_error_and_every_type_error_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("typed.toml");
+    std::fs::write(&file, "[limits]\nmax_message_bytes = \"lots\"\n\n[retry]\nmax_attempts_per_model = \"three\"\n")
+        .unwrap();
+    let out = bin()
+        .arg("--config")
+        .arg(&file)
+        .arg("config")
+        .env("TICKETFLOW__LIMITS__MAX_IN_FLIGHT", "2.5")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in ["limits.max_message_bytes", "retry.max_attempts_per_model", "limits.max_in_flight"] {
+        assert!(err.contains(&format!("`{key}`")), "{key} not named: {err}");
+    }
+    // A whole number written as a float is that number.
+    let out = bin().arg("config").env("TICKETFLOW__LIMITS__MAX_IN_FLIGHT", "64.0").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("max_in_flight = 64"));
+}
+
+#[test]
+fn with_log_format_json_every_line_of_stderr_is_json() {
+    let examples = crate::helpers::repo_path("examples/tickets.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .args(["--log-format", "json", "process"])
+        .arg(&examples)
+        .arg("--out")
+        .arg(dir.path())
+        .env("TICKETFLOW_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.lines().count() > 10, "debug logs were on: {err}");
+    for line in err.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{line}");
+    }
+    // Lines logged while a ticket is worked on carry its ids.
+    assert!(err.lines().any(|l| l.contains("\"ticket_id\":\"T-10") && l.contains("\"unit_id\":\"T-10")), "{err}");
+    // And a failure is a JSON line too.
+    let out = bin().args(["--log-format", "json", "process", "/nonexistent.jsonl"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = err.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.last().unwrap()["level"], "ERROR", "{err}");
+}

@@ -23,10 +23,12 @@ pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
 
-/// A config file that makes every simulated provider instant, for fast tests.
+/// A config file that makes every simulated provider instant, for fast tests, and
+/// gives a worker's HTTP endpoints a free port (workers of parallel tests would
+/// otherwise all want the default one).
 pub fn instant_config(dir: &Path) -> PathBuf {
     let path = dir.join("instant.toml");
-    let mut toml = String::new();
+    let mut toml = String::from("[http]\nlisten = \"127.0.0.1:0\"\n\n");
     for p in ["qwen", "openai", "anthropic", "mistral", "deepseek"] {
         toml.push_str(&format!("[providers.{p}]\nlatency_ms = 0\njitter_ms = 0\n\n"));
     }

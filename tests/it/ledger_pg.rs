@@ -264,7 +264,9 @@ async fn an_unmigrated_database_is_refused_with_a_clear_message() {
     let mut settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap().database;
     settings.url = format!("{SERVER}/{name}");
     let err = PgLedger::connect(&settings).await.err().expect("must refuse");
-    assert!(err.to_string().contains("run `ticketflow migrate`"), "{err}");
+    // The hint is the command to run, naming this database.
+    let hint = format!("run `ticketflow migrate --database-url postgres://postgres@127.0.0.1:5432/{name}`");
+    assert!(err.to_string().contains(&hint), "{err}");
     client.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await.unwrap();
     driver.abort();
 }

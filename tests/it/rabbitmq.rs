@@ -844,3 +844,126 @@ async fn a_ticket_past_the_delivery_limit_lands_in_the_dead_letter_queue_and_rep
     assert_eq!(ready(&conn, &names.queue("dlq")).await, 0);
     names.delete(&conn).await;
 }
+
+/// A free port on the loopback interface (bound and released: a worker takes it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The samples of a Prometheus text page: `name{labels}` -> value.
+fn samples(page: &str) -> Vec<(String, std::collections::BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in page.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => (name, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let labels = labels
+            .split("\",")
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.split_once("=\"").unwrap();
+                (k.to_owned(), v.trim_end_matches('"').to_owned())
+            })
+            .collect();
+        out.push((name.to_owned(), labels, value.parse().unwrap()));
+    }
+    out
+}
+
+/// Issue 13's acceptance: a worker against the local RabbitMQ and PostgreSQL serves
+/// `/healthz`, `/metrics` whose counters match what it published, and `/readyz`,
+/// which turns not ready (naming the database) while the database is cut off and
+/// ready again after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_serves_metrics_matching_its_outputs_and_readiness_follows_the_database() {
+    let names = Names::new();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let db_url = db.url.replace(":5432/", &format!(":{}/", proxy.port));
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    let tickets = repo_path("examples/tickets.jsonl");
+    let total = std::fs::read_to_string(&tickets).unwrap().lines().filter(|l| !l.trim().is_empty()).count();
+    assert!(bin().arg("produce").arg(&tickets).envs(names.env()).output().unwrap().status.success());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = format!("http://{listen}");
+    let worker = start_worker_with(&names, &db_url, &config, &[("TICKETFLOW__HTTP__LISTEN", &listen)]);
+    let http = reqwest::Client::new();
+    let get = async |path: &str| -> Option<(u16, String)> {
+        let r = http.get(format!("{base}{path}")).send().await.ok()?;
+        Some((r.status().as_u16(), r.text().await.ok()?))
+    };
+    wait_until("/healthz answering", async || get("/healthz").await.is_some_and(|(s, _)| s == 200)).await;
+    let conn = connect().await;
+    wait_until("every ticket answered", async || ready(&conn, &names.queue("replies")).await as usize == total).await;
+    // Every completion is counted before its ack, and the ack before the queue shows
+    // the reply... but not necessarily before the scrape: wait for the count.
+    let tickets_counted = async || {
+        let (_, page) = get("/metrics").await.unwrap();
+        samples(&page).iter().filter(|(n, _, _)| n == "ticketflow_tickets_total").map(|(_, _, v)| *v).sum::<f64>()
+    };
+    wait_until("every ticket counted", async || tickets_counted().await as usize == total).await;
+    let (status, page) = get("/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    let metrics = samples(&page);
+    let sum = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        metrics
+            .iter()
+            .filter(|(n, labels, _)| {
+                n == name && label.is_none_or(|(k, v)| labels.get(k).map(String::as_str) == Some(v))
+            })
+            .map(|(_, _, v)| *v)
+            .sum()
+    };
+    let replies = take_all(&conn, &names.queue("replies")).await;
+    let costs = take_all(&conn, &names.queue("costs")).await;
+    assert_eq!(replies.len(), total);
+    for outcome in ["answered", "needs_human"] {
+        let published = replies.iter().filter(|r| r["status"] == outcome).count();
+        assert_eq!(sum("ticketflow_tickets_total", Some(("outcome", outcome))) as usize, published, "{outcome}");
+    }
+    let by_tier = |tier: &str| replies.iter().filter(|r| r["route"]["tier"] == tier).count();
+    for tier in ["cheap", "premium", "human"] {
+        assert_eq!(sum("ticketflow_tickets_total", Some(("tier", tier))) as usize, by_tier(tier), "{tier}");
+    }
+    assert_eq!(sum("ticketflow_dead_letters_total", None), 0.0);
+    assert_eq!(sum("ticketflow_provider_requests_total", None) as usize, costs.len(), "one request per cost record");
+    let spent: f64 = costs.iter().map(|c| c["cost_usd"].as_f64().unwrap()).sum();
+    assert!((sum("ticketflow_cost_usd", None) - spent).abs() < 1e-9, "{} vs {spent}", sum("ticketflow_cost_usd", None));
+    let baseline = crate::helpers::expected_baseline(&costs);
+    let counted = sum("ticketflow_baseline_cost_usd", None);
+    assert!((counted - baseline).abs() < 1e-9, "{counted} vs {baseline}");
+    assert_eq!(sum("ticketflow_ticket_latency_seconds_count", None) as usize, by_tier_all(&replies));
+    assert!(sum("ticketflow_ledger_operation_duration_seconds_count", Some(("operation", "claim"))) >= total as f64);
+    assert_eq!(sum("ticketflow_in_flight", None), 0.0);
+    wait_until("the queue depth reported", async || {
+        let (_, page) = get("/metrics").await.unwrap();
+        samples(&page)
+            .iter()
+            .any(|(n, l, v)| n == "ticketflow_queue_depth" && l["queue"] == names.queue("in") && *v == 0.0)
+    })
+    .await;
+    assert_eq!(get("/readyz").await.unwrap(), (200, "ready\n".to_owned()));
+
+    proxy.cut();
+    wait_until("/readyz not ready", async || get("/readyz").await.is_some_and(|(s, _)| s == 503)).await;
+    let (_, body) = get("/readyz").await.unwrap();
+    assert_eq!(body, "not ready: database: unreachable\n");
+    let (_, page) = get("/metrics").await.unwrap();
+    assert!(samples(&page).iter().any(|(n, _, v)| n == "ticketflow_ready" && *v == 0.0), "{page}");
+    assert_eq!(get("/healthz").await.unwrap().0, 200, "alive all the same");
+    proxy.restore();
+    wait_until("/readyz ready again", async || get("/readyz").await.is_some_and(|(s, _)| s == 200)).await;
+
+    let (status, said) = stop_worker(worker);
+    assert!(status.success(), "{said}");
+    names.delete(&conn).await;
+    db.drop_db().await;
+
+    /// Replies with a latency: every published reply (handoffs too).
+    fn by_tier_all(replies: &[serde_json::Value]) -> usize {
+        replies.iter().filter(|r| r["latency_ms"].is_u64()).count()
+    }
+}

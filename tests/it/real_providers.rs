@@ -262,7 +262,10 @@ async fn the_production_config_under_honest_limits_keeps_the_cheap_tier_on_qwen(
         let limits = &shipped.providers[name];
         config.providers.get_mut(name).unwrap().requests_per_minute = limits.requests_per_minute;
         let upper = name.to_uppercase();
-        env.push((format!("TICKETFLOW__PROVIDERS__{upper}__REQUESTS_PER_MINUTE"), limits.requests_per_minute.to_string()));
+        env.push((
+            format!("TICKETFLOW__PROVIDERS__{upper}__REQUESTS_PER_MINUTE"),
+            limits.requests_per_minute.to_string(),
+        ));
         env.push((format!("TICKETFLOW__PROVIDERS__{upper}__TOKENS_PER_MINUTE"), limits.tokens_per_minute.to_string()));
     }
     let (base, server) = mock_provider::spawn(config).await.unwrap();

@@ -41,6 +41,10 @@ struct Ctx {
     control: mpsc::UnboundedSender<SourceEvent>,
     offsets: Arc<Offsets>,
     lag: Arc<Mutex<ConsumerLag>>,
+    /// Whether a broker answers: false after librdkafka reports all brokers down,
+    /// true again once the statistics show one up (without statistics, always true).
+    connected: Arc<AtomicBool>,
+    statistics: bool,
 }
 
 /// Messages behind the end of each assigned partition, counted from the first
@@ -49,7 +53,17 @@ struct Ctx {
 pub type ConsumerLag = std::collections::BTreeMap<(String, i32), i64>;
 
 impl ClientContext for Ctx {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if self.statistics && error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            self.connected.store(false, Ordering::Relaxed);
+        }
+        tracing::error!("librdkafka: {error}: {reason}");
+    }
+
     fn stats(&self, statistics: Statistics) {
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            self.connected.store(true, Ordering::Relaxed);
+        }
         let mut lag = ConsumerLag::new();
         for (topic, t) in &statistics.topics {
             for p in t.partitions.values() {
@@ -65,7 +79,15 @@ impl ClientContext for Ctx {
             }
         }
         tracing::debug!(?lag, "consumer lag");
-        *self.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
+        let mut last = self.lag.lock().unwrap_or_else(|e| e.into_inner());
+        // A partition no longer assigned here lags nothing on this worker.
+        for (topic, partition) in last.keys().filter(|k| !lag.contains_key(*k)) {
+            crate::telemetry::consumer_lag(topic, *partition, 0);
+        }
+        for ((topic, partition), behind) in &lag {
+            crate::telemetry::consumer_lag(topic, *partition, *behind);
+        }
+        *last = lag;
     }
 }
 
@@ -129,6 +151,7 @@ pub struct KafkaSource {
     consumer: Arc<BaseConsumer<Ctx>>,
     offsets: Arc<Offsets>,
     lag: Arc<Mutex<ConsumerLag>>,
+    connected: Arc<AtomicBool>,
     control: mpsc::UnboundedReceiver<SourceEvent>,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     pending: VecDeque<SourceEvent>,
@@ -145,6 +168,7 @@ impl KafkaSource {
         let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
         let offsets = Arc::new(Offsets::default());
         let lag = Arc::new(Mutex::new(ConsumerLag::new()));
+        let connected = Arc::new(AtomicBool::new(true));
         let consumer: BaseConsumer<Ctx> = client_config(k)?
             .set("group.id", &k.group_id)
             .set("client.id", &settings.worker.id)
@@ -158,7 +182,13 @@ impl KafkaSource {
             // dispatcher holds: a bound on memory while partitions are paused.
             .set("queued.max.messages.kbytes", "16384")
             .set("statistics.interval.ms", k.statistics_interval_ms.to_string())
-            .create_with_context(Ctx { control: control_tx, offsets: offsets.clone(), lag: lag.clone() })
+            .create_with_context(Ctx {
+                control: control_tx,
+                offsets: offsets.clone(),
+                lag: lag.clone(),
+                connected: connected.clone(),
+                statistics: k.statistics_interval_ms > 0,
+            })
             .map_err(|e| KafkaSetupError::Broker { servers: k.bootstrap_servers.clone(), reason: super::reason(&e) })?;
         let input = settings.broker.topics.input.clone();
         consumer
@@ -177,6 +207,7 @@ impl KafkaSource {
             consumer,
             offsets,
             lag,
+            connected,
             control,
             deliveries,
             pending: VecDeque::new(),
@@ -196,6 +227,12 @@ impl KafkaSource {
     /// the metrics issue (consumer lag).
     pub fn offsets(&self) -> Arc<Offsets> {
         self.offsets.clone()
+    }
+
+    /// Whether the consumer reaches a broker, for the worker's readiness: false from
+    /// librdkafka's "all brokers down" until statistics show a broker up again.
+    pub fn connected(&self) -> Arc<AtomicBool> {
+        self.connected.clone()
     }
 
     /// The consumer lag of every assigned partition, as of the latest statistics

@@ -41,6 +41,8 @@ use crate::settings::Settings;
 
 /// How long one attempt to connect and set up may take before it is given up.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the worker reads the depth of its queues for the metrics.
+const DEPTH_INTERVAL: Duration = Duration::from_secs(5);
 
 /// One connection and the channels opened on it.
 pub struct Session {
@@ -224,6 +226,7 @@ impl Link {
         let mut tick = tokio::time::interval(Duration::from_secs(1).min(timeout));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_stall_check = Instant::now() + timeout;
+        let mut next_depth = Instant::now();
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => return None,
@@ -245,6 +248,10 @@ impl Link {
                     if !session.conn.status().connected() {
                         return Some("the connection closed".into());
                     }
+                    if Instant::now() >= next_depth {
+                        next_depth = Instant::now() + DEPTH_INTERVAL;
+                        self.report_depths(session).await;
+                    }
                     if Instant::now() >= next_stall_check {
                         next_stall_check = Instant::now() + timeout / 4;
                         if let Some(why) = self.stalled(session, timeout).await {
@@ -252,6 +259,17 @@ impl Link {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Ready messages of the input and dead-letter queues, for the metrics.
+    async fn report_depths(&self, session: &Session) {
+        let topics = &self.settings.broker.topics;
+        for queue in [&topics.input, &topics.dead_letters] {
+            match queue_counts(&session.conn, queue).await {
+                Ok((ready, _)) => crate::telemetry::queue_depth(queue, ready),
+                Err(e) => tracing::debug!(%queue, error = %reason(&e), "could not read the queue depth"),
             }
         }
     }

@@ -6,6 +6,7 @@ mod helpers;
 mod config_cli;
 mod contract;
 mod corpus;
+mod deploy;
 mod dispatch;
 mod eval_cli;
 mod explain_cli;

@@ -309,3 +309,70 @@ async fn the_production_config_under_honest_limits_keeps_the_cheap_tier_on_qwen(
     assert!(share >= 0.54, "{:.1}% of answered tickets on the cheap tier", share * 100.0);
     assert!(by_qwen * 10 >= cheap.len() * 8, "{by_qwen} of {} cheap-tier replies by Qwen", cheap.len());
 }
+
+/// Issue 13: secrets never leave. An API key, a database password (PostgreSQL
+/// trusts the connection here, so any password is accepted) and a SASL password are
+/// planted; a `process` run recorded in PostgreSQL with debug logs and a metrics file,
+/// and `ticketflow config`, are searched for them: logs, metrics, outputs, the
+/// configuration printout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planted_secrets_appear_in_no_log_metric_output_or_config_printout() {
+    const DB_PASSWORD: &str = "pg-PLANTED-4b3a2918";
+    const SASL_PASSWORD: &str = "sasl-PLANTED-77aa66bb";
+    crate::providers::plant_key();
+    let (base, _server) = mock().await;
+    let db = crate::ledger_pg::TestDb::new().await;
+    let ledger_url = db.url.replacen("postgres@", &format!("postgres:{DB_PASSWORD}@"), 1);
+    assert!(ledger_url.contains(DB_PASSWORD), "{ledger_url}");
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("metrics.prom");
+    let sasl = [
+        ("TICKETFLOW__BROKER__KAFKA__SECURITY_PROTOCOL", "sasl_plaintext"),
+        ("TICKETFLOW__BROKER__KAFKA__SASL_MECHANISM", "PLAIN"),
+        ("TICKETFLOW_KAFKA_USERNAME", "ticketflow"),
+        ("TICKETFLOW_KAFKA_PASSWORD", SASL_PASSWORD),
+    ];
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ticketflow"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["process", "examples/tickets.jsonl", "--quiet", "--ledger", &ledger_url, "--metrics-file"])
+        .arg(&metrics)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .envs(mock_env(&base))
+        .envs(sasl)
+        .env("TICKETFLOW__DATABASE__PASSWORD", DB_PASSWORD)
+        .env("TICKETFLOW_LOG", "debug")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = tokio::process::Command::new(env!("CARGO_BIN_EXE_ticketflow"))
+        .arg("config")
+        .envs(mock_env(&base))
+        .envs(sasl)
+        .env("TICKETFLOW__DATABASE__URL", &ledger_url)
+        .env("TICKETFLOW__DATABASE__PASSWORD", DB_PASSWORD)
+        .output()
+        .await
+        .unwrap();
+    assert!(config.status.success(), "{}", String::from_utf8_lossy(&config.stderr));
+    let mut everything = vec![
+        ("process stdout", String::from_utf8_lossy(&out.stdout).into_owned()),
+        ("process logs", String::from_utf8_lossy(&out.stderr).into_owned()),
+        ("metrics", std::fs::read_to_string(&metrics).unwrap()),
+        ("config", String::from_utf8_lossy(&config.stdout).into_owned()),
+        ("config stderr", String::from_utf8_lossy(&config.stderr).into_owned()),
+    ];
+    for f in ["replies.jsonl", "costs.jsonl", "dead_letters.jsonl"] {
+        everything.push((f, std::fs::read_to_string(dir.path().join("out").join(f)).unwrap()));
+    }
+    assert!(everything[1].1.contains("DEBUG") && everything[1].1.lines().count() > 100, "debug logs were on");
+    assert!(everything[2].1.contains("ticketflow_tickets_total"), "metrics were written");
+    assert!(everything[3].1.contains("REDACTED"), "the config printout shows where secrets are");
+    for (what, text) in &everything {
+        for secret in [crate::providers::PLANTED_KEY, DB_PASSWORD, SASL_PASSWORD] {
+            assert!(!text.contains(secret), "{secret} leaked into {what}");
+        }
+    }
+    db.drop_db().await;
+}

@@ -282,14 +282,22 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Explain { input, compare, format } => {
             let settings = Arc::new(crate::policy::load(cli.config.as_deref()).map_err(config_failure)?);
             let other = compared_policy(cli.config.as_deref(), compare.as_deref())?;
-            let text = read_input(&input)?;
             require_keys(&settings)?;
+            let (mut reader, _) =
+                crate::intake::open_jsonl(&input).await.with_context(|| format!("cannot read {}", input.display()))?;
             let pipeline = Arc::new(crate::pipeline::Pipeline::for_explain(settings.clone())?);
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            crate::explain::run(pipeline, &settings, other.as_ref(), &text, format == ExplainFormat::Json, &mut out)
-                .await
-                .context("writing the report")?;
+            crate::explain::run(
+                pipeline,
+                &settings,
+                other.as_ref(),
+                &mut reader,
+                format == ExplainFormat::Json,
+                &mut out,
+            )
+            .await
+            .context("explain failed")?;
             std::io::Write::flush(&mut out).context("writing the report")?;
             Ok(())
         }

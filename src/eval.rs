@@ -75,8 +75,10 @@ pub struct PolicyReport {
     pub over_escalated: (u64, u64),
     /// The triage calls made (`--triage model`) plus each reply estimated on its
     /// route's first model.
+    #[serde(serialize_with = "crate::ticket::usd")]
     pub estimated_spend_usd: f64,
     /// One reply per answered ticket on the baseline model, estimated alike.
+    #[serde(serialize_with = "crate::ticket::usd")]
     pub estimated_baseline_usd: f64,
     /// Floors this policy missed, one line each.
     pub missed: Vec<String>,

@@ -31,9 +31,11 @@ pub struct PolicyRoute {
     pub reasons: Vec<String>,
     /// First model of the target tier's chain; `None` for a human handoff.
     pub reply_model: Option<String>,
+    #[serde(serialize_with = "crate::ticket::usd")]
     pub estimated_reply_usd: f64,
     /// The same reply on the baseline premium model (the all-premium baseline of an
     /// answered ticket); 0 for a human handoff.
+    #[serde(serialize_with = "crate::ticket::usd")]
     pub estimated_baseline_usd: f64,
 }
 
@@ -43,6 +45,7 @@ pub struct Explanation {
     pub ticket_id: String,
     pub signals: Signals,
     pub triage: crate::ticket::TriageView,
+    #[serde(serialize_with = "crate::ticket::usd")]
     pub triage_cost_usd: f64,
     pub route: PolicyRoute,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -96,7 +99,7 @@ pub async fn run(
     pipeline: Arc<Pipeline>,
     settings: &Settings,
     other: Option<&Settings>,
-    input: &str,
+    input: &mut (dyn tokio::io::AsyncBufRead + Unpin + Send),
     json: bool,
     out: &mut dyn Write,
 ) -> std::io::Result<()> {
@@ -104,13 +107,24 @@ pub async fn run(
     let other_prices = other.map(PriceTable::from_settings);
     let (mut tickets, mut rejected, mut differ) = (0usize, 0usize, 0usize);
     let (mut cost_a, mut cost_b) = (0.0f64, 0.0f64);
-    // Triage runs concurrently, a window of `limits.max_in_flight` tickets at a time;
-    // the report keeps the input order.
-    let lines: Vec<(usize, &str)> = input.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).collect();
-    for window in lines.chunks(settings.limits.max_in_flight.max(1)) {
-        let mut pending = Vec::with_capacity(window.len());
-        for (i, line) in window {
-            match intake::parse(line.as_bytes(), settings.limits.max_message_bytes) {
+    // Lines are read as they come (a line over `limits.max_message_bytes` is never
+    // held whole, one that is not UTF-8 is a rejected line like any other), and triage
+    // runs concurrently, a window of `limits.max_in_flight` tickets at a time; the
+    // report keeps the input order.
+    let (limit, window) = (settings.limits.max_message_bytes, settings.limits.max_in_flight.max(1));
+    let (mut line, mut line_no, mut more) = (Vec::new(), 0usize, true);
+    while more {
+        let mut pending = Vec::with_capacity(window);
+        while pending.len() < window {
+            let Some(read) = intake::read_line(input, limit, &mut line).await? else {
+                more = false;
+                break;
+            };
+            line_no += 1;
+            if intake::is_blank(&line, &read) {
+                continue;
+            }
+            match intake::parse_cut(&line, read.full_len_if_cut(&line), limit) {
                 Ok(ticket) => {
                     let pipeline = pipeline.clone();
                     pending.push(Ok(tokio::spawn(async move {
@@ -118,7 +132,7 @@ pub async fn run(
                         (ticket, signals, triage, unit.total_cost())
                     })));
                 }
-                Err(r) => pending.push(Err((i + 1, r))),
+                Err(r) => pending.push(Err((line_no, r))),
             }
         }
         for item in pending {

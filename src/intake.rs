@@ -268,6 +268,100 @@ fn hex4(b: &[u8], at: usize) -> Option<u32> {
     u32::from_str_radix(s, 16).ok()
 }
 
+/// [`parse`] for bytes that may have been cut short: `full_len` is the real length
+/// of a message kept only in part (see [`read_line`]), which is then `too_large`
+/// with its real size named.
+pub fn parse_cut(raw: &[u8], full_len: Option<u64>, max_message_bytes: usize) -> Result<Ticket, Rejection> {
+    match full_len {
+        Some(full) if full > max_message_bytes as u64 => {
+            Err(Rejection::new(ErrorKind::TooLarge, format!("message is {full} bytes, limit is {max_message_bytes}")))
+        }
+        _ => parse(raw, max_message_bytes),
+    }
+}
+
+/// A JSONL input: the file at `path`, or standard input for `-`, buffered, with its
+/// length in bytes when it is a file.
+pub async fn open_jsonl(
+    path: &std::path::Path,
+) -> std::io::Result<(Box<dyn tokio::io::AsyncBufRead + Unpin + Send>, Option<u64>)> {
+    const BUFFER: usize = 1 << 16;
+    if path == std::path::Path::new("-") {
+        return Ok((Box::new(tokio::io::BufReader::with_capacity(BUFFER, tokio::io::stdin())), None));
+    }
+    let file = tokio::fs::File::open(path).await?;
+    let len = file.metadata().await.ok().map(|m| m.len());
+    Ok((Box::new(tokio::io::BufReader::with_capacity(BUFFER, file)), len))
+}
+
+/// What [`read_line`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineRead {
+    /// The line's length without its line ending: more than the kept bytes when it
+    /// was cut at the limit.
+    pub full_len: u64,
+    /// Bytes taken from the input, line ending included.
+    pub consumed: u64,
+}
+
+impl LineRead {
+    /// Whether the line was longer than what was kept.
+    pub fn cut(&self, kept: &[u8]) -> bool {
+        self.full_len as usize > kept.len()
+    }
+
+    /// The real length of a line that was cut, for [`parse_cut`].
+    pub fn full_len_if_cut(&self, kept: &[u8]) -> Option<u64> {
+        self.cut(kept).then_some(self.full_len)
+    }
+}
+
+/// Reads the next line of a JSONL stream into `line` (cleared first), without its
+/// line ending (`\n` or `\r\n`). A line longer than `limit` bytes is never held
+/// whole: only its first `limit + 1` bytes are kept, enough for [`parse`] to call
+/// it `too_large`, and `full_len` tells its real length. `None` at the end of input.
+pub async fn read_line<R: tokio::io::AsyncBufRead + Unpin + ?Sized>(
+    reader: &mut R,
+    limit: usize,
+    line: &mut Vec<u8>,
+) -> std::io::Result<Option<LineRead>> {
+    use tokio::io::AsyncBufReadExt;
+    line.clear();
+    let (mut full_len, mut consumed, mut saw_any) = (0u64, 0u64, false);
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            break;
+        }
+        saw_any = true;
+        let (chunk, used, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], i + 1, true),
+            None => (buf, buf.len(), false),
+        };
+        full_len += chunk.len() as u64;
+        let room = (limit + 1).saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        reader.consume(used);
+        consumed += used as u64;
+        if done {
+            break;
+        }
+    }
+    if !saw_any {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\r') && full_len as usize == line.len() {
+        line.pop();
+        full_len -= 1;
+    }
+    Ok(Some(LineRead { full_len, consumed }))
+}
+
+/// Whether a line read by [`read_line`] is blank (skipped by every JSONL reader).
+pub fn is_blank(line: &[u8], read: &LineRead) -> bool {
+    !read.cut(line) && line.iter().all(u8::is_ascii_whitespace)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+use tokio::io::AsyncBufRead;
 
 use crate::backoff::Backoff;
 use crate::broker::files::FilePublisher;
@@ -86,15 +86,9 @@ pub async fn run(
     // a typo in the input path must not cost the previous run's outputs.
     let analyzer = Arc::new(Analyzer::new(&settings.triage));
     let providers = Providers::from_settings(&settings, analyzer.clone())?;
-    let (reader, total_bytes): (Box<dyn AsyncBufRead + Unpin + Send>, Option<u64>) = if opts.input == Path::new("-") {
-        (Box::new(BufReader::with_capacity(1 << 16, tokio::io::stdin())), None)
-    } else {
-        let file = tokio::fs::File::open(&opts.input)
-            .await
-            .map_err(|source| ProcessError::Input { path: opts.input.display().to_string(), source })?;
-        let len = file.metadata().await.ok().map(|m| m.len());
-        (Box::new(BufReader::with_capacity(1 << 16, file)), len)
-    };
+    let (reader, total_bytes) = intake::open_jsonl(&opts.input)
+        .await
+        .map_err(|source| ProcessError::Input { path: opts.input.display().to_string(), source })?;
     let topic = if opts.input == Path::new("-") { "stdin".to_owned() } else { opts.input.display().to_string() };
     let store: Arc<dyn Ledger> = if opts.postgres_ledger {
         Arc::new(PgLedger::connect(&settings.database).await?)
@@ -178,41 +172,13 @@ async fn feed(
 ) -> std::io::Result<()> {
     let mut line_no: i64 = 0;
     let mut line: Vec<u8> = Vec::new();
-    loop {
-        line.clear();
-        let mut full_len: u64 = 0;
-        let mut saw_any = false;
-        loop {
-            let buf = reader.fill_buf().await?;
-            if buf.is_empty() {
-                break;
-            }
-            saw_any = true;
-            let (chunk, consumed, done) = match buf.iter().position(|&b| b == b'\n') {
-                Some(i) => (&buf[..i], i + 1, true),
-                None => (buf, buf.len(), false),
-            };
-            full_len += chunk.len() as u64;
-            let room = (limit + 1).saturating_sub(line.len());
-            line.extend_from_slice(&chunk[..chunk.len().min(room)]);
-            reader.consume(consumed);
-            bytes_read.fetch_add(consumed as u64, Ordering::Relaxed);
-            if done {
-                break;
-            }
-        }
-        if !saw_any {
-            return Ok(());
-        }
+    while let Some(read) = intake::read_line(&mut reader, limit, &mut line).await? {
+        bytes_read.fetch_add(read.consumed, Ordering::Relaxed);
         line_no += 1;
-        if line.last() == Some(&b'\r') && full_len as usize == line.len() {
-            line.pop();
-            full_len -= 1;
-        }
-        if line.iter().all(u8::is_ascii_whitespace) && full_len as usize == line.len() {
+        if intake::is_blank(&line, &read) {
             continue;
         }
-        let cut = (full_len as usize > line.len()).then_some(full_len);
+        let cut = read.full_len_if_cut(&line);
         let message = Message {
             key: if cut.is_some() { None } else { intake::conversation_key(&line) },
             payload: Bytes::copy_from_slice(&line),
@@ -225,6 +191,7 @@ async fn feed(
             return Ok(());
         }
     }
+    Ok(())
 }
 
 /// Progress display: a bar on a terminal, otherwise a line every few seconds.

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::path::Path;
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+use tokio::io::AsyncBufRead;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
@@ -48,14 +48,9 @@ pub enum ProduceError {
 
 /// Publishes every valid ticket of `input` (`-` for standard input).
 pub async fn run(settings: &Settings, input: &Path) -> Result<ProduceReport, ProduceError> {
-    let reader: Box<dyn AsyncBufRead + Unpin + Send> = if input == Path::new("-") {
-        Box::new(BufReader::new(tokio::io::stdin()))
-    } else {
-        let file = tokio::fs::File::open(input)
-            .await
-            .map_err(|source| ProduceError::Input { path: input.display().to_string(), source })?;
-        Box::new(BufReader::new(file))
-    };
+    let (reader, _) = intake::open_jsonl(input)
+        .await
+        .map_err(|source| ProduceError::Input { path: input.display().to_string(), source })?;
     let topic = settings.broker.topics.input.clone();
     match settings.broker.kind {
         BrokerKind::Rabbitmq => {
@@ -162,19 +157,12 @@ async fn produce(
     let mut report = ProduceReport::default();
     let mut line = Vec::new();
     let mut line_no = 0u64;
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line).await.map_err(ProduceError::Read)? == 0 {
-            break;
-        }
+    while let Some(read) = intake::read_line(&mut reader, limit, &mut line).await.map_err(ProduceError::Read)? {
         line_no += 1;
-        while matches!(line.last(), Some(b'\n' | b'\r')) {
-            line.pop();
-        }
-        if line.iter().all(u8::is_ascii_whitespace) {
+        if intake::is_blank(&line, &read) {
             continue;
         }
-        let ticket = match intake::parse(&line, limit) {
+        let ticket = match intake::parse_cut(&line, read.full_len_if_cut(&line), limit) {
             Ok(ticket) => ticket,
             Err(rejection) => {
                 report.invalid.push(format!("line {line_no}: {}: {}", rejection.kind.as_str(), rejection.message));

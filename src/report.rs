@@ -18,7 +18,9 @@ use crate::ledger::LedgerError;
 pub struct Spend {
     pub key: String,
     pub calls: i64,
+    #[serde(serialize_with = "crate::ticket::usd")]
     pub cost_usd: f64,
+    #[serde(serialize_with = "crate::ticket::usd")]
     pub baseline_cost_usd: f64,
 }
 
@@ -28,6 +30,7 @@ pub struct Report {
     pub since: Option<DateTime<Utc>>,
     pub until: Option<DateTime<Utc>>,
     pub total: Spend,
+    #[serde(serialize_with = "crate::ticket::usd")]
     pub savings_usd: f64,
     pub savings_pct: f64,
     pub by_provider: Vec<Spend>,

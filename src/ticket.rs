@@ -137,11 +137,30 @@ pub struct Reply {
     pub triage: TriageView,
     pub route: RouteView,
     pub moderation: Option<ModerationView>,
+    #[serde(serialize_with = "usd")]
     pub cost_usd: f64,
     pub latency_ms: u64,
     pub metadata: Option<Box<RawValue>>,
     pub processed_at: String,
     pub worker_id: String,
+}
+
+/// Decimal places of every USD amount ticketflow writes: a ten-billionth of a
+/// dollar, finer than one token of the cheapest price (0.02 USD per million tokens is
+/// two hundred-millionths), and free of binary noise (`0.0000272`, never
+/// `0.000027200000000000004`). Outputs, the `report`, `explain` and `eval` JSON all
+/// round with it.
+pub const USD_DECIMALS: i32 = 10;
+
+/// `usd` rounded to [`USD_DECIMALS`].
+pub fn round_usd(usd: f64) -> f64 {
+    let scale = 10f64.powi(USD_DECIMALS);
+    (usd * scale).round() / scale
+}
+
+/// Serializes a USD amount rounded to [`USD_DECIMALS`] (`#[serde(serialize_with)]`).
+pub fn usd<S: serde::Serializer>(usd: &f64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(round_usd(*usd))
 }
 
 /// Which pipeline stage made a provider call.
@@ -191,6 +210,7 @@ pub struct CostRecord {
     /// can be re-priced from its own fields.
     pub cached_input_tokens: u64,
     pub output_tokens: u64,
+    #[serde(serialize_with = "usd")]
     pub cost_usd: f64,
     /// `pricing.pricing_version` of the price table that priced this call. Not in
     /// SPEC §3.3's example; added so that costs stay auditable across price changes.

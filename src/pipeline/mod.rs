@@ -205,15 +205,7 @@ impl Pipeline {
     }
 
     fn intake(&self, message: &Message) -> Result<Ticket, Rejection> {
-        let limit = self.settings.limits.max_message_bytes;
-        match message.full_len {
-            Some(full) if full > limit as u64 => Err(Rejection {
-                kind: ErrorKind::TooLarge,
-                message: format!("message is {full} bytes, limit is {limit}"),
-                ticket_id: None,
-            }),
-            _ => intake::parse(&message.payload, limit),
-        }
+        intake::parse_cut(&message.payload, message.full_len, self.settings.limits.max_message_bytes)
     }
 
     /// Records a dead letter that is no unit's outcome. Only an outage is an error:

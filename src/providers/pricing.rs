@@ -21,12 +21,17 @@ impl From<&ModelSettings> for Price {
 
 impl Price {
     /// Cost of `usage`: uncached input at the input price, cached input at the cached
-    /// price, output at the output price.
+    /// price, output at the output price; rounded to [`crate::ticket::USD_DECIMALS`],
+    /// so that what is recorded is what is published.
     pub fn cost(&self, usage: &Usage) -> f64 {
         let cached = usage.cached_input_tokens.min(usage.input_tokens);
         let uncached = usage.input_tokens - cached;
-        (uncached as f64 * self.input + cached as f64 * self.cached_input + usage.output_tokens as f64 * self.output)
-            / 1_000_000.0
+        crate::ticket::round_usd(
+            (uncached as f64 * self.input
+                + cached as f64 * self.cached_input
+                + usage.output_tokens as f64 * self.output)
+                / 1_000_000.0,
+        )
     }
 }
 

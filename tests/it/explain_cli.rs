@@ -97,3 +97,69 @@ fn compare_reports_the_routes_that_differ_and_both_costs() {
     assert!(report.contains(&format!("routes that differ: {differ} of")), "{report}");
     assert!(report.contains("compared route: premium via openai/gpt-4o"));
 }
+
+/// Peak RSS in KB and the stdout of `ticketflow explain --format json FILE`, under GNU
+/// time (as the benchmarks measure it).
+fn explain_measured(dir: &std::path::Path, input: &std::path::Path) -> (u64, Vec<Value>) {
+    let out = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "maxrss_kb %M"])
+        .arg(env!("CARGO_BIN_EXE_ticketflow"))
+        .args(["explain", "--format", "json", "--config"])
+        .arg(instant_config(dir))
+        .arg(input)
+        .output()
+        .expect("GNU time at /usr/bin/time");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let rss = err.lines().find_map(|l| l.strip_prefix("maxrss_kb ")).unwrap().trim().parse().unwrap();
+    (rss, String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect())
+}
+
+/// A line that is not UTF-8 and a line far over the size limit are each a rejected
+/// line, named with their line number; the lines around them are explained; and the
+/// oversized line is never held whole (its real size is still named).
+#[test]
+fn invalid_utf8_and_oversized_lines_are_rejected_lines_and_the_rest_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let examples = std::fs::read_to_string(repo_path("examples/tickets.jsonl")).unwrap();
+    let first: Vec<&str> = examples.lines().take(3).collect();
+    let small = dir.path().join("small.jsonl");
+    std::fs::write(&small, format!("{}\n{}\n", first[0], first[2])).unwrap();
+    let (small_rss, _) = explain_measured(dir.path(), &small);
+
+    let huge_text = "x".repeat(200 << 20);
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(first[0].as_bytes());
+    bytes.extend_from_slice(b"\n\xff\xfe{\"ticket_id\": \"T-BAD\"}\n");
+    bytes.extend_from_slice(
+        format!(
+            "{{\"ticket_id\": \"T-HUGE\", \"messages\": [{{\"role\": \"customer\", \"text\": \"{huge_text}\"}}]}}\n"
+        )
+        .as_bytes(),
+    );
+    bytes.extend_from_slice(first[2].as_bytes());
+    bytes.push(b'\n');
+    drop(huge_text);
+    let mixed = dir.path().join("mixed.jsonl");
+    std::fs::write(&mixed, &bytes).unwrap();
+    let huge_len = bytes.len() - first[0].len() - first[2].len() - 3 - b"\xff\xfe{\"ticket_id\": \"T-BAD\"}".len() - 1;
+    drop(bytes);
+    let (rss, lines) = explain_measured(dir.path(), &mixed);
+
+    let explained: Vec<&str> = lines.iter().filter_map(|l| l["ticket_id"].as_str()).collect();
+    assert_eq!(explained.len(), 2, "{explained:?}");
+    let rejected: Vec<(u64, &str, &str)> = lines
+        .iter()
+        .filter(|l| l.get("error").is_some())
+        .map(|l| {
+            (l["line"].as_u64().unwrap(), l["error"]["kind"].as_str().unwrap(), l["error"]["message"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(rejected.len(), 2, "{rejected:?}");
+    assert_eq!((rejected[0].0, rejected[0].1), (2, "invalid_encoding"));
+    assert_eq!((rejected[1].0, rejected[1].1), (3, "too_large"));
+    assert!(rejected[1].2.contains(&format!("message is {huge_len} bytes")), "{rejected:?}");
+    // A 200 MB line held whole would show in the peak RSS; streamed, it costs at most
+    // the size limit.
+    assert!(rss < small_rss + 50 * 1024, "peak RSS {rss} KB against {small_rss} KB for two small tickets");
+}

@@ -409,3 +409,56 @@ fn interrupt_stops_intake_and_leaves_only_complete_records() {
     assert!(out.replies.len() + out.dead_letters.len() <= examples.lines().count());
     assert_costs_add_up(&out);
 }
+
+/// Decimal places of a JSON number as written (`2.72e-5` has 7).
+fn decimals(number: &str) -> i32 {
+    let (mantissa, exponent) = match number.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i32>().unwrap()),
+        None => (number, 0),
+    };
+    let places = mantissa.split_once('.').map_or(0, |(_, f)| f.len() as i32);
+    (places - exponent).max(0)
+}
+
+/// Every USD amount written as JSON text in `text`: the values of keys ending in `usd`.
+fn usd_amounts(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, _) in text.match_indices("usd\":") {
+        let rest = &text[i + 5..];
+        let end = rest.find([',', '}', ']']).unwrap_or(rest.len());
+        let value = rest[..end].trim();
+        if value.starts_with(|c: char| c.is_ascii_digit() || c == '-') {
+            out.push(value.to_owned());
+        }
+    }
+    out
+}
+
+/// Money is written with at most `USD_DECIMALS` places everywhere: replies, cost
+/// records, `explain --format json` and `eval --format json` (no
+/// `0.000027200000000000004`), and the rounded amounts still add up.
+#[test]
+fn money_is_written_with_a_fixed_number_of_decimals_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let run = process(&repo_path("examples/tickets.jsonl"), &out_dir, &[]);
+    assert!(run.status.success());
+    let mut texts = Vec::new();
+    for file in ["replies.jsonl", "costs.jsonl"] {
+        texts.push((file.to_owned(), std::fs::read_to_string(out_dir.join(file)).unwrap()));
+    }
+    let explain =
+        bin().args(["explain", "--format", "json"]).arg(repo_path("examples/tickets.jsonl")).output().unwrap();
+    texts.push(("explain".into(), String::from_utf8(explain.stdout).unwrap()));
+    let eval =
+        bin().args(["eval", "--format", "json"]).arg(repo_path("tests/data/labelled_tickets.jsonl")).output().unwrap();
+    texts.push(("eval".into(), String::from_utf8(eval.stdout).unwrap()));
+    for (what, text) in &texts {
+        let amounts = usd_amounts(text);
+        assert!(!amounts.is_empty(), "{what}: no amounts found");
+        for a in amounts {
+            assert!(decimals(&a) <= ticketflow::ticket::USD_DECIMALS, "{what}: {a}");
+        }
+    }
+    assert_costs_add_up(&Outputs::read(&out_dir));
+}

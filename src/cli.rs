@@ -100,11 +100,13 @@ pub enum Command {
     },
     /// Validate the effective configuration and print it with secrets redacted.
     Config,
-    /// Creates the broker's input, output and dead-letter queues (RabbitMQ) when
-    /// missing; idempotent. Reports what it created and what already existed.
+    /// Creates the broker's input, output and dead-letter topics (Kafka) or queues and
+    /// exchanges (RabbitMQ) when missing; idempotent. Reports what it created and what
+    /// already existed.
     Topics,
-    /// Consumes the configured broker's input queue with the PostgreSQL ledger until
-    /// SIGTERM/SIGINT (RabbitMQ; a second signal stops at once).
+    /// Consumes the configured broker's input (Kafka or RabbitMQ) with the PostgreSQL
+    /// ledger, serving /metrics, /healthz and /readyz on `http.listen`, until
+    /// SIGTERM/SIGINT (a second signal stops at once).
     Worker {
         /// How long in-flight tickets may take after the first signal before they are
         /// handed back.
@@ -117,9 +119,9 @@ pub enum Command {
         /// JSONL file of tickets, or `-` for standard input.
         input: PathBuf,
     },
-    /// Moves dead letters back to the input queue (RabbitMQ). Each is acked in the
-    /// dead-letter queue only once its republish is confirmed; what does not match
-    /// stays there, in its order.
+    /// Moves dead letters back to the input (Kafka or RabbitMQ). Each leaves the
+    /// dead-letter topic or queue only once its republish is confirmed; what does not
+    /// match stays there, in its order.
     Replay {
         /// Only this error kind (repeatable, or comma-separated): too_large,
         /// invalid_encoding, invalid_json, invalid_ticket, providers_exhausted,

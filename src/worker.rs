@@ -119,9 +119,10 @@ async fn serve(
     let stop_background = CancellationToken::new();
     let _stop_background = stop_background.clone().drop_guard();
     tokio::spawn(watch_readiness(ledger, readiness.clone(), stop_background.clone()));
+    let mut serving = String::new();
     if let Some((listener, metrics)) = endpoints {
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+            serving = format!("; /metrics, /healthz and /readyz on http://{addr}");
         }
         tokio::spawn(crate::endpoints::serve(listener, metrics, readiness, stop_background.clone()));
     }
@@ -133,7 +134,18 @@ async fn serve(
         health,
         stats: stats.clone(),
     };
-    tracing::info!(input = %settings.broker.topics.input, worker_id = %settings.worker.id, "worker consuming");
+    crate::cli::say(
+        "INFO",
+        &format!(
+            "worker {} consuming `{}` on {}{serving} (SIGTERM/Ctrl-C stops intake and finishes what is in flight)",
+            settings.worker.id,
+            settings.broker.topics.input,
+            match settings.broker.kind {
+                BrokerKind::Rabbitmq => "RabbitMQ",
+                BrokerKind::Kafka => "Kafka",
+            }
+        ),
+    );
     dispatcher.run(source, shutdown).await?;
     Ok(stats)
 }

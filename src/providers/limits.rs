@@ -3,9 +3,10 @@
 //! corrected upward from reported usage).
 //!
 //! - Waiting is FIFO (one waiter at a time polls governor, the rest queue on a fair
-//!   mutex) and bounded by the ticket's deadline. The number of waiting calls is
-//!   bounded by the in-flight budget, so a throttled provider slows intake down
-//!   instead of piling up work.
+//!   mutex) and bounded by the caller's limit: the unit's hold less the time its call
+//!   still needs (`chain`; the wait moves the ticket's deadline, it does not use it
+//!   up). The number of waiting calls is bounded by the in-flight budget (admission),
+//!   so a throttled provider slows intake down instead of piling up work.
 //! - The GCRA burst is one request, and the rate keeps a small headroom below the
 //!   account limit, so no sliding 60-second window ever holds more than the limit.
 //! - A 429 from the provider pauses every call to it for the provider's retry-after

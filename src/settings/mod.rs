@@ -380,7 +380,9 @@ pub struct ProviderSettings {
     pub jitter_ms: u64,
     /// Simulated only: share of calls (0..1) that fail with a transient error.
     pub error_rate: f64,
-    /// Simulated only: words that trip the content filter (case-insensitive).
+    /// Words that trip the provider's content filter (case-insensitive): the
+    /// simulated kind refuses them; for every kind, `ticketflow config` warns about our
+    /// own prompts and policy texts that contain one.
     pub filter_words: Vec<String>,
     /// Simulated only: how a refusal looks.
     pub refusal_style: RefusalStyle,

@@ -16,4 +16,5 @@ mod pipeline;
 mod process_cli;
 mod providers;
 mod rabbitmq;
+mod readme;
 mod real_providers;

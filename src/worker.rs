@@ -13,6 +13,7 @@
 //! [`LEDGER_CHECK_INTERVAL`] so that readiness reports an outage nobody else noticed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::backoff::Backoff;
 use crate::broker::kafka::consume::KafkaSource;
@@ -24,10 +25,12 @@ use crate::broker::rabbitmq::RabbitError;
 use crate::broker::{BrokerError, Publisher, Source};
 use crate::dispatch::{DispatchConfig, Dispatcher, RetryPolicy, RunStats, Shutdown};
 use crate::endpoints::{Readiness, LEDGER_CHECK_INTERVAL};
+use crate::ledger::meeting::PgMeeting;
 use crate::ledger::postgres::PgLedger;
 use crate::ledger::resilient::{Health, Resilient};
 use crate::ledger::LedgerError;
 use crate::pipeline::Pipeline;
+use crate::providers::account::{Member, Timing};
 use crate::providers::admission::{admission_target, RateAdmission};
 use crate::providers::Providers;
 use crate::settings::{BrokerKind, Settings};
@@ -106,6 +109,7 @@ async fn serve(
     let analyzer = Arc::new(Analyzer::new(&settings.triage));
     let providers = Providers::from_settings(settings, analyzer.clone())?;
     let health = Health::new();
+    let pool = store.pool().clone();
     let ledger = Arc::new(Resilient::new(store, health.clone(), Backoff::default()));
     let pipeline = Arc::new(Pipeline::new(settings.clone(), analyzer, providers.clone(), ledger.clone(), publisher));
     let admission = Arc::new(RateAdmission::new(&providers, admission_target(settings)));
@@ -118,6 +122,14 @@ async fn serve(
     });
     let stop_background = CancellationToken::new();
     let _stop_background = stop_background.clone().drop_guard();
+    if settings.limits.account_heartbeat_ms > 0 {
+        // A member name of its own per process: two processes configured with the
+        // same worker id must not count as one.
+        let id = format!("{}#{:08x}", settings.worker.id, rand::random::<u32>());
+        let timing = Timing::every(Duration::from_millis(settings.limits.account_heartbeat_ms));
+        let meeting = Arc::new(PgMeeting::new(pool));
+        tokio::spawn(Member::new(&id, timing, meeting, &providers).run(stop_background.clone()));
+    }
     tokio::spawn(watch_readiness(ledger, readiness.clone(), stop_background.clone()));
     let mut serving = String::new();
     if let Some((listener, metrics)) = endpoints {

@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod connect;
+pub mod meeting;
 pub mod memory;
 pub mod postgres;
 pub mod resilient;

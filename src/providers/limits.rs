@@ -39,8 +39,20 @@ struct Limiters {
 
 struct Throttle {
     factor: f64,
+    /// This process's share (0..1) of the account's limits: 1 alone, set by the
+    /// account coordination of a worker (`providers::account`) among replicas.
+    share: f64,
     paused_until: Option<Instant>,
+    /// A pause caused by a 429 seen here, for the coordination to pass on to the
+    /// other replicas (taken once).
+    pause_to_share: Option<Instant>,
     last_change: Instant,
+}
+
+impl Throttle {
+    fn effective(&self) -> f64 {
+        self.factor * self.share
+    }
 }
 
 /// The limits of one provider.
@@ -54,6 +66,10 @@ pub struct ProviderLimits {
     /// Requests and estimated tokens asked for since start (admission's demand figures).
     requested: AtomicU64,
     tokens_requested: AtomicU64,
+    /// Calls waiting for a permit now.
+    waiting: AtomicU64,
+    /// Wakes the waiting calls when the limiter is replaced.
+    rebuilt: tokio::sync::Notify,
 }
 
 impl ProviderLimits {
@@ -67,10 +83,18 @@ impl ProviderLimits {
             requests_per_minute: rpm,
             tokens_per_minute: tpm,
             limiters: RwLock::new(Arc::new(build(rpm, tpm))),
-            throttle: Mutex::new(Throttle { factor: 1.0, paused_until: None, last_change: Instant::now() }),
+            throttle: Mutex::new(Throttle {
+                factor: 1.0,
+                share: 1.0,
+                paused_until: None,
+                pause_to_share: None,
+                last_change: Instant::now(),
+            }),
             turn: tokio::sync::Mutex::new(()),
             requested: AtomicU64::new(0),
             tokens_requested: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            rebuilt: tokio::sync::Notify::new(),
         }
     }
 
@@ -80,17 +104,30 @@ impl ProviderLimits {
         let started = Instant::now();
         self.requested.fetch_add(1, Ordering::Relaxed);
         self.tokens_requested.fetch_add(tokens, Ordering::Relaxed);
-        let _waiting = Waiting::new(&self.name);
+        let _waiting = Waiting::new(&self.name, &self.waiting);
         let wait = async {
             let _turn = self.turn.lock().await;
             if let Some(until) = self.paused_until() {
                 tokio::time::sleep_until(until.into()).await;
             }
-            let limiters = self.current();
-            limiters.requests.until_ready().await;
-            let n = clamp_tokens(tokens, limiters.token_burst);
-            // n never exceeds the burst, so capacity is always sufficient.
-            let _ = limiters.tokens.until_n_ready(n).await;
+            // A change of rate (a share, a 429) replaces the limiter: a call waiting
+            // on the old one starts again on the new one.
+            loop {
+                let rebuilt = self.rebuilt.notified();
+                tokio::pin!(rebuilt);
+                rebuilt.as_mut().enable();
+                let limiters = self.current();
+                let n = clamp_tokens(tokens, limiters.token_burst);
+                let permit = async {
+                    limiters.requests.until_ready().await;
+                    // n never exceeds the burst, so capacity is always sufficient.
+                    let _ = limiters.tokens.until_n_ready(n).await;
+                };
+                tokio::select! {
+                    _ = permit => break,
+                    _ = rebuilt => {}
+                }
+            }
         };
         match tokio::time::timeout_at(deadline.into(), wait).await {
             Ok(()) => Ok(started.elapsed()),
@@ -113,13 +150,56 @@ impl ProviderLimits {
         let pause = retry_after.unwrap_or(DEFAULT_PAUSE);
         let until = Instant::now() + pause;
         t.paused_until = Some(t.paused_until.map_or(until, |u| u.max(until)));
+        t.pause_to_share = t.paused_until;
         let factor = (t.factor / 2.0).max(MIN_FACTOR);
         if factor < t.factor {
             t.factor = factor;
             t.last_change = Instant::now();
-            self.rebuild(factor);
+            self.rebuild(t.effective());
             tracing::warn!(provider = %self.name, factor, pause_ms = pause.as_millis() as u64, "provider rate limited us; lowering our rate");
         }
+    }
+
+    /// Pauses every call until `until` (a 429 another replica saw).
+    pub fn pause_until(&self, until: Instant) {
+        if let Ok(mut t) = self.throttle.lock() {
+            if t.paused_until.is_none_or(|u| u < until) {
+                t.paused_until = Some(until);
+            }
+        }
+    }
+
+    /// The end of a pause a 429 caused here, once, for the other replicas.
+    pub fn take_pause_to_share(&self) -> Option<Instant> {
+        self.throttle.lock().ok()?.pause_to_share.take()
+    }
+
+    /// This process's share of the account's limits.
+    pub fn share(&self) -> f64 {
+        self.throttle.lock().map(|t| t.share).unwrap_or(1.0)
+    }
+
+    /// Sets this process's share of the account's limits (0..1). The limiter is
+    /// rebuilt empty, so a change never lets a burst through.
+    pub fn set_share(&self, share: f64) {
+        let Ok(mut t) = self.throttle.lock() else { return };
+        let share = share.clamp(0.0, 1.0);
+        if (share - t.share).abs() < f64::EPSILON {
+            return;
+        }
+        t.share = share;
+        self.rebuild(t.effective());
+    }
+
+    /// Requests per second the configured limit allows (less the headroom), whatever
+    /// the share or throttling.
+    pub fn requests_per_second_configured(&self) -> f64 {
+        self.requests_per_minute / 60.0
+    }
+
+    /// Calls waiting for a permit now.
+    pub fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Requests asked for since start, and their estimated tokens.
@@ -131,7 +211,7 @@ impl ProviderLimits {
     /// rate at the average call size seen so far, whichever is lower; lowered while a
     /// 429 has us throttled.
     pub fn requests_per_second(&self) -> f64 {
-        let factor = self.throttle.lock().map(|t| t.factor).unwrap_or(1.0);
+        let factor = self.throttle.lock().map(|t| t.effective()).unwrap_or(1.0);
         let (requests, tokens) = self.requested();
         let by_requests = self.requests_per_minute * factor / 60.0;
         if requests == 0 || tokens == 0 {
@@ -153,7 +233,7 @@ impl ProviderLimits {
         if t.factor < 1.0 && now.duration_since(t.last_change) >= RECOVERY_INTERVAL {
             t.factor = (t.factor * 2.0).min(1.0);
             t.last_change = now;
-            self.rebuild(t.factor);
+            self.rebuild(t.effective());
             tracing::info!(provider = %self.name, factor = t.factor, "provider recovered; raising our rate");
         }
         t.paused_until.filter(|u| *u > now)
@@ -166,28 +246,36 @@ impl ProviderLimits {
         }
     }
 
+    /// A new limiter at `factor` of the configured rates, with its one-request burst
+    /// already spent: the first call after a change waits a full interval, so no
+    /// change of rate lets more through than the new rate allows.
     fn rebuild(&self, factor: f64) {
-        let fresh = Arc::new(build(self.requests_per_minute * factor, self.tokens_per_minute * factor));
+        let fresh = build(self.requests_per_minute * factor, self.tokens_per_minute * factor);
+        let _ = fresh.requests.check();
+        let fresh = Arc::new(fresh);
         match self.limiters.write() {
             Ok(mut l) => *l = fresh,
             Err(poisoned) => *poisoned.into_inner() = fresh,
         }
+        self.rebuilt.notify_waiters();
     }
 }
 
-/// Counts a call in the provider's waiting gauge for as long as it waits (a wait
-/// given up at the deadline or cancelled with its ticket included).
-struct Waiting<'a>(&'a str);
+/// Counts a call as waiting (the provider's count and its gauge) for as long as it
+/// waits (a wait given up at the deadline or cancelled with its ticket included).
+struct Waiting<'a>(&'a str, &'a AtomicU64);
 
 impl<'a> Waiting<'a> {
-    fn new(provider: &'a str) -> Self {
+    fn new(provider: &'a str, count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
         crate::telemetry::limiter_waiting(provider, 1.0);
-        Waiting(provider)
+        Waiting(provider, count)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
+        self.1.fetch_sub(1, Ordering::Relaxed);
         crate::telemetry::limiter_waiting(self.0, -1.0);
     }
 }
@@ -230,6 +318,25 @@ mod tests {
         }
         let elapsed = started.elapsed();
         assert!(elapsed >= Duration::from_millis(240), "5 gaps of 50 ms, got {elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_call_waiting_when_its_share_rises_goes_at_the_new_rate() {
+        // 60 requests per minute with no share: nothing would pass for hours.
+        let l = Arc::new(ProviderLimits::new("p", 60, 10_000_000, 0.0));
+        l.set_share(0.0);
+        let waiter = {
+            let l = l.clone();
+            tokio::spawn(async move { l.acquire(1, Instant::now() + Duration::from_secs(30)).await })
+        };
+        while l.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let raised = Instant::now();
+        l.set_share(1.0);
+        // The new limiter starts empty: one interval (1 s at 60 per minute).
+        waiter.await.unwrap().unwrap();
+        assert!(raised.elapsed() < Duration::from_secs(3), "waited {:?} after the raise", raised.elapsed());
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 //! - [`chain`]: a model chain with retries, backoff and failover.
 //! - [`admission`]: how many tickets the rate limits can serve in flight.
 
+pub mod account;
 pub mod admission;
 pub mod anthropic;
 pub mod breaker;
@@ -108,7 +109,7 @@ pub trait Provider: Send + Sync {
 pub struct ProviderHandle {
     pub adapter: Arc<dyn Provider>,
     /// `None` for the simulated kind, which has no account to protect.
-    pub limits: Option<limits::ProviderLimits>,
+    pub limits: Option<Arc<limits::ProviderLimits>>,
     pub breaker: breaker::Breaker,
 }
 
@@ -171,7 +172,7 @@ impl Providers {
     fn handle(
         name: &str,
         adapter: Arc<dyn Provider>,
-        limits: Option<limits::ProviderLimits>,
+        limits: Option<Arc<limits::ProviderLimits>>,
         s: &Settings,
     ) -> ProviderHandle {
         let breaker =
@@ -198,8 +199,13 @@ pub fn missing_keys(settings: &Settings) -> Vec<String> {
         .collect()
 }
 
-fn limits_for(name: &str, p: &ProviderSettings, s: &Settings) -> limits::ProviderLimits {
-    limits::ProviderLimits::new(name, p.requests_per_minute, p.tokens_per_minute, s.limits.rate_limit_headroom)
+fn limits_for(name: &str, p: &ProviderSettings, s: &Settings) -> Arc<limits::ProviderLimits> {
+    Arc::new(limits::ProviderLimits::new(
+        name,
+        p.requests_per_minute,
+        p.tokens_per_minute,
+        s.limits.rate_limit_headroom,
+    ))
 }
 
 /// Rough token count for text without a tokenizer: about four Latin characters per

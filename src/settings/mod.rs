@@ -115,6 +115,10 @@ pub struct Limits {
     /// Share (0..0.5) of each provider's rate limits left unused, absorbing clock and
     /// network jitter so the provider never sees more than its limit.
     pub rate_limit_headroom: f64,
+    /// How often worker replicas meet in the ledger's database to divide each
+    /// provider's limits among them (milliseconds); 0: each process keeps the whole
+    /// limits (one replica only).
+    pub account_heartbeat_ms: u64,
     /// Failed attempts at one message (for reasons other than a database or broker
     /// outage) after which it becomes an `internal` dead letter.
     pub max_delivery_attempts: u32,

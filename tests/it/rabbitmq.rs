@@ -967,3 +967,84 @@ async fn the_worker_serves_metrics_matching_its_outputs_and_readiness_follows_th
         replies.iter().filter(|r| r["latency_ms"].is_u64()).count()
     }
 }
+
+/// Issue 14: three worker processes share one provider account limited to 600
+/// requests per sliding minute (enforced by the mock provider), far below what they
+/// are fed. The sum of the replicas stays under the limit: no 429, no 60-second
+/// window over it; and the limit is used: at least 90% of it once the replicas have
+/// met.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
+    const RPM: u32 = 600;
+    const TICKETS: usize = 1200;
+    crate::providers::plant_key();
+    let mut mock = ticketflow::mock_provider::MockConfig::default();
+    mock.providers.get_mut("mistral").unwrap().requests_per_minute = RPM;
+    let (base, server) = ticketflow::mock_provider::spawn(mock).await.unwrap();
+    let names = Names::new();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    // Every ticket is answered on the cheap tier, which is Mistral alone here.
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str(
+        "[tiers.cheap]\nchain = [\"mistral/mistral-small-latest\"]\nbypass_chain = [\"openai/gpt-4o-mini\"]\n",
+    );
+    std::fs::write(&config, toml).unwrap();
+    let tickets: String = (0..TICKETS)
+        .map(|i| {
+            serde_json::json!({"ticket_id": format!("S-{i}"), "messages": [{"role": "customer", "text": format!("Where is my order {i}? It has not arrived.")}]})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    crate::helpers::produce_stdin(names.env(), &tickets);
+    let mut env: Vec<(String, String)> = crate::real_providers::mock_env(&base);
+    env.push(("TICKETFLOW__PROVIDERS__MISTRAL__REQUESTS_PER_MINUTE".into(), RPM.to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let workers: Vec<Worker> = (0..3).map(|_| start_worker_with(&names, &db.url, &config, &env)).collect();
+    let started = std::time::Instant::now();
+    let mistral = || server.stats().providers["mistral"];
+    // The replicas meet within a few heartbeats; measure a stretch after that.
+    wait_until("the first Mistral answers", async || mistral().ok > 0).await;
+    let settle = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    let (from, from_at) = (mistral().requests, std::time::Instant::now());
+    // Over a minute: the mock's sliding 60-second window is then filled by the
+    // replicas at full demand.
+    tokio::time::sleep(std::time::Duration::from_secs(62)).await;
+    let (to, to_at) = (mistral().requests, std::time::Instant::now());
+    let conn = connect().await;
+    // Prefetched tickets are not ready in the queue: count the answered ones.
+    let answered = ready(&conn, &names.queue("replies")).await as usize;
+    assert!(answered < TICKETS, "demand lasted the whole measurement ({answered} answered)");
+    for worker in workers {
+        let (status, said) = stop_worker(worker);
+        assert!(status.success(), "{said}");
+    }
+    let stats = mistral();
+    let rate = (to - from) as f64 / (to_at - from_at).as_secs_f64();
+    let limit = f64::from(RPM) / 60.0;
+    eprintln!(
+        "3 replicas at {RPM} rpm: {:.2} requests/s ({:.0}% of the limit), max {} in any 60 s, {} 429s; first answer after {:?}",
+        rate,
+        rate / limit * 100.0,
+        stats.max_requests_in_any_60s,
+        stats.rate_limited,
+        settle - started
+    );
+    assert_eq!(stats.rate_limited, 0, "the account saw a 429");
+    // No ticket died of waiting for a share, and every answer came from Mistral.
+    let dead = take_all(&conn, &names.queue("dlq")).await;
+    assert!(dead.is_empty(), "{} dead letters, first: {:?}", dead.len(), dead.first());
+    let replies = take_all(&conn, &names.queue("replies")).await;
+    assert!(replies.iter().all(|r| r["route"]["provider"] == "mistral"), "an answer came from elsewhere");
+    assert!(
+        stats.max_requests_in_any_60s <= u64::from(RPM),
+        "{} requests in a 60-second window",
+        stats.max_requests_in_any_60s
+    );
+    assert!(rate >= 0.9 * limit, "{rate:.2} requests/s used of {limit:.2}");
+    names.delete(&conn).await;
+    db.drop_db().await;
+}

@@ -1,0 +1,21 @@
+-- Account-wide rate limits: every worker process (a member) heartbeats, per provider,
+-- the demand it sees and the share of the account's limits it uses. Each member
+-- reads the live rows and computes the same division of the limits; rows of members
+-- that stopped heartbeating are ignored, then deleted.
+CREATE TABLE limit_members (
+    member   text NOT NULL,
+    provider text NOT NULL,
+    -- Requests per second this member would make: its recent rate plus its backlog.
+    demand   double precision NOT NULL,
+    -- The share of the provider's limits (0..1) this member enforces now.
+    share    double precision NOT NULL,
+    seen_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (member, provider)
+);
+CREATE INDEX limit_members_seen ON limit_members (provider, seen_at);
+
+-- A provider's 429 pauses the account: the retry-after one member saw, for all.
+CREATE TABLE limit_pauses (
+    provider text PRIMARY KEY,
+    until    timestamptz NOT NULL
+);

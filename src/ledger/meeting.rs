@@ -1,0 +1,83 @@
+//! Where worker replicas divide their accounts' rate limits
+//! ([`crate::providers::account`]): the `limit_members` and `limit_pauses` tables of
+//! the ledger's database. The database's clock decides who is live, so the members'
+//! clocks need not agree.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::Pool;
+
+use super::postgres::classify;
+use super::LedgerError;
+use crate::providers::account::{Meeting, Report, Snapshot};
+
+/// Rows of members gone this long are deleted (they stopped being counted long before).
+const FORGET_AFTER_SECS: f64 = 600.0;
+
+const UPSERT: &str = "INSERT INTO limit_members (member, provider, demand, share, seen_at) \
+     SELECT $1, p, d, s, now() FROM unnest($2::text[], $3::float8[], $4::float8[]) AS t(p, d, s) \
+     ON CONFLICT (member, provider) DO UPDATE \
+     SET demand = EXCLUDED.demand, share = EXCLUDED.share, seen_at = now()";
+const PAUSE: &str = "INSERT INTO limit_pauses (provider, until) \
+     SELECT p, now() + make_interval(secs => s) FROM unnest($1::text[], $2::float8[]) AS t(p, s) \
+     ON CONFLICT (provider) DO UPDATE SET until = greatest(limit_pauses.until, EXCLUDED.until)";
+const LIVE: &str = "SELECT provider, member, demand FROM limit_members \
+     WHERE seen_at > now() - make_interval(secs => $1) ORDER BY provider, member";
+const PAUSES: &str = "SELECT provider, extract(epoch FROM until - now())::float8 FROM limit_pauses WHERE until > now()";
+const FORGET: &str = "DELETE FROM limit_members WHERE seen_at < now() - make_interval(secs => $1)";
+const LEAVE: &str = "DELETE FROM limit_members WHERE member = $1";
+
+/// The division's tables in the ledger's database.
+pub struct PgMeeting {
+    pool: Pool,
+}
+
+impl PgMeeting {
+    pub fn new(pool: Pool) -> Self {
+        PgMeeting { pool }
+    }
+}
+
+#[async_trait]
+impl Meeting for PgMeeting {
+    async fn heartbeat(
+        &self,
+        member: &str,
+        reports: &[Report],
+        pauses: &[(String, Duration)],
+        live_for: Duration,
+    ) -> Result<Snapshot, LedgerError> {
+        let client = self.pool.get().await.map_err(classify)?;
+        let providers: Vec<&str> = reports.iter().map(|r| r.provider.as_str()).collect();
+        let demands: Vec<f64> = reports.iter().map(|r| r.demand).collect();
+        let shares: Vec<f64> = reports.iter().map(|r| r.share).collect();
+        let upsert = client.prepare_cached(UPSERT).await.map_err(classify)?;
+        client.execute(&upsert, &[&member, &providers, &demands, &shares]).await.map_err(classify)?;
+        if !pauses.is_empty() {
+            let names: Vec<&str> = pauses.iter().map(|(p, _)| p.as_str()).collect();
+            let secs: Vec<f64> = pauses.iter().map(|(_, d)| d.as_secs_f64()).collect();
+            let pause = client.prepare_cached(PAUSE).await.map_err(classify)?;
+            client.execute(&pause, &[&names, &secs]).await.map_err(classify)?;
+        }
+        let live = client.prepare_cached(LIVE).await.map_err(classify)?;
+        let mut snapshot = Snapshot::default();
+        for row in client.query(&live, &[&live_for.as_secs_f64()]).await.map_err(classify)? {
+            snapshot.demands.entry(row.get(0)).or_default().push((row.get(1), row.get(2)));
+        }
+        let paused = client.prepare_cached(PAUSES).await.map_err(classify)?;
+        for row in client.query(&paused, &[]).await.map_err(classify)? {
+            let secs: f64 = row.get(1);
+            snapshot.pauses.insert(row.get(0), Duration::from_secs_f64(secs.max(0.0)));
+        }
+        let forget = client.prepare_cached(FORGET).await.map_err(classify)?;
+        client.execute(&forget, &[&FORGET_AFTER_SECS]).await.map_err(classify)?;
+        Ok(snapshot)
+    }
+
+    async fn leave(&self, member: &str) -> Result<(), LedgerError> {
+        let client = self.pool.get().await.map_err(classify)?;
+        client.execute(LEAVE, &[&member]).await.map_err(classify)?;
+        Ok(())
+    }
+}

@@ -7,12 +7,13 @@ CREATE TABLE limit_members (
     provider text NOT NULL,
     -- Requests per second this member would make: its recent rate plus its backlog.
     demand   double precision NOT NULL,
-    -- The share of the provider's limits (0..1) this member enforces now.
+    -- The most of the provider's limits (0..1) this member may enforce until its next
+    -- heartbeat: its share in force, or a raise it is about to make. The others never
+    -- raise into it.
     share    double precision NOT NULL,
     seen_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (member, provider)
 );
-CREATE INDEX limit_members_seen ON limit_members (provider, seen_at);
 
 -- A provider's 429 pauses the account: the retry-after one member saw, for all.
 CREATE TABLE limit_pauses (

@@ -10,10 +10,11 @@ use deadpool_postgres::Pool;
 
 use super::postgres::classify;
 use super::LedgerError;
-use crate::providers::account::{Meeting, Report, Snapshot};
+use crate::providers::account::{Meeting, Report, Seen, Snapshot};
 
-/// Rows of members gone this long are deleted (they stopped being counted long before).
-const FORGET_AFTER_SECS: f64 = 600.0;
+/// Rows of members gone this long (or twice the live window, if longer) are deleted:
+/// they stopped being counted long before.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
 
 const UPSERT: &str = "INSERT INTO limit_members (member, provider, demand, share, seen_at) \
      SELECT $1, p, d, s, now() FROM unnest($2::text[], $3::float8[], $4::float8[]) AS t(p, d, s) \
@@ -22,7 +23,7 @@ const UPSERT: &str = "INSERT INTO limit_members (member, provider, demand, share
 const PAUSE: &str = "INSERT INTO limit_pauses (provider, until) \
      SELECT p, now() + make_interval(secs => s) FROM unnest($1::text[], $2::float8[]) AS t(p, s) \
      ON CONFLICT (provider) DO UPDATE SET until = greatest(limit_pauses.until, EXCLUDED.until)";
-const LIVE: &str = "SELECT provider, member, demand FROM limit_members \
+const LIVE: &str = "SELECT provider, member, demand, share FROM limit_members \
      WHERE seen_at > now() - make_interval(secs => $1) ORDER BY provider, member";
 const PAUSES: &str = "SELECT provider, extract(epoch FROM until - now())::float8 FROM limit_pauses WHERE until > now()";
 const FORGET: &str = "DELETE FROM limit_members WHERE seen_at < now() - make_interval(secs => $1)";
@@ -51,9 +52,9 @@ impl Meeting for PgMeeting {
         let client = self.pool.get().await.map_err(classify)?;
         let providers: Vec<&str> = reports.iter().map(|r| r.provider.as_str()).collect();
         let demands: Vec<f64> = reports.iter().map(|r| r.demand).collect();
-        let shares: Vec<f64> = reports.iter().map(|r| r.share).collect();
+        let claims: Vec<f64> = reports.iter().map(|r| r.claim).collect();
         let upsert = client.prepare_cached(UPSERT).await.map_err(classify)?;
-        client.execute(&upsert, &[&member, &providers, &demands, &shares]).await.map_err(classify)?;
+        client.execute(&upsert, &[&member, &providers, &demands, &claims]).await.map_err(classify)?;
         if !pauses.is_empty() {
             let names: Vec<&str> = pauses.iter().map(|(p, _)| p.as_str()).collect();
             let secs: Vec<f64> = pauses.iter().map(|(_, d)| d.as_secs_f64()).collect();
@@ -63,7 +64,8 @@ impl Meeting for PgMeeting {
         let live = client.prepare_cached(LIVE).await.map_err(classify)?;
         let mut snapshot = Snapshot::default();
         for row in client.query(&live, &[&live_for.as_secs_f64()]).await.map_err(classify)? {
-            snapshot.demands.entry(row.get(0)).or_default().push((row.get(1), row.get(2)));
+            let seen = Seen { member: row.get(1), demand: row.get(2), claim: row.get(3) };
+            snapshot.members.entry(row.get(0)).or_default().push(seen);
         }
         let paused = client.prepare_cached(PAUSES).await.map_err(classify)?;
         for row in client.query(&paused, &[]).await.map_err(classify)? {
@@ -71,7 +73,8 @@ impl Meeting for PgMeeting {
             snapshot.pauses.insert(row.get(0), Duration::from_secs_f64(secs.max(0.0)));
         }
         let forget = client.prepare_cached(FORGET).await.map_err(classify)?;
-        client.execute(&forget, &[&FORGET_AFTER_SECS]).await.map_err(classify)?;
+        let forget_after = FORGET_AFTER.max(live_for * 2).as_secs_f64();
+        client.execute(&forget, &[&forget_after]).await.map_err(classify)?;
         Ok(snapshot)
     }
 

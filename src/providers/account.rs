@@ -11,9 +11,12 @@
 //!   account while the others idle.
 //! - governor stays the enforcer in each process; only its quota changes
 //!   ([`ProviderLimits::set_share`]).
-//! - A member lowers its share at once and raises it only after two heartbeats: by
-//!   then every other member has seen the same rows and lowered its own, so the sum
-//!   of the shares in force never exceeds the limit while they move.
+//! - A member lowers its share at once and raises it only after two heartbeats, and
+//!   never above what the others leave unclaimed: each row carries the member's claim
+//!   (its share, or the raise it is about to make), and a member raises only to what
+//!   it claimed itself and one minus the others' claims. Of two members that
+//!   heartbeat, at least one reads the other's new claim (each writes before it
+//!   reads), so the shares in force never sum above the limit, whatever the timing.
 //! - A member that stops heartbeating (killed, cut off) is dropped from the division
 //!   after three heartbeats, and its share goes to the others two heartbeats later. A
 //!   member that cannot reach the database keeps its share only as long as the
@@ -54,8 +57,12 @@ impl Timing {
         Timing { heartbeat, live_for: heartbeat * 3, raise_after: heartbeat * 2 }
     }
 }
-/// Smallest change of share worth a new limiter (each change costs one interval).
-const MIN_CHANGE: f64 = 0.01;
+/// Shares are multiples of this (rounded down), so that members never hold a sliver
+/// above what the division gave them.
+const STEP: f64 = 0.001;
+/// Smallest raise worth a new limiter (each change costs one interval); a raise from
+/// nothing and every lowering are always made.
+const MIN_RAISE: f64 = 0.01;
 
 /// What a member says about one provider.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,15 +70,24 @@ pub struct Report {
     pub provider: String,
     /// Requests per second it would make: recent rate plus backlog.
     pub demand: f64,
-    /// The share it enforces now.
-    pub share: f64,
+    /// The most it may enforce until its next heartbeat: its share in force, or the
+    /// raise it is waiting to make if higher. The others never raise into it.
+    pub claim: f64,
+}
+
+/// A live member's row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen {
+    pub member: String,
+    pub demand: f64,
+    pub claim: f64,
 }
 
 /// The live members' rows and the pauses in force, as of one heartbeat.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
-    /// provider -> (member, demand), for members seen within [`LIVE_FOR`].
-    pub demands: BTreeMap<String, Vec<(String, f64)>>,
+    /// provider -> the rows of the members seen within `live_for`.
+    pub members: BTreeMap<String, Vec<Seen>>,
     /// provider -> how long its pause still lasts.
     pub pauses: BTreeMap<String, Duration>,
 }
@@ -132,6 +148,8 @@ struct Seat {
     asked_before: u64,
     /// A raise not yet in force: the lowest target seen since, and since when.
     raise: Option<(f64, Instant)>,
+    /// What this member claimed in its latest report.
+    claimed: f64,
 }
 
 /// This process as a member of its account's division.
@@ -159,6 +177,7 @@ impl Member {
                     asked_before: limits.requested().0,
                     limits,
                     raise: None,
+                    claimed: 0.0,
                 })
             })
             .collect();
@@ -196,22 +215,34 @@ impl Member {
             let rate = asked.saturating_sub(seat.asked_before) as f64 / elapsed.as_secs_f64();
             seat.asked_before = asked;
             let backlog = seat.limits.waiting() as f64 / self.timing.heartbeat.as_secs_f64();
-            reports.push(Report { provider: seat.name.clone(), demand: rate + backlog, share: seat.limits.share() });
+            let pending = seat.raise.map_or(0.0, |(lowest, _)| lowest);
+            seat.claimed = seat.limits.share().max(pending);
+            reports.push(Report { provider: seat.name.clone(), demand: rate + backlog, claim: seat.claimed });
             if let Some(until) = seat.limits.take_pause_to_share() {
-                pauses.push((seat.name.clone(), until.saturating_duration_since(Instant::now())));
+                pauses.push((seat.name.clone(), until));
             }
         }
+        let shared: Vec<(String, Duration)> =
+            pauses.iter().map(|(p, until)| (p.clone(), until.saturating_duration_since(Instant::now()))).collect();
         let t = self.timing;
         let heard =
-            tokio::time::timeout(t.heartbeat, self.meeting.heartbeat(&self.id, &reports, &pauses, t.live_for)).await;
-        match heard {
+            tokio::time::timeout(t.heartbeat, self.meeting.heartbeat(&self.id, &reports, &shared, t.live_for)).await;
+        let error = match heard {
             Ok(Ok(snapshot)) => {
                 self.last_heard = Some(Instant::now());
                 self.apply(&snapshot);
+                return;
             }
-            Ok(Err(e)) => self.unheard(&e.to_string()),
-            Err(_) => self.unheard("no answer within a heartbeat"),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within a heartbeat".to_owned(),
+        };
+        // The pauses go out with the next heartbeat that is heard.
+        for (provider, until) in pauses {
+            if let Some(seat) = self.seats.iter().find(|s| s.name == provider) {
+                seat.limits.share_pause_again(until);
+            }
         }
+        self.unheard(&error);
     }
 
     fn apply(&mut self, snapshot: &Snapshot) {
@@ -220,14 +251,15 @@ impl Member {
             if let Some(pause) = snapshot.pauses.get(&seat.name) {
                 seat.limits.pause_until(now + *pause);
             }
-            let members = snapshot.demands.get(&seat.name).map(Vec::as_slice).unwrap_or(&[]);
-            let demands: Vec<f64> = members.iter().map(|(_, d)| *d).collect();
+            let members = snapshot.members.get(&seat.name).map(Vec::as_slice).unwrap_or(&[]);
+            let demands: Vec<f64> = members.iter().map(|m| m.demand).collect();
             let shares = divide(seat.limit, &demands);
-            let target = members.iter().zip(&shares).find(|((m, _), _)| *m == self.id).map_or(0.0, |(_, s)| *s);
+            let target = members.iter().zip(&shares).find(|(m, _)| m.member == self.id).map_or(0.0, |(_, s)| *s);
+            let target = (target / STEP).floor() * STEP;
             let current = seat.limits.share();
             if target <= current {
                 seat.raise = None;
-                if current - target >= MIN_CHANGE || target == 0.0 {
+                if target < current {
                     seat.limits.set_share(target);
                 }
                 continue;
@@ -236,14 +268,19 @@ impl Member {
                 Some((lowest, since)) => (lowest.min(target), since),
                 None => (target, now),
             };
-            if now.duration_since(since) >= self.timing.raise_after {
-                if lowest - current >= MIN_CHANGE {
-                    seat.limits.set_share(lowest);
-                }
-                seat.raise = None;
-            } else {
+            if now.duration_since(since) < self.timing.raise_after {
                 seat.raise = Some((lowest, since));
+                continue;
             }
+            // Never into what the others claim, never above this member's own claim.
+            let others: f64 = members.iter().filter(|m| m.member != self.id).map(|m| m.claim).sum();
+            let room = ((1.0 - others).max(0.0) / STEP).floor() * STEP;
+            let to = lowest.min(room).min(seat.claimed);
+            if to > current && (to - current >= MIN_RAISE || current == 0.0) {
+                seat.limits.set_share(to);
+            }
+            // Not all of it yet: claim the rest with the next report.
+            seat.raise = (to < lowest).then_some((lowest, since));
         }
     }
 

@@ -107,15 +107,20 @@ impl ProviderLimits {
         let _waiting = Waiting::new(&self.name, &self.waiting);
         let wait = async {
             let _turn = self.turn.lock().await;
-            if let Some(until) = self.paused_until() {
-                tokio::time::sleep_until(until.into()).await;
-            }
-            // A change of rate (a share, a 429) replaces the limiter: a call waiting
-            // on the old one starts again on the new one.
+            // A change of rate (a share, a 429) replaces the limiter and a pause may
+            // begin (a 429 here or at another replica): a call waiting on the old
+            // limiter starts again, pause first.
             loop {
                 let rebuilt = self.rebuilt.notified();
                 tokio::pin!(rebuilt);
                 rebuilt.as_mut().enable();
+                if let Some(until) = self.paused_until() {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until.into()) => {}
+                        _ = rebuilt => {}
+                    }
+                    continue;
+                }
                 let limiters = self.current();
                 let n = clamp_tokens(tokens, limiters.token_burst);
                 let permit = async {
@@ -151,6 +156,7 @@ impl ProviderLimits {
         let until = Instant::now() + pause;
         t.paused_until = Some(t.paused_until.map_or(until, |u| u.max(until)));
         t.pause_to_share = t.paused_until;
+        self.rebuilt.notify_waiters();
         let factor = (t.factor / 2.0).max(MIN_FACTOR);
         if factor < t.factor {
             t.factor = factor;
@@ -160,11 +166,13 @@ impl ProviderLimits {
         }
     }
 
-    /// Pauses every call until `until` (a 429 another replica saw).
+    /// Pauses every call until `until` (a 429 another replica saw), the one already
+    /// waiting for its permit included.
     pub fn pause_until(&self, until: Instant) {
         if let Ok(mut t) = self.throttle.lock() {
             if t.paused_until.is_none_or(|u| u < until) {
                 t.paused_until = Some(until);
+                self.rebuilt.notify_waiters();
             }
         }
     }
@@ -172,6 +180,15 @@ impl ProviderLimits {
     /// The end of a pause a 429 caused here, once, for the other replicas.
     pub fn take_pause_to_share(&self) -> Option<Instant> {
         self.throttle.lock().ok()?.pause_to_share.take()
+    }
+
+    /// Gives back a pause taken to share whose heartbeat was not heard.
+    pub fn share_pause_again(&self, until: Instant) {
+        if let Ok(mut t) = self.throttle.lock() {
+            if t.pause_to_share.is_none_or(|u| u < until) {
+                t.pause_to_share = Some(until);
+            }
+        }
     }
 
     /// This process's share of the account's limits.
@@ -252,6 +269,7 @@ impl ProviderLimits {
     fn rebuild(&self, factor: f64) {
         let fresh = build(self.requests_per_minute * factor, self.tokens_per_minute * factor);
         let _ = fresh.requests.check();
+        let _ = fresh.tokens.check_n(fresh.token_burst);
         let fresh = Arc::new(fresh);
         match self.limiters.write() {
             Ok(mut l) => *l = fresh,

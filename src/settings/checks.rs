@@ -25,6 +25,12 @@ impl Settings {
                 self.http.listen
             ));
         }
+        if self.limits.account_heartbeat_ms > 60_000 {
+            problems.push(format!(
+                "limits.account_heartbeat_ms ({}) must be at most 60000: replicas that meet less often than once a minute cannot follow demand",
+                self.limits.account_heartbeat_ms
+            ));
+        }
         if !(0.0..=0.5).contains(&self.limits.rate_limit_headroom) {
             problems.push("limits.rate_limit_headroom must be between 0 and 0.5".into());
         }

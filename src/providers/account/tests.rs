@@ -31,10 +31,13 @@ fn the_division_is_max_min_fair_and_spreads_what_nobody_asks_for() {
     }
 }
 
+/// A member's row: demand, claim, and when it was written.
+type Row = (f64, f64, Instant);
+
 /// A meeting in memory: members, their demands and when they were last seen.
 #[derive(Default)]
 struct Table {
-    rows: Mutex<BTreeMap<(String, String), (f64, Instant)>>,
+    rows: Mutex<BTreeMap<(String, String), Row>>,
     pauses: Mutex<BTreeMap<String, Instant>>,
     down: std::sync::atomic::AtomicBool,
 }
@@ -54,16 +57,17 @@ impl Meeting for Table {
         let now = Instant::now();
         let mut rows = self.rows.lock().unwrap();
         for r in reports {
-            rows.insert((r.provider.clone(), member.to_owned()), (r.demand, now));
+            rows.insert((r.provider.clone(), member.to_owned()), (r.demand, r.claim, now));
         }
         let mut held = self.pauses.lock().unwrap();
         for (provider, pause) in pauses {
             held.insert(provider.clone(), now + *pause);
         }
         let mut snapshot = Snapshot::default();
-        for ((provider, m), (demand, seen)) in rows.iter() {
+        for ((provider, m), (demand, claim, seen)) in rows.iter() {
             if now.duration_since(*seen) < live_for {
-                snapshot.demands.entry(provider.clone()).or_default().push((m.clone(), *demand));
+                let seen = Seen { member: m.clone(), demand: *demand, claim: *claim };
+                snapshot.members.entry(provider.clone()).or_default().push(seen);
             }
         }
         for (provider, until) in held.iter() {
@@ -200,4 +204,54 @@ async fn a_429_seen_by_one_member_pauses_the_others() {
     pb.get("qwen").unwrap().limits.as_ref().unwrap().set_share(1.0);
     waited.await.unwrap().unwrap();
     assert!(started.elapsed() >= Duration::from_millis(500), "b waited out a's retry-after: {:?}", started.elapsed());
+}
+
+/// The reviewer's case of a raise computed from an older snapshot than another
+/// member's: with any interleaving of heartbeats and demands that jump up and down,
+/// and no raise delay at all, the claims alone keep the shares in force from
+/// summing above one.
+#[tokio::test]
+async fn whatever_the_interleaving_and_demands_the_shares_in_force_never_sum_above_one() {
+    const NO_DELAY: Timing =
+        Timing { heartbeat: Duration::from_millis(40), live_for: Duration::from_secs(60), raise_after: Duration::ZERO };
+    let table = Arc::new(Table::default());
+    let providers: Vec<Providers> = (0..3).map(|_| providers()).collect();
+    let mut members: Vec<Member> =
+        providers.iter().enumerate().map(|(i, p)| Member::new(&format!("m{i}"), NO_DELAY, table.clone(), p)).collect();
+    let mut busy: Vec<Vec<tokio::task::JoinHandle<()>>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    let mut seed: u64 = 0x5eed;
+    let mut next = move |n: u64| {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    let (mut worst, mut raised) = (0.0f64, 0usize);
+    for _ in 0..400 {
+        let i = next(3) as usize;
+        // Demand jumps: a backlog of 0 to 40 waiting calls.
+        if next(3) == 0 {
+            for t in busy[i].drain(..) {
+                t.abort();
+            }
+            let limits = providers[i].get("qwen").unwrap().limits.clone().unwrap();
+            for _ in 0..next(41) {
+                let limits = limits.clone();
+                busy[i].push(tokio::spawn(async move {
+                    let _ = limits.acquire(1, Instant::now() + Duration::from_secs(3600)).await;
+                }));
+            }
+            tokio::task::yield_now().await;
+        }
+        let before = share(&providers[i]);
+        members[i].beat(NO_DELAY.heartbeat).await;
+        if share(&providers[i]) > before {
+            raised += 1;
+        }
+        let sum: f64 = providers.iter().map(share).sum();
+        worst = worst.max(sum);
+    }
+    assert!(raised > 5, "the run exercised raises: {raised}");
+    assert!(worst <= 1.0 + 1e-9, "the shares in force summed to {worst}");
+    for t in busy.into_iter().flatten() {
+        t.abort();
+    }
 }

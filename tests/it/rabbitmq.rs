@@ -1048,3 +1048,77 @@ async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
     names.delete(&conn).await;
     db.drop_db().await;
 }
+
+/// Issue 14, uneven demand and a replica killed: three replicas of one account, each
+/// consuming a queue of its own; only the first is fed. Within ten seconds of its first
+/// answer it uses at least 80% of the account. Then the second is fed and the first is
+/// killed with SIGKILL: within ten seconds the second uses at least 80%. No 429 at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_account_follows_demand_and_a_killed_replicas_share_returns() {
+    const RPM: u32 = 600;
+    crate::providers::plant_key();
+    let mut mock = ticketflow::mock_provider::MockConfig::default();
+    mock.providers.get_mut("mistral").unwrap().requests_per_minute = RPM;
+    let (base, server) = ticketflow::mock_provider::spawn(mock).await.unwrap();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str(
+        "[tiers.cheap]\nchain = [\"mistral/mistral-small-latest\"]\nbypass_chain = [\"openai/gpt-4o-mini\"]\n",
+    );
+    std::fs::write(&config, toml).unwrap();
+    let tickets = |prefix: &str| -> String {
+        (0..600)
+            .map(|i| {
+                serde_json::json!({"ticket_id": format!("{prefix}-{i}"), "messages": [{"role": "customer", "text": format!("Where is my order {i}? It has not arrived.")}]})
+                    .to_string()
+                    + "\n"
+            })
+            .collect()
+    };
+    let mut env: Vec<(String, String)> = crate::real_providers::mock_env(&base);
+    env.push(("TICKETFLOW__PROVIDERS__MISTRAL__REQUESTS_PER_MINUTE".into(), RPM.to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let names: Vec<Names> = (0..3).map(|_| Names::new()).collect();
+    crate::helpers::produce_stdin(names[0].env(), &tickets("A"));
+    for n in &names[1..] {
+        // The idle replicas' queues exist and stay empty.
+        assert!(n.topics(&[]).status.success());
+    }
+    let mut workers: Vec<Option<Worker>> =
+        names.iter().map(|n| Some(start_worker_with(n, &db.url, &config, &env))).collect();
+    let mistral = || server.stats().providers["mistral"];
+    let limit = f64::from(RPM) / 60.0;
+    // The rate over the ten seconds after `after` has passed.
+    let rate_after = async |after: std::time::Instant| {
+        tokio::time::sleep_until((after + std::time::Duration::from_secs(10)).into()).await;
+        let (from, at) = (mistral().requests, std::time::Instant::now());
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        (mistral().requests - from) as f64 / at.elapsed().as_secs_f64()
+    };
+    wait_until("the fed replica's first answer", async || mistral().ok > 0).await;
+    let fed = rate_after(std::time::Instant::now()).await;
+    crate::helpers::produce_stdin(names[1].env(), &tickets("B"));
+    workers[0].take().unwrap().kill();
+    let killed = std::time::Instant::now();
+    let after_kill = rate_after(killed).await;
+    eprintln!(
+        "one fed of three: {fed:.2} requests/s ({:.0}%); after the fed one was killed and another fed: {after_kill:.2} ({:.0}%); {} 429s",
+        fed / limit * 100.0,
+        after_kill / limit * 100.0,
+        mistral().rate_limited
+    );
+    for worker in workers.into_iter().flatten() {
+        let (status, said) = stop_worker(worker);
+        assert!(status.success(), "{said}");
+    }
+    assert_eq!(mistral().rate_limited, 0, "the account saw a 429");
+    assert!(fed >= 0.8 * limit, "the one fed replica used {fed:.2} of {limit:.2} requests/s");
+    assert!(after_kill >= 0.8 * limit, "after the kill: {after_kill:.2} of {limit:.2} requests/s");
+    let conn = connect().await;
+    for n in &names {
+        n.delete(&conn).await;
+    }
+    db.drop_db().await;
+}

@@ -354,8 +354,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let shutdown = Shutdown::new(Duration::from_secs(drain_timeout_secs));
             spawn_signal_handler(shutdown.clone())?;
             let metrics = crate::telemetry::install().map_err(|e| anyhow::anyhow!(e))?;
-            let telemetry = crate::worker::Telemetry { metrics };
-            let stats = crate::worker::run(Arc::new(settings), shutdown, telemetry).await?;
+            let stats = crate::worker::run(Arc::new(settings), shutdown, metrics).await?;
             let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
             // A supervisor may have closed stderr by now: `say` never panics.
             say(

@@ -133,12 +133,6 @@ pub fn install() -> Result<PrometheusHandle, String> {
     Ok(handle)
 }
 
-/// Keeps the recorder's histograms bounded: call now and then (the worker does it
-/// on every scrape).
-pub fn upkeep(handle: &PrometheusHandle) {
-    handle.run_upkeep();
-}
-
 /// A provider call that ended with `outcome` after `latency`.
 pub fn provider_call(provider: &str, model: &str, stage: &'static str, outcome: &'static str, latency: Duration) {
     let labels = [("provider", provider.to_owned()), ("model", model.to_owned()), ("stage", stage.to_owned())];

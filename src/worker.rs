@@ -53,23 +53,19 @@ pub enum WorkerError {
     Http(String),
 }
 
-/// The worker's metrics and where to serve them.
-pub struct Telemetry {
-    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-}
-
 /// Runs until `shutdown` (or a broker failure); returns the run's counters.
+/// `metrics` renders the installed recorder for `/metrics`.
 pub async fn run(
     settings: Arc<Settings>,
     shutdown: Shutdown,
-    telemetry: Telemetry,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> Result<Arc<RunStats>, WorkerError> {
     // The address first: a port already taken is reported before anything connects.
     let listener = match settings.http.listen.as_str() {
         "" => None,
         listen => Some(crate::endpoints::bind(listen).await.map_err(WorkerError::Http)?),
     };
-    let endpoints = listener.map(|l| (l, telemetry.metrics));
+    let endpoints = listener.map(|l| (l, metrics));
     let store = Arc::new(PgLedger::connect(&settings.database).await?);
     match settings.broker.kind {
         BrokerKind::Rabbitmq => {

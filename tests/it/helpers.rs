@@ -146,6 +146,19 @@ impl Drop for Proxy {
     }
 }
 
+/// `n` one-message "where is my order" tickets `{prefix}-0`.. as JSONL: ordinary
+/// tickets that every shipped rule sends to the cheap tier.
+pub fn order_tickets(prefix: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            let text = format!("Where is my order {i}? It has not arrived.");
+            serde_json::json!({"ticket_id": format!("{prefix}-{i}"), "messages": [{"role": "customer", "text": text}]})
+                .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
 /// `n` tickets as JSONL, cycling through the examples, in `conversations`
 /// conversations of consecutive tickets, so that a worker ignoring the order of a
 /// conversation would answer its tickets out of order.

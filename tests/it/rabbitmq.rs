@@ -968,6 +968,43 @@ async fn the_worker_serves_metrics_matching_its_outputs_and_readiness_follows_th
     }
 }
 
+/// One provider account shared by the workers of a test: the mock provider enforcing
+/// `rpm` requests per sliding minute on Mistral, a database, and a configuration in
+/// which every ticket is answered on the cheap tier, Mistral alone, with the same
+/// `rpm` configured.
+struct MistralAccount {
+    server: ticketflow::mock_provider::MockServer,
+    db: crate::ledger_pg::TestDb,
+    config: std::path::PathBuf,
+    vars: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl MistralAccount {
+    async fn new(rpm: u32) -> Self {
+        crate::providers::plant_key();
+        let mut mock = ticketflow::mock_provider::MockConfig::default();
+        mock.providers.get_mut("mistral").unwrap().requests_per_minute = rpm;
+        let (base, server) = ticketflow::mock_provider::spawn(mock).await.unwrap();
+        let db = crate::ledger_pg::TestDb::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::helpers::instant_config(dir.path());
+        let mut toml = std::fs::read_to_string(&config).unwrap();
+        toml.push_str(
+            "[tiers.cheap]\nchain = [\"mistral/mistral-small-latest\"]\nbypass_chain = [\"openai/gpt-4o-mini\"]\n",
+        );
+        std::fs::write(&config, toml).unwrap();
+        let mut vars = crate::real_providers::mock_env(&base);
+        vars.push(("TICKETFLOW__PROVIDERS__MISTRAL__REQUESTS_PER_MINUTE".into(), rpm.to_string()));
+        MistralAccount { server, db, config, vars, _dir: dir }
+    }
+
+    /// The environment of a worker on this account.
+    fn env(&self) -> Vec<(&str, &str)> {
+        self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    }
+}
+
 /// Issue 14: three worker processes share one provider account limited to 600
 /// requests per sliding minute (enforced by the mock provider), far below what they
 /// are fed. The sum of the replicas stays under the limit: no 429, no 60-second
@@ -977,32 +1014,11 @@ async fn the_worker_serves_metrics_matching_its_outputs_and_readiness_follows_th
 async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
     const RPM: u32 = 600;
     const TICKETS: usize = 1200;
-    crate::providers::plant_key();
-    let mut mock = ticketflow::mock_provider::MockConfig::default();
-    mock.providers.get_mut("mistral").unwrap().requests_per_minute = RPM;
-    let (base, server) = ticketflow::mock_provider::spawn(mock).await.unwrap();
+    let account = MistralAccount::new(RPM).await;
     let names = Names::new();
-    let db = crate::ledger_pg::TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = crate::helpers::instant_config(dir.path());
-    // Every ticket is answered on the cheap tier, which is Mistral alone here.
-    let mut toml = std::fs::read_to_string(&config).unwrap();
-    toml.push_str(
-        "[tiers.cheap]\nchain = [\"mistral/mistral-small-latest\"]\nbypass_chain = [\"openai/gpt-4o-mini\"]\n",
-    );
-    std::fs::write(&config, toml).unwrap();
-    let tickets: String = (0..TICKETS)
-        .map(|i| {
-            serde_json::json!({"ticket_id": format!("S-{i}"), "messages": [{"role": "customer", "text": format!("Where is my order {i}? It has not arrived.")}]})
-                .to_string()
-                + "\n"
-        })
-        .collect();
-    crate::helpers::produce_stdin(names.env(), &tickets);
-    let mut env: Vec<(String, String)> = crate::real_providers::mock_env(&base);
-    env.push(("TICKETFLOW__PROVIDERS__MISTRAL__REQUESTS_PER_MINUTE".into(), RPM.to_string()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let workers: Vec<Worker> = (0..3).map(|_| start_worker_with(&names, &db.url, &config, &env)).collect();
+    crate::helpers::produce_stdin(names.env(), &crate::helpers::order_tickets("S", TICKETS));
+    let (db, server, env) = (&account.db, &account.server, account.env());
+    let workers: Vec<Worker> = (0..3).map(|_| start_worker_with(&names, &db.url, &account.config, &env)).collect();
     let started = std::time::Instant::now();
     let mistral = || server.stats().providers["mistral"];
     // The replicas meet within a few heartbeats; measure a stretch after that.
@@ -1046,7 +1062,7 @@ async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
     );
     assert!(rate >= 0.9 * limit, "{rate:.2} requests/s used of {limit:.2}");
     names.delete(&conn).await;
-    db.drop_db().await;
+    account.db.drop_db().await;
 }
 
 /// Issue 14, uneven demand and a replica killed: three replicas of one account, each
@@ -1056,30 +1072,9 @@ async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_account_follows_demand_and_a_killed_replicas_share_returns() {
     const RPM: u32 = 600;
-    crate::providers::plant_key();
-    let mut mock = ticketflow::mock_provider::MockConfig::default();
-    mock.providers.get_mut("mistral").unwrap().requests_per_minute = RPM;
-    let (base, server) = ticketflow::mock_provider::spawn(mock).await.unwrap();
-    let db = crate::ledger_pg::TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = crate::helpers::instant_config(dir.path());
-    let mut toml = std::fs::read_to_string(&config).unwrap();
-    toml.push_str(
-        "[tiers.cheap]\nchain = [\"mistral/mistral-small-latest\"]\nbypass_chain = [\"openai/gpt-4o-mini\"]\n",
-    );
-    std::fs::write(&config, toml).unwrap();
-    let tickets = |prefix: &str| -> String {
-        (0..600)
-            .map(|i| {
-                serde_json::json!({"ticket_id": format!("{prefix}-{i}"), "messages": [{"role": "customer", "text": format!("Where is my order {i}? It has not arrived.")}]})
-                    .to_string()
-                    + "\n"
-            })
-            .collect()
-    };
-    let mut env: Vec<(String, String)> = crate::real_providers::mock_env(&base);
-    env.push(("TICKETFLOW__PROVIDERS__MISTRAL__REQUESTS_PER_MINUTE".into(), RPM.to_string()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let account = MistralAccount::new(RPM).await;
+    let (db, server, env) = (&account.db, &account.server, account.env());
+    let tickets = |prefix: &str| crate::helpers::order_tickets(prefix, 600);
     let names: Vec<Names> = (0..3).map(|_| Names::new()).collect();
     crate::helpers::produce_stdin(names[0].env(), &tickets("A"));
     for n in &names[1..] {
@@ -1087,7 +1082,7 @@ async fn the_account_follows_demand_and_a_killed_replicas_share_returns() {
         assert!(n.topics(&[]).status.success());
     }
     let mut workers: Vec<Option<Worker>> =
-        names.iter().map(|n| Some(start_worker_with(n, &db.url, &config, &env))).collect();
+        names.iter().map(|n| Some(start_worker_with(n, &db.url, &account.config, &env))).collect();
     let mistral = || server.stats().providers["mistral"];
     let limit = f64::from(RPM) / 60.0;
     // The rate over the ten seconds after `after` has passed.
@@ -1120,5 +1115,5 @@ async fn the_account_follows_demand_and_a_killed_replicas_share_returns() {
     for n in &names {
         n.delete(&conn).await;
     }
-    db.drop_db().await;
+    account.db.drop_db().await;
 }

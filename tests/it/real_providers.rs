@@ -152,13 +152,7 @@ async fn a_provider_limited_far_below_the_arrival_rate_gets_no_429_and_no_ticket
     let (base, server) = mock_provider::spawn(config).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.jsonl");
-    let tickets: Vec<String> = (0..TICKETS)
-        .map(|i| {
-            serde_json::json!({"ticket_id": format!("T-{i}"), "messages": [{"role": "customer", "text": format!("Where is my order {i}? It has not arrived.")}]})
-                .to_string()
-        })
-        .collect();
-    std::fs::write(&input, tickets.join("\n")).unwrap();
+    std::fs::write(&input, crate::helpers::order_tickets("T", TICKETS)).unwrap();
     // Every cheap-tier reply goes to Mistral; the ticket deadline is short, so tickets
     // that waited on our own limiter within their deadline would die.
     let cfg = dir.path().join("mistral.toml");

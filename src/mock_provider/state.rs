@@ -36,6 +36,11 @@ pub struct ProviderStats {
     pub failed: u64,
     /// The most accepted (not 429) requests in any sliding 60-second window.
     pub max_requests_in_any_60s: u64,
+    /// The most requests that reached the rate limit in any sliding 60-second
+    /// window, the ones answered 429 included: the load the account was sent. Above
+    /// `requests_per_minute`, the callers together overran the limit.
+    #[serde(default)]
+    pub max_sent_in_any_60s: u64,
 }
 
 /// Which counter an answer adds to.
@@ -56,6 +61,10 @@ struct Window {
     accepted: VecDeque<Instant>,
     /// The largest `accepted.len()` seen.
     max: u64,
+    /// Instants of every request checked against the limit (429s too), oldest first.
+    sent: VecDeque<Instant>,
+    /// The largest `sent.len()` seen.
+    max_sent: u64,
 }
 
 /// One provider's configuration and state.
@@ -107,6 +116,11 @@ impl ProviderState {
         while w.accepted.front().is_some_and(|&t| now.saturating_duration_since(t) >= WINDOW) {
             w.accepted.pop_front();
         }
+        while w.sent.front().is_some_and(|&t| now.saturating_duration_since(t) >= WINDOW) {
+            w.sent.pop_front();
+        }
+        w.sent.push_back(now);
+        w.max_sent = w.max_sent.max(w.sent.len() as u64);
         if limit > 0 && w.accepted.len() >= limit {
             let oldest = w.accepted.front().copied().unwrap_or(now);
             drop(w);
@@ -171,6 +185,8 @@ impl ProviderState {
         let mut w = self.window();
         w.accepted.clear();
         w.max = 0;
+        w.sent.clear();
+        w.max_sent = 0;
         for c in &self.counters {
             c.store(0, Ordering::Relaxed);
         }
@@ -178,7 +194,10 @@ impl ProviderState {
 
     /// The counters now.
     pub fn stats(&self) -> ProviderStats {
-        let max = self.window().max;
+        let (max, max_sent) = {
+            let w = self.window();
+            (w.max, w.max_sent)
+        };
         let get = |c: Counter| self.counters[c as usize].load(Ordering::Relaxed);
         ProviderStats {
             requests: get(Counter::Requests),
@@ -189,6 +208,7 @@ impl ProviderState {
             outage: get(Counter::Outage),
             failed: get(Counter::Failed),
             max_requests_in_any_60s: max,
+            max_sent_in_any_60s: max_sent,
         }
     }
 }
@@ -205,11 +225,12 @@ mod tests {
         assert_eq!(p.admit(t0), Ok(()));
         assert_eq!(p.admit(t0 + Duration::from_secs(10)), Ok(()));
         assert_eq!(p.admit(t0 + Duration::from_secs(20)), Err(Duration::from_secs(40)));
-        // The first request leaves the window at t0 + 60s.
+        // The first request leaves the window at t0 + 60s; 10 s, 20 s (429), 60 s and
+        // 65 s (429) were all sent within one minute.
         assert_eq!(p.admit(t0 + Duration::from_secs(60)), Ok(()));
         assert_eq!(p.admit(t0 + Duration::from_secs(65)), Err(Duration::from_secs(5)));
         let s = p.stats();
-        assert_eq!((s.rate_limited, s.max_requests_in_any_60s), (2, 2));
+        assert_eq!((s.rate_limited, s.max_requests_in_any_60s, s.max_sent_in_any_60s), (2, 2, 4));
         p.reset();
         assert_eq!(p.stats(), ProviderStats::default());
     }

@@ -422,6 +422,7 @@ async fn stats_and_reset_over_http() {
         ("errors", 0),
         ("outage", 0),
         ("max_requests_in_any_60s", 3),
+        ("max_sent_in_any_60s", 3),
     ] {
         assert_eq!(deepseek[key].as_u64(), Some(want), "{key}");
     }

@@ -19,9 +19,15 @@
 //!   reads), so the shares in force never sum above the limit, whatever the timing.
 //! - A member that stops heartbeating (killed, cut off) is dropped from the division
 //!   after three heartbeats, and its share goes to the others two heartbeats later. A
-//!   member that cannot reach the database keeps its share only as long as the
-//!   others still count it (three heartbeats less one), then
-//!   drops to nothing: never more than the division gave it, never the whole limit.
+//!   member that cannot reach the database keeps its share while the others still
+//!   count it (three heartbeats less one), then falls back to a safe share: its last
+//!   share, decaying toward the limit divided by the members it last knew (half the
+//!   gap each heartbeat), never above what it had, never the whole limit. When the
+//!   database is down for everyone (the usual outage) nobody can raise, so the shares
+//!   in force still sum to at most one. A member cut off alone keeps its fallback
+//!   while the others divide the whole limit among them: during such a split the
+//!   account may see up to one member's part too many, and the provider's 429s (which
+//!   pause that member) are the backstop.
 //! - A 429 one member receives pauses the provider for every member: its
 //!   `retry-after` is written with the heartbeat and read by the others with theirs.
 //!
@@ -150,6 +156,8 @@ struct Seat {
     raise: Option<(f64, Instant)>,
     /// What this member claimed in its latest report.
     claimed: f64,
+    /// Members (this one included) in the latest division heard.
+    known: usize,
 }
 
 /// This process as a member of its account's division.
@@ -178,6 +186,7 @@ impl Member {
                     limits,
                     raise: None,
                     claimed: 0.0,
+                    known: 1,
                 })
             })
             .collect();
@@ -252,6 +261,7 @@ impl Member {
                 seat.limits.pause_until(now + *pause);
             }
             let members = snapshot.members.get(&seat.name).map(Vec::as_slice).unwrap_or(&[]);
+            seat.known = members.len().max(1);
             let demands: Vec<f64> = members.iter().map(|m| m.demand).collect();
             let shares = divide(seat.limit, &demands);
             let target = members.iter().zip(&shares).find(|(m, _)| m.member == self.id).map_or(0.0, |(_, s)| *s);
@@ -285,14 +295,22 @@ impl Member {
     }
 
     /// The meeting could not be reached: keep the share while the others still
-    /// count this member, then give it up (they will have divided it among them).
+    /// count this member, then decay toward the safe share, the limit divided by
+    /// the members last known (never up: a raise needs the others' claims).
     fn unheard(&mut self, error: &str) {
         let counted = self.last_heard.is_some_and(|t| t.elapsed() + self.timing.heartbeat < self.timing.live_for);
         tracing::warn!(%error, keeping_shares = counted, "account division unreachable");
         for seat in &mut self.seats {
             seat.raise = None;
             if !counted {
-                seat.limits.set_share(0.0);
+                let current = seat.limits.share();
+                let safe = 1.0 / seat.known as f64;
+                if current > safe {
+                    let next = safe + (current - safe) / 2.0;
+                    // Down to the step, and to the safe share once within one step of it.
+                    let next = if next - safe < STEP { safe } else { next };
+                    seat.limits.set_share((next / STEP).floor() * STEP);
+                }
             }
         }
     }

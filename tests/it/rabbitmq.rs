@@ -1042,10 +1042,10 @@ async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
     let rate = (to - from) as f64 / (to_at - from_at).as_secs_f64();
     let limit = f64::from(RPM) / 60.0;
     eprintln!(
-        "3 replicas at {RPM} rpm: {:.2} requests/s ({:.0}% of the limit), max {} in any 60 s, {} 429s; first answer after {:?}",
+        "3 replicas at {RPM} rpm: {:.2} requests/s ({:.0}% of the limit), max {} sent in any 60 s, {} 429s; first answer after {:?}",
         rate,
         rate / limit * 100.0,
-        stats.max_requests_in_any_60s,
+        stats.max_sent_in_any_60s,
         stats.rate_limited,
         settle - started
     );
@@ -1056,9 +1056,9 @@ async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
     let replies = take_all(&conn, &names.queue("replies")).await;
     assert!(replies.iter().all(|r| r["route"]["provider"] == "mistral"), "an answer came from elsewhere");
     assert!(
-        stats.max_requests_in_any_60s <= u64::from(RPM),
-        "{} requests in a 60-second window",
-        stats.max_requests_in_any_60s
+        stats.max_sent_in_any_60s <= u64::from(RPM),
+        "{} requests sent in a 60-second window",
+        stats.max_sent_in_any_60s
     );
     assert!(rate >= 0.9 * limit, "{rate:.2} requests/s used of {limit:.2}");
     names.delete(&conn).await;

@@ -160,29 +160,44 @@ async fn shares_lower_at_once_rise_after_the_others_lowered_and_never_sum_above_
     }
 }
 
+/// The database cut off for every member (the usual outage): a member keeps its share
+/// while the others still count it, then decays toward the limit divided by the
+/// members it knew, never to nothing and never up; so the shares still sum to at most
+/// one, and the busy member keeps serving.
 #[tokio::test]
-async fn a_member_cut_off_gives_its_share_up_before_the_others_take_it() {
+async fn members_cut_off_fall_back_to_a_safe_share_never_above_their_last() {
     let table = Arc::new(Table::default());
-    let p = providers();
-    let mut a = Member::new("a", T, table.clone(), &p);
-    let busy = backlog(&p);
+    let ps: Vec<Providers> = (0..3).map(|_| providers()).collect();
+    let mut members: Vec<Member> =
+        ps.iter().zip(["a", "b", "c"]).map(|(p, id)| Member::new(id, T, table.clone(), p)).collect();
+    let busy = backlog(&ps[0]);
     tokio::task::yield_now().await;
-    for _ in 0..4 {
-        tokio::time::sleep(T.heartbeat).await;
-        a.beat(T.heartbeat).await;
-    }
-    assert!(share(&p) > 0.95);
-    table.down.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut kept = 0;
+    let shares = |ps: &[Providers]| ps.iter().map(share).collect::<Vec<f64>>();
     for _ in 0..5 {
         tokio::time::sleep(T.heartbeat).await;
-        a.beat(T.heartbeat).await;
-        if share(&p) > 0.0 {
-            kept += 1;
+        for m in &mut members {
+            m.beat(T.heartbeat).await;
         }
     }
-    assert_eq!(share(&p), 0.0, "gone before the others would divide it");
-    assert!(kept < 3, "kept for {kept} heartbeats; the others stop counting it after 3");
+    let before = shares(&ps);
+    assert!(before[0] > 0.95, "{before:?}");
+    table.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut seen = Vec::new();
+    for _ in 0..12 {
+        tokio::time::sleep(T.heartbeat).await;
+        for m in &mut members {
+            m.beat(T.heartbeat).await;
+        }
+        let now = shares(&ps);
+        assert!(now.iter().sum::<f64>() <= 1.0 + 1e-9, "{now:?}");
+        assert!(now.iter().zip(&before).all(|(n, b)| n <= b), "a share rose while cut off: {now:?} after {before:?}");
+        seen.push(now[0]);
+    }
+    assert_eq!(seen[0], before[0], "kept while the others still count it");
+    let last = *seen.last().unwrap();
+    assert!((last - 1.0 / 3.0).abs() < 0.002, "the busy member settles at a third: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[1] <= w[0]), "decays, never jumps back: {seen:?}");
+    assert!(seen.iter().all(|s| *s > 0.3), "never to nothing: {seen:?}");
     for t in busy {
         t.abort();
     }

@@ -25,7 +25,7 @@ use crate::broker::rabbitmq::RabbitError;
 use crate::broker::{BrokerError, Publisher, Source};
 use crate::dispatch::{DispatchConfig, Dispatcher, RetryPolicy, RunStats, Shutdown};
 use crate::endpoints::{Readiness, LEDGER_CHECK_INTERVAL};
-use crate::ledger::meeting::PgMeeting;
+use crate::ledger::meeting::{PgBank, PgMeeting};
 use crate::ledger::postgres::PgLedger;
 use crate::ledger::resilient::{Health, Resilient};
 use crate::ledger::LedgerError;
@@ -33,6 +33,7 @@ use crate::pipeline::Pipeline;
 use crate::providers::account::{Member, Timing};
 use crate::providers::admission::{admission_target, RateAdmission};
 use crate::providers::Providers;
+use crate::routing::budget::Budgets;
 use crate::settings::{BrokerKind, Settings};
 use crate::triage::Analyzer;
 use tokio_util::sync::CancellationToken;
@@ -107,7 +108,18 @@ async fn serve(
     let health = Health::new();
     let pool = store.pool().clone();
     let ledger = Arc::new(Resilient::new(store, health.clone(), Backoff::default()));
-    let pipeline = Arc::new(Pipeline::new(settings.clone(), analyzer, providers.clone(), ledger.clone(), publisher));
+    // A member name of its own per process: two processes configured with the same
+    // worker id must not count as one.
+    let member_id = format!("{}#{:08x}", settings.worker.id, rand::random::<u32>());
+    let budgets = (!settings.budgets.is_empty()).then(|| {
+        let bank = Arc::new(PgBank::new(pool.clone()));
+        Arc::new(Budgets::shared(settings.budgets.clone(), settings.budget_zone(), bank, &member_id))
+    });
+    let mut pipeline = Pipeline::new(settings.clone(), analyzer, providers.clone(), ledger.clone(), publisher);
+    if let Some(budgets) = &budgets {
+        pipeline = pipeline.with_budgets(budgets.clone());
+    }
+    let pipeline = Arc::new(pipeline);
     let admission = Arc::new(RateAdmission::new(&providers, admission_target(settings)));
     let stats = Arc::new(RunStats::default());
     let max_in_flight = settings.limits.max_in_flight;
@@ -123,12 +135,13 @@ async fn serve(
     let stop_member = CancellationToken::new();
     let mut member = None;
     if settings.limits.account_heartbeat_ms > 0 {
-        // A member name of its own per process: two processes configured with the
-        // same worker id must not count as one.
-        let id = format!("{}#{:08x}", settings.worker.id, rand::random::<u32>());
         let timing = Timing::every(Duration::from_millis(settings.limits.account_heartbeat_ms));
         let meeting = Arc::new(PgMeeting::new(pool));
-        member = Some(tokio::spawn(Member::new(&id, timing, meeting, &providers).run(stop_member.clone())));
+        member = Some(tokio::spawn(Member::new(&member_id, timing, meeting, &providers).run(stop_member.clone())));
+    }
+    if let Some(budgets) = &budgets {
+        let every = Duration::from_millis(settings.limits.account_heartbeat_ms.max(1000));
+        tokio::spawn(sync_budgets(budgets.clone(), every, stop_background.clone()));
     }
     tokio::spawn(watch_readiness(ledger, readiness.clone(), stop_background.clone()));
     let mut serving = String::new();
@@ -163,8 +176,36 @@ async fn serve(
     if let Some(member) = member {
         let _ = tokio::time::timeout(Duration::from_secs(2), member).await;
     }
+    if let Some(budgets) = budgets {
+        // Nothing is in flight any more: every unused lease goes back.
+        match tokio::time::timeout(Duration::from_secs(2), budgets.leave()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not give the unused budget leases back; they lapse at the end of the day")
+            }
+            Err(_) => {
+                tracing::warn!("giving the unused budget leases back took too long; they lapse at the end of the day")
+            }
+        }
+    }
     ran?;
     Ok(stats)
+}
+
+/// Reports this process's use of the shared budgets every `every`, giving back the
+/// leases of tiers it no longer reserves on.
+async fn sync_budgets(budgets: Arc<Budgets>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = budgets.sync().await {
+            tracing::debug!(error = %e, "could not report the use of the budgets; the next sync will");
+        }
+    }
 }
 
 /// Checks the database while idle (a failed check turns the ledger not ready, and

@@ -1,7 +1,10 @@
-//! Where worker replicas divide their accounts' rate limits
-//! ([`crate::providers::account`]): the `limit_members` and `limit_pauses` tables of
-//! the ledger's database. The database's clock decides who is live, so the members'
-//! clocks need not agree.
+//! Where worker replicas meet in the ledger's database:
+//! - [`PgMeeting`] divides their accounts' rate limits ([`crate::providers::account`])
+//!   in the `limit_members` and `limit_pauses` tables. The database's clock decides
+//!   who is live, so the members' clocks need not agree.
+//! - [`PgBank`] leases parts of the tiers' daily budget caps
+//!   ([`crate::routing::budget`]) in `budget_leases`: one transaction per lease,
+//!   serialized per tier and day by an advisory lock.
 
 use std::time::Duration;
 
@@ -11,6 +14,7 @@ use deadpool_postgres::Pool;
 use super::postgres::classify;
 use super::LedgerError;
 use crate::providers::account::{Meeting, Report, Seen, Snapshot};
+use crate::routing::budget::{grant, Bank, Use};
 
 /// Rows of members gone this long (or twice the live window, if longer) are deleted:
 /// they stopped being counted long before.
@@ -81,6 +85,61 @@ impl Meeting for PgMeeting {
     async fn leave(&self, member: &str) -> Result<(), LedgerError> {
         let client = self.pool.get().await.map_err(classify)?;
         client.execute(LEAVE, &[&member]).await.map_err(classify)?;
+        Ok(())
+    }
+}
+
+/// Serializes the leases of one tier and day (the leases' sum is read, then grown).
+const LOCK_DAY: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended('budget:' || $1::text || ':' || ($2::date)::text, 0))";
+const LEASED: &str = "SELECT coalesce(sum(granted_usd), 0)::float8 FROM budget_leases WHERE tier = $1 AND day = $2";
+const GRANT: &str = "INSERT INTO budget_leases (tier, day, member, cap_usd, granted_usd) VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (tier, day, member) DO UPDATE \
+     SET granted_usd = budget_leases.granted_usd + EXCLUDED.granted_usd, cap_usd = EXCLUDED.cap_usd, seen_at = now()";
+const REPORT: &str = "UPDATE budget_leases SET spent_usd = $4, reserved_usd = $5, granted_usd = $6, seen_at = now() \
+     WHERE tier = $1 AND day = $2 AND member = $3";
+
+/// The tiers' daily caps in the ledger's database, shared by every replica.
+pub struct PgBank {
+    pool: Pool,
+}
+
+impl PgBank {
+    pub fn new(pool: Pool) -> Self {
+        PgBank { pool }
+    }
+}
+
+#[async_trait]
+impl Bank for PgBank {
+    async fn lease(
+        &self,
+        member: &str,
+        tier: &str,
+        day: chrono::NaiveDate,
+        cap: f64,
+        need: f64,
+        want: f64,
+    ) -> Result<f64, LedgerError> {
+        let mut client = self.pool.get().await.map_err(classify)?;
+        let tx = client.transaction().await.map_err(classify)?;
+        tx.execute(LOCK_DAY, &[&tier, &day]).await.map_err(classify)?;
+        let leased: f64 = tx.query_one(LEASED, &[&tier, &day]).await.map_err(classify)?.get(0);
+        let granted = grant(cap, leased, need, want);
+        if granted > 0.0 {
+            tx.execute(GRANT, &[&tier, &day, &member, &cap, &granted]).await.map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(granted)
+    }
+
+    async fn report(&self, member: &str, tier: &str, day: chrono::NaiveDate, use_: Use) -> Result<(), LedgerError> {
+        let client = self.pool.get().await.map_err(classify)?;
+        let report = client.prepare_cached(REPORT).await.map_err(classify)?;
+        client
+            .execute(&report, &[&tier, &day, &member, &use_.spent, &use_.reserved, &use_.keep])
+            .await
+            .map_err(classify)?;
         Ok(())
     }
 }

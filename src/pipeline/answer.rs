@@ -8,8 +8,9 @@ use super::Pipeline;
 use crate::broker::Message;
 use crate::moderation::Verdict;
 use crate::providers::chain::{ChainResult, ChainRunner, UnitCalls};
-use crate::providers::ChatRequest;
+use crate::providers::{estimate_tokens, ChatRequest, Usage};
 use crate::routing::{self, Facts};
+use crate::settings::TierSettings;
 use crate::ticket::{ErrorKind, Output, ReplyStatus, RouteView, Stage, Ticket};
 use crate::triage::{self, parse::parse_triage, prompt, Triage};
 use crate::vocab::HUMAN;
@@ -38,18 +39,35 @@ impl Pipeline {
 
         let facts = Facts { ticket, triage: &t.triage, signals: &t.signals };
         let mut decision = routing::route(&self.settings.routing.rules, &facts);
-        if let Some(degraded) = self.budgets.check(&decision.target) {
-            decision.reasons.push(degraded.reason);
-            decision.target = degraded.target;
+        let mut hold = None;
+        if self.budgets.capped(&decision.target) {
+            // Triage so far plus the dearest reply the tier can make.
+            let most = self.reply_request(&t, &decision.target).map_or(0.0, |(tier, request)| {
+                let usage = Usage {
+                    input_tokens: estimate_tokens(&request.system) + estimate_tokens(&request.user),
+                    cached_input_tokens: 0,
+                    output_tokens: u64::from(request.max_output_tokens),
+                };
+                tier.chain.iter().chain(&tier.bypass_chain).map(|m| self.prices.get(m).cost(&usage)).fold(0.0, f64::max)
+            });
+            match self.budgets.reserve(&decision.target, t.calls.total_cost() + most).await {
+                Ok(held) => hold = held,
+                Err(degraded) => {
+                    decision.reasons.push(degraded.reason);
+                    decision.target = degraded.target;
+                }
+            }
         }
-        if decision.target == HUMAN {
-            return self.reply_output(&unit, &t, Answer::human(decision.reasons, 0));
+        let output = self.respond(&unit, &mut t, decision).await;
+        if let Some(hold) = hold {
+            self.budgets.settle(hold, output.costs().iter().map(|c| c.cost_usd).sum());
         }
-        let Some(tier) = self.settings.tiers.get(&decision.target) else {
-            // Validation rejects unknown targets; reaching this is a bug worth a dead letter.
-            let error = format!("route target `{}` is not a configured tier", decision.target);
-            return self.failed(&unit, t.calls, ErrorKind::Internal, error);
-        };
+        output
+    }
+
+    /// The tier `target` and the reply request it would be sent.
+    fn reply_request(&self, t: &Triaged, target: &str) -> Option<(&TierSettings, ChatRequest)> {
+        let tier = self.settings.tiers.get(target)?;
         let system = prompt::reply_system(
             &t.triage.category,
             self.settings.policies.get(&t.triage.category).map(String::as_str),
@@ -64,15 +82,29 @@ impl Pipeline {
             json_mode: false,
             max_output_tokens: 800,
         };
+        Some((tier, request))
+    }
+
+    /// The reply of the tier routed to, with the moderation bypass after a refusal.
+    async fn respond(&self, unit: &Unit<'_>, t: &mut Triaged, decision: routing::Decision) -> Output {
+        if decision.target == HUMAN {
+            return self.reply_output(unit, t, Answer::human(decision.reasons, 0));
+        }
+        let Some((tier, request)) = self.reply_request(t, &decision.target) else {
+            // Validation rejects unknown targets; reaching this is a bug worth a dead letter.
+            let error = format!("route target `{}` is not a configured tier", decision.target);
+            return self.failed(unit, std::mem::take(&mut t.calls.costs), ErrorKind::Internal, error);
+        };
         let runner = self.runner();
+        let ticket = unit.ticket;
         let mut reasons = decision.reasons;
         let mut result = runner.run(Stage::Reply, &tier.chain, request.clone(), &mut t.calls).await;
         let mut attempts = attempts_of(&result);
         if matches!(result, ChainResult::Refused { .. }) {
-            match self.moderate(ticket, &mut t, &runner).await {
+            match self.moderate(ticket, t, &runner).await {
                 Verdict::Flagged { reason } => {
                     reasons.extend(["moderation:flagged".into(), reason]);
-                    return self.reply_output(&unit, &t, Answer::human(reasons, attempts));
+                    return self.reply_output(unit, t, Answer::human(reasons, attempts));
                 }
                 Verdict::Passed => {
                     reasons.push("moderation:bypass".into());
@@ -85,7 +117,7 @@ impl Pipeline {
             ChainResult::Answered { text, .. } if prompt::leaks_instructions(&text) => {
                 tracing::warn!(ticket_id = %ticket.ticket_id, "reply repeats our instructions; handing the ticket to a person");
                 reasons.push("guard:reply_revealed_instructions".into());
-                self.reply_output(&unit, &t, Answer::human(reasons, attempts))
+                self.reply_output(unit, t, Answer::human(reasons, attempts))
             }
             ChainResult::Answered { provider, model, text, .. } => {
                 let route = RouteView {
@@ -96,25 +128,21 @@ impl Pipeline {
                     attempts,
                 };
                 let text = crate::reply_text::normalize(&text, &t.triage.language);
-                self.reply_output(&unit, &t, Answer { status: ReplyStatus::Answered, text: Some(text), route })
+                self.reply_output(unit, t, Answer { status: ReplyStatus::Answered, text: Some(text), route })
             }
             ChainResult::Refused { .. } => {
                 // Refused everywhere although our own check passed: a person decides.
                 reasons.push("moderation:refused_by_every_provider".into());
-                self.reply_output(
-                    &unit,
-                    &t,
-                    Answer { route: human_route(reasons, attempts), ..Answer::human(vec![], 0) },
-                )
+                self.reply_output(unit, t, Answer { route: human_route(reasons, attempts), ..Answer::human(vec![], 0) })
             }
             ChainResult::Exhausted { errors, .. } => {
                 let error = format!("every model of tier `{}` failed: {}", decision.target, errors.join("; "));
-                self.failed(&unit, t.calls, ErrorKind::ProvidersExhausted, error)
+                self.failed(unit, std::mem::take(&mut t.calls.costs), ErrorKind::ProvidersExhausted, error)
             }
             ChainResult::Rejected { errors, .. } => {
                 let error =
                     format!("every model of tier `{}` rejected the request: {}", decision.target, errors.join("; "));
-                self.failed(&unit, t.calls, ErrorKind::Rejected, error)
+                self.failed(unit, std::mem::take(&mut t.calls.costs), ErrorKind::Rejected, error)
             }
         }
     }

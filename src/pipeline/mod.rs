@@ -40,7 +40,7 @@ pub struct Pipeline {
     ledger: Arc<dyn Ledger>,
     publisher: Arc<dyn Publisher>,
     worker_id: String,
-    budgets: Budgets,
+    budgets: Arc<Budgets>,
 }
 
 impl Pipeline {
@@ -55,7 +55,7 @@ impl Pipeline {
         let moderator = Moderator::new(&settings.moderation);
         let triage_system = prompt::triage_system(&settings.triage.categories);
         let worker_id = settings.worker_id();
-        let budgets = Budgets::new(settings.budgets.clone());
+        let budgets = Arc::new(Budgets::new(settings.budgets.clone(), settings.budget_zone()));
         Pipeline {
             settings,
             analyzer,
@@ -68,6 +68,13 @@ impl Pipeline {
             worker_id,
             budgets,
         }
+    }
+
+    /// The same pipeline drawing on `budgets` (shared with the other replicas)
+    /// instead of caps of its own.
+    pub fn with_budgets(mut self, budgets: Arc<Budgets>) -> Self {
+        self.budgets = budgets;
+        self
     }
 
     /// A pipeline that can triage but never publishes or records (for `explain`).

@@ -8,10 +8,9 @@ use super::Pipeline;
 use crate::broker::Message;
 use crate::intake::Rejection;
 use crate::moderation::Verdict;
-use crate::providers::chain::UnitCalls;
 use crate::ticket::{
-    encode_payload, now_rfc3339, DeadLetter, DeadLetterError, ErrorKind, ModerationView, Output, Reply, ReplyStatus,
-    RouteView, Ticket, SCHEMA_VERSION,
+    encode_payload, now_rfc3339, CostRecord, DeadLetter, DeadLetterError, ErrorKind, ModerationView, Output, Reply,
+    ReplyStatus, RouteView, Ticket, SCHEMA_VERSION,
 };
 use crate::vocab::HUMAN;
 
@@ -46,9 +45,6 @@ pub(super) fn human_route(reasons: Vec<String>, attempts: u32) -> RouteView {
 
 impl Pipeline {
     pub(super) fn reply_output(&self, unit: &Unit<'_>, t: &Triaged, answer: Answer) -> Output {
-        if answer.status == ReplyStatus::Answered {
-            self.budgets.record(&answer.route.tier, t.calls.total_cost());
-        }
         let moderation = (!t.calls.refused_by.is_empty()).then(|| {
             let passed = !matches!(t.verdict, Some(Verdict::Flagged { .. }));
             ModerationView {
@@ -80,11 +76,11 @@ impl Pipeline {
     }
 
     /// The unit failed: a dead letter carrying the costs of the calls it made.
-    pub(super) fn failed(&self, unit: &Unit<'_>, calls: UnitCalls, kind: ErrorKind, error: String) -> Output {
+    pub(super) fn failed(&self, unit: &Unit<'_>, costs: Vec<CostRecord>, kind: ErrorKind, error: String) -> Output {
         tracing::warn!(ticket_id = %unit.ticket.ticket_id, kind = kind.as_str(), error = %error, "ticket dead-lettered");
         let ids = (Some(unit.ticket.ticket_id.clone()), Some(unit.ticket.unit_id.clone()));
         let dead_letter = self.dead_letter(unit.message, &unit.message.payload, ids, kind, error, unit.attempts);
-        Output::DeadLetter { dead_letter, costs: calls.costs }
+        Output::DeadLetter { dead_letter, costs }
     }
 
     /// Dead letter for input that never became a ticket. An oversized payload is kept

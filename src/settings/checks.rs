@@ -31,6 +31,12 @@ impl Settings {
                 self.limits.account_heartbeat_ms
             ));
         }
+        if self.limits.budget_time_zone.parse::<chrono_tz::Tz>().is_err() {
+            problems.push(format!(
+                "limits.budget_time_zone: `{}` is not an IANA time zone name (e.g. \"UTC\", \"Europe/Berlin\", \"Asia/Bangkok\")",
+                self.limits.budget_time_zone
+            ));
+        }
         if !(0.0..=0.5).contains(&self.limits.rate_limit_headroom) {
             problems.push("limits.rate_limit_headroom must be between 0 and 0.5".into());
         }

@@ -119,6 +119,8 @@ pub struct Limits {
     /// provider's limits among them (milliseconds); 0: each process keeps the whole
     /// limits (one replica only).
     pub account_heartbeat_ms: u64,
+    /// IANA time zone whose calendar day the daily budget caps count.
+    pub budget_time_zone: String,
     /// Failed attempts at one message (for reasons other than a database or broker
     /// outage) after which it becomes an `internal` dead letter.
     pub max_delivery_attempts: u32,
@@ -548,6 +550,12 @@ impl Settings {
             }
             Err(()) => Err(ConfigError { problems }),
         }
+    }
+
+    /// The time zone of the budgets' days (validation rejects unknown names; UTC
+    /// stands in for one only in settings never validated).
+    pub fn budget_zone(&self) -> chrono_tz::Tz {
+        self.limits.budget_time_zone.parse().unwrap_or(chrono_tz::Tz::UTC)
     }
 
     /// The worker identity: configured, or generated. Generated identities differ

@@ -65,7 +65,8 @@ pub struct Condition {
 /// The cap of one tier.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BudgetSettings {
-    /// USD per UTC day for replies routed to this tier (every call of those tickets).
+    /// USD per day (in `limits.budget_time_zone`) for the tickets routed to this tier
+    /// (every call of those tickets), shared by every replica.
     pub daily_usd: f64,
     /// Where tickets go once the cap is spent: another tier (e.g. `cheap`) or `human`.
     pub when_spent: String,

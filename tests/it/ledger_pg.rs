@@ -659,3 +659,65 @@ async fn upgrading_prices_the_baseline_on_answering_calls_only() {
     drop(client);
     db.drop_db().await;
 }
+
+/// Issue 14: three replicas' budgets sharing one cap through the database, many
+/// tickets in flight on each: the leases never sum above the cap and one
+/// reservation, the spend stays within them, and the replicas that stop give back
+/// what they did not use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_leased_through_the_database_never_exceed_the_cap_and_one_reservation() {
+    use ticketflow::routing::budget::{BudgetSettings, Budgets};
+    const CAP: f64 = 0.05;
+    const MOST: f64 = 0.008;
+    let db = TestDb::new().await;
+    let ledger = db.ledger().await;
+    let caps = BTreeMap::from([("premium".to_string(), BudgetSettings { daily_usd: CAP, when_spent: "cheap".into() })]);
+    let bank = Arc::new(ticketflow::ledger::meeting::PgBank::new(ledger.pool().clone()));
+    let zone = chrono_tz::Tz::UTC;
+    let replicas: Vec<Arc<Budgets>> =
+        (0..3).map(|i| Arc::new(Budgets::shared(caps.clone(), zone, bank.clone(), &format!("r{i}")))).collect();
+    let mut lanes = Vec::new();
+    for (i, b) in replicas.iter().enumerate() {
+        for lane in 0..8 {
+            let b = b.clone();
+            lanes.push(tokio::spawn(async move {
+                let mut spent = 0.0;
+                for k in 0..10 {
+                    if let Ok(Some(hold)) = b.reserve("premium", MOST).await {
+                        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                        let cost = 0.001 + 0.007 * (((i * 80 + lane * 10 + k) * 37 % 100) as f64 / 100.0);
+                        b.settle(hold, cost);
+                        spent += cost;
+                    }
+                    if lane == 0 && k % 3 == 0 {
+                        b.sync().await.unwrap();
+                    }
+                }
+                spent
+            }));
+        }
+    }
+    let mut spent = 0.0;
+    for lane in lanes {
+        spent += lane.await.unwrap();
+    }
+    let client = db.client().await;
+    let sums =
+        "SELECT sum(granted_usd), sum(spent_usd), count(*) FROM budget_leases WHERE tier = 'premium' AND day = $1";
+    let today = replicas[0].today();
+    let row = client.query_one(sums, &[&today]).await.unwrap();
+    let (granted, _, members): (f64, f64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert!(granted <= CAP + MOST + 1e-12, "leased {granted}");
+    assert!(spent <= CAP + MOST + 1e-12, "spent {spent}");
+    assert!(spent > CAP / 2.0, "spent {spent}: the cap was used");
+    assert_eq!(members, 3);
+    for b in &replicas {
+        b.leave().await.unwrap();
+    }
+    let row = client.query_one(sums, &[&today]).await.unwrap();
+    let (granted, recorded): (f64, f64) = (row.get(0), row.get(1));
+    assert!((recorded - spent).abs() < 1e-9, "the rows say {recorded} spent, the replicas {spent}");
+    assert!((granted - spent).abs() < 1e-9, "after leaving, the leases hold only what was spent: {granted}");
+    drop(client);
+    db.drop_db().await;
+}

@@ -366,30 +366,38 @@ async fn an_open_circuit_skips_a_failing_provider_at_once() {
 async fn a_spent_premium_budget_degrades_to_the_configured_tier() {
     let mut settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
     settings.breaker.failure_threshold = 1_000;
+    const CAP: f64 = 0.03;
     settings.budgets.insert(
         "premium".into(),
-        ticketflow::routing::budget::BudgetSettings { daily_usd: 0.01, when_spent: "cheap".into() },
+        ticketflow::routing::budget::BudgetSettings { daily_usd: CAP, when_spent: "cheap".into() },
     );
     let w = World::with_settings(settings);
     w.p("qwen").set(answers("refund_dispute"));
-    // Each premium reply costs 1000 in + 100 out tokens on gpt-4o: $0.0035; the third
-    // ticket finds $0.0105 spent and goes to the cheap tier instead.
-    for i in 0..4 {
+    // Each premium reply costs 1000 in + 100 out tokens on gpt-4o ($0.0035), but
+    // reserves what the dearest model of the chain (Claude) could cost writing its
+    // whole output budget: about $0.0125. Tickets go premium while the cap has room
+    // for that, then to the cheap tier.
+    for i in 0..10 {
         w.handle(&delivery(&format!("my refund was denied ({i})"), 0)).await.unwrap();
     }
-    let tiers: Vec<(String, Vec<String>)> = w
+    let replies: Vec<(Reply, f64)> = w
         .outputs()
-        .iter()
+        .into_iter()
         .map(|o| match o {
-            Output::Reply { reply, .. } => (reply.route.tier.clone(), reply.route.reasons.clone()),
+            Output::Reply { reply, costs } => (reply, sum(&costs)),
             other => panic!("{other:?}"),
         })
         .collect();
-    assert_eq!(tiers[0].0, "premium");
-    assert_eq!(tiers[1].0, "premium");
-    assert_eq!(tiers[2].0, "premium");
-    assert_eq!(tiers[3].0, "cheap", "{tiers:?}");
-    assert_eq!(tiers[3].1, vec!["escalate:premium".to_string(), "budget:premium_spent->cheap".to_string()]);
+    let premium: Vec<&(Reply, f64)> = replies.iter().filter(|(r, _)| r.route.tier == "premium").collect();
+    let spent: f64 = premium.iter().map(|(_, cost)| cost).sum();
+    assert!(premium.len() >= 4, "{} premium replies", premium.len());
+    assert!(spent <= CAP, "premium tickets cost {spent} of a {CAP} cap");
+    assert!(replies[..premium.len()].iter().all(|(r, _)| r.route.tier == "premium"), "the first ones go premium");
+    for (reply, _) in &replies[premium.len()..] {
+        assert_eq!(reply.route.tier, "cheap");
+        assert_eq!(reply.route.reasons, ["escalate:premium", "budget:premium_spent->cheap"]);
+    }
+    assert!(premium.len() < replies.len(), "the cap was reached");
 }
 
 #[tokio::test]

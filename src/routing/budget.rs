@@ -77,6 +77,8 @@ impl LocalBank {
 }
 
 /// What a bank grants when `leased` of `cap` is out: the rule every bank follows.
+/// `want`, but at most half of what is left and at least `need`; nothing once the
+/// cap is leased out; and `need` to the one request that finds less than it.
 pub fn grant(cap: f64, leased: f64, need: f64, want: f64) -> f64 {
     let left = cap - leased;
     if left <= 0.0 || need <= 0.0 {
@@ -84,7 +86,9 @@ pub fn grant(cap: f64, leased: f64, need: f64, want: f64) -> f64 {
     } else if left < need {
         need
     } else {
-        want.max(need).min(left)
+        // At most half of what is left (and at least `need`), so that the other
+        // members find their part too.
+        want.min(left / 2.0).max(need).min(left)
     }
 }
 
@@ -320,11 +324,11 @@ mod tests {
     async fn degrades_once_the_cap_is_reserved_and_settles_to_the_real_cost() {
         let b = Budgets::new(caps(1.0), Tz::UTC);
         assert!(b.reserve("cheap", 100.0).await.unwrap().is_none(), "tiers without a cap are never held");
-        // A lease of four such reservations: 0.8 of the cap.
+        // A lease of half the cap (four such reservations would be 0.8).
         let first = b.reserve("premium", 0.2).await.unwrap().unwrap();
         let second = b.reserve("premium", 0.5).await.unwrap().unwrap();
-        // 0.7 reserved, 0.1 of the lease and 0.2 of the cap left: this one is the one
-        // reservation allowed over the cap.
+        // 0.7 reserved, 0.05 of a 0.75 lease and 0.25 of the cap left: this one is the
+        // one reservation allowed over the cap.
         let third = b.reserve("premium", 0.5).await.unwrap().unwrap();
         let d = b.reserve("premium", 0.01).await.unwrap_err();
         assert_eq!(d.target, "cheap");
@@ -395,23 +399,25 @@ mod tests {
     async fn an_idle_replica_gives_its_unused_lease_back() {
         let bank = Arc::new(LocalBank::default());
         let a = Budgets::shared(caps(0.05), Tz::UTC, bank.clone(), "a");
-        let b = Budgets::shared(caps(0.05), Tz::UTC, bank.clone(), "b");
+        let lease = || bank.leases().values().next().and_then(|l| l.get("a").copied()).unwrap();
         let hold = a.reserve("premium", 0.01).await.unwrap().unwrap();
+        a.settle(hold, 0.004);
+        assert!((lease() - 0.025).abs() < 1e-12, "a chunk: half of the cap");
+        a.sync().await.unwrap();
+        assert!((lease() - 0.025).abs() < 1e-12, "reserved since the last sync: kept");
+        a.sync().await.unwrap();
+        assert!((lease() - 0.004).abs() < 1e-12, "idle since: all but the spend goes back");
+        let hold = a.reserve("premium", 0.01).await.unwrap().unwrap();
+        a.leave().await.unwrap();
+        assert!((lease() - 0.014).abs() < 1e-12, "leaving keeps what is spent or reserved");
         a.settle(hold, 0.01);
-        // a leased four reservations' worth; b gets the rest, then nothing.
-        let held = b.reserve("premium", 0.01).await.unwrap().unwrap();
-        b.settle(held, 0.01);
-        assert!(b.reserve("premium", 0.01).await.is_err(), "a still holds its lease");
-        a.sync().await.unwrap(); // a reserved since its last sync: it keeps its lease
-        assert!(b.reserve("premium", 0.01).await.is_err());
-        a.sync().await.unwrap(); // nothing since: what a does not use goes back
-        assert!(b.reserve("premium", 0.01).await.is_ok());
     }
 
     #[test]
     fn the_bank_grants_up_to_the_cap_and_crosses_it_once() {
         assert_eq!(grant(1.0, 0.0, 0.1, 0.4), 0.4);
-        assert!((grant(1.0, 0.8, 0.1, 0.4) - 0.2).abs() < 1e-12, "what is left");
+        assert!((grant(1.0, 0.8, 0.1, 0.4) - 0.1).abs() < 1e-12, "half of what is left, at least the need");
+        assert!((grant(1.0, 0.5, 0.1, 0.2) - 0.2).abs() < 1e-12, "what is wanted, within half of the rest");
         assert_eq!(grant(1.0, 0.95, 0.1, 0.4), 0.1, "the one request that finds less than it needs");
         assert_eq!(grant(1.0, 1.05, 0.1, 0.4), 0.0);
         assert_eq!(grant(1.0, 0.5, 0.0, 0.4), 0.0);

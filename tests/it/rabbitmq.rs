@@ -982,6 +982,11 @@ struct MistralAccount {
 
 impl MistralAccount {
     async fn new(rpm: u32) -> Self {
+        Self::with(rpm, "").await
+    }
+
+    /// The account, with `extra` added to the workers' configuration.
+    async fn with(rpm: u32, extra: &str) -> Self {
         crate::providers::plant_key();
         let mut mock = ticketflow::mock_provider::MockConfig::default();
         mock.providers.get_mut("mistral").unwrap().requests_per_minute = rpm;
@@ -993,6 +998,7 @@ impl MistralAccount {
         toml.push_str(
             "[tiers.cheap]\nchain = [\"mistral/mistral-small-latest\"]\nbypass_chain = [\"openai/gpt-4o-mini\"]\n",
         );
+        toml.push_str(extra);
         std::fs::write(&config, toml).unwrap();
         let mut vars = crate::real_providers::mock_env(&base);
         vars.push(("TICKETFLOW__PROVIDERS__MISTRAL__REQUESTS_PER_MINUTE".into(), rpm.to_string()));
@@ -1115,5 +1121,70 @@ async fn the_account_follows_demand_and_a_killed_replicas_share_returns() {
     for n in &names {
         n.delete(&conn).await;
     }
+    account.db.drop_db().await;
+}
+
+/// Issue 14, budgets: three worker processes share a premium cap of five cents, with
+/// every ticket routed to the premium tier and far more tickets than the cap pays
+/// for. The premium spend of all replicas together ends within the cap and one
+/// ticket; every other ticket went to the cheap tier with the budget's reason; the
+/// ledger's leases record exactly the spend the replies published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_premium_budget_and_spend_at_most_one_ticket_over_it() {
+    const CAP: f64 = 0.05;
+    const TICKETS: usize = 300;
+    let extra = format!(
+        "[[routing.rules]]\nname = \"all:premium\"\ntarget = \"premium\"\n\n[budgets.premium]\ndaily_usd = {CAP}\nwhen_spent = \"cheap\"\n"
+    );
+    let account = MistralAccount::with(600_000, &extra).await;
+    let names = Names::new();
+    crate::helpers::produce_stdin(names.env(), &crate::helpers::order_tickets("B", TICKETS));
+    let mut env = account.env();
+    // A small prefetch, so that every replica gets tickets.
+    env.push(("TICKETFLOW__LIMITS__MAX_IN_FLIGHT", "4"));
+    let workers: Vec<Worker> =
+        (0..3).map(|_| start_worker_with(&names, &account.db.url, &account.config, &env)).collect();
+    let conn = connect().await;
+    wait_until("every ticket answered", async || ready(&conn, &names.queue("replies")).await as usize >= TICKETS).await;
+    for worker in workers {
+        let (status, said) = stop_worker(worker);
+        assert!(status.success(), "{said}");
+    }
+    let replies = take_all(&conn, &names.queue("replies")).await;
+    assert_eq!(replies.len(), TICKETS, "one reply per ticket");
+    let mut ids: Vec<&str> = replies.iter().map(|r| r["ticket_id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), TICKETS, "no ticket answered twice");
+    let premium: Vec<f64> =
+        replies.iter().filter(|r| r["route"]["tier"] == "premium").map(|r| r["cost_usd"].as_f64().unwrap()).collect();
+    let spent: f64 = premium.iter().sum();
+    let dearest = premium.iter().copied().fold(0.0, f64::max);
+    for r in replies.iter().filter(|r| r["route"]["tier"] != "premium") {
+        assert_eq!(r["route"]["tier"], "cheap", "{r}");
+        assert_eq!(r["route"]["reasons"], serde_json::json!(["all:premium", "budget:premium_spent->cheap"]), "{r}");
+    }
+    let degraded = TICKETS - premium.len();
+    eprintln!(
+        "3 replicas, premium cap ${CAP}: {} premium tickets spent ${spent:.6} (dearest ${dearest:.6}), {degraded} degraded to cheap",
+        premium.len()
+    );
+    assert!(degraded > 0, "the cap was reached");
+    assert!(premium.len() >= 5, "the cap was used: {} premium tickets", premium.len());
+    assert!(spent <= CAP + dearest + 1e-9, "premium spend {spent} over a {CAP} cap by more than one ticket");
+    let client = account.db.client().await;
+    let row = client
+        .query_one(
+            "SELECT sum(spent_usd), sum(granted_usd), count(DISTINCT member) FROM budget_leases WHERE tier = 'premium'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (recorded, granted, members): (f64, f64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert!((recorded - spent).abs() < 1e-9, "the leases record {recorded}, the replies {spent}");
+    assert!((granted - recorded).abs() < 1e-9, "stopped replicas hold no unused lease: {granted} granted");
+    assert!(members >= 2, "the cap was shared: {members} member(s) leased");
+    drop(client);
+    names.delete(&conn).await;
     account.db.drop_db().await;
 }

@@ -35,6 +35,12 @@ pub enum ReportFormat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LimitsFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ExplainFormat {
     Text,
     Json,
@@ -97,6 +103,20 @@ pub enum Command {
         /// `table` for a terminal, `json` for tools, `html` for a page with charts.
         #[arg(long, value_enum, default_value = "table")]
         format: ReportFormat,
+    },
+    /// The account-wide limits and budgets as the worker replicas share them, from the
+    /// PostgreSQL ledger: each replica's share of every provider's limits, recent use
+    /// against the limits, and today's budget spend, reservations and leases per tier.
+    Limits {
+        /// The ledger to read, instead of `database.url`.
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+        /// The window of the use figures, in minutes (1 to 1440).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1440))]
+        minutes: u32,
+        /// `table` for a terminal, `json` for tools.
+        #[arg(long, value_enum, default_value = "table")]
+        format: LimitsFormat,
     },
     /// Validate the effective configuration and print it with secrets redacted.
     Config,
@@ -480,6 +500,21 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                     println!("{}", serde_json::to_string_pretty(&report).context("rendering the report")?)
                 }
                 ReportFormat::Html => print!("{}", crate::report::render_html(&report)),
+            }
+            Ok(())
+        }
+        Command::Limits { database_url: url, minutes, format } => {
+            let mut settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
+            if let Some(url) = &url {
+                settings.database.url = database_url("--database-url", url)?;
+            }
+            let pool = crate::ledger::postgres::reader_pool(&settings.database).await?;
+            let limits = crate::limits::gather(&pool, &settings, minutes).await?;
+            match format {
+                LimitsFormat::Table => print!("{}", crate::limits::render_table(&limits)),
+                LimitsFormat::Json => {
+                    println!("{}", serde_json::to_string_pretty(&limits).context("rendering the limits")?)
+                }
             }
             Ok(())
         }

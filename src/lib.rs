@@ -47,6 +47,7 @@ pub mod eval;
 pub mod explain;
 pub mod intake;
 pub mod ledger;
+pub mod limits;
 pub mod mock_provider;
 pub mod moderation;
 pub mod observe;

@@ -1009,6 +1009,24 @@ impl MistralAccount {
     fn env(&self) -> Vec<(&str, &str)> {
         self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
     }
+
+    /// What `ticketflow limits --format json` says of this account now.
+    fn limits(&self) -> serde_json::Value {
+        let out = bin()
+            .arg("--config")
+            .arg(&self.config)
+            .args(["limits", "--format", "json", "--minutes", "1", "--database-url", &self.db.url])
+            .envs(self.env())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+/// A provider's entry in `ticketflow limits --format json`.
+fn provider_limits<'a>(limits: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    limits["providers"].as_array().unwrap().iter().find(|p| p["provider"] == name).unwrap()
 }
 
 /// Issue 14: three worker processes share one provider account limited to 600
@@ -1036,6 +1054,16 @@ async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
     // replicas at full demand.
     tokio::time::sleep(std::time::Duration::from_secs(62)).await;
     let (to, to_at) = (mistral().requests, std::time::Instant::now());
+    // What an operator sees meanwhile: three replicas whose shares sum to the
+    // account, the busiest minute's recorded use within the limit.
+    let limits = account.limits();
+    let view = provider_limits(&limits, "mistral");
+    let shares: Vec<f64> = view["replicas"].as_array().unwrap().iter().map(|r| r["share"].as_f64().unwrap()).collect();
+    assert_eq!(shares.len(), 3, "{view}");
+    let total: f64 = shares.iter().sum();
+    assert!((0.9..=1.0 + 1e-9).contains(&total), "shares {shares:?}");
+    let used = view["requests_per_minute_used"].as_f64().unwrap();
+    assert!(used > 0.8 * f64::from(RPM) && used <= f64::from(RPM), "{used} requests in the last minute");
     let conn = connect().await;
     // Prefetched tickets are not ready in the queue: count the answered ones.
     let answered = ready(&conn, &names.queue("replies")).await as usize;
@@ -1185,6 +1213,76 @@ async fn three_replicas_share_one_premium_budget_and_spend_at_most_one_ticket_ov
     assert!((granted - recorded).abs() < 1e-9, "stopped replicas hold no unused lease: {granted} granted");
     assert!(members >= 2, "the cap was shared: {members} member(s) leased");
     drop(client);
+    let limits = account.limits();
+    let budget = &limits["budgets"][0];
+    assert_eq!((budget["tier"].as_str(), budget["cap_usd"].as_f64()), (Some("premium"), Some(CAP)), "{budget}");
+    assert!((budget["spent_usd"].as_f64().unwrap() - spent).abs() < 1e-9, "{budget}");
+    assert_eq!(budget["reserved_usd"].as_f64(), Some(0.0), "nothing in flight: {budget}");
+    assert_eq!(budget["replicas"].as_array().unwrap().len() as i64, members, "{budget}");
+    names.delete(&conn).await;
+    account.db.drop_db().await;
+}
+
+/// Issue 14, shares on the move: two replicas of a 600-requests-a-minute account at
+/// full demand, a third added mid-run, then the database cut off from all three for
+/// 30 seconds (through a proxy) and restored. The minute around the join and the half
+/// minute after the restore run at full demand, yet the account never sees more than
+/// its limit in any 60 seconds, nor a 429; no ticket dies of it; and the replicas
+/// work again once the database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_mid_run_and_a_database_cut_keep_every_minute_within_the_limit() {
+    const RPM: u32 = 600;
+    let account = MistralAccount::new(RPM).await;
+    let proxy = Proxy::start("127.0.0.1:5432").await;
+    let db_url = account.db.url.replace(":5432/", &format!(":{}/", proxy.port));
+    let names = Names::new();
+    crate::helpers::produce_stdin(names.env(), &crate::helpers::order_tickets("M", 2000));
+    let env = account.env();
+    let mistral = || account.server.stats().providers["mistral"];
+    let mut workers: Vec<Worker> = (0..2).map(|_| start_worker_with(&names, &db_url, &account.config, &env)).collect();
+    wait_until("the first Mistral answers", async || mistral().ok > 0).await;
+    let first = std::time::Instant::now();
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    workers.push(start_worker_with(&names, &db_url, &account.config, &env));
+    // A whole minute at full demand with the join in it.
+    tokio::time::sleep(std::time::Duration::from_secs(50)).await;
+    let before_cut = mistral();
+    proxy.cut();
+    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    let during_cut = mistral().requests;
+    proxy.restore();
+    let restored = std::time::Instant::now();
+    wait_until("the first answers after the database is back", async || mistral().requests > during_cut).await;
+    let (back_after, back) = (restored.elapsed(), (mistral().requests, std::time::Instant::now()));
+    // Half a minute at the limit after the restore: replicas that each took the whole
+    // account back would do it three times faster.
+    wait_until("300 requests after the restore", async || mistral().requests >= back.0 + 300).await;
+    let after_restore = (mistral().requests - back.0) as f64 / back.1.elapsed().as_secs_f64();
+    for worker in workers {
+        let (status, said) = stop_worker(worker);
+        assert!(status.success(), "{said}");
+    }
+    let stats = mistral();
+    let minute = before_cut.requests as f64 / first.elapsed().as_secs_f64() * 60.0;
+    eprintln!(
+        "2 + 1 replicas at {RPM} rpm: {} requests in the first minute (max {} sent in any 60 s before the cut); a 30 s database cut: {} requests during it, work again {back_after:?} after the restore, then {after_restore:.2}/s; in all {} requests, max {} sent in any 60 s, {} 429s",
+        before_cut.requests, before_cut.max_sent_in_any_60s, during_cut - before_cut.requests, stats.requests, stats.max_sent_in_any_60s, stats.rate_limited
+    );
+    assert!(
+        stats.max_sent_in_any_60s <= u64::from(RPM),
+        "{} requests sent in a 60-second window",
+        stats.max_sent_in_any_60s
+    );
+    assert_eq!(stats.rate_limited, 0, "the account saw a 429");
+    assert!(
+        before_cut.max_sent_in_any_60s as f64 >= 0.85 * f64::from(RPM),
+        "the join happened at full demand: {minute:.0} a minute"
+    );
+    let limit = f64::from(RPM) / 60.0;
+    assert!(after_restore <= 1.05 * limit, "{after_restore:.2} requests/s after the restore, of {limit:.2}");
+    let conn = connect().await;
+    let dead = take_all(&conn, &names.queue("dlq")).await;
+    assert!(dead.is_empty(), "{} dead letters, first: {:?}", dead.len(), dead.first());
     names.delete(&conn).await;
     account.db.drop_db().await;
 }

@@ -1,0 +1,248 @@
+//! `ticketflow limits`: the account-wide limits and budgets as the worker replicas
+//! share them, read from the ledger's database. Per rate-limited provider: the
+//! configured limits, each live replica's share and demand, a pause in force, and the
+//! recorded use over the last minutes against the limit. Per capped tier: today's
+//! cap, what the replicas leased, spent and hold reserved, and each replica's lease.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use chrono::NaiveDate;
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Cell, CellAlignment, Table};
+use serde::Serialize;
+
+use crate::ledger::postgres::classify;
+use crate::ledger::LedgerError;
+use crate::settings::Settings;
+
+/// One replica's share of a provider's limits.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Share {
+    pub member: String,
+    /// Of the provider's limits, 0 to 1: what the replica may enforce until its next
+    /// heartbeat.
+    pub share: f64,
+    /// Requests per second it would make (recent rate plus backlog).
+    pub demand: f64,
+    /// Seconds since its last heartbeat.
+    pub seen_s: f64,
+}
+
+/// One rate-limited provider.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProviderView {
+    pub provider: String,
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u64,
+    pub replicas: Vec<Share>,
+    /// Seconds left of a pause after a 429, if one is in force.
+    pub paused_s: Option<f64>,
+    /// Calls recorded in the window (every call that reached the provider), per minute.
+    pub requests_per_minute_used: f64,
+    /// Tokens recorded in the window, per minute.
+    pub tokens_per_minute_used: f64,
+}
+
+/// One replica's lease of a tier's cap.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Lease {
+    pub member: String,
+    #[serde(serialize_with = "crate::ticket::usd")]
+    pub leased_usd: f64,
+    #[serde(serialize_with = "crate::ticket::usd")]
+    pub spent_usd: f64,
+    #[serde(serialize_with = "crate::ticket::usd")]
+    pub reserved_usd: f64,
+    pub seen_s: f64,
+}
+
+/// One capped tier today.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BudgetView {
+    pub tier: String,
+    pub day: NaiveDate,
+    #[serde(serialize_with = "crate::ticket::usd")]
+    pub cap_usd: f64,
+    pub when_spent: String,
+    #[serde(serialize_with = "crate::ticket::usd")]
+    pub leased_usd: f64,
+    #[serde(serialize_with = "crate::ticket::usd")]
+    pub spent_usd: f64,
+    #[serde(serialize_with = "crate::ticket::usd")]
+    pub reserved_usd: f64,
+    pub replicas: Vec<Lease>,
+}
+
+/// Everything `ticketflow limits` shows.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Limits {
+    /// Replicas not heard from for this long are no longer counted.
+    pub live_for_s: f64,
+    /// The window of the use figures.
+    pub minutes: u32,
+    pub providers: Vec<ProviderView>,
+    pub budgets: Vec<BudgetView>,
+}
+
+const MEMBERS: &str = "SELECT provider, member, share, demand, extract(epoch FROM now() - seen_at)::float8 \
+     FROM limit_members WHERE seen_at > now() - make_interval(secs => $1) ORDER BY provider, member";
+const PAUSES: &str = "SELECT provider, extract(epoch FROM until - now())::float8 FROM limit_pauses WHERE until > now()";
+const USE: &str = "SELECT provider, count(*), coalesce(sum(input_tokens + output_tokens), 0)::bigint \
+     FROM cost_records WHERE at > now() - make_interval(mins => $1) GROUP BY provider";
+const LEASES: &str = "SELECT tier, member, granted_usd, spent_usd, reserved_usd, \
+     extract(epoch FROM now() - seen_at)::float8 FROM budget_leases WHERE day = $1 ORDER BY tier, member";
+
+/// Reads the shared state from the ledger at `pool`, for the providers and tiers of
+/// `settings`, with use over the last `minutes`.
+pub async fn gather(pool: &deadpool_postgres::Pool, settings: &Settings, minutes: u32) -> Result<Limits, LedgerError> {
+    let client = pool.get().await.map_err(classify)?;
+    let heartbeat = std::time::Duration::from_millis(settings.limits.account_heartbeat_ms.max(1));
+    let live_for = crate::providers::account::Timing::every(heartbeat).live_for.as_secs_f64();
+    let mut shares: BTreeMap<String, Vec<Share>> = BTreeMap::new();
+    for r in client.query(MEMBERS, &[&live_for]).await.map_err(classify)? {
+        let share = Share { member: r.get(1), share: r.get(2), demand: r.get(3), seen_s: r.get(4) };
+        shares.entry(r.get(0)).or_default().push(share);
+    }
+    let pauses: BTreeMap<String, f64> =
+        client.query(PAUSES, &[]).await.map_err(classify)?.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let window = i32::try_from(minutes.max(1)).unwrap_or(i32::MAX);
+    let used: BTreeMap<String, (i64, i64)> = client
+        .query(USE, &[&window])
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let per_minute = |n: i64| n as f64 / f64::from(window as u32);
+    let providers = settings
+        .providers
+        .iter()
+        .filter(|(_, p)| p.requests_per_minute > 0 || p.tokens_per_minute > 0)
+        .map(|(name, p)| {
+            let (requests, tokens) = used.get(name).copied().unwrap_or((0, 0));
+            ProviderView {
+                provider: name.clone(),
+                requests_per_minute: p.requests_per_minute,
+                tokens_per_minute: p.tokens_per_minute,
+                replicas: shares.remove(name).unwrap_or_default(),
+                paused_s: pauses.get(name).copied(),
+                requests_per_minute_used: per_minute(requests),
+                tokens_per_minute_used: per_minute(tokens),
+            }
+        })
+        .collect();
+    let day = chrono::Utc::now().with_timezone(&settings.budget_zone()).date_naive();
+    let mut leases: BTreeMap<String, Vec<Lease>> = BTreeMap::new();
+    for r in client.query(LEASES, &[&day]).await.map_err(classify)? {
+        let lease = Lease {
+            member: r.get(1),
+            leased_usd: r.get(2),
+            spent_usd: r.get(3),
+            reserved_usd: r.get(4),
+            seen_s: r.get(5),
+        };
+        leases.entry(r.get(0)).or_default().push(lease);
+    }
+    let budgets = settings
+        .budgets
+        .iter()
+        .map(|(tier, cap)| {
+            let replicas = leases.remove(tier).unwrap_or_default();
+            let sum = |f: fn(&Lease) -> f64| replicas.iter().map(f).sum::<f64>();
+            BudgetView {
+                tier: tier.clone(),
+                day,
+                cap_usd: cap.daily_usd,
+                when_spent: cap.when_spent.clone(),
+                leased_usd: sum(|l| l.leased_usd),
+                spent_usd: sum(|l| l.spent_usd),
+                reserved_usd: sum(|l| l.reserved_usd),
+                replicas,
+            }
+        })
+        .collect();
+    Ok(Limits { live_for_s: live_for, minutes: window as u32, providers, budgets })
+}
+
+/// The tables for a terminal.
+pub fn render_table(l: &Limits) -> String {
+    let mut out = String::new();
+    let mut providers = Table::new();
+    providers.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "provider",
+        "limit rpm",
+        &format!("used rpm ({} min)", l.minutes),
+        "limit tpm",
+        &format!("used tpm ({} min)", l.minutes),
+        "replicas",
+        "shares (demand req/s)",
+        "paused",
+    ]);
+    let right = |s: String| Cell::new(s).set_alignment(CellAlignment::Right);
+    for p in &l.providers {
+        let shares: Vec<String> =
+            p.replicas.iter().map(|s| format!("{} {:.1}% ({:.2})", s.member, s.share * 100.0, s.demand)).collect();
+        providers.add_row(vec![
+            Cell::new(&p.provider),
+            right(p.requests_per_minute.to_string()),
+            right(format!(
+                "{:.1} ({:.0}%)",
+                p.requests_per_minute_used,
+                pct(p.requests_per_minute_used, p.requests_per_minute as f64)
+            )),
+            right(p.tokens_per_minute.to_string()),
+            right(format!(
+                "{:.0} ({:.0}%)",
+                p.tokens_per_minute_used,
+                pct(p.tokens_per_minute_used, p.tokens_per_minute as f64)
+            )),
+            right(p.replicas.len().to_string()),
+            Cell::new(if shares.is_empty() { "-".to_string() } else { shares.join("\n") }),
+            Cell::new(p.paused_s.map_or("-".to_string(), |s| format!("{s:.1} s"))),
+        ]);
+    }
+    let _ = writeln!(out, "Provider limits (replicas heard within {:.0} s):\n{providers}", l.live_for_s);
+    if l.budgets.is_empty() {
+        out.push_str("\nNo budget caps configured ([budgets.<tier>]).\n");
+        return out;
+    }
+    let mut budgets = Table::new();
+    budgets.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
+        "tier",
+        "day",
+        "cap",
+        "spent",
+        "reserved",
+        "leased",
+        "then",
+        "replicas (leased / spent)",
+    ]);
+    let money = |v: f64| format!("${v:.6}");
+    for b in &l.budgets {
+        let replicas: Vec<String> = b
+            .replicas
+            .iter()
+            .map(|r| format!("{} {} / {}", r.member, money(r.leased_usd), money(r.spent_usd)))
+            .collect();
+        budgets.add_row(vec![
+            Cell::new(&b.tier),
+            Cell::new(b.day.to_string()),
+            right(money(b.cap_usd)),
+            right(format!("{} ({:.0}%)", money(b.spent_usd), pct(b.spent_usd, b.cap_usd))),
+            right(money(b.reserved_usd)),
+            right(money(b.leased_usd)),
+            Cell::new(&b.when_spent),
+            Cell::new(if replicas.is_empty() { "-".to_string() } else { replicas.join("\n") }),
+        ]);
+    }
+    let _ = writeln!(out, "\nDaily budgets:\n{budgets}");
+    out
+}
+
+fn pct(part: f64, whole: f64) -> f64 {
+    if whole > 0.0 {
+        part / whole * 100.0
+    } else {
+        0.0
+    }
+}

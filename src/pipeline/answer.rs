@@ -60,7 +60,7 @@ impl Pipeline {
         }
         let output = self.respond(&unit, &mut t, decision).await;
         if let Some(hold) = hold {
-            self.budgets.settle(hold, output.costs().iter().map(|c| c.cost_usd).sum());
+            hold.settle(output.costs().iter().map(|c| c.cost_usd).sum());
         }
         output
     }

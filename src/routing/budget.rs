@@ -125,13 +125,39 @@ pub struct Degraded {
     pub reason: String,
 }
 
-/// A reservation against a tier's cap, to be settled with what the ticket cost.
-#[derive(Debug)]
+/// A reservation against a tier's cap, to be settled with what the ticket cost
+/// ([`Hold::settle`]). Dropped unsettled (the ticket's attempt was cancelled), it is
+/// given back and counts nothing: the attempt that follows reserves again.
 #[must_use = "a reservation is settled with what the ticket cost"]
 pub struct Hold {
+    budgets: Arc<Budgets>,
     tier: String,
     day: NaiveDate,
     usd: f64,
+    open: bool,
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold").field("tier", &self.tier).field("day", &self.day).field("usd", &self.usd).finish()
+    }
+}
+
+impl Hold {
+    /// Settles the reservation with what the ticket's calls cost.
+    pub fn settle(mut self, cost_usd: f64) {
+        self.open = false;
+        self.budgets.settle(&self, cost_usd);
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if self.open {
+            tracing::debug!(tier = %self.tier, usd = self.usd, "reservation given back unsettled");
+            self.budgets.settle(self, 0.0);
+        }
+    }
 }
 
 /// One capped tier's day, as this process sees it.
@@ -210,7 +236,7 @@ impl Budgets {
 
     /// Reserves `usd` against `tier`'s cap for today: `Ok(None)` for a tier without a
     /// cap, `Ok(Some(hold))` when the cap has room, or where the ticket goes instead.
-    pub async fn reserve(&self, tier: &str, usd: f64) -> Result<Option<Hold>, Degraded> {
+    pub async fn reserve(self: &Arc<Self>, tier: &str, usd: f64) -> Result<Option<Hold>, Degraded> {
         let Some(cap) = self.caps.get(tier) else { return Ok(None) };
         let usd = if usd.is_finite() { usd.max(0.0) } else { 0.0 };
         let day = self.today();
@@ -243,7 +269,7 @@ impl Budgets {
     }
 
     /// A reservation out of the lease held, if it covers `usd`.
-    fn take(&self, tier: &str, day: NaiveDate, usd: f64) -> Option<Hold> {
+    fn take(self: &Arc<Self>, tier: &str, day: NaiveDate, usd: f64) -> Option<Hold> {
         let mut days = self.days();
         let t = Self::on(&mut days, day).entry(tier.to_owned()).or_default();
         // A reservation of nothing (a free model) always fits.
@@ -252,11 +278,11 @@ impl Budgets {
         }
         t.reserved += usd;
         t.since_sync += 1;
-        Some(Hold { tier: tier.to_owned(), day, usd })
+        Some(Hold { budgets: self.clone(), tier: tier.to_owned(), day, usd, open: true })
     }
 
-    /// Settles `hold` with what the ticket's calls cost.
-    pub fn settle(&self, hold: Hold, cost_usd: f64) {
+    /// Ends `hold`'s reservation, adding `cost_usd` to the spend.
+    fn settle(&self, hold: &Hold, cost_usd: f64) {
         let cost = if cost_usd.is_finite() { cost_usd.max(0.0) } else { 0.0 };
         let mut days = self.days();
         if days.day != Some(hold.day) {
@@ -265,8 +291,10 @@ impl Budgets {
         }
         let t = days.tiers.entry(hold.tier.clone()).or_default();
         t.reserved = (t.reserved - hold.usd).max(0.0);
-        t.spent += cost;
-        crate::telemetry::budget_spent(&hold.tier, t.spent);
+        if cost > 0.0 {
+            t.spent += cost;
+            crate::telemetry::budget_spent(&hold.tier, t.spent);
+        }
     }
 
     /// What `tier` has spent today in this process.
@@ -322,7 +350,7 @@ mod tests {
 
     #[tokio::test]
     async fn degrades_once_the_cap_is_reserved_and_settles_to_the_real_cost() {
-        let b = Budgets::new(caps(1.0), Tz::UTC);
+        let b = Arc::new(Budgets::new(caps(1.0), Tz::UTC));
         assert!(b.reserve("cheap", 100.0).await.unwrap().is_none(), "tiers without a cap are never held");
         // A lease of half the cap (four such reservations would be 0.8).
         let first = b.reserve("premium", 0.2).await.unwrap().unwrap();
@@ -334,17 +362,17 @@ mod tests {
         assert_eq!(d.target, "cheap");
         assert_eq!(d.reason, "budget:premium_spent->cheap");
         // Settled below the estimates: the room comes back.
-        b.settle(first, 0.1);
-        b.settle(second, 0.2);
-        b.settle(third, 0.2);
+        first.settle(0.1);
+        second.settle(0.2);
+        third.settle(0.2);
         assert!((b.spent_today("premium") - 0.5).abs() < 1e-12);
         let fourth = b.reserve("premium", 0.6).await.unwrap().unwrap();
-        b.settle(fourth, 0.6);
+        fourth.settle(0.6);
         assert!((b.spent_today("premium") - 1.1).abs() < 1e-12);
         // 1.2 leased (the cap and the one reservation over it), 1.1 spent.
         let last = b.reserve("premium", 0.1).await.unwrap().unwrap();
         assert!(b.reserve("premium", 0.01).await.is_err(), "the cap crossed once is not crossed again");
-        b.settle(last, 0.1);
+        last.settle(0.1);
     }
 
     #[tokio::test]
@@ -367,7 +395,7 @@ mod tests {
                             Ok(Some(hold)) => {
                                 tokio::task::yield_now().await;
                                 let cost = 0.001 + 0.007 * (((i * 80 + lane * 20 + k) * 37 % 100) as f64 / 100.0);
-                                b.settle(hold, cost);
+                                hold.settle(cost);
                                 spent += cost;
                             }
                             Ok(None) => panic!("premium is capped"),
@@ -398,10 +426,10 @@ mod tests {
     #[tokio::test]
     async fn an_idle_replica_gives_its_unused_lease_back() {
         let bank = Arc::new(LocalBank::default());
-        let a = Budgets::shared(caps(0.05), Tz::UTC, bank.clone(), "a");
+        let a = Arc::new(Budgets::shared(caps(0.05), Tz::UTC, bank.clone(), "a"));
         let lease = || bank.leases().values().next().and_then(|l| l.get("a").copied()).unwrap();
         let hold = a.reserve("premium", 0.01).await.unwrap().unwrap();
-        a.settle(hold, 0.004);
+        hold.settle(0.004);
         assert!((lease() - 0.025).abs() < 1e-12, "a chunk: half of the cap");
         a.sync().await.unwrap();
         assert!((lease() - 0.025).abs() < 1e-12, "reserved since the last sync: kept");
@@ -410,7 +438,20 @@ mod tests {
         let hold = a.reserve("premium", 0.01).await.unwrap().unwrap();
         a.leave().await.unwrap();
         assert!((lease() - 0.014).abs() < 1e-12, "leaving keeps what is spent or reserved");
-        a.settle(hold, 0.01);
+        hold.settle(0.01);
+    }
+
+    #[tokio::test]
+    async fn a_reservation_dropped_unsettled_is_given_back() {
+        let b = Arc::new(Budgets::new(caps(1.0), Tz::UTC));
+        let hold = b.reserve("premium", 0.9).await.unwrap().unwrap();
+        let over = b.reserve("premium", 0.9).await.unwrap().unwrap(); // the one over the cap
+        assert!(b.reserve("premium", 0.9).await.is_err());
+        drop(hold); // the ticket's attempt was cancelled
+        let again = b.reserve("premium", 0.9).await.unwrap().unwrap();
+        again.settle(0.3);
+        over.settle(0.2);
+        assert!((b.spent_today("premium") - 0.5).abs() < 1e-12);
     }
 
     #[test]

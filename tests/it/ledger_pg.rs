@@ -686,7 +686,7 @@ async fn budgets_leased_through_the_database_never_exceed_the_cap_and_one_reserv
                     if let Ok(Some(hold)) = b.reserve("premium", MOST).await {
                         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
                         let cost = 0.001 + 0.007 * (((i * 80 + lane * 10 + k) * 37 % 100) as f64 / 100.0);
-                        b.settle(hold, cost);
+                        hold.settle(cost);
                         spent += cost;
                     }
                     if lane == 0 && k % 3 == 0 {

@@ -15,5 +15,5 @@ CREATE TABLE budget_leases (
     spent_usd    double precision NOT NULL DEFAULT 0,
     reserved_usd double precision NOT NULL DEFAULT 0,
     seen_at      timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (tier, day, member)
+    PRIMARY KEY (day, tier, member)
 );

@@ -265,6 +265,19 @@ fn require_keys(settings: &crate::settings::Settings) -> Result<(), Failure> {
 
 /// A PostgreSQL URL given on the command line (`flag`), checked before anything
 /// connects: an unparseable one is a usage error.
+/// Writes a command's document to standard output: a full disk is an error line (exit
+/// 1), not a panic; a reader that went away (`| head`) is not an error.
+fn emit(text: &str) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Failure { code: 1, error: anyhow::anyhow!("cannot write to standard output: {e}") })
+        }
+        _ => Ok(()),
+    }
+}
+
 fn database_url(flag: &str, url: &str) -> Result<String, Failure> {
     match url.parse::<tokio_postgres::Config>() {
         Ok(_) => Ok(url.to_owned()),
@@ -332,9 +345,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             }
             let report = crate::eval::run(settings, other.as_ref(), &text, triage).await?;
             match format {
-                EvalFormat::Table => print!("{}", crate::eval::render_table(&report)),
+                EvalFormat::Table => emit(&crate::eval::render_table(&report))?,
                 EvalFormat::Json => {
-                    println!("{}", serde_json::to_string_pretty(&report).context("rendering the report")?)
+                    emit(&(serde_json::to_string_pretty(&report).context("rendering the report")? + "\n"))?
                 }
             }
             for line in &report.rejected {
@@ -471,7 +484,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Config => {
             let settings = crate::policy::load(cli.config.as_deref()).map_err(config_failure)?;
-            print!("{}", settings.redacted_toml());
+            emit(&settings.redacted_toml())?;
             for warning in crate::policy::filter_warnings(&settings) {
                 say("WARN", &warning);
             }
@@ -495,11 +508,11 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let pool = crate::ledger::postgres::reader_pool(&settings.database).await?;
             let report = crate::report::gather(&pool, since, until).await?;
             match format {
-                ReportFormat::Table => print!("{}", crate::report::render_table(&report)),
+                ReportFormat::Table => emit(&crate::report::render_table(&report))?,
                 ReportFormat::Json => {
-                    println!("{}", serde_json::to_string_pretty(&report).context("rendering the report")?)
+                    emit(&(serde_json::to_string_pretty(&report).context("rendering the report")? + "\n"))?
                 }
-                ReportFormat::Html => print!("{}", crate::report::render_html(&report)),
+                ReportFormat::Html => emit(&crate::report::render_html(&report))?,
             }
             Ok(())
         }
@@ -511,9 +524,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let pool = crate::ledger::postgres::reader_pool(&settings.database).await?;
             let limits = crate::limits::gather(&pool, &settings, minutes).await?;
             match format {
-                LimitsFormat::Table => print!("{}", crate::limits::render_table(&limits)),
+                LimitsFormat::Table => emit(&crate::limits::render_table(&limits))?,
                 LimitsFormat::Json => {
-                    println!("{}", serde_json::to_string_pretty(&limits).context("rendering the limits")?)
+                    emit(&(serde_json::to_string_pretty(&limits).context("rendering the limits")? + "\n"))?
                 }
             }
             Ok(())

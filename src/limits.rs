@@ -54,6 +54,9 @@ pub struct Lease {
     #[serde(serialize_with = "crate::ticket::usd")]
     pub reserved_usd: f64,
     pub seen_s: f64,
+    /// Not heard from within the live window: killed or cut off; its unused lease is
+    /// stranded until the day ends.
+    pub gone: bool,
 }
 
 /// One capped tier today.
@@ -61,9 +64,12 @@ pub struct Lease {
 pub struct BudgetView {
     pub tier: String,
     pub day: NaiveDate,
-    #[serde(serialize_with = "crate::ticket::usd")]
-    pub cap_usd: f64,
-    pub when_spent: String,
+    /// The cap of this configuration; none when only the ledger knows the tier.
+    pub cap_usd: Option<f64>,
+    /// The cap the replicas leased against today, when it differs from `cap_usd`.
+    pub ledger_cap_usd: Option<f64>,
+    /// Where a spent tier's tickets go (this configuration's).
+    pub when_spent: Option<String>,
     #[serde(serialize_with = "crate::ticket::usd")]
     pub leased_usd: f64,
     #[serde(serialize_with = "crate::ticket::usd")]
@@ -76,8 +82,12 @@ pub struct BudgetView {
 /// Everything `ticketflow limits` shows.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Limits {
+    /// Whether the replicas divide the limits (`limits.account_heartbeat_ms` > 0).
+    pub shared: bool,
     /// Replicas not heard from for this long are no longer counted.
     pub live_for_s: f64,
+    /// The time zone of the budgets' day.
+    pub budget_time_zone: String,
     /// The window of the use figures.
     pub minutes: u32,
     pub providers: Vec<ProviderView>,
@@ -90,13 +100,16 @@ const PAUSES: &str = "SELECT provider, extract(epoch FROM until - now())::float8
 const USE: &str = "SELECT provider, count(*), coalesce(sum(input_tokens + output_tokens), 0)::bigint \
      FROM cost_records WHERE at > now() - make_interval(mins => $1) GROUP BY provider";
 const LEASES: &str = "SELECT tier, member, granted_usd, spent_usd, reserved_usd, \
-     extract(epoch FROM now() - seen_at)::float8 FROM budget_leases WHERE day = $1 ORDER BY tier, member";
+     extract(epoch FROM now() - seen_at)::float8, cap_usd FROM budget_leases WHERE day = $1 ORDER BY tier, member";
 
 /// Reads the shared state from the ledger at `pool`, for the providers and tiers of
 /// `settings`, with use over the last `minutes`.
 pub async fn gather(pool: &deadpool_postgres::Pool, settings: &Settings, minutes: u32) -> Result<Limits, LedgerError> {
     let client = pool.get().await.map_err(classify)?;
-    let heartbeat = std::time::Duration::from_millis(settings.limits.account_heartbeat_ms.max(1));
+    let shared = settings.limits.account_heartbeat_ms > 0;
+    // Sharing off here: the window of the default heartbeat.
+    let every = if shared { settings.limits.account_heartbeat_ms } else { 1000 };
+    let heartbeat = std::time::Duration::from_millis(every);
     let live_for = crate::providers::account::Timing::every(heartbeat).live_for.as_secs_f64();
     let mut shares: BTreeMap<String, Vec<Share>> = BTreeMap::new();
     for r in client.query(MEMBERS, &[&live_for]).await.map_err(classify)? {
@@ -132,36 +145,53 @@ pub async fn gather(pool: &deadpool_postgres::Pool, settings: &Settings, minutes
         })
         .collect();
     let day = chrono::Utc::now().with_timezone(&settings.budget_zone()).date_naive();
-    let mut leases: BTreeMap<String, Vec<Lease>> = BTreeMap::new();
+    let mut leases: BTreeMap<String, (Vec<Lease>, f64)> = BTreeMap::new();
     for r in client.query(LEASES, &[&day]).await.map_err(classify)? {
+        let seen_s: f64 = r.get(5);
         let lease = Lease {
             member: r.get(1),
             leased_usd: r.get(2),
             spent_usd: r.get(3),
             reserved_usd: r.get(4),
-            seen_s: r.get(5),
+            seen_s,
+            // Replicas report their leases every heartbeat, and at least every second.
+            gone: seen_s > live_for.max(3.0),
         };
-        leases.entry(r.get(0)).or_default().push(lease);
+        let entry = leases.entry(r.get(0)).or_insert_with(|| (Vec::new(), 0.0));
+        entry.0.push(lease);
+        entry.1 = entry.1.max(r.get::<_, f64>(6));
     }
-    let budgets = settings
-        .budgets
-        .iter()
-        .map(|(tier, cap)| {
-            let replicas = leases.remove(tier).unwrap_or_default();
-            let sum = |f: fn(&Lease) -> f64| replicas.iter().map(f).sum::<f64>();
+    // The tiers configured here, and any other the replicas leased on today.
+    let tiers: std::collections::BTreeSet<String> = settings.budgets.keys().chain(leases.keys()).cloned().collect();
+    let budgets = tiers
+        .into_iter()
+        .map(|tier| {
+            let configured = settings.budgets.get(&tier);
+            let (replicas, ledger_cap) = leases.remove(&tier).unwrap_or_default();
+            // From zero: an empty sum of floats is -0.
+            let sum = |f: fn(&Lease) -> f64| replicas.iter().map(f).fold(0.0, |a, b| a + b);
+            let cap_usd = configured.map(|c| c.daily_usd);
             BudgetView {
-                tier: tier.clone(),
                 day,
-                cap_usd: cap.daily_usd,
-                when_spent: cap.when_spent.clone(),
+                cap_usd,
+                ledger_cap_usd: (!replicas.is_empty() && cap_usd != Some(ledger_cap)).then_some(ledger_cap),
+                when_spent: configured.map(|c| c.when_spent.clone()),
                 leased_usd: sum(|l| l.leased_usd),
                 spent_usd: sum(|l| l.spent_usd),
                 reserved_usd: sum(|l| l.reserved_usd),
                 replicas,
+                tier,
             }
         })
         .collect();
-    Ok(Limits { live_for_s: live_for, minutes: window as u32, providers, budgets })
+    Ok(Limits {
+        shared,
+        live_for_s: live_for,
+        budget_time_zone: settings.limits.budget_time_zone.clone(),
+        minutes: window as u32,
+        providers,
+        budgets,
+    })
 }
 
 /// The tables for a terminal.
@@ -186,13 +216,13 @@ pub fn render_table(l: &Limits) -> String {
             Cell::new(&p.provider),
             right(p.requests_per_minute.to_string()),
             right(format!(
-                "{:.1} ({:.0}%)",
+                "{:.1} ({})",
                 p.requests_per_minute_used,
-                pct(p.requests_per_minute_used, p.requests_per_minute as f64)
+                pct(p.requests_per_minute_used, f64::from(p.requests_per_minute))
             )),
             right(p.tokens_per_minute.to_string()),
             right(format!(
-                "{:.0} ({:.0}%)",
+                "{:.0} ({})",
                 p.tokens_per_minute_used,
                 pct(p.tokens_per_minute_used, p.tokens_per_minute as f64)
             )),
@@ -201,9 +231,16 @@ pub fn render_table(l: &Limits) -> String {
             Cell::new(p.paused_s.map_or("-".to_string(), |s| format!("{s:.1} s"))),
         ]);
     }
-    let _ = writeln!(out, "Provider limits (replicas heard within {:.0} s):\n{providers}", l.live_for_s);
+    if l.shared {
+        let _ = writeln!(out, "Provider limits (replicas heard within {:.0} s):\n{providers}", l.live_for_s);
+    } else {
+        let _ = writeln!(
+            out,
+            "Provider limits (limits.account_heartbeat_ms = 0 here: workers configured so enforce the whole limits each):\n{providers}"
+        );
+    }
     if l.budgets.is_empty() {
-        out.push_str("\nNo budget caps configured ([budgets.<tier>]).\n");
+        out.push_str("\nNo budget caps configured ([budgets.<tier>]) and none leased today.\n");
         return out;
     }
     let mut budgets = Table::new();
@@ -214,7 +251,7 @@ pub fn render_table(l: &Limits) -> String {
         "spent",
         "reserved",
         "leased",
-        "then",
+        "when spent",
         "replicas (leased / spent)",
     ]);
     let money = |v: f64| format!("${v:.6}");
@@ -222,27 +259,41 @@ pub fn render_table(l: &Limits) -> String {
         let replicas: Vec<String> = b
             .replicas
             .iter()
-            .map(|r| format!("{} {} / {}", r.member, money(r.leased_usd), money(r.spent_usd)))
+            .map(|r| {
+                let gone = if r.gone { format!(" (gone {:.0} s ago)", r.seen_s) } else { String::new() };
+                format!("{} {} / {}{gone}", r.member, money(r.leased_usd), money(r.spent_usd))
+            })
             .collect();
+        let cap = match (b.cap_usd, b.ledger_cap_usd) {
+            (Some(cap), None) => money(cap),
+            (Some(cap), Some(leased)) => format!("{} (replicas: {})", money(cap), money(leased)),
+            (None, Some(leased)) => format!("{} (replicas)", money(leased)),
+            (None, None) => "-".to_string(),
+        };
+        let counted = b.ledger_cap_usd.or(b.cap_usd).unwrap_or(0.0);
         budgets.add_row(vec![
             Cell::new(&b.tier),
             Cell::new(b.day.to_string()),
-            right(money(b.cap_usd)),
-            right(format!("{} ({:.0}%)", money(b.spent_usd), pct(b.spent_usd, b.cap_usd))),
+            right(cap),
+            right(format!("{} ({})", money(b.spent_usd), pct(b.spent_usd, counted))),
             right(money(b.reserved_usd)),
             right(money(b.leased_usd)),
-            Cell::new(&b.when_spent),
+            Cell::new(b.when_spent.as_deref().unwrap_or("-")),
             Cell::new(if replicas.is_empty() { "-".to_string() } else { replicas.join("\n") }),
         ]);
     }
-    let _ = writeln!(out, "\nDaily budgets:\n{budgets}");
+    let _ = writeln!(out, "\nDaily budgets (days in {}):\n{budgets}", l.budget_time_zone);
     out
 }
 
-fn pct(part: f64, whole: f64) -> f64 {
+/// `part` as a percentage of `whole`; a whole of nothing is over as soon as anything
+/// is used.
+fn pct(part: f64, whole: f64) -> String {
     if whole > 0.0 {
-        part / whole * 100.0
+        format!("{:.0}%", part / whole * 100.0)
+    } else if part > 0.0 {
+        "over".to_string()
     } else {
-        0.0
+        "0%".to_string()
     }
 }

@@ -96,6 +96,8 @@ const LEASED: &str = "SELECT coalesce(sum(granted_usd), 0)::float8 FROM budget_l
 const GRANT: &str = "INSERT INTO budget_leases (tier, day, member, cap_usd, granted_usd) VALUES ($1, $2, $3, $4, $5) \
      ON CONFLICT (tier, day, member) DO UPDATE \
      SET granted_usd = budget_leases.granted_usd + EXCLUDED.granted_usd, cap_usd = EXCLUDED.cap_usd, seen_at = now()";
+/// Leases of days more than a month past are deleted (`limits` shows today's).
+const FORGET_DAYS: &str = "DELETE FROM budget_leases WHERE day < $1::date - 31";
 const REPORT: &str = "UPDATE budget_leases SET spent_usd = $4, reserved_usd = $5, granted_usd = $6, seen_at = now() \
      WHERE tier = $1 AND day = $2 AND member = $3";
 
@@ -129,6 +131,8 @@ impl Bank for PgBank {
         if granted > 0.0 {
             tx.execute(GRANT, &[&tier, &day, &member, &cap, &granted]).await.map_err(classify)?;
         }
+        // An index range that is empty but for the first lease of a day.
+        tx.execute(FORGET_DAYS, &[&day]).await.map_err(classify)?;
         tx.commit().await.map_err(classify)?;
         Ok(granted)
     }

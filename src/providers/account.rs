@@ -304,7 +304,9 @@ impl Member {
             seat.raise = None;
             if !counted {
                 let current = seat.limits.share();
-                let safe = 1.0 / seat.known as f64;
+                // Never the whole limit: a member that knew only itself may have missed
+                // one that joined since.
+                let safe = 1.0 / seat.known.max(2) as f64;
                 if current > safe {
                     let next = safe + (current - safe) / 2.0;
                     // Down to the step, and to the safe share once within one step of it.

@@ -126,8 +126,9 @@ pub struct Degraded {
 }
 
 /// A reservation against a tier's cap, to be settled with what the ticket cost
-/// ([`Hold::settle`]). Dropped unsettled (the ticket's attempt was cancelled), it is
-/// given back and counts nothing: the attempt that follows reserves again.
+/// ([`Hold::settle`]). Dropped unsettled (the ticket's attempt was cancelled, maybe
+/// after calls the provider bills), it counts as spent in full: the cap errs on the
+/// side of the account.
 #[must_use = "a reservation is settled with what the ticket cost"]
 pub struct Hold {
     budgets: Arc<Budgets>,
@@ -154,8 +155,8 @@ impl Hold {
 impl Drop for Hold {
     fn drop(&mut self) {
         if self.open {
-            tracing::debug!(tier = %self.tier, usd = self.usd, "reservation given back unsettled");
-            self.budgets.settle(self, 0.0);
+            tracing::debug!(tier = %self.tier, usd = self.usd, "reservation dropped unsettled; counted as spent");
+            self.budgets.settle(self, self.usd);
         }
     }
 }
@@ -224,14 +225,19 @@ impl Budgets {
         self.days.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// This process's figures for `tier` on `day`, turning the page when the day
-    /// changed (yesterday's reservations settle into nothing).
-    fn on(days: &mut Days, day: NaiveDate) -> &mut BTreeMap<String, Ledgered> {
-        if days.day != Some(day) {
-            days.day = Some(day);
-            days.tiers.clear();
+    /// This process's figures for today, turning the page when `day` is a later day
+    /// (yesterday's reservations settle into nothing). The page never turns back: a
+    /// `day` read before midnight by a call that finished after it gets today's
+    /// page, and its day.
+    fn on(days: &mut Days, day: NaiveDate) -> (NaiveDate, &mut BTreeMap<String, Ledgered>) {
+        match days.day {
+            Some(page) if page >= day => (page, &mut days.tiers),
+            _ => {
+                days.day = Some(day);
+                days.tiers.clear();
+                (day, &mut days.tiers)
+            }
         }
-        &mut days.tiers
     }
 
     /// Reserves `usd` against `tier`'s cap for today: `Ok(None)` for a tier without a
@@ -239,39 +245,49 @@ impl Budgets {
     pub async fn reserve(self: &Arc<Self>, tier: &str, usd: f64) -> Result<Option<Hold>, Degraded> {
         let Some(cap) = self.caps.get(tier) else { return Ok(None) };
         let usd = if usd.is_finite() { usd.max(0.0) } else { 0.0 };
+        if let Some(hold) = self.take(tier, self.today(), usd) {
+            return Ok(Some(hold));
+        }
+        let _talking = self.talking.lock().await;
+        // Another reservation may have leased meanwhile, or the day changed.
         let day = self.today();
         if let Some(hold) = self.take(tier, day, usd) {
             return Ok(Some(hold));
         }
-        let _talking = self.talking.lock().await;
-        // Another reservation may have leased meanwhile.
-        if let Some(hold) = self.take(tier, day, usd) {
-            return Ok(Some(hold));
-        }
-        let need = {
+        let (day, need) = {
             let mut days = self.days();
-            let t = Self::on(&mut days, day).entry(tier.to_owned()).or_default();
-            usd - (t.leased - t.spent - t.reserved).max(0.0)
+            let (day, tiers) = Self::on(&mut days, day);
+            let t = tiers.entry(tier.to_owned()).or_default();
+            // What the lease lacks, an overrun of earlier tickets included.
+            (day, usd - (t.leased - t.spent - t.reserved))
         };
         let want = usd * CHUNK_RESERVATIONS;
-        match self.bank.lease(&self.member, tier, day, cap.daily_usd, need, want).await {
-            Ok(granted) if granted > 0.0 => {
+        let unavailable = match self.bank.lease(&self.member, tier, day, cap.daily_usd, need, want).await {
+            Ok(granted) => {
                 let mut days = self.days();
-                Self::on(&mut days, day).entry(tier.to_owned()).or_default().leased += granted;
+                match Self::on(&mut days, day) {
+                    (page, tiers) if page == day => tiers.entry(tier.to_owned()).or_default().leased += granted,
+                    // Leased for a day that has ended: it lapses with it.
+                    _ => {}
+                }
+                false
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(%tier, error = %e, "could not lease more of the tier's daily budget"),
-        }
+            Err(e) => {
+                tracing::warn!(%tier, error = %e, "could not lease more of the tier's daily budget; the ticket goes where a spent budget sends it");
+                true
+            }
+        };
         self.take(tier, day, usd).map(Some).ok_or_else(|| Degraded {
             target: cap.when_spent.clone(),
-            reason: format!("budget:{tier}_spent->{}", cap.when_spent),
+            reason: format!("budget:{tier}_{}->{}", if unavailable { "unavailable" } else { "spent" }, cap.when_spent),
         })
     }
 
     /// A reservation out of the lease held, if it covers `usd`.
     fn take(self: &Arc<Self>, tier: &str, day: NaiveDate, usd: f64) -> Option<Hold> {
         let mut days = self.days();
-        let t = Self::on(&mut days, day).entry(tier.to_owned()).or_default();
+        let (day, tiers) = Self::on(&mut days, day);
+        let t = tiers.entry(tier.to_owned()).or_default();
         // A reservation of nothing (a free model) always fits.
         if usd > 0.0 && t.spent + t.reserved + usd > t.leased * (1.0 + 1e-12) {
             return None;
@@ -319,19 +335,23 @@ impl Budgets {
 
     async fn report(&self, all: bool) -> Result<(), LedgerError> {
         let _talking = self.talking.lock().await;
-        let day = self.today();
-        let uses: Vec<(String, Use)> = {
+        let (day, uses): (NaiveDate, Vec<(String, Use)>) = {
             let mut days = self.days();
-            Self::on(&mut days, day)
+            let (day, tiers) = Self::on(&mut days, self.today());
+            let uses = tiers
                 .iter_mut()
                 .map(|(tier, t)| {
                     if all || t.since_sync == 0 {
                         t.leased = t.leased.min(t.spent + t.reserved);
                     }
+                    // Tickets that cost more than they reserved: the lease grows to
+                    // cover them, so the bank counts every dollar spent.
+                    t.leased = t.leased.max(t.spent + t.reserved);
                     t.since_sync = 0;
                     (tier.clone(), Use { spent: t.spent, reserved: t.reserved, keep: t.leased })
                 })
-                .collect()
+                .collect();
+            (day, uses)
         };
         for (tier, use_) in uses {
             self.bank.report(&self.member, &tier, day, use_).await?;
@@ -442,16 +462,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_reservation_dropped_unsettled_is_given_back() {
+    async fn a_reservation_dropped_unsettled_counts_in_full_and_an_overrun_is_reported() {
+        let bank = Arc::new(LocalBank::default());
+        let b = Arc::new(Budgets::shared(caps(1.0), Tz::UTC, bank.clone(), "a"));
+        let lease = || bank.leases().values().next().and_then(|l| l.get("a").copied()).unwrap();
+        let hold = b.reserve("premium", 0.2).await.unwrap().unwrap();
+        drop(hold); // the ticket's attempt was cancelled, perhaps after billed calls
+        assert!((b.spent_today("premium") - 0.2).abs() < 1e-12);
+        // A ticket that cost more than it reserved (a refusal, then the bypass).
+        let hold = b.reserve("premium", 0.2).await.unwrap().unwrap();
+        hold.settle(0.5);
+        b.sync().await.unwrap();
+        assert!((lease() - 0.7).abs() < 1e-12, "the bank counts the overrun: {}", lease());
+        // The next reservation asks for what the lease lacks, the overrun included.
+        let hold = b.reserve("premium", 0.1).await.unwrap().unwrap();
+        hold.settle(0.1);
+        assert!((b.spent_today("premium") - 0.8).abs() < 1e-12);
+    }
+
+    #[tokio::test]
+    async fn the_page_turns_forward_only() {
         let b = Arc::new(Budgets::new(caps(1.0), Tz::UTC));
-        let hold = b.reserve("premium", 0.9).await.unwrap().unwrap();
-        let over = b.reserve("premium", 0.9).await.unwrap().unwrap(); // the one over the cap
-        assert!(b.reserve("premium", 0.9).await.is_err());
-        drop(hold); // the ticket's attempt was cancelled
-        let again = b.reserve("premium", 0.9).await.unwrap().unwrap();
-        again.settle(0.3);
-        over.settle(0.2);
-        assert!((b.spent_today("premium") - 0.5).abs() < 1e-12);
+        let today = b.today();
+        let tomorrow = today.succ_opt().unwrap();
+        let after_midnight = b.take("premium", tomorrow, 0.0).unwrap();
+        // A reservation that read the day just before midnight gets the new page.
+        let late = b.take("premium", today, 0.0).unwrap();
+        assert_eq!((after_midnight.day, late.day), (tomorrow, tomorrow));
+        assert_eq!(b.days().day, Some(tomorrow));
+        late.settle(0.0);
+        after_midnight.settle(0.0);
     }
 
     #[test]

@@ -66,6 +66,9 @@ impl Timing {
 /// Shares are multiples of this (rounded down), so that members never hold a sliver
 /// above what the division gave them.
 const STEP: f64 = 0.001;
+/// What is left of a member's reported demand one heartbeat later when it asks for
+/// less: a member that stops asking gives its share up over a few heartbeats.
+const DEMAND_DECAY: f64 = 0.7;
 /// Smallest raise worth a new limiter (each change costs one interval); a raise from
 /// nothing and every lowering are always made.
 const MIN_RAISE: f64 = 0.01;
@@ -158,6 +161,9 @@ struct Seat {
     claimed: f64,
     /// Members (this one included) in the latest division heard.
     known: usize,
+    /// The demand of the latest report the others heard, and of the report in flight.
+    heard_demand: f64,
+    sent_demand: f64,
 }
 
 /// This process as a member of its account's division.
@@ -187,6 +193,8 @@ impl Member {
                     raise: None,
                     claimed: 0.0,
                     known: 1,
+                    heard_demand: 0.0,
+                    sent_demand: 0.0,
                 })
             })
             .collect();
@@ -224,9 +232,14 @@ impl Member {
             let rate = asked.saturating_sub(seat.asked_before) as f64 / elapsed.as_secs_f64();
             seat.asked_before = asked;
             let backlog = seat.limits.waiting() as f64 / self.timing.heartbeat.as_secs_f64();
+            // Demand falls gradually, per heartbeat heard: a member whose work stalled
+            // (its database cut off, say) keeps its part for the tickets it still
+            // holds, instead of losing it the moment it is heard again and then
+            // queueing those tickets behind a share too small for them.
+            seat.sent_demand = (rate + backlog).max(seat.heard_demand * DEMAND_DECAY);
             let pending = seat.raise.map_or(0.0, |(lowest, _)| lowest);
             seat.claimed = seat.limits.share().max(pending);
-            reports.push(Report { provider: seat.name.clone(), demand: rate + backlog, claim: seat.claimed });
+            reports.push(Report { provider: seat.name.clone(), demand: seat.sent_demand, claim: seat.claimed });
             if let Some(until) = seat.limits.take_pause_to_share() {
                 pauses.push((seat.name.clone(), until));
             }
@@ -257,6 +270,7 @@ impl Member {
     fn apply(&mut self, snapshot: &Snapshot) {
         let now = Instant::now();
         for seat in &mut self.seats {
+            seat.heard_demand = seat.sent_demand;
             if let Some(pause) = snapshot.pauses.get(&seat.name) {
                 seat.limits.pause_until(now + *pause);
             }

@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod chaos;
 mod config_cli;
 mod contract;
 mod corpus;

@@ -1,0 +1,67 @@
+//! Issue 15, the short variants CI runs of `ticketflow-chaos` (the long ones are in
+//! BENCHMARKS.md): worker processes on RabbitMQ with faults on a seeded schedule, the
+//! guarantees checked from the outputs and the ledger by the chaos runner itself.
+
+use std::process::{Command, Output};
+
+use crate::helpers::repo_path;
+
+fn chaos(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ticketflow-chaos")).args(args).current_dir(repo_path("")).output().unwrap()
+}
+
+fn said(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn workers_killed_on_a_seeded_schedule_lose_nothing_and_answer_nothing_twice() {
+    let out = chaos(&[
+        "--scenario",
+        "kill",
+        "--tickets",
+        "600",
+        "--workers",
+        "2",
+        "--seconds",
+        "12",
+        "--every",
+        "2",
+        "--seed",
+        "11",
+    ]);
+    let said = said(&out);
+    eprintln!("{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("lost 0, duplicated 0, double-paid 0"), "{said}");
+    assert!(!said.contains(" 0 faults"), "faults were injected: {said}");
+}
+
+#[test]
+fn workers_stopped_with_sigterm_under_load_drain_and_lose_nothing() {
+    let out = chaos(&[
+        "--scenario",
+        "term",
+        "--tickets",
+        "400",
+        "--workers",
+        "2",
+        "--seconds",
+        "8",
+        "--every",
+        "2",
+        "--seed",
+        "12",
+    ]);
+    let said = said(&out);
+    eprintln!("{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("lost 0, duplicated 0, double-paid 0, order violations 0"), "{said}");
+}
+
+#[test]
+fn a_wrong_scenario_is_a_usage_error() {
+    let out = chaos(&["--scenario", "meteor"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(said(&out).contains("`meteor` is none of calm, kill, term"), "{}", said(&out));
+}

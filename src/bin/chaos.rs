@@ -10,7 +10,8 @@
 //!
 //! Scenarios: `calm` (no fault: the baseline), `kill` (a random worker SIGKILLed and
 //! started again every `--every` seconds), `term` (the same with SIGTERM, waiting for
-//! the drain). Claims are leased for `--lease-ms` (5 s; a killed worker's tickets
+//! the drain), `db-cut` (the workers' PostgreSQL connections cut through a proxy for
+//! one to four seconds every `--every` seconds). Claims are leased for `--lease-ms` (5 s; a killed worker's tickets
 //! wait that long for another worker). Everything runs on loopback with queues and a database of its own,
 //! removed at the end (kept with `--keep` for a look after a failure).
 //!
@@ -42,6 +43,7 @@ enum Scenario {
     Calm,
     Kill,
     Term,
+    DbCut,
 }
 
 #[derive(Debug, Clone)]
@@ -61,7 +63,7 @@ struct Options {
 fn usage(problem: &str) -> ! {
     eprintln!("error: {problem}");
     eprintln!(
-        "usage: ticketflow-chaos --scenario calm|kill|term [--tickets N] [--workers N] [--seconds S] [--every S] [--seed N] [--settle-timeout S] [--lease-ms MS] [--examples FILE] [--keep]"
+        "usage: ticketflow-chaos --scenario calm|kill|term|db-cut [--tickets N] [--workers N] [--seconds S] [--every S] [--seed N] [--settle-timeout S] [--lease-ms MS] [--examples FILE] [--keep]"
     );
     std::process::exit(2)
 }
@@ -91,7 +93,8 @@ fn parse() -> Options {
                     "calm" => Scenario::Calm,
                     "kill" => Scenario::Kill,
                     "term" => Scenario::Term,
-                    other => usage(&format!("--scenario: `{other}` is none of calm, kill, term")),
+                    "db-cut" => Scenario::DbCut,
+                    other => usage(&format!("--scenario: `{other}` is none of calm, kill, term, db-cut")),
                 }
             }
             "--tickets" => o.tickets = number("--tickets", value("--tickets")) as usize,
@@ -120,10 +123,58 @@ fn parse() -> Options {
     o
 }
 
+/// A TCP proxy in front of PostgreSQL that can be cut: every connection dropped and
+/// new ones refused until it is restored (the workers' view of a database outage).
+struct Proxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: &'static str) -> Result<Proxy, String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("proxy: {e}"))?;
+        let port = listener.local_addr().map_err(|e| format!("proxy: {e}"))?.port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (is_cut, held) = (cut.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if is_cut.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // refused: dropped at once
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                if let Ok(mut held) = held.lock() {
+                    held.retain(|l: &tokio::task::JoinHandle<()>| !l.is_finished());
+                    held.push(link);
+                }
+            }
+        });
+        Ok(Proxy { port, cut, links })
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+        if cut {
+            if let Ok(mut held) = self.links.lock() {
+                for link in held.drain(..) {
+                    link.abort();
+                }
+            }
+        }
+    }
+}
+
 /// The queues, database and environment of one run.
 struct Run {
     tag: String,
     db_url: String,
+    /// The database URL the workers use (through the proxy in `db-cut`).
+    worker_db_url: String,
     env: Vec<(String, String)>,
     ticketflow: PathBuf,
     logs: PathBuf,
@@ -170,6 +221,7 @@ impl Run {
         let log = std::fs::File::create(self.logs.join(format!("worker-{n}-{generation}.log")))
             .map_err(|e| format!("cannot create a worker log in {}: {e}", self.logs.display()))?;
         self.command(&["worker"])
+            .env("TICKETFLOW__DATABASE__URL", &self.worker_db_url)
             .env("TICKETFLOW_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -208,7 +260,7 @@ fn tickets(examples: &Path, n: usize, rng: &mut impl Rng) -> Result<(String, Vec
         .map(|i| match i % 3 {
             0 => format!("{{\"ticket_id\": \"P-{i}\", not json").into_bytes(),
             1 => format!("{{\"ticket_id\": \"P-{i}\"}}").into_bytes(),
-            _ => vec![0xff, 0xfe, b'P', b'-', b'0' + (i % 10) as u8, 0x80],
+            _ => [&[0xff, 0xfe][..], format!("P-{i}").as_bytes(), &[0x80]].concat(),
         })
         .collect();
     Ok((valid, poison))
@@ -414,9 +466,7 @@ async fn chaos(o: &Options) -> Result<Verdict, String> {
     }
     let logs = std::env::temp_dir().join(&tag);
     std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
-    let (base, mock) = ticketflow::mock_provider::spawn(ticketflow::mock_provider::MockConfig::default())
-        .await
-        .map_err(|e| format!("cannot start the mock provider: {e}"))?;
+    let (base, mock, proxy) = services()?;
     let db_name = tag.replace('-', "_");
     let db_url = format!("{POSTGRES}/{db_name}");
     let mut env: Vec<(String, String)> = vec![
@@ -455,11 +505,15 @@ async fn chaos(o: &Options) -> Result<Verdict, String> {
         env.push((format!("TICKETFLOW__PROVIDERS__{upper}__REQUESTS_PER_MINUTE"), "600000".into()));
         env.push((format!("TICKETFLOW__PROVIDERS__{upper}__TOKENS_PER_MINUTE"), "1000000000".into()));
     }
-    let run = Run { tag, db_url, env, ticketflow, logs };
+    let worker_db_url = match o.scenario {
+        Scenario::DbCut => format!("postgres://postgres@127.0.0.1:{}/{db_name}", proxy.port),
+        _ => db_url.clone(),
+    };
+    let run = Run { tag, db_url, worker_db_url, env, ticketflow, logs };
     let conn = Connection::connect(AMQP, ConnectionProperties::default())
         .await
         .map_err(|e| format!("RabbitMQ at 127.0.0.1:5672: {e}"))?;
-    let result = drive(o, &run, &conn, &mut rng).await;
+    let result = drive(o, &run, &conn, &proxy, &mut rng).await;
     drop(mock);
     if !o.keep {
         if let Ok(ch) = conn.create_channel().await {
@@ -478,7 +532,48 @@ async fn chaos(o: &Options) -> Result<Verdict, String> {
     result
 }
 
-async fn drive(o: &Options, run: &Run, conn: &Connection, rng: &mut rand::rngs::StdRng) -> Result<Verdict, String> {
+/// The mock provider and the database proxy, on a runtime of their own: the runner's
+/// waits on its child processes never slow their answers down.
+fn services() -> Result<(String, ticketflow::mock_provider::MockServer, Proxy), String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                let _ = tx.send(Err(format!("cannot start a runtime: {e}")));
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let started = async {
+                let (base, mock) = ticketflow::mock_provider::spawn(ticketflow::mock_provider::MockConfig::default())
+                    .await
+                    .map_err(|e| format!("cannot start the mock provider: {e}"))?;
+                let proxy = Proxy::start("127.0.0.1:5432").await?;
+                Ok::<_, String>((base, mock, proxy))
+            };
+            match started.await {
+                Ok(services) => {
+                    let _ = tx.send(Ok(services));
+                    // Serve until the runner exits.
+                    std::future::pending::<()>().await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        });
+    });
+    rx.recv().map_err(|_| "the services thread stopped".to_string())?
+}
+
+async fn drive(
+    o: &Options,
+    run: &Run,
+    conn: &Connection,
+    proxy: &Proxy,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<Verdict, String> {
     run.run(&["migrate"], None)?;
     run.run(&["topics"], None)?;
     let (valid, poison) = tickets(&o.examples, o.tickets, rng)?;
@@ -503,10 +598,19 @@ async fn drive(o: &Options, run: &Run, conn: &Connection, rng: &mut rand::rngs::
                     let _ = workers[n].kill();
                     let _ = workers[n].wait();
                 }
-                _ => {
+                Scenario::Term => {
                     terminate(&mut workers[n]);
                     let _ = workers[n].wait();
                 }
+                Scenario::DbCut => {
+                    // The database gone for one to four seconds, for every worker.
+                    proxy.set_cut(true);
+                    tokio::time::sleep(Duration::from_secs_f64(rng.gen_range(1.0..4.0))).await;
+                    proxy.set_cut(false);
+                    faults += 1;
+                    continue;
+                }
+                Scenario::Calm => {}
             }
             generation += 1;
             workers[n] = run.worker(n, generation)?;

@@ -60,8 +60,30 @@ fn workers_stopped_with_sigterm_under_load_drain_and_lose_nothing() {
 }
 
 #[test]
+fn the_database_cut_off_again_and_again_loses_nothing_and_pays_nothing_twice() {
+    let out = chaos(&[
+        "--scenario",
+        "db-cut",
+        "--tickets",
+        "1500",
+        "--workers",
+        "2",
+        "--seconds",
+        "8",
+        "--every",
+        "2",
+        "--seed",
+        "13",
+    ]);
+    let said = said(&out);
+    eprintln!("{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("lost 0, duplicated 0, double-paid 0"), "{said}");
+}
+
+#[test]
 fn a_wrong_scenario_is_a_usage_error() {
     let out = chaos(&["--scenario", "meteor"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(said(&out).contains("`meteor` is none of calm, kill, term"), "{}", said(&out));
+    assert!(said(&out).contains("`meteor` is none of calm, kill, term, db-cut"), "{}", said(&out));
 }

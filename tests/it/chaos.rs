@@ -18,7 +18,10 @@ fn said(out: &Output) -> String {
 /// for `seconds`: what the runner said, after asserting that it found no violation.
 fn clean_run(scenario: &str, tickets: &str, seconds: &str, seed: &str) -> String {
     let args = ["--scenario", scenario, "--tickets", tickets, "--workers", "2", "--seconds", seconds, "--every", "2"];
-    let out = chaos(&[&args[..], &["--seed", seed]].concat());
+    let out = {
+        let _timed = crate::helpers::TIMED.blocking_lock();
+        chaos(&[&args[..], &["--seed", seed]].concat())
+    };
     let said = said(&out);
     eprintln!("{said}");
     assert!(out.status.success(), "{said}");

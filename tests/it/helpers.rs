@@ -232,3 +232,9 @@ pub fn expected_baseline(costs: &[Value]) -> f64 {
         })
         .sum()
 }
+
+/// Held by the tests that measure rates over wall-clock time with several worker
+/// processes (the account tests) and by the ones that load the machine with several
+/// (the chaos runs): on two cores, one of them at a time, so that a measurement is
+/// not of another test's load.
+pub static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

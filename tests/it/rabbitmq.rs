@@ -1036,6 +1036,7 @@ fn provider_limits<'a>(limits: &'a serde_json::Value, name: &str) -> &'a serde_j
 /// met.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
+    let _timed = crate::helpers::TIMED.lock().await;
     const RPM: u32 = 600;
     const TICKETS: usize = 1200;
     let account = MistralAccount::new(RPM).await;
@@ -1105,6 +1106,7 @@ async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
 /// killed with SIGKILL: within ten seconds the second uses at least 80%. No 429 at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_account_follows_demand_and_a_killed_replicas_share_returns() {
+    let _timed = crate::helpers::TIMED.lock().await;
     const RPM: u32 = 600;
     let account = MistralAccount::new(RPM).await;
     let (db, server, env) = (&account.db, &account.server, account.env());
@@ -1231,6 +1233,7 @@ async fn three_replicas_share_one_premium_budget_and_spend_at_most_one_ticket_ov
 /// work again once the database is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_added_mid_run_and_a_database_cut_keep_every_minute_within_the_limit() {
+    let _timed = crate::helpers::TIMED.lock().await;
     const RPM: u32 = 600;
     let account = MistralAccount::new(RPM).await;
     let proxy = Proxy::start("127.0.0.1:5432").await;

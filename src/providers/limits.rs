@@ -9,8 +9,12 @@
 //!   so a throttled provider slows intake down instead of piling up work.
 //! - The GCRA burst is one request, and the rate keeps a small headroom below the
 //!   account limit, so no sliding 60-second window ever holds more than the limit.
-//! - A 429 from the provider pauses every call to it for the provider's retry-after
-//!   and halves the rate; the rate recovers step by step after a quiet minute.
+//! - A 429 from the provider while we press on its limit (half our rate used over
+//!   the last ten seconds) pauses every call to it for the
+//!   provider's retry-after and halves the rate, at most once a second; the rate
+//!   recovers step by step after a quiet minute. A 429 while we send far below our
+//!   rate is the provider shedding load, not our pace: only that call backs off
+//!   (`chain`), or a 5% share of random 429s would pause and throttle every call.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +29,10 @@ const MIN_FACTOR: f64 = 0.125;
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(60);
 /// Pause after a 429 that came without a retry-after.
 const DEFAULT_PAUSE: Duration = Duration::from_secs(1);
+/// The span over which our own sending rate is measured when a 429 comes.
+const RECENT: Duration = Duration::from_secs(10);
+/// The least time between two decreases of the rate.
+const DECREASE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why no permit was granted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +78,9 @@ pub struct ProviderLimits {
     waiting: AtomicU64,
     /// Wakes the waiting calls when the limiter is replaced.
     rebuilt: tokio::sync::Notify,
+    /// When the permits of the last `RECENT` were granted, oldest first.
+    granted: Mutex<std::collections::VecDeque<Instant>>,
+    created: Instant,
 }
 
 impl ProviderLimits {
@@ -95,6 +106,32 @@ impl ProviderLimits {
             tokens_requested: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             rebuilt: tokio::sync::Notify::new(),
+            granted: Mutex::new(std::collections::VecDeque::new()),
+            created: Instant::now(),
+        }
+    }
+
+    /// Whether we press on the provider's limit: half the rate we may use taken over
+    /// the last `RECENT` (or since start). Calls waiting are no sign: a pause makes
+    /// them wait whatever the pace.
+    fn pressing(&self, effective: f64) -> bool {
+        let now = Instant::now();
+        let Ok(mut granted) = self.granted.lock() else { return true };
+        while granted.front().is_some_and(|&t| now.duration_since(t) >= RECENT) {
+            granted.pop_front();
+        }
+        let span = now.duration_since(self.created).min(RECENT).as_secs_f64().max(1.0);
+        let allowed = self.requests_per_minute * effective / 60.0 * span;
+        granted.len() as f64 >= 0.5 * allowed
+    }
+
+    fn note_granted(&self) {
+        let now = Instant::now();
+        if let Ok(mut granted) = self.granted.lock() {
+            while granted.front().is_some_and(|&t| now.duration_since(t) >= RECENT) {
+                granted.pop_front();
+            }
+            granted.push_back(now);
         }
     }
 
@@ -135,7 +172,10 @@ impl ProviderLimits {
             }
         };
         match tokio::time::timeout_at(deadline.into(), wait).await {
-            Ok(()) => Ok(started.elapsed()),
+            Ok(()) => {
+                self.note_granted();
+                Ok(started.elapsed())
+            }
             Err(_) => Err(WouldMissDeadline),
         }
     }
@@ -149,8 +189,15 @@ impl ProviderLimits {
         }
     }
 
-    /// The provider answered 429: pause every call for `retry_after` and halve the rate.
+    /// The provider answered 429. Pressing on its limit: pause every call for
+    /// `retry_after` and halve the rate (at most once a second). Far below our rate:
+    /// nothing here (the provider shed load; the call backs off on its own).
     pub fn on_rate_limited(&self, retry_after: Option<Duration>) {
+        let effective = self.throttle.lock().map(|t| t.effective()).unwrap_or(1.0);
+        if !self.pressing(effective) {
+            tracing::info!(provider = %self.name, "429 while sending far below our rate: the provider shed load; only the call backs off");
+            return;
+        }
         let Ok(mut t) = self.throttle.lock() else { return };
         let pause = retry_after.unwrap_or(DEFAULT_PAUSE);
         let until = Instant::now() + pause;
@@ -158,7 +205,8 @@ impl ProviderLimits {
         t.pause_to_share = t.paused_until;
         self.rebuilt.notify_waiters();
         let factor = (t.factor / 2.0).max(MIN_FACTOR);
-        if factor < t.factor {
+        let decreased_lately = t.factor < 1.0 && t.last_change.elapsed() < DECREASE_INTERVAL;
+        if factor < t.factor && !decreased_lately {
             t.factor = factor;
             t.last_change = Instant::now();
             self.rebuild(t.effective());
@@ -365,17 +413,44 @@ mod tests {
         assert_eq!(l.acquire(1, soon).await, Err(WouldMissDeadline));
     }
 
+    /// Takes permits as fast as they come for `span`: pressing on the limit.
+    async fn press(l: &ProviderLimits, span: Duration) {
+        let until = Instant::now() + span;
+        while Instant::now() < until {
+            l.acquire(1, until + Duration::from_secs(1)).await.unwrap();
+        }
+    }
+
     #[tokio::test]
-    async fn a_429_pauses_and_halves_the_rate() {
-        let l = ProviderLimits::new("p", 60_000, 10_000_000, 0.0);
-        l.on_rate_limited(Some(Duration::from_millis(100)));
+    async fn a_429_while_pressing_on_the_limit_pauses_and_halves_the_rate_once_a_second() {
+        let l = ProviderLimits::new("p", 600, 10_000_000, 0.0);
+        press(&l, Duration::from_millis(1100)).await;
+        l.on_rate_limited(Some(Duration::from_millis(300)));
         assert_eq!(l.factor(), 0.5);
         let started = Instant::now();
         l.acquire(1, Instant::now() + Duration::from_secs(5)).await.unwrap();
-        assert!(started.elapsed() >= Duration::from_millis(95), "paused for the retry-after");
+        assert!(started.elapsed() >= Duration::from_millis(250), "paused for the retry-after");
         for _ in 0..10 {
             l.on_rate_limited(None);
         }
-        assert_eq!(l.factor(), MIN_FACTOR);
+        assert_eq!(l.factor(), 0.5, "a burst of 429s is one signal");
+        tokio::time::sleep(DECREASE_INTERVAL).await;
+        press(&l, Duration::from_millis(1100)).await;
+        l.on_rate_limited(None);
+        assert_eq!(l.factor(), 0.25);
+    }
+
+    #[tokio::test]
+    async fn a_429_while_sending_far_below_the_rate_neither_pauses_nor_lowers_it() {
+        let l = ProviderLimits::new("p", 60_000, 10_000_000, 0.0);
+        for _ in 0..5 {
+            l.acquire(1, Instant::now() + Duration::from_secs(5)).await.unwrap();
+            l.on_rate_limited(Some(Duration::from_secs(30)));
+        }
+        assert_eq!(l.factor(), 1.0);
+        let started = Instant::now();
+        l.acquire(1, Instant::now() + Duration::from_secs(5)).await.unwrap();
+        assert!(started.elapsed() < Duration::from_millis(500), "no pause: {:?}", started.elapsed());
+        assert_eq!(l.take_pause_to_share(), None, "nothing for the other replicas either");
     }
 }

@@ -209,7 +209,13 @@ async fn a_429_seen_by_one_member_pauses_the_others() {
     let (pa, pb) = (providers(), providers());
     let mut a = Member::new("a", T, table.clone(), &pa);
     let mut b = Member::new("b", T, table.clone(), &pb);
-    pa.get("qwen").unwrap().limits.as_ref().unwrap().on_rate_limited(Some(Duration::from_millis(600)));
+    // a presses on its limit (10 a second, all taken), so the 429 is about its pace.
+    let limits_a = pa.get("qwen").unwrap().limits.clone().unwrap();
+    limits_a.set_share(1.0);
+    for _ in 0..6 {
+        limits_a.acquire(1, Instant::now() + Duration::from_secs(5)).await.unwrap();
+    }
+    limits_a.on_rate_limited(Some(Duration::from_millis(600)));
     a.beat(T.heartbeat).await;
     b.beat(T.heartbeat).await;
     let limits_b = pb.get("qwen").unwrap().limits.clone().unwrap();

@@ -18,6 +18,13 @@ pub struct MockConfig {
     /// providers of [`MockConfig::default`] when the table is missing.
     #[serde(default = "default_providers")]
     pub providers: BTreeMap<String, MockProvider>,
+    /// When set, paid calls (answers and refusals) are also counted per tag: the word
+    /// that follows this prefix in a request's user text (e.g. `ref:` and a ticket
+    /// reading `ref:T-17 ...`), by provider and stage. A test that tags its tickets
+    /// checks the provider's own count of calls per ticket against the cost records
+    /// (`GET /admin/calls`).
+    #[serde(default)]
+    pub tag_prefix: Option<String>,
 }
 
 /// Which provider API a mock provider speaks.
@@ -51,6 +58,10 @@ pub struct MockProvider {
     /// the anthropic style).
     #[serde(default)]
     pub error_rate: f64,
+    /// Share of requests (0..=1) answered 429 at random, with a one-second
+    /// `retry-after`, whatever the load: a provider shedding load of its own.
+    #[serde(default)]
+    pub throttle_rate: f64,
     /// Accepted requests per sliding 60 seconds; above it the provider answers 429 in
     /// its style. 0 means unlimited.
     #[serde(default)]
@@ -88,6 +99,7 @@ impl MockProvider {
             latency_ms: 0,
             jitter_ms: 0,
             error_rate: 0.0,
+            throttle_rate: 0.0,
             requests_per_minute: 0,
             filter_words: Vec::new(),
             hold_words: Vec::new(),
@@ -101,7 +113,7 @@ impl Default for MockConfig {
     /// style, with the qwen filter words of `config/default.toml`), `openai`,
     /// `anthropic`, `mistral` and `deepseek`; no latency and no limits.
     fn default() -> Self {
-        MockConfig { providers: default_providers() }
+        MockConfig { providers: default_providers(), tag_prefix: None }
     }
 }
 
@@ -134,6 +146,9 @@ impl MockConfig {
     /// Every problem with the values, one line each; empty when the config is usable.
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if self.tag_prefix.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            problems.push("tag_prefix must not be empty".to_owned());
+        }
         for (name, p) in &self.providers {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
                 problems.push(format!(
@@ -145,6 +160,9 @@ impl MockConfig {
             }
             if !(0.0..=1.0).contains(&p.error_rate) {
                 problems.push(format!("providers.{name}.error_rate must be between 0 and 1"));
+            }
+            if !(0.0..=1.0).contains(&p.throttle_rate) {
+                problems.push(format!("providers.{name}.throttle_rate must be between 0 and 1"));
             }
             if p.filter_words.iter().any(|w| w.trim().is_empty()) {
                 problems.push(format!("providers.{name}.filter_words: a word must not be empty"));

@@ -88,6 +88,23 @@ struct Inner {
     content: Simulated,
     /// False until `POST /admin/release`: requests with a hold word wait for it.
     released: tokio::sync::watch::Sender<bool>,
+    /// `tag_prefix`, and the paid calls counted per tag.
+    tags: Option<(String, std::sync::Mutex<BTreeMap<TagKey, u64>>)>,
+}
+
+/// Provider, stage, outcome (`ok` or `refused`) and tag of a paid call.
+type TagKey = (String, &'static str, &'static str, String);
+
+/// Paid calls (answers and refusals) of one provider, stage and tag: an entry of
+/// `GET /admin/calls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaggedCalls {
+    pub provider: String,
+    pub stage: String,
+    /// `ok` (an answer) or `refused` (a content-filter refusal, billed too).
+    pub outcome: String,
+    pub tag: String,
+    pub paid: u64,
 }
 
 /// The two completion endpoints.
@@ -140,7 +157,8 @@ impl MockServer {
         let content = Simulated::new("mock", &qwen, analyzer);
         let providers = config.providers.into_iter().map(|(name, p)| (name, ProviderState::new(p))).collect();
         let released = tokio::sync::watch::Sender::new(false);
-        MockServer { inner: Arc::new(Inner { started: Instant::now(), providers, content, released }) }
+        let tags = config.tag_prefix.map(|prefix| (prefix, std::sync::Mutex::default()));
+        MockServer { inner: Arc::new(Inner { started: Instant::now(), providers, content, released, tags }) }
     }
 
     /// All endpoints, with this server's state.
@@ -151,6 +169,7 @@ impl MockServer {
             .route("/admin/reset", post(admin_reset))
             .route("/admin/outage/{name}", post(admin_outage))
             .route("/admin/release", post(admin_release))
+            .route("/admin/calls", get(admin_calls))
             .route("/{name}/v1/chat/completions", post(chat_completions))
             .route("/{name}/v1/messages", post(messages))
             .fallback(fallback)
@@ -183,6 +202,38 @@ impl MockServer {
         for p in self.inner.providers.values() {
             p.reset();
         }
+        if let Some((_, counts)) = &self.inner.tags {
+            counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        }
+    }
+
+    /// Paid calls per provider, stage and tag (`GET /admin/calls`); empty without a
+    /// `tag_prefix`.
+    pub fn tagged_calls(&self) -> Vec<TaggedCalls> {
+        let Some((_, counts)) = &self.inner.tags else { return Vec::new() };
+        let counts = counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        counts
+            .iter()
+            .map(|((provider, stage, outcome, tag), paid)| TaggedCalls {
+                provider: provider.clone(),
+                stage: (*stage).to_owned(),
+                outcome: (*outcome).to_owned(),
+                tag: tag.clone(),
+                paid: *paid,
+            })
+            .collect()
+    }
+
+    /// Counts a paid call under the request's tag, if it has one.
+    fn count_tag(&self, provider: &str, request: &ChatRequest, outcome: &'static str) {
+        let Some((prefix, counts)) = &self.inner.tags else { return };
+        let Some(at) = request.user.find(prefix.as_str()) else { return };
+        let tag: String = request.user[at + prefix.len()..]
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            .collect();
+        let key = (provider.to_owned(), request.stage.as_str(), outcome, tag);
+        *counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(key).or_default() += 1;
     }
 
     /// Starts an outage of `provider` now, lasting `seconds` (`POST /admin/outage/{name}`).
@@ -227,6 +278,10 @@ impl MockServer {
             p.count(Counter::Outage);
             return wire::unavailable(style);
         }
+        if p.inject_throttle() {
+            p.count(Counter::RateLimited);
+            return wire::rate_limited(style, p.config.requests_per_minute, std::time::Duration::from_secs(1));
+        }
         if let Some(delay) = p.latency() {
             tokio::time::sleep(delay).await;
         }
@@ -240,6 +295,7 @@ impl MockServer {
         }
         if let Some(word) = p.filtered(&request.system).or_else(|| p.filtered(&request.user)) {
             p.count(Counter::Refused);
+            self.count_tag(name, &request, "refused");
             tracing::debug!(provider = name, word, "mock content filter");
             return wire::refusal(style, &request.model, &Usage::estimate(&request, ""));
         }
@@ -247,6 +303,7 @@ impl MockServer {
             // The simulated provider always counts the usage of its answers.
             Outcome::Ok { text, usage: Some(usage) } => {
                 p.count(Counter::Ok);
+                self.count_tag(name, &request, "ok");
                 wire::success(style, &request.model, &text, &usage)
             }
             other => {
@@ -346,6 +403,10 @@ async fn fallback(State(server): State<MockServer>, method: Method, uri: Uri) ->
 
 async fn admin_stats(State(server): State<MockServer>) -> Json<MockStats> {
     Json(server.stats())
+}
+
+async fn admin_calls(State(server): State<MockServer>) -> Json<Vec<TaggedCalls>> {
+    Json(server.tagged_calls())
 }
 
 async fn admin_reset(State(server): State<MockServer>) -> StatusCode {

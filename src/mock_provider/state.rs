@@ -86,6 +86,7 @@ impl ProviderState {
     /// State for a provider; out-of-range numbers are clamped so nothing can panic later.
     pub fn new(mut config: MockProvider) -> Self {
         config.error_rate = if config.error_rate.is_nan() { 0.0 } else { config.error_rate.clamp(0.0, 1.0) };
+        config.throttle_rate = if config.throttle_rate.is_nan() { 0.0 } else { config.throttle_rate.clamp(0.0, 1.0) };
         let filter = KeywordSet::new([("filter", config.filter_words.iter())]);
         let hold = KeywordSet::new([("hold", config.hold_words.iter())]);
         ProviderState {
@@ -165,6 +166,11 @@ impl ProviderState {
     /// Draws whether this request gets an injected transient error.
     pub fn inject_error(&self) -> bool {
         self.config.error_rate > 0.0 && rand::thread_rng().gen_bool(self.config.error_rate)
+    }
+
+    /// Draws whether this request gets a 429 although the limit is not reached.
+    pub fn inject_throttle(&self) -> bool {
+        self.config.throttle_rate > 0.0 && rand::thread_rng().gen_bool(self.config.throttle_rate)
     }
 
     /// Whether a request with this text waits for a release.

@@ -9,7 +9,7 @@ use super::*;
 use crate::triage::prompt;
 
 fn config(providers: &[(&str, MockProvider)]) -> MockConfig {
-    MockConfig { providers: providers.iter().map(|(n, p)| (n.to_string(), p.clone())).collect() }
+    MockConfig { providers: providers.iter().map(|(n, p)| (n.to_string(), p.clone())).collect(), tag_prefix: None }
 }
 
 fn provider(style: Style) -> MockProvider {

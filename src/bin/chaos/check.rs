@@ -1,0 +1,279 @@
+//! The invariants, checked from what the output topics or queues, the ledger and the
+//! mock provider hold once the run settled, never from the workers' own logs.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use serde_json::Value;
+use ticketflow::mock_provider::MockServer;
+
+use crate::{Outputs, PLANTED_KEY};
+
+/// Figures and violations of one run.
+#[derive(Default)]
+pub struct Verdict {
+    pub violations: Vec<String>,
+    pub replies: usize,
+    pub copies: usize,
+    pub dead_letters: usize,
+    pub lost: usize,
+    pub duplicated: usize,
+    pub double_paid: usize,
+    /// Calls the provider was paid for but no cost record holds: in flight when a
+    /// worker was SIGKILLed (its ticket's next owner calls again).
+    pub paid_unrecorded: usize,
+    pub order_violations: usize,
+    /// Kinds of the dead letters of valid tickets.
+    pub valid_dead: BTreeMap<String, usize>,
+    /// Tickets dead-lettered and later answered after a replay.
+    pub replayed_answered: usize,
+}
+
+impl Verdict {
+    pub fn fail(&mut self, what: String) {
+        if self.violations.len() < 30 {
+            self.violations.push(what);
+        }
+    }
+}
+
+/// What a run promises, which depends on its scenario.
+pub struct Promises {
+    /// Valid tickets (`C-0` .. `C-{n-1}`) and poison messages sent.
+    pub valid: usize,
+    pub poison: usize,
+    /// Conversations answered in order (Kafka; RabbitMQ with one worker).
+    pub ordered: bool,
+    /// Dead letters of valid tickets were replayed: each must end as a reply too.
+    pub replayed: bool,
+}
+
+fn parse(bytes: &[u8], what: &str) -> Result<Value, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("an unreadable {what}: {e}"))
+}
+
+pub async fn check(
+    outputs: &Outputs,
+    db: &tokio_postgres::Client,
+    mock: &MockServer,
+    logs: &Path,
+    p: &Promises,
+) -> Result<Verdict, String> {
+    let mut v = Verdict::default();
+    // Tickets dead-lettered at some point: after a replay they are answered after the
+    // later tickets of their conversation, so their order is not judged.
+    let mut once_dead: HashSet<String> = HashSet::new();
+    for bytes in &outputs.dead {
+        if let Some(ticket) = parse(bytes, "dead letter")?["ticket_id"].as_str() {
+            once_dead.insert(ticket.to_owned());
+        }
+    }
+    // Replies: one per ticket; copies identical; conversations in order (a
+    // conversation's replies share a partition).
+    let mut first: HashMap<String, Value> = HashMap::new();
+    for partition in &outputs.replies {
+        let mut last: HashMap<String, usize> = HashMap::new();
+        let mut inverted: HashSet<String> = HashSet::new();
+        for bytes in partition {
+            let reply = parse(bytes, "reply")?;
+            let ticket = reply["ticket_id"].as_str().unwrap_or_default().to_owned();
+            if let Some(earlier) = first.get(&ticket) {
+                if *earlier != reply {
+                    v.duplicated += 1;
+                    v.fail(format!("{ticket} answered twice with different replies"));
+                }
+                v.copies += 1;
+                continue;
+            }
+            let Some(index) = ticket.strip_prefix("C-").and_then(|i| i.parse::<usize>().ok()) else {
+                v.fail(format!("a reply to `{ticket}`, which was never sent"));
+                continue;
+            };
+            let conversation = reply["conversation_id"].as_str().unwrap_or_default().to_owned();
+            if once_dead.contains(&ticket) {
+                first.insert(ticket, reply);
+                continue;
+            }
+            if let Some(before) = last.insert(conversation.clone(), index) {
+                if before > index && inverted.insert(conversation.clone()) {
+                    v.order_violations += 1;
+                    if p.ordered {
+                        v.fail(format!("{conversation}: C-{index} answered after C-{before}"));
+                    }
+                }
+            }
+            first.insert(ticket, reply);
+        }
+    }
+    v.replies = first.len();
+    // Dead letters: the poison, once each (copies alike: a message that never became
+    // a ticket has no unit in the ledger, so one redelivered after its ack was lost
+    // is dead-lettered again), and valid tickets no reply answered.
+    let mut dead: HashMap<String, Value> = HashMap::new();
+    let mut valid_dead: HashSet<String> = HashSet::new();
+    for bytes in &outputs.dead {
+        let letter = parse(bytes, "dead letter")?;
+        if let Some(ticket) = letter["ticket_id"].as_str().filter(|t| t.starts_with("C-")) {
+            if first.contains_key(ticket) && !p.replayed {
+                v.duplicated += 1;
+                v.fail(format!("{ticket} both answered and dead-lettered"));
+            }
+            if valid_dead.insert(ticket.to_owned()) {
+                let kind = letter["error"]["kind"].as_str().unwrap_or("?").to_owned();
+                *v.valid_dead.entry(kind).or_default() += 1;
+            }
+            continue;
+        }
+        if dead.insert(letter["payload"].to_string(), letter).is_some() {
+            v.copies += 1;
+        }
+    }
+    v.dead_letters = dead.len() + valid_dead.len();
+    if dead.len() != p.poison {
+        v.fail(format!("{} poison messages sent, {} distinct ones dead-lettered", p.poison, dead.len()));
+    }
+    for i in 0..p.valid {
+        let ticket = format!("C-{i}");
+        let answered = first.contains_key(&ticket);
+        if !answered && !valid_dead.contains(&ticket) {
+            v.lost += 1;
+            v.fail(format!("{ticket} ended as neither a reply nor a dead letter"));
+        }
+        if p.replayed && !answered {
+            v.fail(format!("{ticket} still dead after its replay"));
+        }
+    }
+    // Paid calls: each published once (copies identical), each recorded once, and
+    // the money adds up everywhere.
+    let mut calls: HashMap<String, f64> = HashMap::new();
+    for bytes in &outputs.costs {
+        let cost = parse(bytes, "cost record")?;
+        let amount = cost["cost_usd"].as_f64().unwrap_or(f64::NAN);
+        if let Some(earlier) = calls.insert(cost["call_id"].as_str().unwrap_or_default().to_owned(), amount) {
+            if earlier != amount {
+                v.double_paid += 1;
+                v.fail(format!("call {} published with two prices", cost["call_id"]));
+            }
+        }
+    }
+    let row = db
+        .query_one("SELECT count(*), coalesce(sum(cost_usd), 0) FROM cost_records", &[])
+        .await
+        .map_err(|e| format!("reading the ledger: {e}"))?;
+    let (recorded, spend): (i64, f64) = (row.get(0), row.get(1));
+    if recorded as usize != calls.len() {
+        v.double_paid += (recorded as usize).abs_diff(calls.len());
+        v.fail(format!("{recorded} calls in the ledger, {} published", calls.len()));
+    }
+    let published: f64 = calls.values().sum();
+    // Every reply carries its ticket's spend; a dead letter's calls are in its cost
+    // records only. A replayed ticket's reply carries the cost of every attempt.
+    let replied: f64 = first.values().map(|r| r["cost_usd"].as_f64().unwrap_or(0.0)).sum();
+    let dead_spend: f64 = if p.replayed {
+        0.0
+    } else {
+        db.query_one("SELECT coalesce(sum(cost_usd), 0) FROM units WHERE status = 'dead_letter'", &[])
+            .await
+            .map_err(|e| format!("reading the ledger: {e}"))?
+            .get(0)
+    };
+    if (spend - published).abs() > 1e-9 || (spend - replied - dead_spend).abs() > 1e-6 {
+        v.fail(format!(
+            "costs do not add up: ledger ${spend:.6}, cost records ${published:.6}, replies ${replied:.6} + dead letters ${dead_spend:.6}"
+        ));
+    }
+    let replayed: HashSet<String> = db
+        .query("SELECT ticket_id FROM units WHERE replay_count > 0", &[])
+        .await
+        .map_err(|e| format!("reading the ledger: {e}"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    paid_calls(&mut v, db, mock, &replayed).await?;
+    // A ticket must never die waiting on our own rate limiter: pacing is ours.
+    let paced: i64 = db
+        .query_one(
+            "SELECT count(*) FROM dead_letters WHERE message LIKE '%no capacity before the ticket''s deadline%'",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("reading the ledger: {e}"))?
+        .get(0);
+    if paced > 0 {
+        v.fail(format!("{paced} tickets dead-lettered while waiting on our own rate limiter"));
+    }
+    // RabbitMQ's replay takes the dead letters off their queue: the ledger tells.
+    v.replayed_answered = db
+        .query_one("SELECT count(*) FROM units WHERE replay_count > 0 AND status <> 'dead_letter'", &[])
+        .await
+        .map(|r| r.get::<_, i64>(0) as usize)
+        .map_err(|e| format!("reading the ledger: {e}"))?;
+    // No secret anywhere.
+    let mut leaked = Vec::new();
+    for entry in std::fs::read_dir(logs).map_err(|e| e.to_string())?.flatten() {
+        if std::fs::read(entry.path()).is_ok_and(|t| t.windows(PLANTED_KEY.len()).any(|w| w == PLANTED_KEY.as_bytes()))
+        {
+            leaked.push(entry.path().display().to_string());
+        }
+    }
+    let everything = outputs.replies.iter().flatten().chain(&outputs.dead).chain(&outputs.costs);
+    if everything.into_iter().any(|o| o.windows(PLANTED_KEY.len()).any(|w| w == PLANTED_KEY.as_bytes())) {
+        leaked.push("an output".into());
+    }
+    if !leaked.is_empty() {
+        v.fail(format!("the API key appears in {}", leaked.join(", ")));
+    }
+    Ok(v)
+}
+
+/// The provider's own count of paid calls (answers and refusals) per ticket, stage,
+/// provider and outcome against the ledger's cost records. More in the ledger: a call
+/// recorded that was never made (or recorded twice). More at the provider: a call
+/// paid whose record was lost (a worker SIGKILLed during the call, whose ticket's
+/// next owner calls again). And one stage of a ticket answered twice, both recorded:
+/// paid twice (a replayed ticket does its triage again, so replays are left out).
+async fn paid_calls(
+    v: &mut Verdict,
+    db: &tokio_postgres::Client,
+    mock: &MockServer,
+    replayed: &HashSet<String>,
+) -> Result<(), String> {
+    type Key = (String, String, String, String);
+    let mut ledger: HashMap<Key, i64> = HashMap::new();
+    let rows = db
+        .query(
+            "SELECT ticket_id, stage, provider, outcome, count(*) FROM cost_records \
+             WHERE outcome IN ('ok', 'refused') GROUP BY 1, 2, 3, 4",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("reading the ledger: {e}"))?;
+    for row in rows {
+        ledger.insert((row.get(0), row.get(1), row.get(2), row.get(3)), row.get(4));
+    }
+    let mut provider: HashMap<Key, i64> = HashMap::new();
+    for c in mock.tagged_calls() {
+        provider.insert((c.tag, c.stage, c.provider, c.outcome), c.paid as i64);
+    }
+    let keys: HashSet<_> = ledger.keys().chain(provider.keys()).cloned().collect();
+    let mut answers: HashMap<(String, String), i64> = HashMap::new();
+    for key in keys {
+        let (recorded, paid) = (ledger.get(&key).copied().unwrap_or(0), provider.get(&key).copied().unwrap_or(0));
+        if recorded > paid {
+            v.double_paid += (recorded - paid) as usize;
+            v.fail(format!("{} {} at {} ({}): {recorded} calls recorded, {paid} made", key.0, key.1, key.2, key.3));
+        } else if paid > recorded {
+            v.paid_unrecorded += (paid - recorded) as usize;
+        }
+        if key.3 == "ok" {
+            *answers.entry((key.0, key.1)).or_default() += recorded;
+        }
+    }
+    for ((ticket, stage), recorded) in answers {
+        if recorded > 1 && !replayed.contains(&ticket) {
+            v.double_paid += (recorded - 1) as usize;
+            v.fail(format!("{ticket}: its {stage} answered and paid {recorded} times"));
+        }
+    }
+    Ok(())
+}

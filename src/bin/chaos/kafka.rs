@@ -42,6 +42,8 @@ pub struct Kafka {
     verified: Vec<i64>,
     /// Commits found past an unfinished message.
     pub commit_violations: Vec<String>,
+    /// The committed offsets and the input's ends last seen, for a report.
+    pub last_seen: String,
     /// How many times the commits were checked.
     pub commit_checks: usize,
 }
@@ -85,6 +87,7 @@ impl Kafka {
             dead_at: HashSet::new(),
             verified: vec![0; PARTITIONS as usize],
             commit_violations: Vec::new(),
+            last_seen: String::new(),
             commit_checks: 0,
         })
     }
@@ -213,6 +216,8 @@ impl Kafka {
         }
         crate::note("caught up");
         self.commit_checks += 1;
+        let ends: Vec<usize> = self.inputs.iter().map(Vec::len).collect();
+        self.last_seen = format!("committed {committed:?}, input ends {ends:?}");
         let mut at_end = true;
         for (p, &commit) in committed.iter().enumerate() {
             let input = &self.inputs[p];

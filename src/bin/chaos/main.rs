@@ -310,13 +310,50 @@ impl Run {
     fn worker(&self, n: usize) -> Result<Child, String> {
         let log = std::fs::File::create(self.logs.join(format!("worker-{n}.log")))
             .map_err(|e| format!("cannot create a worker log in {}: {e}", self.logs.display()))?;
-        self.command(&["worker"])
+        let child = self
+            .command(&["worker"])
             .env("TICKETFLOW__DATABASE__URL", &self.worker_db_url)
             .env("TICKETFLOW_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("cannot start a worker: {e}"))
+            .map_err(|e| format!("cannot start a worker: {e}"))?;
+        if let Ok(mut started) = STARTED.lock() {
+            started.push(child.id());
+        }
+        Ok(child)
+    }
+}
+
+/// Every worker started, so that an interrupted run (Ctrl-C, `timeout`) stops them.
+static STARTED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Commands that stop what a run started besides its workers (a RabbitMQ node, a
+/// PostgreSQL server of its own), run if the run is interrupted.
+static ON_INTERRUPT: std::sync::Mutex<Vec<Vec<String>>> = std::sync::Mutex::new(Vec::new());
+
+pub fn on_interrupt(argv: Vec<String>) {
+    if let Ok(mut commands) = ON_INTERRUPT.lock() {
+        commands.push(argv);
+    }
+}
+
+/// SIGKILLs every worker still running (the ones that exited are skipped: their
+/// zombie entries are gone once waited for, and a live pid is checked by name).
+fn kill_started() {
+    let Ok(started) = STARTED.lock() else { return };
+    for pid in started.iter() {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.contains("worker"));
+        if alive {
+            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        }
+    }
+    if let Ok(commands) = ON_INTERRUPT.lock() {
+        for argv in commands.iter() {
+            if let Some((program, args)) = argv.split_first() {
+                let _ = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+            }
+        }
     }
 }
 
@@ -644,8 +681,13 @@ async fn drive(
     let scheduled = !matches!(o.scenario, Scenario::Calm | Scenario::Flaky | Scenario::Soak);
     let until = started + Duration::from_secs(o.seconds);
     let mut next_fault = started + Duration::from_secs_f64(o.every * rng.gen_range(0.5..1.5));
+    let mut next_check = Instant::now();
     while !feed.done() || scheduled && Instant::now() < until {
         feed.step(run, broker, started.elapsed(), false).await?;
+        if o.kafka && Instant::now() >= next_check {
+            broker.drained().await?; // checks the commits
+            next_check = Instant::now() + Duration::from_millis(500);
+        }
         if !scheduled || Instant::now() < next_fault || Instant::now() >= until {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
@@ -781,7 +823,7 @@ async fn drive(
     let mut commits = String::new();
     if let Broker::Kafka(k) = broker {
         if !k.check_commits()? {
-            verdict.fail("the group's commits are not at the end of the input".into());
+            verdict.fail(format!("the group's commits are not at the end of the input: {}", k.last_seen));
         }
         for v in std::mem::take(&mut k.commit_violations) {
             verdict.fail(v);
@@ -902,7 +944,26 @@ async fn settle(
 #[tokio::main]
 async fn main() {
     let options = parse();
-    match chaos(&options).await {
+    let interrupted = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            (Ok(mut int), Ok(mut term)) => tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            },
+            _ => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = chaos(&options) => outcome,
+        _ = interrupted => {
+            // The queues, database and logs of an interrupted run stay behind.
+            kill_started();
+            eprintln!("error: interrupted; the workers were stopped");
+            std::process::exit(130)
+        }
+    };
+    match outcome {
         Ok(verdict) if verdict.violations.is_empty() => {}
         Ok(verdict) => {
             for v in &verdict.violations {

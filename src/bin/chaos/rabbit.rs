@@ -179,6 +179,7 @@ impl OwnNode {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot start rabbitmq-server: {e}"))?;
+        crate::on_interrupt(vec!["rabbitmqctl".into(), "-n".into(), name.clone(), "shutdown".into()]);
         let node = OwnNode { name, port, server, pid_file };
         node.ctl(&["wait", &node.pid_file.to_string_lossy(), "--timeout", "60"])?;
         Ok(node)

@@ -169,6 +169,17 @@ impl OwnPostgres {
             root.display()
         );
         let pg = OwnPostgres { bin, data, options, port };
+        let mut stop: Vec<String> =
+            if is_root() { ["runuser", "-u", "postgres", "--"].map(String::from).to_vec() } else { Vec::new() };
+        stop.push(pg.bin.join("pg_ctl").to_string_lossy().into_owned());
+        stop.extend([
+            "-D".into(),
+            pg.data.to_string_lossy().into_owned(),
+            "stop".into(),
+            "-m".into(),
+            "immediate".into(),
+        ]);
+        crate::on_interrupt(stop);
         pg.ctl(&["start"])?;
         Ok(pg)
     }

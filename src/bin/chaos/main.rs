@@ -800,6 +800,16 @@ async fn drive(
     let client = sql(&run.db_url).await?;
     note("checking");
     let mut verdict = check::check(&outputs, &client, mock, &run.logs, &promises).await?;
+    let mut commits = String::new();
+    if let Broker::Kafka(k) = broker {
+        if !k.check_commits()? {
+            verdict.fail(format!("the group's commits are not at the end of the input: {}", k.last_seen));
+        }
+        for v in std::mem::take(&mut k.commit_violations) {
+            verdict.fail(v);
+        }
+        commits = format!(", commits checked {} times", k.commit_checks);
+    }
     if hung > 0 {
         verdict.fail(format!("{hung} workers did not stop within 60 s of SIGTERM"));
     }
@@ -819,16 +829,6 @@ async fn drive(
             "{} calls paid at the provider have no cost record ({} kills)",
             verdict.paid_unrecorded, kills
         ));
-    }
-    let mut commits = String::new();
-    if let Broker::Kafka(k) = broker {
-        if !k.check_commits()? {
-            verdict.fail(format!("the group's commits are not at the end of the input: {}", k.last_seen));
-        }
-        for v in std::mem::take(&mut k.commit_violations) {
-            verdict.fail(v);
-        }
-        commits = format!(", commits checked {} times", k.commit_checks);
     }
     let stats = mock.stats();
     let rpm = u64::from(if o.scenario == Scenario::Flaky { FLAKY_RPM } else { OPEN_RPM });

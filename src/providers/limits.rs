@@ -78,9 +78,33 @@ pub struct ProviderLimits {
     waiting: AtomicU64,
     /// Wakes the waiting calls when the limiter is replaced.
     rebuilt: tokio::sync::Notify,
-    /// When the permits of the last `RECENT` were granted, oldest first.
-    granted: Mutex<std::collections::VecDeque<Instant>>,
+    /// Permits granted in each of the last ten seconds.
+    granted: Mutex<Recent>,
     created: Instant,
+}
+
+/// Counts per second over the last `RECENT` (ten one-second buckets), so that
+/// measuring our own rate costs the same at any rate.
+#[derive(Default)]
+struct Recent {
+    buckets: [u64; 10],
+    /// Seconds since the limits were created, of the newest bucket.
+    second: u64,
+}
+
+impl Recent {
+    /// Moves the window to `second`, emptying the buckets it passes.
+    fn advance(&mut self, second: u64) {
+        let n = self.buckets.len() as u64;
+        for s in (self.second + 1).max(second.saturating_sub(n - 1))..=second {
+            self.buckets[(s % n) as usize] = 0;
+        }
+        self.second = self.second.max(second);
+    }
+
+    fn total(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
 }
 
 impl ProviderLimits {
@@ -106,7 +130,7 @@ impl ProviderLimits {
             tokens_requested: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             rebuilt: tokio::sync::Notify::new(),
-            granted: Mutex::new(std::collections::VecDeque::new()),
+            granted: Mutex::new(Recent::default()),
             created: Instant::now(),
         }
     }
@@ -115,23 +139,19 @@ impl ProviderLimits {
     /// the last `RECENT` (or since start). Calls waiting are no sign: a pause makes
     /// them wait whatever the pace.
     fn pressing(&self, effective: f64) -> bool {
-        let now = Instant::now();
+        let elapsed = self.created.elapsed();
         let Ok(mut granted) = self.granted.lock() else { return true };
-        while granted.front().is_some_and(|&t| now.duration_since(t) >= RECENT) {
-            granted.pop_front();
-        }
-        let span = now.duration_since(self.created).min(RECENT).as_secs_f64().max(1.0);
+        granted.advance(elapsed.as_secs());
+        let span = elapsed.min(RECENT).as_secs_f64().max(1.0);
         let allowed = self.requests_per_minute * effective / 60.0 * span;
-        granted.len() as f64 >= 0.5 * allowed
+        granted.total() as f64 >= 0.5 * allowed
     }
 
     fn note_granted(&self) {
-        let now = Instant::now();
+        let second = self.created.elapsed().as_secs();
         if let Ok(mut granted) = self.granted.lock() {
-            while granted.front().is_some_and(|&t| now.duration_since(t) >= RECENT) {
-                granted.pop_front();
-            }
-            granted.push_back(now);
+            granted.advance(second);
+            granted.buckets[(second % 10) as usize] += 1;
         }
     }
 

@@ -105,6 +105,15 @@ impl Scenario {
         SCENARIOS.iter().find(|(_, s)| *s == self).map_or("?", |(n, _)| n)
     }
 
+    /// Every provider's requests-per-minute limit, the mock's and the workers'.
+    fn requests_per_minute(self) -> u32 {
+        if self == Scenario::Flaky {
+            FLAKY_RPM
+        } else {
+            OPEN_RPM
+        }
+    }
+
     /// Whether workers die without their drain, so a call in flight may be paid and
     /// never recorded.
     fn kills(self) -> bool {
@@ -440,7 +449,7 @@ async fn chaos(o: &Options) -> Result<Verdict, String> {
             _ => None,
         };
         let postgres_host = pg.as_ref().map_or(POSTGRES_HOST.to_owned(), |pg| format!("127.0.0.1:{}", pg.port));
-        let rpm = if o.scenario == Scenario::Flaky { FLAKY_RPM } else { OPEN_RPM };
+        let rpm = o.scenario.requests_per_minute();
         let mut mock_config = MockConfig { tag_prefix: Some("ref:".into()), ..MockConfig::default() };
         for p in mock_config.providers.values_mut() {
             p.requests_per_minute = rpm;
@@ -751,7 +760,7 @@ async fn drive(
     note("faults done; settling");
     // Settled: every valid ticket published (after replays: answered), the input
     // consumed to its end.
-    let mut settled = settle(o, broker, &mut db, &workers, &mut memory, "published").await?;
+    let mut settled = settle(o, broker, &mut db, &workers, &mut memory, false).await?;
     let mut replays = 0;
     if matches!(o.scenario, Scenario::Outage | Scenario::Flaky) {
         // Every dead letter of a valid ticket replayed until answered (at most
@@ -766,7 +775,7 @@ async fn drive(
             .await;
             run.run(&["replay", "--kind", "providers_exhausted"], None)?;
             replays += 1;
-            settled = settle(o, broker, &mut db, &workers, &mut memory, "answered").await?;
+            settled = settle(o, broker, &mut db, &workers, &mut memory, true).await?;
         }
     }
     let wall = started.elapsed();
@@ -831,7 +840,7 @@ async fn drive(
         ));
     }
     let stats = mock.stats();
-    let rpm = u64::from(if o.scenario == Scenario::Flaky { FLAKY_RPM } else { OPEN_RPM });
+    let rpm = u64::from(o.scenario.requests_per_minute());
     for (name, s) in &stats.providers {
         if s.max_sent_in_any_60s > rpm {
             verdict.fail(format!("{name}: {} requests in one 60-second window, limit {rpm}", s.max_sent_in_any_60s));
@@ -917,11 +926,12 @@ async fn settle(
     db: &mut Ledger,
     workers: &[Child],
     memory: &mut Memory,
-    until: &str,
+    answered: bool,
 ) -> Result<bool, String> {
-    let query = match until {
-        "answered" => "SELECT count(*) FROM units WHERE published AND status <> 'dead_letter'",
-        _ => "SELECT count(*) FROM units WHERE published",
+    let query = if answered {
+        "SELECT count(*) FROM units WHERE published AND status <> 'dead_letter'"
+    } else {
+        "SELECT count(*) FROM units WHERE published"
     };
     let deadline = Instant::now() + Duration::from_secs(o.settle_timeout);
     let mut next_sample = Instant::now();

@@ -114,8 +114,16 @@ const SLOW_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 /// Ledger statements take microseconds to a second.
 const FAST_BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
+/// How often the recorder's histogram samples are folded into their buckets.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Installs the global Prometheus recorder and describes every family; the handle
 /// renders the text format. Fails only when a recorder is already installed.
+///
+/// The recorder keeps every histogram sample until upkeep folds it into its buckets,
+/// which rendering alone would do: a thread of its own runs upkeep every five
+/// seconds, so that a worker nobody scrapes (or scrapes rarely) keeps constant
+/// memory. Found by the chaos soak: 200 bytes more per ticket, for ever.
 pub fn install() -> Result<PrometheusHandle, String> {
     let builder = PrometheusBuilder::new()
         .set_buckets(SLOW_BUCKETS)
@@ -130,6 +138,14 @@ pub fn install() -> Result<PrometheusHandle, String> {
         }
     }
     gauge!(IN_FLIGHT).set(0.0);
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            upkeep.run_upkeep();
+        })
+        .map_err(|e| format!("metrics upkeep thread: {e}"))?;
     Ok(handle)
 }
 

@@ -291,6 +291,9 @@ impl Run {
             }
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        // The operator's own settings last, so they win: `TICKETFLOW_LOG=debug`, or a
+        // librdkafka property (`TICKETFLOW__BROKER__KAFKA__PROPERTIES__DEBUG=fetch`).
+        cmd.envs(std::env::vars().filter(|(k, _)| k.starts_with("TICKETFLOW_")));
         cmd
     }
 
@@ -322,7 +325,7 @@ impl Run {
         let child = self
             .command(&["worker"])
             .env("TICKETFLOW__DATABASE__URL", &self.worker_db_url)
-            .env("TICKETFLOW_LOG", "info")
+            .env("TICKETFLOW_LOG", std::env::var("TICKETFLOW_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -460,7 +463,7 @@ async fn chaos(o: &Options) -> Result<Verdict, String> {
         }
         let (base, mock, proxy) = services::start(mock_config, postgres_host.clone())?;
         let mut broker = if o.kafka {
-            Broker::Kafka(Box::new(Kafka::start(&tag)?))
+            Broker::Kafka(Box::new(Kafka::start(&tag, o.tickets)?))
         } else {
             Broker::Rabbit(Rabbit::start(&tag, o.scenario == Scenario::BrokerRestart, &dir).await?)
         };
@@ -666,9 +669,11 @@ async fn drive(
     }
     let (valid, poison) = tickets(&o.examples, o.tickets, rng)?;
     // The input arrives while the faults happen: in slices every half second over
-    // the first 80% of the fault window (all at once for `calm` and `soak`).
+    // the first 80% of the fault window (all before the workers start for `calm` and
+    // `soak`, still in slices of a thousand, so that the poison is spread through it
+    // rather than in one burst at the end).
     let paced = !matches!(o.scenario, Scenario::Calm | Scenario::Soak);
-    let slices = if paced { ((o.seconds as f64 * 0.8 / 0.5) as usize).max(1) } else { 1 };
+    let slices = if paced { ((o.seconds as f64 * 0.8 / 0.5) as usize).max(1) } else { o.tickets.div_ceil(1000).max(1) };
     let mut feed = Feed::new(&valid, &poison, slices);
     if !paced {
         feed.step(run, broker, Duration::ZERO, true).await?;

@@ -3,7 +3,13 @@
 //!
 //! A thread of its own polls librdkafka without pause, whatever the dispatcher does,
 //! so the member never exceeds `max.poll.interval.ms` (not during a database outage
-//! either): backpressure pauses partitions instead. Polled messages go to the
+//! either): backpressure pauses partitions instead. The same thread pauses and
+//! resumes them, between polls, so a pause or resume never interleaves with an
+//! assignment (librdkafka can leave a partition paused for good when they race,
+//! confluentinc/librdkafka#5591), and after every assignment it applies the wanted
+//! state to the whole assignment again (a partition paused, revoked and assigned
+//! back stays paused in librdkafka), and while intake runs it resumes the
+//! assignment every second, a no-op for partitions that are not paused. Polled messages go to the
 //! dispatcher with an acker; their offsets are tracked ([`Offsets`]) and only the
 //! highest contiguous finished offset of a partition is stored
 //! (`enable.auto.offset.store=false`), then committed on an interval by librdkafka,
@@ -19,7 +25,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -45,6 +51,8 @@ struct Ctx {
     /// true again once the statistics show one up (without statistics, always true).
     connected: Arc<AtomicBool>,
     statistics: bool,
+    /// Set by an assignment, for the polling thread to pause or resume it.
+    reassigned: AtomicBool,
 }
 
 /// Messages behind the end of each assigned partition, counted from the first
@@ -136,6 +144,7 @@ impl ConsumerContext for Ctx {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                self.reassigned.store(true, Ordering::Relaxed);
                 let lanes = lanes_of(tpl);
                 tracing::info!(?lanes, "partitions assigned");
                 let _ = self.control.send(SourceEvent::Assigned(lanes));
@@ -148,7 +157,6 @@ impl ConsumerContext for Ctx {
 
 /// The consumer of the input topic.
 pub struct KafkaSource {
-    consumer: Arc<BaseConsumer<Ctx>>,
     offsets: Arc<Offsets>,
     lag: Arc<Mutex<ConsumerLag>>,
     connected: Arc<AtomicBool>,
@@ -156,6 +164,8 @@ pub struct KafkaSource {
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     pending: VecDeque<SourceEvent>,
     paused: bool,
+    /// What the dispatcher wants, applied to librdkafka by the polling thread.
+    want_paused: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     poller: Option<std::thread::JoinHandle<()>>,
 }
@@ -188,6 +198,7 @@ impl KafkaSource {
                 lag: lag.clone(),
                 connected: connected.clone(),
                 statistics: k.statistics_interval_ms > 0,
+                reassigned: AtomicBool::new(false),
             })
             .map_err(|e| KafkaSetupError::Broker { servers: k.bootstrap_servers.clone(), reason: super::reason(&e) })?;
         let input = settings.broker.topics.input.clone();
@@ -196,15 +207,16 @@ impl KafkaSource {
             .map_err(|e| KafkaSetupError::Broker { servers: k.bootstrap_servers.clone(), reason: super::reason(&e) })?;
         let consumer = Arc::new(consumer);
         let stop = Arc::new(AtomicBool::new(false));
+        let want_paused = Arc::new(AtomicBool::new(false));
         let poller = std::thread::Builder::new()
             .name("kafka-poll".into())
             .spawn({
                 let (consumer, offsets, stop) = (consumer.clone(), offsets.clone(), stop.clone());
-                move || poll_loop(consumer, offsets, deliveries_tx, stop)
+                let want_paused = want_paused.clone();
+                move || poll_loop(consumer, offsets, deliveries_tx, stop, want_paused)
             })
             .map_err(|e| KafkaSetupError::Config(format!("cannot start the polling thread: {e}")))?;
         Ok(KafkaSource {
-            consumer,
             offsets,
             lag,
             connected,
@@ -212,15 +224,10 @@ impl KafkaSource {
             deliveries,
             pending: VecDeque::new(),
             paused: false,
+            want_paused,
             stop,
             poller: Some(poller),
         })
-    }
-
-    fn pause_all(&self, pause: bool) -> Result<(), BrokerError> {
-        let assignment = self.consumer.assignment().map_err(|e| BrokerError::Source(super::reason(&e)))?;
-        let result = if pause { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
-        result.map_err(|e| BrokerError::Source(super::reason(&e)))
     }
 
     /// The commit position of every partition with messages polled, for tests and
@@ -242,13 +249,40 @@ impl KafkaSource {
     }
 }
 
+/// How often the polling thread resumes the whole assignment while intake runs.
+const RESUME_AGAIN: Duration = Duration::from_secs(1);
+
+/// Pauses or resumes every assigned partition. Called on the polling thread only.
+fn pause_assignment(consumer: &BaseConsumer<Ctx>, pause: bool) -> rdkafka::error::KafkaResult<()> {
+    let assignment = consumer.assignment()?;
+    if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    }
+}
+
 fn poll_loop(
     consumer: Arc<BaseConsumer<Ctx>>,
     offsets: Arc<Offsets>,
     deliveries: mpsc::UnboundedSender<Delivery>,
     stop: Arc<AtomicBool>,
+    want_paused: Arc<AtomicBool>,
 ) {
+    let mut applied: Option<bool> = None;
+    let mut applied_at = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        let want = want_paused.load(Ordering::Relaxed);
+        let reassigned = consumer.context().reassigned.swap(false, Ordering::Relaxed);
+        if applied != Some(want) || reassigned || !want && applied_at.elapsed() >= RESUME_AGAIN {
+            match pause_assignment(&consumer, want) {
+                Ok(()) => applied = Some(want),
+                Err(e) => {
+                    tracing::warn!(error = %super::reason(&e), paused = want, "could not pause or resume the assigned partitions; trying again")
+                }
+            }
+            applied_at = Instant::now();
+        }
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 let payload = bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default());
@@ -347,14 +381,18 @@ impl Source for KafkaSource {
         }
     }
 
+    /// Pauses every assigned partition (the polling thread does it before its next
+    /// poll); what was polled already waits here.
     fn pause(&mut self, _lanes: &[Lane]) -> Result<(), BrokerError> {
         self.paused = true;
-        self.pause_all(true)
+        self.want_paused.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     fn resume(&mut self, _lanes: &[Lane]) -> Result<(), BrokerError> {
         self.paused = false;
-        self.pause_all(false)
+        self.want_paused.store(false, Ordering::Relaxed);
+        Ok(())
     }
 }
 

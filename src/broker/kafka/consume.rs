@@ -6,14 +6,15 @@
 //! either): backpressure pauses partitions instead. The same thread pauses and
 //! resumes them, between polls, so a pause or resume never interleaves with an
 //! assignment (librdkafka can leave a partition paused for good when they race,
-//! confluentinc/librdkafka#5591), and after every assignment it applies the wanted
-//! state to the whole assignment again (a partition paused, revoked and assigned
-//! back stays paused in librdkafka), and while intake runs it resumes the
-//! assignment every second, a no-op for partitions that are not paused. Polled messages go to the
-//! dispatcher with an acker; their offsets are tracked ([`Offsets`]) and only the
-//! highest contiguous finished offset of a partition is stored
-//! (`enable.auto.offset.store=false`), then committed on an interval by librdkafka,
-//! at every revocation and at shutdown.
+//! confluentinc/librdkafka#5591). After every assignment it applies the wanted state
+//! to the whole assignment again (a partition paused, revoked and assigned back stays
+//! paused in librdkafka), and while intake runs it resumes the assignment every
+//! second, a no-op for partitions that are not paused.
+//!
+//! Polled messages go to the dispatcher with an acker; their offsets are tracked
+//! ([`Offsets`]) and only the highest contiguous finished offset of a partition is
+//! stored (`enable.auto.offset.store=false`), then committed on an interval by
+//! librdkafka, at every revocation and at shutdown.
 //!
 //! A revocation runs in librdkafka's rebalance callback on the polling thread: it
 //! reports the lanes revoked, waits until the dispatcher has drained them (handing

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Shows that each invariant ticketflow-chaos checks can fail: builds ticketflow with
-# one deliberate bug at a time (scripts/mutants/*.patch: the bug, the invariant that
-# catches it and the chaos run that shows it are in each file's header), runs that
-# chaos run and expects exit 1 (a violation). Prints one line per mutant and exits 1
-# when a mutant went unnoticed.
+# one deliberate bug at a time (scripts/mutants/*.patch), runs a chaos run on it and
+# expects exit 1 with the violation of the invariant meant to catch that bug. Each
+# patch's header gives the bug, that invariant, the words of its violation
+# (`# expect:`, an extended regex) and the run (`# chaos:`). Prints one line per
+# mutant; exits 1 when a mutant went unnoticed or was caught only by another
+# invariant.
 #
 #   scripts/chaos_mutants.sh                  # every mutant
 #   scripts/chaos_mutants.sh call-twice       # the ones named
@@ -40,8 +42,13 @@ for name in "${names[@]}"; do
     out=$(cd "$work" && "$target/debug/ticketflow-chaos" "${args[@]}" 2>&1)
     rc=$?
     set -e
-    if [ $rc -eq 1 ]; then
-        echo "$name: caught: $(grep -m1 '^violation:' <<<"$out")"
+    # The invariant meant to catch it (`# expect:`) must be among the violations.
+    expect=$(sed -n 's/^# expect: //p' "$patch")
+    if [ $rc -eq 1 ] && line=$(grep -m1 -E -- "$expect" <<<"$(grep '^violation:' <<<"$out")"); then
+        echo "$name: caught: $line"
+    elif [ $rc -eq 1 ]; then
+        echo "$name: MISSED by its invariant (\`$expect\`), caught only by: $(grep -m1 '^violation:' <<<"$out")"
+        missed=1
     else
         echo "$name: MISSED (exit $rc): $(tail -n1 <<<"$out")"
         missed=1

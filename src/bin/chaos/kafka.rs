@@ -49,6 +49,8 @@ pub struct Kafka {
     pub commit_violations: Vec<String>,
     /// The committed offsets and the input's ends last seen, for a report.
     pub last_seen: String,
+    /// The committed offsets last seen, per partition.
+    last_committed: Vec<i64>,
     /// How many times the commits were checked.
     pub commit_checks: usize,
 }
@@ -95,6 +97,7 @@ impl Kafka {
             verified: vec![0; partitions as usize],
             commit_violations: Vec::new(),
             last_seen: String::new(),
+            last_committed: Vec::new(),
             commit_checks: 0,
         })
     }
@@ -235,6 +238,7 @@ impl Kafka {
         self.commit_checks += 1;
         let ends: Vec<usize> = self.inputs.iter().map(Vec::len).collect();
         self.last_seen = format!("committed {committed:?}, input ends {ends:?}");
+        self.last_committed.clone_from(&committed);
         let mut at_end = true;
         for (p, &commit) in committed.iter().enumerate() {
             let input = &self.inputs[p];
@@ -253,6 +257,20 @@ impl Kafka {
             self.verified[p] = self.verified[p].max(commit);
         }
         Ok(at_end)
+    }
+
+    /// The first `most` input messages past the last commits seen (partition, offset,
+    /// ticket): what a commit short of the end waits for.
+    pub fn uncommitted(&self, most: usize) -> Vec<(usize, i64, Option<String>)> {
+        let mut out = Vec::new();
+        for (p, &commit) in self.last_committed.iter().enumerate() {
+            let input = &self.inputs[p];
+            for offset in commit.max(0)..input.len() as i64 {
+                out.push((p, offset, input[offset as usize].clone()));
+            }
+        }
+        out.truncate(most);
+        out
     }
 
     /// Everything the output topics hold (the replies partition by partition).

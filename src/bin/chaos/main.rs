@@ -27,6 +27,10 @@
 //! - `soak`: one worker, no fault, the worker's memory sampled every second: it must
 //!   not grow after warm-up.
 //!
+//! `--rpm N` gives every provider a limit of N requests per minute (the mock enforces
+//! it, the workers divide it), low enough to bind under the run's load: the
+//! 60-second-window invariant then has something to catch.
+//!
 //! Invariants: every valid ticket ends as exactly one reply (copies of a reply must be
 //! identical: a confirm lost to a fault) or one dead letter, every poison message as
 //! one dead letter, and a replayed ticket as a reply; conversations answered in order
@@ -105,7 +109,7 @@ impl Scenario {
         SCENARIOS.iter().find(|(_, s)| *s == self).map_or("?", |(n, _)| n)
     }
 
-    /// Every provider's requests-per-minute limit, the mock's and the workers'.
+    /// The scenario's requests-per-minute limit of every provider (`--rpm` overrides it).
     fn requests_per_minute(self) -> u32 {
         if self == Scenario::Flaky {
             FLAKY_RPM
@@ -132,15 +136,30 @@ struct Options {
     seed: u64,
     settle_timeout: u64,
     lease_ms: u64,
+    /// Every provider's requests-per-minute limit instead of the scenario's.
+    rpm: Option<u32>,
     keep: bool,
     examples: PathBuf,
+}
+
+impl Options {
+    /// Every provider's requests-per-minute limit, the mock's and the workers'.
+    fn requests_per_minute(&self) -> u32 {
+        self.rpm.unwrap_or_else(|| self.scenario.requests_per_minute())
+    }
+
+    /// Whether the limit may bind, so that the workers must divide it (the account
+    /// limits); elsewhere each worker keeps the whole of a limit far above the load.
+    fn shares_limits(&self) -> bool {
+        self.rpm.is_some() || self.scenario == Scenario::Flaky
+    }
 }
 
 fn usage(problem: &str) -> ! {
     eprintln!("error: {problem}");
     let names: Vec<&str> = SCENARIOS.iter().map(|(n, _)| *n).collect();
     eprintln!(
-        "usage: ticketflow-chaos --scenario {} [--broker rabbitmq|kafka] [--tickets N] [--workers N] [--seconds S] [--every S] [--seed N] [--settle-timeout S] [--lease-ms MS] [--examples FILE] [--keep]",
+        "usage: ticketflow-chaos --scenario {} [--broker rabbitmq|kafka] [--tickets N] [--workers N] [--seconds S] [--every S] [--seed N] [--settle-timeout S] [--lease-ms MS] [--rpm N] [--examples FILE] [--keep]",
         names.join("|")
     );
     std::process::exit(2)
@@ -157,6 +176,7 @@ fn parse() -> Options {
         seed: 1,
         settle_timeout: 300,
         lease_ms: 8000,
+        rpm: None,
         keep: false,
         examples: PathBuf::from("examples/tickets.jsonl"),
     };
@@ -195,6 +215,12 @@ fn parse() -> Options {
             "--seed" => o.seed = number("--seed", value("--seed")),
             "--settle-timeout" => o.settle_timeout = number("--settle-timeout", value("--settle-timeout")),
             "--lease-ms" => o.lease_ms = number("--lease-ms", value("--lease-ms")).max(1000),
+            "--rpm" => {
+                let v = value("--rpm");
+                o.rpm = Some(v.parse().ok().filter(|n: &u32| *n > 0).unwrap_or_else(|| {
+                    usage(&format!("--rpm: `{v}` is not a whole number of requests per minute above 0"))
+                }))
+            }
             "--examples" => o.examples = PathBuf::from(value("--examples")),
             "--keep" => o.keep = true,
             "-h" | "--help" => usage("help asked for"),
@@ -452,7 +478,7 @@ async fn chaos(o: &Options) -> Result<Verdict, String> {
             _ => None,
         };
         let postgres_host = pg.as_ref().map_or(POSTGRES_HOST.to_owned(), |pg| format!("127.0.0.1:{}", pg.port));
-        let rpm = o.scenario.requests_per_minute();
+        let rpm = o.requests_per_minute();
         let mut mock_config = MockConfig { tag_prefix: Some("ref:".into()), ..MockConfig::default() };
         for p in mock_config.providers.values_mut() {
             p.requests_per_minute = rpm;
@@ -516,11 +542,11 @@ fn worker_env(o: &Options, db_url: &str, base: &str, rpm: u32) -> Vec<(String, S
         ("TICKETFLOW__BREAKER__COOLDOWN_MS".into(), COOLDOWN_MS.to_string()),
         (KEY_ENV.into(), PLANTED_KEY.into()),
     ];
-    if o.scenario != Scenario::Flaky {
+    if !o.shares_limits() {
         // With leases this short a ticket may wait on our limiters for a second or
         // so, less than a restarted replica waits for its first share of the account
         // (two heartbeats): the limits are far above the load here, so each worker
-        // keeps them whole. `flaky` shares binding limits.
+        // keeps them whole. `flaky` and `--rpm` share binding limits.
         env.push(("TICKETFLOW__LIMITS__ACCOUNT_HEARTBEAT_MS".into(), "0".into()));
     }
     for (name, kind) in PROVIDERS {
@@ -817,7 +843,19 @@ async fn drive(
     let mut commits = String::new();
     if let Broker::Kafka(k) = broker {
         if !k.check_commits()? {
-            verdict.fail(format!("the group's commits are not at the end of the input: {}", k.last_seen));
+            let mut waiting = Vec::new();
+            for (p, offset, ticket) in k.uncommitted(8) {
+                let state = match &ticket {
+                    Some(t) => unit_state(&client, t).await,
+                    None => "not a ticket".into(),
+                };
+                waiting.push(format!("partition {p} offset {offset}: {} {state}", ticket.as_deref().unwrap_or("-")));
+            }
+            verdict.fail(format!(
+                "the group's commits are not at the end of the input: {}; past them: {}",
+                k.last_seen,
+                waiting.join("; ")
+            ));
         }
         for v in std::mem::take(&mut k.commit_violations) {
             verdict.fail(v);
@@ -845,7 +883,7 @@ async fn drive(
         ));
     }
     let stats = mock.stats();
-    let rpm = u64::from(o.scenario.requests_per_minute());
+    let rpm = u64::from(o.requests_per_minute());
     for (name, s) in &stats.providers {
         if s.max_sent_in_any_60s > rpm {
             verdict.fail(format!("{name}: {} requests in one 60-second window, limit {rpm}", s.max_sent_in_any_60s));
@@ -919,6 +957,31 @@ impl Ledger {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// What the ledger says of a ticket's unit, for a report: its status, whether its
+/// output is published, its owner, whether that owner's lease runs, attempts and replays.
+async fn unit_state(db: &tokio_postgres::Client, ticket: &str) -> String {
+    let row = db
+        .query_opt(
+            "SELECT status, published, coalesce(owner, '-'), coalesce(lease_until > now(), false), attempts, replay_count
+             FROM units WHERE ticket_id = $1",
+            &[&ticket],
+        )
+        .await;
+    match row {
+        Ok(Some(r)) => format!(
+            "({}, {}, owner {}, lease {}, attempts {}, replays {})",
+            r.get::<_, String>(0),
+            if r.get::<_, bool>(1) { "published" } else { "unpublished" },
+            r.get::<_, String>(2),
+            if r.get::<_, bool>(3) { "running" } else { "expired" },
+            r.get::<_, i32>(4),
+            r.get::<_, i32>(5),
+        ),
+        Ok(None) => "(not in the ledger)".into(),
+        Err(e) => format!("(ledger: {e})"),
     }
 }
 

@@ -122,6 +122,41 @@ fn a_calm_run_and_a_short_soak_lose_nothing_and_the_soaked_worker_does_not_grow(
     }
 }
 
+/// Two workers under a requests-per-minute limit the load exceeds (`--rpm`, the
+/// mock's and the account's): they divide it through the ledger, so the provider
+/// never sees more than the limit in any 60 seconds, and nobody starves on our own
+/// limiter. The run must reach the limit for this to mean anything: Qwen's busiest
+/// minute (triage and the cheap tier) is asserted near it. RabbitMQ only: the
+/// division is the same whatever the broker.
+#[test]
+fn two_workers_under_a_binding_rate_limit_never_send_the_provider_more_than_it() {
+    let out = {
+        let _timed = crate::helpers::TIMED.blocking_lock();
+        chaos(&[
+            "--broker",
+            "rabbitmq",
+            "--scenario",
+            "calm",
+            "--tickets",
+            "300",
+            "--workers",
+            "2",
+            "--rpm",
+            "400",
+            "--seed",
+            "29",
+        ])
+    };
+    let said = said(&out);
+    eprintln!("{said}");
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("lost 0, duplicated 0, double-paid 0"), "{said}");
+    let busiest = said.split("busiest minute per provider (limit 400): ").nth(1).expect(&said);
+    let qwen = busiest.split([',', ';']).find_map(|p| p.trim().strip_prefix("qwen ")).expect(&said);
+    let qwen: u64 = qwen.parse().unwrap();
+    assert!((320..=400).contains(&qwen), "Qwen's busiest minute near the limit, not over it: {said}");
+}
+
 #[test]
 fn a_wrong_scenario_or_broker_is_a_usage_error() {
     let out = chaos(&["--scenario", "meteor"]);

@@ -31,6 +31,9 @@
 //! it, the workers divide it), low enough to bind under the run's load: the
 //! 60-second-window invariant then has something to catch.
 //!
+//! The input: tickets from the examples in conversations, 1% of them sent twice in a
+//! row (a helpdesk retrying its webhook), and 2% poison messages.
+//!
 //! Invariants: every valid ticket ends as exactly one reply (copies of a reply must be
 //! identical: a confirm lost to a fault) or one dead letter, every poison message as
 //! one dead letter, and a replayed ticket as a reply; conversations answered in order
@@ -395,11 +398,21 @@ fn kill_started() {
     }
 }
 
+/// The input of a run.
+struct Input {
+    /// Tickets, a JSON object a line.
+    valid: String,
+    /// How many tickets are sent twice.
+    resent: usize,
+    poison: Vec<Vec<u8>>,
+}
+
 /// Tickets from the examples, `C-{i}` in conversations of up to four consecutive
 /// tickets, every message tagged `ref:C-{i}` (the mock provider counts paid calls per
-/// tag); and poison messages: not JSON, JSON without messages, bytes that are not
-/// UTF-8 (2% of the input), each unique.
-fn tickets(examples: &Path, n: usize, rng: &mut impl Rng) -> Result<(String, Vec<Vec<u8>>), String> {
+/// tag), 1% of them sent twice in a row as a helpdesk retrying its webhook would (the
+/// ledger answers the second from its record); and poison messages: not JSON, JSON
+/// without messages, bytes that are not UTF-8 (2% of the input), each unique.
+fn tickets(examples: &Path, n: usize, rng: &mut impl Rng) -> Result<Input, String> {
     let text = std::fs::read_to_string(examples)
         .map_err(|e| format!("{}: {e} (run from the repository)", examples.display()))?;
     let base: Vec<Value> =
@@ -408,6 +421,7 @@ fn tickets(examples: &Path, n: usize, rng: &mut impl Rng) -> Result<(String, Vec
         return Err(format!("{}: no tickets", examples.display()));
     }
     let mut valid = String::new();
+    let mut resent = 0;
     let mut conversation = 0;
     let mut left_in_conversation = 0;
     for i in 0..n {
@@ -425,8 +439,12 @@ fn tickets(examples: &Path, n: usize, rng: &mut impl Rng) -> Result<(String, Vec
                 m["text"] = format!("ref:C-{i} {said}").into();
             }
         }
-        valid.push_str(&t.to_string());
-        valid.push('\n');
+        let line = format!("{t}\n");
+        valid.push_str(&line);
+        if rng.gen_ratio(1, 100) {
+            valid.push_str(&line);
+            resent += 1;
+        }
     }
     let poison = (0..n.div_ceil(50))
         .map(|i| match i % 3 {
@@ -435,7 +453,7 @@ fn tickets(examples: &Path, n: usize, rng: &mut impl Rng) -> Result<(String, Vec
             _ => [&[0xff, 0xfe][..], format!("P-{i}").as_bytes(), &[0x80]].concat(),
         })
         .collect();
-    Ok((valid, poison))
+    Ok(Input { valid, resent, poison })
 }
 
 /// A progress line on standard error with `TF_CHAOS_VERBOSE=1`.
@@ -693,7 +711,7 @@ async fn drive(
     if !o.kafka {
         run.run(&["topics"], None)?;
     }
-    let (valid, poison) = tickets(&o.examples, o.tickets, rng)?;
+    let Input { valid, resent, poison } = tickets(&o.examples, o.tickets, rng)?;
     // The input arrives while the faults happen: in slices every half second over
     // the first 80% of the fault window (all before the workers start for `calm` and
     // `soak`, still in slices of a thousand, so that the poison is spread through it
@@ -906,10 +924,11 @@ async fn drive(
     }
     let window = stats.providers.iter().map(|(n, s)| format!("{n} {}", s.max_sent_in_any_60s)).collect::<Vec<_>>();
     println!(
-        "scenario {}, {}: {} tickets + {} poison, {} workers, {faults} faults{}; lost {}, duplicated {}, double-paid {}, order violations {}{}; {} replies, {} dead letters ({} identical copies; of valid tickets: {:?}; {} answered after a replay), {} paid calls unrecorded ({kills} kills){commits}; busiest minute per provider (limit {}): {}; {:.1} s; worker peak RSS {} MB{soak}",
+        "scenario {}, {}: {} tickets ({} sent twice) + {} poison, {} workers, {faults} faults{}; lost {}, duplicated {}, double-paid {}, order violations {}{}; {} replies, {} dead letters ({} identical copies; of valid tickets: {:?}; {} answered after a replay), {} paid calls unrecorded ({kills} kills){commits}; busiest minute per provider (limit {}): {}; {:.1} s; worker peak RSS {} MB{soak}",
         o.scenario.name(),
         broker.name(),
         o.tickets,
+        resent,
         poison.len(),
         o.workers,
         if replays > 0 { format!(", {replays} replays") } else { String::new() },

@@ -123,6 +123,34 @@ fn commit_positions(
 }
 
 impl ConsumerContext for Ctx {
+    /// The outcome of librdkafka's interval commits: a failure is retried at the next
+    /// interval, but an operator must see it (a commit that keeps failing means
+    /// redelivery after a restart).
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        use rdkafka::error::KafkaError;
+        use rdkafka::types::RDKafkaErrorCode;
+        match result {
+            // An interval with nothing new to commit.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => tracing::warn!(error = %super::reason(&e), "offset commit failed; the next interval tries again"),
+            Ok(()) => {
+                let mut committed = Vec::new();
+                for e in offsets.elements() {
+                    match (e.error(), e.offset()) {
+                        (Err(err), _) => {
+                            tracing::warn!(topic = e.topic(), partition = e.partition(), error = %super::reason(&err), "offset commit failed for a partition; the next interval tries again")
+                        }
+                        (Ok(()), Offset::Offset(at)) => committed.push(format!("{}@{at}", e.partition())),
+                        (Ok(()), _) => {}
+                    }
+                }
+                if !committed.is_empty() {
+                    tracing::debug!(partitions = %committed.join(" "), "offsets committed");
+                }
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(tpl) = rebalance else { return };
         let lanes = lanes_of(tpl);

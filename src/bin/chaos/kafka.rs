@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message as _;
+use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -37,8 +37,9 @@ pub struct Kafka {
     producer: ThreadedProducer<DefaultProducerContext>,
     /// The messages read so far, per topic and partition, in order.
     read: HashMap<(String, i32), Vec<Vec<u8>>>,
-    /// The ticket of every input message read (None: not a ticket), per partition.
-    inputs: Vec<Vec<Option<String>>>,
+    /// The ticket of every input message read and its replay count (None: not a
+    /// ticket), per partition.
+    inputs: Vec<Vec<Option<(String, u32)>>>,
     /// Tickets with a reply on the replies topic.
     answered: HashSet<String>,
     /// Input partition and offset of every dead letter.
@@ -191,8 +192,15 @@ impl Kafka {
                     let what = m.topic().rsplit('-').next().unwrap_or_default();
                     match (what, json) {
                         ("in", json) => {
+                            let replays = m
+                                .headers()
+                                .and_then(|h| {
+                                    h.iter().find(|h| h.key == ticketflow::broker::kafka::REPLAY_COUNT_HEADER)
+                                })
+                                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+                                .unwrap_or(0);
                             let ticket = json.and_then(|t| t["ticket_id"].as_str().map(str::to_owned));
-                            self.inputs[m.partition() as usize].push(ticket);
+                            self.inputs[m.partition() as usize].push(ticket.map(|t| (t, replays)));
                         }
                         ("replies", Some(reply)) => {
                             self.answered.insert(reply["ticket_id"].as_str().unwrap_or_default().to_owned());
@@ -239,18 +247,25 @@ impl Kafka {
         let ends: Vec<usize> = self.inputs.iter().map(Vec::len).collect();
         self.last_seen = format!("committed {committed:?}, input ends {ends:?}");
         self.last_committed.clone_from(&committed);
+        // A ticket sent twice is answered once: a copy with the same replay count as a
+        // dead-lettered message of its ticket is finished by that dead letter.
+        let dead: HashSet<&(String, u32)> = self
+            .dead_at
+            .iter()
+            .filter_map(|&(p, o)| self.inputs.get(usize::try_from(p).ok()?)?.get(usize::try_from(o).ok()?)?.as_ref())
+            .collect();
         let mut at_end = true;
         for (p, &commit) in committed.iter().enumerate() {
             let input = &self.inputs[p];
             at_end &= commit == input.len() as i64;
             for offset in self.verified[p]..commit.min(input.len() as i64) {
-                let ticket = &input[offset as usize];
+                let message = &input[offset as usize];
                 let finished = self.dead_at.contains(&(p as i64, offset))
-                    || ticket.as_ref().is_some_and(|t| self.answered.contains(t));
+                    || message.as_ref().is_some_and(|m| self.answered.contains(&m.0) || dead.contains(m));
                 if !finished && self.commit_violations.len() < 20 {
                     self.commit_violations.push(format!(
                         "partition {p} committed at {commit} past offset {offset} ({}), which has neither a reply nor a dead letter",
-                        ticket.as_deref().unwrap_or("not a ticket")
+                        message.as_ref().map_or("not a ticket", |m| m.0.as_str())
                     ));
                 }
             }
@@ -266,7 +281,7 @@ impl Kafka {
         for (p, &commit) in self.last_committed.iter().enumerate() {
             let input = &self.inputs[p];
             for offset in commit.max(0)..input.len() as i64 {
-                out.push((p, offset, input[offset as usize].clone()));
+                out.push((p, offset, input[offset as usize].as_ref().map(|m| m.0.clone())));
             }
         }
         out.truncate(most);

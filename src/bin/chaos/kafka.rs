@@ -264,14 +264,41 @@ impl Kafka {
                     || message.as_ref().is_some_and(|m| self.answered.contains(&m.0) || dead.contains(m));
                 if !finished && self.commit_violations.len() < 20 {
                     self.commit_violations.push(format!(
-                        "partition {p} committed at {commit} past offset {offset} ({}), which has neither a reply nor a dead letter",
-                        message.as_ref().map_or("not a ticket", |m| m.0.as_str())
+                        "partition {p} committed at {commit} past offset {offset} ({}), which has neither a reply nor a dead letter{}",
+                        message.as_ref().map_or("not a ticket", |m| m.0.as_str()),
+                        message.as_ref().map_or(String::new(), |m| self.whereabouts(&m.0)),
                     ));
                 }
             }
             self.verified[p] = self.verified[p].max(commit);
         }
         Ok(at_end)
+    }
+
+    /// Where a ticket's messages are in the input (partition/offset and replay count)
+    /// and where its dead letters came from, as read so far: for a commit violation.
+    fn whereabouts(&self, ticket: &str) -> String {
+        let mut sent = Vec::new();
+        for (p, input) in self.inputs.iter().enumerate() {
+            for (o, m) in input.iter().enumerate() {
+                if let Some((t, replays)) = m {
+                    if t == ticket {
+                        sent.push(format!("{p}/{o} (replay {replays})"));
+                    }
+                }
+            }
+        }
+        let mut dead: Vec<String> = self
+            .dead_at
+            .iter()
+            .filter(|&&(p, o)| {
+                let m = usize::try_from(p).ok().and_then(|p| self.inputs.get(p)?.get(usize::try_from(o).ok()?));
+                m.is_some_and(|m| m.as_ref().is_some_and(|m| m.0 == ticket))
+            })
+            .map(|(p, o)| format!("{p}/{o}"))
+            .collect();
+        dead.sort();
+        format!(" (sent at {}; dead letters from [{}])", sent.join(", "), dead.join(", "))
     }
 
     /// The first `most` input messages past the last commits seen (partition, offset,

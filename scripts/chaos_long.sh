@@ -18,9 +18,10 @@ declare -A RUNS=(
     [broker-restart]="--scenario broker-restart --tickets 6000 --workers 3 --seconds 60 --every 10"
     [outage]="--scenario outage --tickets 6000 --workers 3 --seconds 60 --every 8"
     [flaky]="--scenario flaky --tickets 6000 --workers 3 --seconds 60"
+    [limit]="--scenario calm --tickets 600 --workers 3 --rpm 600"
     [soak]="--scenario soak --tickets 100000 --settle-timeout 1800"
 )
-ORDER=(kill storm term db-cut db-restart broker-restart outage flaky soak)
+ORDER=(kill storm term db-cut db-restart broker-restart outage flaky limit soak)
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=("${ORDER[@]}")
 failed=0

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -192,13 +192,7 @@ impl Kafka {
                     let what = m.topic().rsplit('-').next().unwrap_or_default();
                     match (what, json) {
                         ("in", json) => {
-                            let replays = m
-                                .headers()
-                                .and_then(|h| {
-                                    h.iter().find(|h| h.key == ticketflow::broker::kafka::REPLAY_COUNT_HEADER)
-                                })
-                                .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
-                                .unwrap_or(0);
+                            let replays = ticketflow::broker::kafka::replay_count(&m);
                             let ticket = json.and_then(|t| t["ticket_id"].as_str().map(str::to_owned));
                             self.inputs[m.partition() as usize].push(ticket.map(|t| (t, replays)));
                         }

@@ -30,14 +30,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use tokio::sync::{mpsc, oneshot};
 
 use super::offsets::Offsets;
-use super::{client_config, KafkaSetupError, REPLAY_COUNT_HEADER};
+use super::{client_config, KafkaSetupError};
 use crate::broker::{Acker, BrokerError, Delivery, Lane, Message, Source, SourceEvent};
 use crate::intake;
 use crate::settings::Settings;
@@ -321,12 +321,7 @@ fn poll_loop(
                     .filter(|k| !k.is_empty())
                     .map(str::to_owned)
                     .or_else(|| intake::conversation_key(&payload));
-                let replay_count = m
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == REPLAY_COUNT_HEADER))
-                    .and_then(|h| h.value)
-                    .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-                    .unwrap_or(0);
+                let replay_count = super::replay_count(&m);
                 let (topic, partition, offset) = (m.topic().to_owned(), m.partition(), m.offset());
                 offsets.polled(&topic, partition, offset);
                 let message = Message {

@@ -16,6 +16,17 @@ use crate::settings::KafkaSettings;
 /// The header carrying how many times operators replayed a message.
 pub const REPLAY_COUNT_HEADER: &str = "replay_count";
 
+/// How many times a message was replayed: its [`REPLAY_COUNT_HEADER`], 0 without one
+/// (or with one that is not a whole number).
+pub fn replay_count(message: &impl rdkafka::message::Message) -> u32 {
+    use rdkafka::message::Headers as _;
+    message
+        .headers()
+        .and_then(|h| h.iter().find(|h| h.key == REPLAY_COUNT_HEADER))
+        .and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// A Kafka failure, in one readable line.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {

@@ -27,6 +27,9 @@
 //! - `soak`: one worker, no fault, the worker's memory sampled every second: it must
 //!   not grow after warm-up.
 //!
+//! `--latency-ms MS` makes every provider answer after 0 to 2×MS ms (none by
+//! default), so that more tickets are in flight at any moment.
+//!
 //! `--rpm N` gives every provider a limit of N requests per minute (the mock enforces
 //! it, the workers divide it), low enough to bind under the run's load: the
 //! 60-second-window invariant then has something to catch.
@@ -141,6 +144,8 @@ struct Options {
     lease_ms: u64,
     /// Every provider's requests-per-minute limit instead of the scenario's.
     rpm: Option<u32>,
+    /// Every provider's mean latency (ms), uniform between none and twice it.
+    latency_ms: u64,
     keep: bool,
     examples: PathBuf,
 }
@@ -162,7 +167,7 @@ fn usage(problem: &str) -> ! {
     eprintln!("error: {problem}");
     let names: Vec<&str> = SCENARIOS.iter().map(|(n, _)| *n).collect();
     eprintln!(
-        "usage: ticketflow-chaos --scenario {} [--broker rabbitmq|kafka] [--tickets N] [--workers N] [--seconds S] [--every S] [--seed N] [--settle-timeout S] [--lease-ms MS] [--rpm N] [--examples FILE] [--keep]",
+        "usage: ticketflow-chaos --scenario {} [--broker rabbitmq|kafka] [--tickets N] [--workers N] [--seconds S] [--every S] [--seed N] [--settle-timeout S] [--lease-ms MS] [--rpm N] [--latency-ms MS] [--examples FILE] [--keep]",
         names.join("|")
     );
     std::process::exit(2)
@@ -180,6 +185,7 @@ fn parse() -> Options {
         settle_timeout: 300,
         lease_ms: 8000,
         rpm: None,
+        latency_ms: 0,
         keep: false,
         examples: PathBuf::from("examples/tickets.jsonl"),
     };
@@ -224,6 +230,7 @@ fn parse() -> Options {
                     usage(&format!("--rpm: `{v}` is not a whole number of requests per minute above 0"))
                 }))
             }
+            "--latency-ms" => o.latency_ms = number("--latency-ms", value("--latency-ms")),
             "--examples" => o.examples = PathBuf::from(value("--examples")),
             "--keep" => o.keep = true,
             "-h" | "--help" => usage("help asked for"),
@@ -500,6 +507,7 @@ async fn chaos(o: &Options) -> Result<Verdict, String> {
         let mut mock_config = MockConfig { tag_prefix: Some("ref:".into()), ..MockConfig::default() };
         for p in mock_config.providers.values_mut() {
             p.requests_per_minute = rpm;
+            (p.latency_ms, p.jitter_ms) = (o.latency_ms, o.latency_ms);
             if o.scenario == Scenario::Flaky {
                 p.error_rate = 0.05;
                 p.throttle_rate = 0.05;

@@ -191,6 +191,10 @@ pub enum CallOutcome {
     RateLimited,
     Error,
     Timeout,
+    /// Sent, but its answer never came back to us: the worker died or was cut off
+    /// while the call was in flight. Recorded before it was sent and priced at that
+    /// estimate; the unit's next owner publishes it (SPEC §3.3).
+    Lost,
 }
 
 /// One record per provider call that reached a provider (SPEC §3.3).

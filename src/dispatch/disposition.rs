@@ -6,6 +6,8 @@
 //! | a completion (reply, dead letter, duplicate, republish) | ack |
 //! | cancellation (shutdown, revoked lane) | abandon: hand it back, unacked |
 //! | the unit busy in another worker, a lease lost to one | retry later, not counted |
+//! | our own rate limits had no room for the unit in time | retry later, not counted: pacing is ours |
+//! | the unit taken over too often (its workers keep dying on it) | an `internal` dead letter at once |
 //! | the database or the broker unavailable | retry later, not counted: outages are waited out |
 //! | anything else (a stored output that cannot be read, a statement the database refuses, a broker that refuses an output, a panic) | retry later, counted; once `max_attempts` are spent, an `internal` dead letter |
 //!
@@ -30,6 +32,14 @@ pub enum HandleError {
     Publish(#[from] BrokerError),
     #[error("unit {0} is being processed by another worker")]
     Busy(String),
+    /// Our own rate limiters (or the account's share) had no room for the unit
+    /// before its hold ended: it waits and resumes, it has not failed.
+    #[error("unit {0} waits for room under our own rate limits")]
+    Paced(String),
+    /// The unit was claimed anew this often without finishing: its workers died or
+    /// let go of it while working on it (a ticket that crashes its worker).
+    #[error("unit {unit_id} was taken over {takeovers} times without finishing (its workers died or let go of it while working on it)")]
+    TakenOver { unit_id: String, takeovers: u32 },
     /// The attempt was cancelled (shutdown, revoked lane); its claim is released.
     #[error("cancelled")]
     Cancelled,
@@ -98,9 +108,11 @@ pub fn dispose<T>(result: &Result<T, Failure>, failures: u32, policy: &RetryPoli
     let uncounted = |base: Duration| Disposition::RetryLater { delay: jitter(base), counted: false };
     match error {
         Failure::Handle(HandleError::Cancelled) => Disposition::Abandon,
+        Failure::Handle(e @ HandleError::TakenOver { .. }) => Disposition::DeadLetter { reason: e.to_string() },
         Failure::Handle(HandleError::Busy(_) | HandleError::Ledger(LedgerError::LeaseLost(_))) => {
             uncounted(Duration::from_millis(500))
         }
+        Failure::Handle(HandleError::Paced(_)) => uncounted(Duration::from_secs(1)),
         Failure::Handle(
             HandleError::Ledger(LedgerError::Unavailable(_)) | HandleError::Publish(BrokerError::Publish(_)),
         ) => uncounted(Duration::from_secs(1)),
@@ -138,8 +150,13 @@ mod tests {
         let p = policy();
         assert_eq!(dispose(&Ok(()), 0, &p), Disposition::Ack);
         assert_eq!(dispose(&err(HandleError::Cancelled), 0, &p), Disposition::Abandon);
+        let taken = err(HandleError::TakenOver { unit_id: "u".into(), takeovers: 5 });
+        assert!(
+            matches!(dispose(&taken, 0, &p), Disposition::DeadLetter { reason } if reason.contains("taken over 5 times"))
+        );
         for infra in [
             HandleError::Busy("u".into()),
+            HandleError::Paced("u".into()),
             HandleError::Ledger(LedgerError::Unavailable("down".into())),
             HandleError::Ledger(LedgerError::LeaseLost("u".into())),
             HandleError::Publish(BrokerError::Publish("no confirm".into())),

@@ -12,8 +12,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Claim, Ledger, LedgerError};
-use crate::ticket::Output;
+use super::{Claim, JournaledCall, Ledger, LedgerError, Rejected};
+use crate::ticket::{CostRecord, Output};
 
 #[derive(Debug)]
 enum State {
@@ -35,6 +35,8 @@ struct Entry {
     attempts: u32,
     replay_count: u32,
     cost_usd: f64,
+    /// When the unit was first claimed.
+    since: std::time::Instant,
 }
 
 #[derive(Debug, Default)]
@@ -43,6 +45,10 @@ struct Units {
     done: HashSet<u128>,
     /// Everything else.
     active: HashMap<u128, Entry>,
+    /// The call journals of units not finished yet.
+    journals: HashMap<u128, Vec<JournaledCall>>,
+    /// Rejected inputs by key: whether their dead letter is published.
+    rejected: HashMap<u128, bool>,
 }
 
 /// A ledger that lives as long as the process.
@@ -75,31 +81,38 @@ impl Ledger for MemoryLedger {
         worker_id: &str,
     ) -> Result<Claim, LedgerError> {
         let key = Self::key(unit_id);
-        let mut units = self.lock()?;
+        let mut guard = self.lock()?;
+        let units = &mut *guard;
         if units.done.contains(&key) {
             return Ok(Claim::Done);
         }
+        let journals = &units.journals;
+        let journal = || journals.get(&key).cloned().unwrap_or_default();
         let entry = units.active.entry(key).or_insert(Entry {
             state: State::InProgress { owner: worker_id.to_owned() },
             attempts: 0,
             replay_count,
             cost_usd: 0.0,
+            since: std::time::Instant::now(),
         });
         match &mut entry.state {
             State::InProgress { owner } if entry.attempts > 0 && owner == worker_id => {
-                Ok(Claim::Fresh { attempts: entry.attempts, prior_cost_usd: entry.cost_usd })
+                let (attempts, prior_cost_usd) = (entry.attempts, entry.cost_usd);
+                let age = entry.since.elapsed();
+                Ok(Claim::Fresh { attempts, prior_cost_usd, journal: journal(), age })
             }
             State::InProgress { .. } if entry.attempts > 0 => Ok(Claim::Busy),
             State::InProgress { .. } => {
                 entry.attempts = 1;
-                Ok(Claim::Fresh { attempts: 1, prior_cost_usd: 0.0 })
+                Ok(Claim::Fresh { attempts: 1, prior_cost_usd: 0.0, journal: journal(), age: entry.since.elapsed() })
             }
             State::Finished { publishing: Some(_), .. } => Ok(Claim::Busy),
             State::Finished { dead_letter: true, unpublished: None, .. } if replay_count > entry.replay_count => {
                 entry.state = State::InProgress { owner: worker_id.to_owned() };
                 entry.attempts += 1;
                 entry.replay_count = replay_count;
-                Ok(Claim::Fresh { attempts: entry.attempts, prior_cost_usd: entry.cost_usd })
+                let (attempts, prior_cost_usd) = (entry.attempts, entry.cost_usd);
+                Ok(Claim::Fresh { attempts, prior_cost_usd, journal: journal(), age: entry.since.elapsed() })
             }
             State::Finished { unpublished: Some(output), .. } => Ok(Claim::Unpublished(output.clone())),
             State::Finished { .. } => Ok(Claim::Done),
@@ -122,7 +135,53 @@ impl Ledger for MemoryLedger {
             unpublished: Some(Box::new(output.clone())),
             publishing: Some(worker_id.to_owned()),
         };
+        let key = Self::key(unit_id);
+        if matches!(output, Output::DeadLetter { .. }) {
+            units.journals.entry(key).or_default().iter_mut().for_each(|c| c.settled = true);
+        } else {
+            units.journals.remove(&key);
+        }
         Ok(())
+    }
+
+    async fn call_sent(&self, owner: &str, estimate: &CostRecord) -> Result<(), LedgerError> {
+        let key = Self::key(&estimate.unit_id);
+        let mut units = self.lock()?;
+        let held =
+            matches!(units.active.get(&key), Some(Entry { state: State::InProgress { owner: o }, .. }) if o == owner);
+        if !held {
+            return Err(LedgerError::LeaseLost(estimate.unit_id.clone()));
+        }
+        let call = JournaledCall { record: estimate.clone(), answer: None, settled: false };
+        units.journals.entry(key).or_default().push(call);
+        Ok(())
+    }
+
+    async fn call_ended(
+        &self,
+        unit_id: &str,
+        call_id: &str,
+        record: Option<&CostRecord>,
+        answer: Option<&str>,
+    ) -> Result<(), LedgerError> {
+        let mut units = self.lock()?;
+        let Some(journal) = units.journals.get_mut(&Self::key(unit_id)) else { return Ok(()) };
+        let Some(i) = journal.iter().position(|c| c.record.call_id == call_id) else { return Ok(()) };
+        match record {
+            Some(record) => {
+                journal[i] = JournaledCall { record: record.clone(), answer: answer.map(str::to_owned), settled: false }
+            }
+            None => {
+                journal.remove(i);
+            }
+        }
+        Ok(())
+    }
+
+    async fn journal(&self, unit_id: &str) -> Result<Vec<JournaledCall>, LedgerError> {
+        let units = self.lock()?;
+        let journal = units.journals.get(&Self::key(unit_id));
+        Ok(journal.into_iter().flatten().filter(|c| !c.settled).cloned().collect())
     }
 
     async fn mark_published(&self, unit_id: &str) -> Result<(), LedgerError> {
@@ -141,6 +200,23 @@ impl Ledger for MemoryLedger {
             units.active.remove(&key);
             units.done.insert(key);
         }
+        Ok(())
+    }
+
+    async fn claim_rejected(&self, key: &str, _worker_id: &str) -> Result<Rejected, LedgerError> {
+        let mut units = self.lock()?;
+        Ok(match units.rejected.insert(Self::key(key), false) {
+            None => Rejected::New,
+            Some(true) => {
+                units.rejected.insert(Self::key(key), true);
+                Rejected::Done
+            }
+            Some(false) => Rejected::Unpublished,
+        })
+    }
+
+    async fn rejected_published(&self, key: &str) -> Result<(), LedgerError> {
+        self.lock()?.rejected.insert(Self::key(key), true);
         Ok(())
     }
 
@@ -245,7 +321,7 @@ pub(crate) mod tests {
         l.finish("T:1", "w", &dead_letter_output()).await.unwrap();
         l.mark_published("T:1").await.unwrap();
         match l.claim("T:1", "T", 1, "w").await.unwrap() {
-            Claim::Fresh { attempts, prior_cost_usd } => {
+            Claim::Fresh { attempts, prior_cost_usd, .. } => {
                 assert_eq!(attempts, 2);
                 assert!((prior_cost_usd - 0.5).abs() < 1e-12);
             }

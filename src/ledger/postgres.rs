@@ -11,9 +11,20 @@
 //! The output is kept in the decision row, so a redelivery of a unit whose publish was
 //! never confirmed republishes it instead of calling providers again.
 //!
-//! Each unit takes three statements (claim, finish, mark published), each shared by
-//! every unit queued at the time (group commit, `batch.rs`).
+//! Leases are short (`database.lease_ms`, seconds) and renewed: every unit a worker
+//! holds (claimed, or finished and not yet marked published) has its lease extended
+//! by one statement every quarter lease while the worker lives. A dead worker's units
+//! are taken over within a lease, not after the longest a ticket could take.
+//!
+//! The calls in between are journaled (`calls`, see the V6 migration): an intent
+//! before each call, fenced by ownership, and its end as it completes; a takeover's
+//! claim reads the journal back, and finishing moves it into `cost_records`.
+//!
+//! Each unit takes three statements (claim, finish, mark published) plus two journal
+//! writes per provider call, each shared by every unit queued at the time (group
+//! commit, `batch.rs`).
 
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,9 +34,9 @@ use std::collections::{HashMap, HashSet};
 
 use super::batch::Batcher;
 use super::connect::{self, Session};
-use super::{Claim, Ledger, LedgerError};
+use super::{Claim, JournaledCall, Ledger, LedgerError, Rejected};
 use crate::settings::DatabaseSettings;
-use crate::ticket::{DeadLetter, Output};
+use crate::ticket::{CostRecord, DeadLetter, Output};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -38,6 +49,18 @@ pub struct PgLedger {
     claims: Batcher<ClaimRequest, Claim>,
     finishes: Batcher<FinishRow, ()>,
     publishes: Batcher<String, ()>,
+    journal: Batcher<JournalWrite, ()>,
+    /// Units this process holds, with their claimer: the leases it renews.
+    held: Arc<Mutex<HashMap<String, String>>>,
+    lease_secs: f64,
+}
+
+/// One write to the call journal.
+enum JournalWrite {
+    /// A call about to be sent: its lost estimate, under its unit's owner.
+    Sent { call_id: String, unit_id: String, owner: String, record: String },
+    /// How it ended: its record and answer, or `None` when it never reached the provider.
+    Ended { call_id: String, record: Option<String>, answer: Option<String> },
 }
 
 /// Units per batch: a batch is one statement, so this bounds its parameters' size.
@@ -272,7 +295,14 @@ impl PgLedger {
             let pool = pool.clone();
             Batcher::spawn(MAX_BATCH, BATCH_CONCURRENCY, move |batch| publish_batch(pool.clone(), batch))
         };
-        Ok(PgLedger { pool, claims, finishes, publishes })
+        let journal = {
+            let pool = pool.clone();
+            Batcher::spawn(MAX_BATCH, BATCH_CONCURRENCY, move |batch| journal_batch(pool.clone(), batch))
+        };
+        let held = Arc::new(Mutex::new(HashMap::new()));
+        let every = Duration::from_millis(settings.lease_ms.max(4) / 4);
+        tokio::spawn(renew_leases(pool.clone(), Arc::downgrade(&held), every, lease_secs));
+        Ok(PgLedger { pool, claims, finishes, publishes, journal, held, lease_secs })
     }
 
     pub fn pool(&self) -> &Pool {
@@ -281,6 +311,48 @@ impl PgLedger {
 
     async fn client(&self) -> Result<deadpool_postgres::Object, LedgerError> {
         self.pool.get().await.map_err(classify)
+    }
+
+    fn hold(&self, unit_id: &str, claimer: &str) {
+        if let Ok(mut held) = self.held.lock() {
+            held.insert(unit_id.to_owned(), claimer.to_owned());
+        }
+    }
+
+    fn let_go(&self, unit_id: &str) {
+        if let Ok(mut held) = self.held.lock() {
+            held.remove(unit_id);
+        }
+    }
+}
+
+/// Extends the lease of every unit `held` lists, every `every`, until the ledger is
+/// dropped. A failed renewal is retried at the next tick; if the database stays away
+/// for a whole lease, the units may be taken over, and the fence stops this worker
+/// from finishing them.
+async fn renew_leases(pool: Pool, held: Weak<Mutex<HashMap<String, String>>>, every: Duration, lease_secs: f64) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(held) = held.upgrade() else { return };
+        let (units, owners): (Vec<String>, Vec<String>) = match held.lock() {
+            Ok(h) => h.iter().map(|(u, o)| (u.clone(), o.clone())).unzip(),
+            Err(_) => return,
+        };
+        drop(held);
+        if units.is_empty() {
+            continue;
+        }
+        let renewed = async {
+            let client = pool.get().await.map_err(classify)?;
+            let statement = client.prepare_cached(RENEW).await.map_err(classify)?;
+            client.execute(&statement, &[&units, &owners, &lease_secs]).await.map_err(classify)
+        };
+        match renewed.await {
+            Ok(n) => tracing::trace!(held = units.len(), renewed = n, "leases renewed"),
+            Err(e) => tracing::warn!(held = units.len(), error = %e, "could not renew leases; retrying"),
+        }
     }
 }
 
@@ -297,7 +369,40 @@ ON CONFLICT (unit_id) DO UPDATE SET
     published = false
 WHERE (units.status = 'in_progress' AND (units.lease_until < now() OR units.owner = EXCLUDED.owner))
    OR (units.status = 'dead_letter' AND units.published AND EXCLUDED.replay_count > units.replay_count)
-RETURNING unit_id, attempts, cost_usd";
+RETURNING unit_id, attempts, cost_usd, xmax <> 0, extract(epoch FROM now() - created_at)::float8";
+
+/// Lease renewal of the units a worker holds: in progress, or finished and still
+/// being published by it.
+const RENEW: &str = "
+UPDATE units SET lease_until = now() + make_interval(secs => $3)
+FROM UNNEST($1::text[], $2::text[]) AS h(unit_id, owner)
+WHERE units.unit_id = h.unit_id AND units.owner = h.owner AND (units.status = 'in_progress' OR NOT units.published)";
+
+/// The journal of units claimed again (a takeover, a retry, a replay), in the order sent.
+const JOURNAL_OF: &str = "
+SELECT unit_id, done, record, answer, settled FROM calls WHERE unit_id = ANY($1::text[])
+ORDER BY sent_at, call_id";
+
+/// Journal writes of many units: intents (fenced by ownership, and locking the unit's
+/// row so that a takeover committing meanwhile is seen), ends, and intents of calls
+/// that never reached the provider dropped.
+const JOURNAL: &str = "
+WITH sent AS (
+    INSERT INTO calls (call_id, unit_id, owner, record)
+    SELECT s.call_id::uuid, s.unit_id, s.owner, s.record
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS s(call_id, unit_id, owner, record)
+    JOIN units u ON u.unit_id = s.unit_id AND u.owner = s.owner AND u.status = 'in_progress'
+    FOR SHARE OF u
+    RETURNING call_id::text
+), ended AS (
+    UPDATE calls SET done = true, record = e.record, answer = e.answer
+    FROM UNNEST($5::text[], $6::text[], $7::text[]) AS e(call_id, record, answer)
+    WHERE calls.call_id = e.call_id::uuid AND e.record IS NOT NULL
+), dropped AS (
+    DELETE FROM calls USING UNNEST($5::text[], $6::text[]) AS e(call_id, record)
+    WHERE calls.call_id = e.call_id::uuid AND e.record IS NULL
+)
+SELECT call_id FROM sent";
 
 /// What a unit that could not be claimed is doing; for a finished but unpublished unit,
 /// its output, from the latest decision row.
@@ -326,7 +431,7 @@ WITH f AS (
         lease_until = now() + make_interval(secs => $29)
     FROM f
     WHERE units.unit_id = f.unit_id AND units.owner = f.owner AND units.status = 'in_progress'
-    RETURNING units.unit_id, units.ticket_id
+    RETURNING units.unit_id, units.ticket_id, units.status
 ), costs AS (
     INSERT INTO cost_records (call_id, unit_id, ticket_id, stage, provider, model, input_tokens,
         cached_input_tokens, output_tokens, cost_usd, baseline_cost_usd, pricing_version, outcome,
@@ -359,16 +464,34 @@ WITH f AS (
     FROM jsonb_to_recordset($28::jsonb) AS d(unit_id text, kind text, message text, attempts int,
         replay_count int, source jsonb, payload text, payload_encoding text, worker_id text, failed_at text)
     JOIN u ON u.unit_id = d.unit_id
+), journaled AS (
+    -- The unit's calls are in its output's cost records now. A dead letter's stay,
+    -- settled, for its replay to reuse.
+    DELETE FROM calls USING u WHERE calls.unit_id = u.unit_id AND u.status <> 'dead_letter'
+), settled AS (
+    UPDATE calls SET settled = true FROM u WHERE calls.unit_id = u.unit_id AND u.status = 'dead_letter'
 )
 SELECT unit_id FROM u";
 
 const PUBLISH: &str = "UPDATE units SET published = true, owner = NULL, lease_until = NULL
      WHERE unit_id = ANY($1::text[])";
 
+/// Takes a rejected input: new, or seen but unpublished with its publisher gone.
+/// Returns whether it was seen before; no row when it is published or being published.
+const CLAIM_REJECTED: &str = "
+INSERT INTO rejected_inputs (key, owner, lease_until) VALUES ($1, $2, now() + make_interval(secs => $3))
+ON CONFLICT (key) DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until
+WHERE NOT rejected_inputs.published AND (rejected_inputs.lease_until < now() OR rejected_inputs.owner = EXCLUDED.owner)
+RETURNING xmax <> 0";
+
 const INSERT_REJECTED: &str = "
 INSERT INTO dead_letters (unit_id, ticket_id, kind, message, attempts, replay_count, source, payload,
     payload_encoding, worker_id, failed_at)
 VALUES (NULL, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10::text::timestamptz)";
+
+fn record_text(record: &CostRecord) -> Result<String, LedgerError> {
+    serde_json::to_string(record).map_err(|e| LedgerError::Other(format!("serializing for the ledger: {e}")))
+}
 
 fn json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value, LedgerError> {
     serde_json::to_value(v).map_err(|e| LedgerError::Other(format!("serializing for the ledger: {e}")))
@@ -420,9 +543,27 @@ async fn claim_batch_inner(
     let statement = client.prepare_cached(CLAIM).await.map_err(classify)?;
     let rows = client.query(&statement, &[&ids, &tickets, &owners, &replays, &lease_secs]).await.map_err(classify)?;
     let mut claims: HashMap<String, Claim> = HashMap::new();
+    let mut again: Vec<String> = Vec::new();
     for row in rows {
+        let unit_id: String = row.get(0);
         let attempts: i32 = row.get(1);
-        claims.insert(row.get(0), Claim::Fresh { attempts: attempts.max(1) as u32, prior_cost_usd: row.get(2) });
+        if row.get::<_, bool>(3) {
+            again.push(unit_id.clone());
+        }
+        let age = std::time::Duration::from_secs_f64(row.get::<_, f64>(4).max(0.0));
+        let claim =
+            Claim::Fresh { attempts: attempts.max(1) as u32, prior_cost_usd: row.get(2), journal: Vec::new(), age };
+        claims.insert(unit_id, claim);
+    }
+    if !again.is_empty() {
+        let statement = client.prepare_cached(JOURNAL_OF).await.map_err(classify)?;
+        for row in client.query(&statement, &[&again]).await.map_err(classify)? {
+            let unit_id: String = row.get(0);
+            let call = journaled_call(&unit_id, row.get(1), row.get(2), row.get(3), row.get(4))?;
+            if let Some(Claim::Fresh { journal, .. }) = claims.get_mut(&unit_id) {
+                journal.push(call);
+            }
+        }
     }
     let missing: Vec<&str> = ids.iter().copied().filter(|id| !claims.contains_key(*id)).collect();
     if !missing.is_empty() {
@@ -672,6 +813,62 @@ async fn finish_batch_inner(
     Ok(rows.into_iter().map(|row| row.get::<_, String>(0)).collect())
 }
 
+/// A journal row as a claim returns it: an unfinished call's lost estimate, or the
+/// call's record and answer.
+fn journaled_call(
+    unit_id: &str,
+    done: bool,
+    record: String,
+    answer: Option<String>,
+    settled: bool,
+) -> Result<JournaledCall, LedgerError> {
+    let record: CostRecord = serde_json::from_str(&record)
+        .map_err(|e| LedgerError::Other(format!("journaled call of {unit_id} is unreadable: {e}")))?;
+    Ok(JournaledCall { record, answer: if done { answer } else { None }, settled })
+}
+
+async fn journal_batch(pool: Pool, batch: Vec<JournalWrite>) -> Vec<Result<(), LedgerError>> {
+    let n = batch.len();
+    let (mut s_call, mut s_unit, mut s_owner, mut s_record) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut e_call, mut e_record, mut e_answer) = (Vec::new(), Vec::new(), Vec::new());
+    for write in &batch {
+        match write {
+            JournalWrite::Sent { call_id, unit_id, owner, record } => {
+                s_call.push(call_id.as_str());
+                s_unit.push(unit_id.as_str());
+                s_owner.push(owner.as_str());
+                s_record.push(record.as_str());
+            }
+            JournalWrite::Ended { call_id, record, answer } => {
+                e_call.push(call_id.as_str());
+                e_record.push(record.as_deref());
+                e_answer.push(answer.as_deref());
+            }
+        }
+    }
+    let result = async {
+        let client = pool.get().await.map_err(classify)?;
+        let statement = client.prepare_cached(JOURNAL).await.map_err(classify)?;
+        let rows = client
+            .query(&statement, &[&s_call, &s_unit, &s_owner, &s_record, &e_call, &e_record, &e_answer])
+            .await
+            .map_err(classify)?;
+        Ok::<HashSet<String>, LedgerError>(rows.into_iter().map(|row| row.get(0)).collect())
+    };
+    match result.await {
+        Ok(sent) => batch
+            .iter()
+            .map(|write| match write {
+                JournalWrite::Sent { call_id, unit_id, .. } if !sent.contains(call_id) => {
+                    Err(LedgerError::LeaseLost(unit_id.clone()))
+                }
+                _ => Ok(()),
+            })
+            .collect(),
+        Err(e) => vec![Err(e); n],
+    }
+}
+
 async fn publish_batch(pool: Pool, batch: Vec<String>) -> Vec<Result<(), LedgerError>> {
     let n = batch.len();
     let result = async {
@@ -696,25 +893,71 @@ impl Ledger for PgLedger {
         replay_count: u32,
         worker_id: &str,
     ) -> Result<Claim, LedgerError> {
-        self.claims
+        let claim = self
+            .claims
             .call(ClaimRequest {
                 unit_id: unit_id.to_owned(),
                 ticket_id: ticket_id.to_owned(),
                 replay_count: i32::try_from(replay_count).unwrap_or(i32::MAX),
                 worker_id: worker_id.to_owned(),
             })
-            .await
+            .await?;
+        if let Claim::Fresh { .. } = claim {
+            self.hold(unit_id, worker_id);
+        }
+        Ok(claim)
     }
 
     async fn finish(&self, unit_id: &str, worker_id: &str, output: &Output) -> Result<(), LedgerError> {
-        self.finishes.call(finish_row(unit_id, worker_id, output)?).await
+        let finished = self.finishes.call(finish_row(unit_id, worker_id, output)?).await;
+        if let Err(LedgerError::LeaseLost(_)) = finished {
+            self.let_go(unit_id);
+        }
+        finished
     }
 
     async fn mark_published(&self, unit_id: &str) -> Result<(), LedgerError> {
+        // Renewal stops whatever the outcome: a unit left unpublished by a failed
+        // mark must become republishable once its lease runs out.
+        self.let_go(unit_id);
         self.publishes.call(unit_id.to_owned()).await
     }
 
+    async fn call_sent(&self, owner: &str, estimate: &CostRecord) -> Result<(), LedgerError> {
+        self.journal
+            .call(JournalWrite::Sent {
+                call_id: estimate.call_id.clone(),
+                unit_id: estimate.unit_id.clone(),
+                owner: owner.to_owned(),
+                record: record_text(estimate)?,
+            })
+            .await
+    }
+
+    async fn call_ended(
+        &self,
+        _unit_id: &str,
+        call_id: &str,
+        record: Option<&CostRecord>,
+        answer: Option<&str>,
+    ) -> Result<(), LedgerError> {
+        let record = record.map(record_text).transpose()?;
+        let answer = answer.map(|a| a.replace('\0', "\u{FFFD}"));
+        self.journal.call(JournalWrite::Ended { call_id: call_id.to_owned(), record, answer }).await
+    }
+
+    async fn journal(&self, unit_id: &str) -> Result<Vec<JournaledCall>, LedgerError> {
+        let client = self.client().await?;
+        let statement = client.prepare_cached(JOURNAL_OF).await.map_err(classify)?;
+        let rows = client.query(&statement, &[&vec![unit_id]]).await.map_err(classify)?;
+        rows.into_iter()
+            .map(|row| journaled_call(unit_id, row.get(1), row.get(2), row.get(3), row.get(4)))
+            .filter(|call| !call.as_ref().is_ok_and(|c| c.settled))
+            .collect()
+    }
+
     async fn release(&self, unit_id: &str, worker_id: &str) -> Result<(), LedgerError> {
+        self.let_go(unit_id);
         let client = self.client().await?;
         client
             .execute(
@@ -735,6 +978,32 @@ impl Ledger for PgLedger {
                 "the server is a standby (in recovery): it cannot take writes".into(),
             ));
         }
+        Ok(())
+    }
+
+    async fn claim_rejected(&self, key: &str, worker_id: &str) -> Result<Rejected, LedgerError> {
+        let client = self.client().await?;
+        let lease_secs = self.lease_secs;
+        let claimed = client.query_opt(CLAIM_REJECTED, &[&key, &worker_id, &lease_secs]).await.map_err(classify)?;
+        if let Some(row) = claimed {
+            return Ok(if row.get::<_, bool>(0) { Rejected::Unpublished } else { Rejected::New });
+        }
+        let row = client
+            .query_one("SELECT published FROM rejected_inputs WHERE key = $1", &[&key])
+            .await
+            .map_err(classify)?;
+        Ok(if row.get::<_, bool>(0) { Rejected::Done } else { Rejected::Busy })
+    }
+
+    async fn rejected_published(&self, key: &str) -> Result<(), LedgerError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE rejected_inputs SET published = true, owner = NULL, lease_until = NULL WHERE key = $1",
+                &[&key],
+            )
+            .await
+            .map_err(classify)?;
         Ok(())
     }
 

@@ -19,9 +19,9 @@ use async_trait::async_trait;
 
 use tokio::sync::watch;
 
-use super::{Claim, Ledger, LedgerError};
+use super::{Claim, JournaledCall, Ledger, LedgerError, Rejected};
 use crate::backoff::Backoff;
-use crate::ticket::{DeadLetter, Output};
+use crate::ticket::{CostRecord, DeadLetter, Output};
 
 /// Whether the ledger is reachable: the worker's readiness.
 #[derive(Debug)]
@@ -156,12 +156,38 @@ impl Ledger for Resilient {
         self.retrying("mark_published", || self.inner.mark_published(unit_id)).await
     }
 
+    async fn call_sent(&self, owner: &str, estimate: &CostRecord) -> Result<(), LedgerError> {
+        self.retrying("call_sent", || self.inner.call_sent(owner, estimate)).await
+    }
+
+    async fn call_ended(
+        &self,
+        unit_id: &str,
+        call_id: &str,
+        record: Option<&CostRecord>,
+        answer: Option<&str>,
+    ) -> Result<(), LedgerError> {
+        self.retrying("call_ended", || self.inner.call_ended(unit_id, call_id, record, answer)).await
+    }
+
+    async fn journal(&self, unit_id: &str) -> Result<Vec<JournaledCall>, LedgerError> {
+        self.retrying("journal", || self.inner.journal(unit_id)).await
+    }
+
     /// Not retried: an unreleased claim simply expires with its lease.
     async fn release(&self, unit_id: &str, worker_id: &str) -> Result<(), LedgerError> {
         let started = std::time::Instant::now();
         let result = self.inner.release(unit_id, worker_id).await;
         crate::telemetry::ledger_operation("release", started.elapsed());
         result
+    }
+
+    async fn claim_rejected(&self, key: &str, worker_id: &str) -> Result<Rejected, LedgerError> {
+        self.retrying("claim_rejected", || self.inner.claim_rejected(key, worker_id)).await
+    }
+
+    async fn rejected_published(&self, key: &str) -> Result<(), LedgerError> {
+        self.retrying("rejected_published", || self.inner.rejected_published(key)).await
     }
 
     async fn record_rejected(&self, dead_letter: &DeadLetter) -> Result<(), LedgerError> {
@@ -212,9 +238,35 @@ mod tests {
             self.check()?;
             self.inner.mark_published(u).await
         }
+        async fn call_sent(&self, o: &str, e: &CostRecord) -> Result<(), LedgerError> {
+            self.check()?;
+            self.inner.call_sent(o, e).await
+        }
+        async fn call_ended(
+            &self,
+            u: &str,
+            c: &str,
+            r: Option<&CostRecord>,
+            a: Option<&str>,
+        ) -> Result<(), LedgerError> {
+            self.check()?;
+            self.inner.call_ended(u, c, r, a).await
+        }
+        async fn journal(&self, u: &str) -> Result<Vec<JournaledCall>, LedgerError> {
+            self.check()?;
+            self.inner.journal(u).await
+        }
         async fn release(&self, u: &str, w: &str) -> Result<(), LedgerError> {
             self.check()?;
             self.inner.release(u, w).await
+        }
+        async fn claim_rejected(&self, k: &str, w: &str) -> Result<Rejected, LedgerError> {
+            self.check()?;
+            self.inner.claim_rejected(k, w).await
+        }
+        async fn rejected_published(&self, k: &str) -> Result<(), LedgerError> {
+            self.check()?;
+            self.inner.rejected_published(k).await
         }
         async fn record_rejected(&self, d: &DeadLetter) -> Result<(), LedgerError> {
             self.check()?;

@@ -1,11 +1,14 @@
 //! Triage, routing and the reply: the stages that call providers. Never fails:
 //! every failure is a handoff or a dead letter of the right kind.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::journal::{self, LedgerJournal};
 use super::output::{human_route, Answer, Unit};
 use super::Pipeline;
 use crate::broker::Message;
+use crate::ledger::{JournaledCall, LedgerError};
 use crate::moderation::Verdict;
 use crate::providers::chain::{ChainResult, ChainRunner, UnitCalls};
 use crate::providers::{estimate_tokens, ChatRequest, Usage};
@@ -24,17 +27,49 @@ pub(super) struct Triaged {
     pub verdict: Option<Verdict>,
     /// The ticket as delimited data, the user message of every call.
     pub ticket_data: String,
+    /// No triage model could be asked for our own pacing (the heuristics stood in).
+    pub triage_paced: bool,
 }
 
 impl Pipeline {
-    /// Triage, route and respond: the unit's output.
-    pub async fn answer(&self, ticket: &Ticket, message: &Message, attempts: u32, prior_cost_usd: f64) -> Output {
+    /// Triage, route and respond for `claimer`'s claim (its attempts and prior
+    /// cost), resuming from the `journal` the claim returned: the unit's output, and
+    /// whether it is an outage dead letter that our own pacing caused (see
+    /// [`UnitCalls::paced_out`]). An error only when the journal stopped the unit's
+    /// calls (the lease was lost).
+    pub async fn answer(
+        &self,
+        ticket: &Ticket,
+        message: &Message,
+        (attempts, prior_cost_usd): (u32, f64),
+        (claimer, journal): (&str, Vec<JournaledCall>),
+    ) -> Result<(Output, bool), LedgerError> {
         let started = Instant::now();
         let unit = Unit { ticket, message, attempts, prior_cost_usd, started };
-        let mut t = self.triaged(ticket, started).await;
+        let journaled = LedgerJournal::new(self.ledger.clone(), &ticket.unit_id, claimer);
+        let mut t = self.triaged(ticket, started, Some((journaled.clone(), journal))).await;
+        let output = if t.triage_paced {
+            // Heuristics would stand in only because our own limiter had no room:
+            // better to wait for it than to answer on a guess.
+            let error = "triage: no room under our own rate limits before the ticket's hold ended".to_owned();
+            self.failed(&unit, std::mem::take(&mut t.calls.costs), ErrorKind::ProvidersExhausted, error)
+        } else {
+            self.decide(&unit, &mut t).await
+        };
+        let paced = t.calls.paced_out
+            && matches!(&output, Output::DeadLetter { dead_letter, .. } if dead_letter.error.kind == ErrorKind::ProvidersExhausted);
+        match journaled.failure() {
+            Some(e) => Err(e),
+            None => Ok((output, paced)),
+        }
+    }
+
+    /// Route and respond after triage.
+    async fn decide(&self, unit: &Unit<'_>, t: &mut Triaged) -> Output {
+        let ticket = unit.ticket;
         if let Some(Verdict::Flagged { reason }) = &t.verdict {
             let answer = Answer::human(vec!["moderation:flagged".into(), reason.clone()], 0);
-            return self.reply_output(&unit, &t, answer);
+            return self.reply_output(unit, t, answer);
         }
 
         let facts = Facts { ticket, triage: &t.triage, signals: &t.signals };
@@ -42,7 +77,7 @@ impl Pipeline {
         let mut hold = None;
         if self.budgets.capped(&decision.target) {
             // Triage so far plus the dearest reply the tier can make.
-            let most = self.reply_request(&t, &decision.target).map_or(0.0, |(tier, request)| {
+            let most = self.reply_request(t, &decision.target).map_or(0.0, |(tier, request)| {
                 let usage = Usage {
                     input_tokens: estimate_tokens(&request.system) + estimate_tokens(&request.user),
                     cached_input_tokens: 0,
@@ -58,9 +93,10 @@ impl Pipeline {
                 }
             }
         }
-        let output = self.respond(&unit, &mut t, decision).await;
+        let output = self.respond(unit, t, decision).await;
         if let Some(hold) = hold {
-            hold.settle(output.costs().iter().map(|c| c.cost_usd).sum());
+            // Carried calls were counted by the attempt that made them.
+            hold.settle(output.costs().iter().skip(t.calls.carried).map(|c| c.cost_usd).sum());
         }
         output
     }
@@ -150,7 +186,7 @@ impl Pipeline {
     /// Triage alone, as `ticketflow explain` shows it: local signals, the triage
     /// result (with the refusal handling of the real pipeline) and the calls it made.
     pub async fn triage_ticket(&self, ticket: &Ticket) -> (triage::Signals, Triage, UnitCalls) {
-        let t = self.triaged(ticket, Instant::now()).await;
+        let t = self.triaged(ticket, Instant::now(), None).await;
         (t.signals, t.triage, t.calls)
     }
 
@@ -159,14 +195,30 @@ impl Pipeline {
     }
 
     /// The first stage of every ticket: local signals, then triage (with the refusal
-    /// handling), under the ticket's deadline counted from `started`.
-    async fn triaged(&self, ticket: &Ticket, started: Instant) -> Triaged {
+    /// handling), under the ticket's deadline counted from `started`; with a journal,
+    /// each call journaled and the unit resumed from the calls already journaled.
+    async fn triaged(
+        &self,
+        ticket: &Ticket,
+        started: Instant,
+        journaled: Option<(Arc<LedgerJournal>, Vec<JournaledCall>)>,
+    ) -> Triaged {
         let deadline = started + Duration::from_millis(self.settings.limits.ticket_deadline_ms);
         let hold_until = started + super::unit_hold(&self.settings);
-        let calls = UnitCalls::new(&ticket.ticket_id, &ticket.unit_id, deadline).with_hold_until(hold_until);
+        let mut calls = UnitCalls::new(&ticket.ticket_id, &ticket.unit_id, deadline).with_hold_until(hold_until);
+        if let Some((journal, earlier)) = journaled {
+            calls = calls.with_journal(journal);
+            journal::resume(&mut calls, earlier, &self.prices);
+        }
         let (signals, heuristic) = self.analyzer.analyze(ticket);
-        let mut t =
-            Triaged { signals, triage: heuristic, calls, verdict: None, ticket_data: prompt::ticket_data(ticket) };
+        let mut t = Triaged {
+            signals,
+            triage: heuristic,
+            calls,
+            verdict: None,
+            ticket_data: prompt::ticket_data(ticket),
+            triage_paced: false,
+        };
         t.triage = self.triage(ticket, &mut t).await;
         t
     }
@@ -197,7 +249,8 @@ impl Pipeline {
                     t.triage.clone()
                 }),
             other => {
-                tracing::info!(ticket_id = %ticket.ticket_id, result = ?std::mem::discriminant(&other), "triage models failed; heuristics decide");
+                t.triage_paced = t.calls.paced_out && matches!(other, ChainResult::Exhausted { .. });
+                tracing::info!(ticket_id = %ticket.ticket_id, result = ?std::mem::discriminant(&other), paced = t.triage_paced, "triage models failed; heuristics decide");
                 t.triage.clone()
             }
         }

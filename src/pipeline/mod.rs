@@ -5,6 +5,7 @@
 //! - this file: the unit protocol (claim, finish, publish, mark published, release,
 //!   the dead letter of a message that keeps failing);
 //! - `answer.rs`: triage, routing and the reply chains with the moderation bypass;
+//! - `journal.rs`: each call journaled in the ledger, and a unit resumed from it;
 //! - `output.rs`: the reply, dead letter and rejection documents.
 
 use std::sync::Arc;
@@ -12,13 +13,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 mod answer;
+mod journal;
 mod output;
 
 use crate::broker::{Message, Publisher};
 pub use crate::dispatch::HandleError;
 use crate::dispatch::{Attempt, Handler};
 use crate::intake::{self, Rejection};
-use crate::ledger::{Claim, Ledger, LedgerError};
+use crate::ledger::{Claim, Ledger, LedgerError, Rejected};
 use crate::moderation::Moderator;
 use crate::observe::Completion;
 pub use crate::observe::Handled;
@@ -108,27 +110,51 @@ impl Pipeline {
     async fn handle_unit(&self, message: &Message, attempt: &Attempt) -> Result<Completion, HandleError> {
         let ticket = match self.intake(message) {
             Ok(ticket) => ticket,
-            Err(rejection) => {
-                tracing::info!(source = ?message.source, kind = rejection.kind.as_str(), error = %rejection.message, "rejected input");
-                let dead_letter = self.rejected(message, rejection);
-                let kind = dead_letter.error.kind;
-                self.record_dead_letter(&dead_letter).await?;
-                let output = Output::DeadLetter { dead_letter, costs: Vec::new() };
-                self.publisher.publish(&output).await?;
-                return Ok(Completion::of(Handled::DeadLettered(kind), &output));
-            }
+            Err(rejection) => return self.reject(message, attempt, rejection).await,
         };
         // Every line logged while working on the ticket carries its ids.
         let span = tracing::info_span!("ticket", ticket_id = %ticket.ticket_id, unit_id = %ticket.unit_id);
         tracing::Instrument::instrument(self.work(&ticket, message, attempt), span).await
     }
 
+    /// Dead-letters input that never became a ticket, once: a copy redelivered after
+    /// its dead letter was published (a lost ack) is acked with no new output.
+    async fn reject(
+        &self,
+        message: &Message,
+        attempt: &Attempt,
+        rejection: Rejection,
+    ) -> Result<Completion, HandleError> {
+        let key = rejected_key(message);
+        let claimer = self.claimer(attempt);
+        let first = match self.ledger.claim_rejected(&key, &claimer).await? {
+            Rejected::Done => return Ok(Completion::nothing(Handled::Duplicate)),
+            Rejected::Busy => return Err(HandleError::Busy(key)),
+            Rejected::New => true,
+            Rejected::Unpublished => false,
+        };
+        tracing::info!(source = ?message.source, kind = rejection.kind.as_str(), error = %rejection.message, again = !first, "rejected input");
+        let dead_letter = self.rejected(message, rejection);
+        let kind = dead_letter.error.kind;
+        if first {
+            self.record_dead_letter(&dead_letter).await?;
+        }
+        let output = Output::DeadLetter { dead_letter, costs: Vec::new() };
+        self.publisher.publish(&output).await?;
+        match self.ledger.rejected_published(&key).await {
+            Ok(()) => {}
+            Err(e @ LedgerError::Unavailable(_)) => return Err(e.into()),
+            Err(e) => tracing::warn!(key, error = %e, "published, but the ledger did not record it"),
+        }
+        Ok(Completion::of(Handled::DeadLettered(kind), &output))
+    }
+
     /// Claim, answer, record and publish one ticket.
     async fn work(&self, ticket: &Ticket, message: &Message, attempt: &Attempt) -> Result<Completion, HandleError> {
         let claimer = self.claimer(attempt);
         let claim = self.ledger.claim(&ticket.unit_id, &ticket.ticket_id, message.replay_count, &claimer).await?;
-        let (attempts, prior_cost_usd) = match claim {
-            Claim::Fresh { attempts, prior_cost_usd } => (attempts, prior_cost_usd),
+        let (attempts, prior_cost_usd, journal, age) = match claim {
+            Claim::Fresh { attempts, prior_cost_usd, journal, age } => (attempts, prior_cost_usd, journal, age),
             Claim::Done => return Ok(Completion::nothing(Handled::Duplicate)),
             Claim::Unpublished(mut output) => {
                 // A stored output's records carry no baseline price: price them again.
@@ -139,14 +165,44 @@ impl Pipeline {
             }
             Claim::Busy => return Err(HandleError::Busy(ticket.unit_id.clone())),
         };
+        // Every claim after the first of a replay is a takeover: a worker died, was
+        // cut off or let go while working on the unit. A ticket that keeps killing
+        // its worker must end, not be paid for again at every restart.
+        let takeovers = attempts.saturating_sub(1 + message.replay_count);
+        if takeovers >= self.settings.limits.max_delivery_attempts {
+            return Err(HandleError::TakenOver { unit_id: ticket.unit_id.clone(), takeovers });
+        }
         let output = tokio::select! {
             biased;
             _ = attempt.cancel.cancelled() => {
                 self.release(&ticket.unit_id, &claimer).await;
                 return Err(HandleError::Cancelled);
             }
-            output = self.answer(ticket, message, attempts, prior_cost_usd) => output,
+            output = self.answer(ticket, message, (attempts, prior_cost_usd), (&claimer, journal)) => output,
         };
+        // The journal stopped the calls: the lease was lost, or the ledger failed.
+        let (mut output, paced) = match output {
+            Ok(output) => output,
+            Err(e) => {
+                self.release(&ticket.unit_id, &claimer).await;
+                return Err(e.into());
+            }
+        };
+        if paced {
+            // Our own limiters had no room in time: not the ticket's failure. It waits
+            // in its lane (its claim and journal kept) and resumes with a fresh
+            // deadline, up to its maximum age.
+            let max_age = std::time::Duration::from_millis(self.settings.limits.max_ticket_age_ms);
+            if age < max_age {
+                return Err(HandleError::Paced(ticket.unit_id.clone()));
+            }
+            if let Output::DeadLetter { dead_letter, .. } = &mut output {
+                dead_letter.error.message.push_str(&format!(
+                    " (the ticket waited {} s on our own rate limits, past limits.max_ticket_age_ms)",
+                    age.as_secs()
+                ));
+            }
+        }
         let handled = match &output {
             Output::Reply { reply, .. } => Handled::Replied(reply.status),
             Output::DeadLetter { dead_letter, .. } => Handled::DeadLettered(dead_letter.error.kind),
@@ -188,14 +244,31 @@ impl Pipeline {
         let ids = (ticket.as_ref().map(|t| t.ticket_id.clone()), ticket.as_ref().map(|t| t.unit_id.clone()));
         let dead_letter =
             self.dead_letter(message, &message.payload, ids, ErrorKind::Internal, reason.to_owned(), attempt.failures);
-        let output = Output::DeadLetter { dead_letter, costs: Vec::new() };
+        let mut output = Output::DeadLetter { dead_letter, costs: Vec::new() };
         let mut finished = false;
         if let Some(t) = &ticket {
+            // The calls the unit made are its outcome's cost records.
+            let journal = match self.ledger.journal(&t.unit_id).await {
+                Ok(journal) => journal,
+                Err(e @ LedgerError::Unavailable(_)) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(unit_id = %t.unit_id, error = %e, "could not read the unit's journal for its dead letter");
+                    Vec::new()
+                }
+            };
+            if let Output::DeadLetter { costs, .. } = &mut output {
+                costs.extend(journal.into_iter().map(|c| c.record));
+            }
+            self.prices.fill_baselines(&mut output);
             match self.ledger.finish(&t.unit_id, &claimer, &output).await {
                 Ok(()) => finished = true,
                 Err(e @ LedgerError::Unavailable(_)) => return Err(e.into()),
                 Err(e) => {
-                    tracing::warn!(unit_id = %t.unit_id, error = %e, "the ledger did not take the internal dead letter as the unit's outcome")
+                    tracing::warn!(unit_id = %t.unit_id, error = %e, "the ledger did not take the internal dead letter as the unit's outcome");
+                    // Its calls stay journaled for the unit's owner to publish.
+                    if let Output::DeadLetter { costs, .. } = &mut output {
+                        costs.clear();
+                    }
                 }
             }
         }
@@ -274,6 +347,15 @@ impl Handler for Pipeline {
     }
 }
 
+/// The ledger key of an input that never became a ticket: its bytes (all of them the
+/// source kept, and its full length), where it came from and its replay count. A
+/// redelivered copy has the same key; a replay of its dead letter does not.
+fn rejected_key(message: &Message) -> String {
+    let hash = xxhash_rust::xxh3::xxh3_128(&message.payload);
+    let len = message.full_len.unwrap_or(message.payload.len() as u64);
+    format!("{}:{}:{len}:{hash:032x}", message.source.topic, message.replay_count)
+}
+
 /// How long a cancelled attempt may take to wind down (release its claim) before it
 /// is dropped.
 const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -283,10 +365,10 @@ async fn cancelled_for_good(attempt: &Attempt) {
     tokio::time::sleep(CANCEL_GRACE).await;
 }
 
-/// How long a unit may be held from the start of its work: three quarters of its
-/// ledger lease, so that a quarter stays for recording and publishing the outcome
-/// before another worker could take the unit over. Waits on our own rate limiters
-/// move a unit's deadline, but never past its hold.
+/// How long one attempt at a unit may be held from the start of its work: its
+/// deadline plus the time it may wait on our own rate limiters. Waits on those
+/// limiters move a unit's deadline, but never past its hold. (The ledger lease is
+/// renewed while the unit is held, so it does not bound this.)
 pub fn unit_hold(settings: &crate::settings::Settings) -> std::time::Duration {
-    std::time::Duration::from_millis(settings.database.lease_ms * 3 / 4)
+    std::time::Duration::from_millis(settings.limits.ticket_deadline_ms.saturating_add(settings.limits.limiter_wait_ms))
 }

@@ -80,10 +80,9 @@ impl RateAdmission {
 }
 
 /// The admission target of a worker. A unit may wait on our own limiters only for
-/// as long as its hold outlasts its deadline (see `pipeline::unit_hold`; a wait past
-/// that would cut into the time the unit's calls need), and it may wait twice, for
-/// its triage call and for its reply call: so the target is half that slack, and
-/// never more than half the ticket deadline.
+/// `limits.limiter_wait_ms` (its hold less its deadline, see `pipeline::unit_hold`),
+/// and it may wait twice, for its triage call and for its reply call: so the target
+/// is half that slack, and never more than half the ticket deadline.
 pub fn admission_target(settings: &crate::settings::Settings) -> Duration {
     let deadline = Duration::from_millis(settings.limits.ticket_deadline_ms);
     let slack = crate::pipeline::unit_hold(settings).saturating_sub(deadline);
@@ -193,15 +192,15 @@ mod tests {
     #[test]
     fn the_target_is_half_the_wait_a_unit_has_within_its_hold() {
         let mut settings = crate::policy::load_from(None, &BTreeMap::new()).unwrap();
-        // Shipped: a 180 s lease holds a unit 135 s; its deadline is 120 s, so it may
-        // wait 15 s on our limiters, 7.5 s for each of its two calls.
-        assert_eq!((settings.database.lease_ms, settings.limits.ticket_deadline_ms), (180_000, 120_000));
+        // Shipped: a unit may wait 15 s on our limiters beyond its 120 s deadline,
+        // 7.5 s for each of its two calls.
+        assert_eq!((settings.limits.limiter_wait_ms, settings.limits.ticket_deadline_ms), (15_000, 120_000));
         assert_eq!(admission_target(&settings), Duration::from_millis(7_500));
-        // A short deadline leaves a long hold: half the deadline binds.
+        // A short deadline: half the deadline binds.
         settings.limits.ticket_deadline_ms = 3_000;
         assert_eq!(admission_target(&settings), Duration::from_millis(1_500));
         // No slack at all still admits something.
-        settings.limits.ticket_deadline_ms = 150_000;
+        settings.limits.limiter_wait_ms = 0;
         assert_eq!(admission_target(&settings), MIN_TARGET);
     }
 

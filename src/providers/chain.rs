@@ -3,9 +3,16 @@
 //! ticket's deadline, then failing over to the next model. Every call that reached
 //! a provider leaves a [`CostRecord`]. A provider that refused the ticket is skipped
 //! for the rest of that ticket, so no refusal is paid for twice.
+//!
+//! With a [`CallJournal`] (the worker's ledger), each call's intent is journaled
+//! before it is sent and its end as it completes; a unit resumed from its journal
+//! gets the answers its earlier owners already paid for instead of calling again.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
 
 use rand::Rng;
 
@@ -15,8 +22,33 @@ use super::{estimate_tokens, ChatRequest, Outcome, Providers, Usage};
 use crate::settings::RetrySettings;
 use crate::ticket::{now_rfc3339, CallOutcome, CostRecord, Stage, SCHEMA_VERSION};
 
+/// Where a unit's calls are journaled as they are made (the ledger, in the worker).
+#[async_trait]
+pub trait CallJournal: Send + Sync {
+    /// The call of `estimate` (its lost estimate) is about to be sent. An error: the
+    /// unit may make no more calls (its owner lost it, or the journal failed).
+    async fn sent(&self, estimate: &CostRecord) -> Result<(), JournalStop>;
+    /// The call `call_id` ended: its record and, for an `ok` call, the answer; no
+    /// record when it never reached the provider.
+    async fn ended(&self, call_id: &str, record: Option<&CostRecord>, answer: Option<&str>) -> Result<(), JournalStop>;
+}
+
+/// The journal could not take a write: the unit's calls stop here, and the journal
+/// knows why.
+#[derive(Debug, Clone, Copy)]
+pub struct JournalStop;
+
+/// An answer an earlier owner of the unit already paid for.
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    pub provider: String,
+    pub model: String,
+    pub text: String,
+    /// Calls its stage took.
+    pub attempts: u32,
+}
+
 /// Per-ticket state shared by every call made for one unit of work.
-#[derive(Debug)]
 pub struct UnitCalls {
     pub ticket_id: String,
     pub unit_id: String,
@@ -32,6 +64,34 @@ pub struct UnitCalls {
     pub refused_providers: BTreeSet<String>,
     /// `provider/model` of each refusal.
     pub refused_by: Vec<String>,
+    /// Where calls are journaled; none in `explain` and benchmarks.
+    pub journal: Option<Arc<dyn CallJournal>>,
+    /// Answers from the journal, per stage, used instead of calling again.
+    pub resumed: HashMap<Stage, Resumed>,
+    /// The journal refused a write: no more calls.
+    pub stopped: bool,
+    /// Records taken from the journal ([`UnitCalls::resume`]); the rest of `costs`
+    /// are this attempt's own calls.
+    pub carried: usize,
+    /// Time this attempt spent waiting on our own rate limiters.
+    pub limiter_waited: Duration,
+    /// A call could not go out for our own pacing: our limiter had no capacity
+    /// before the unit's hold ended, or the deadline passed after waits on it. Such a
+    /// unit is handed back to wait, not failed (SPEC §6).
+    pub paced_out: bool,
+}
+
+impl std::fmt::Debug for UnitCalls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnitCalls")
+            .field("unit_id", &self.unit_id)
+            .field("costs", &self.costs.len())
+            .field("refused_by", &self.refused_by)
+            .field("journaled", &self.journal.is_some())
+            .field("resumed", &self.resumed.keys().collect::<Vec<_>>())
+            .field("stopped", &self.stopped)
+            .finish()
+    }
 }
 
 impl UnitCalls {
@@ -44,6 +104,54 @@ impl UnitCalls {
             costs: Vec::new(),
             refused_providers: BTreeSet::new(),
             refused_by: Vec::new(),
+            journal: None,
+            resumed: HashMap::new(),
+            stopped: false,
+            carried: 0,
+            limiter_waited: Duration::ZERO,
+            paced_out: false,
+        }
+    }
+
+    /// Moves the deadline and the hold by `waited`, time spent waiting on our own
+    /// ledger (a database outage is waited out, never the ticket's fault).
+    pub fn outwait(&mut self, waited: Duration) {
+        if waited > Duration::from_millis(50) {
+            self.deadline += waited;
+            self.hold_until += waited;
+        }
+    }
+
+    /// Journals every call made from now on in `journal`.
+    pub fn with_journal(mut self, journal: Arc<dyn CallJournal>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Takes in a call an earlier owner journaled: its record counts for the unit
+    /// (unless `settled`: recorded and published already, with a dead letter before
+    /// a replay), a refusal skips its provider, and an answer is used instead of
+    /// calling again.
+    pub fn resume(&mut self, record: CostRecord, answer: Option<String>, settled: bool) {
+        let stage = record.stage;
+        match record.outcome {
+            CallOutcome::Refused => {
+                self.refused_providers.insert(record.provider.clone());
+                self.refused_by.push(format!("{}/{}", record.provider, record.model));
+            }
+            CallOutcome::Ok => {
+                if let Some(text) = answer {
+                    let attempts = self.costs.iter().filter(|c| c.stage == stage).count() as u32 + 1;
+                    let (provider, model) = (record.provider.clone(), record.model.clone());
+                    let resumed = Resumed { provider, model, text, attempts };
+                    self.resumed.insert(stage, resumed);
+                }
+            }
+            _ => {}
+        }
+        if !settled {
+            self.costs.push(record);
+            self.carried += 1;
         }
     }
 
@@ -106,6 +214,14 @@ struct Call<'a> {
     latency_ms: u64,
 }
 
+/// What a call cost and how it ended, for its cost record.
+struct Priced {
+    usage: Usage,
+    cost_usd: f64,
+    outcome: CallOutcome,
+    estimated: bool,
+}
+
 /// What a chain call needs besides the unit's state.
 pub struct ChainRunner<'a> {
     pub providers: &'a Providers,
@@ -126,6 +242,13 @@ impl ChainRunner<'_> {
         let mut any_transient = false;
         let mut attempts = 0u32;
         let mut skipped_for_refusal = false;
+        if unit.stopped {
+            return ChainResult::Exhausted { errors: vec!["the unit's journal stopped its calls".into()], attempts };
+        }
+        if let Some(r) = unit.resumed.remove(&stage) {
+            tracing::debug!(ticket_id = %unit.ticket_id, stage = stage.as_str(), provider = %r.provider, "answer taken from the unit's journal");
+            return ChainResult::Answered { provider: r.provider, model: r.model, text: r.text, attempts: r.attempts };
+        }
         for entry in chain {
             let Some((provider_name, model)) = entry.split_once('/') else {
                 errors.push(format!("{entry}: not of the form provider/model"));
@@ -142,18 +265,18 @@ impl ChainRunner<'_> {
             request.model = model.to_owned();
             request.stage = stage;
             let price = self.prices.get(entry);
-            // Only a rate-limited provider needs the estimate (simulated ones have none).
-            let estimated_tokens = match handle.limits {
-                Some(_) => {
-                    estimate_tokens(&request.system)
-                        + estimate_tokens(&request.user)
-                        + u64::from(request.max_output_tokens)
-                }
-                None => 0,
+            // Only a rate-limited provider or the journal needs the estimate
+            // (simulated providers in `process` have neither).
+            let input_estimate = match (&handle.limits, &unit.journal) {
+                (None, None) => 0,
+                _ => estimate_tokens(&request.system) + estimate_tokens(&request.user),
             };
+            let estimated_tokens = input_estimate + u64::from(request.max_output_tokens);
             for attempt in 0..self.retry.max_attempts_per_model {
                 if Instant::now() >= unit.deadline {
                     errors.push(format!("{entry}: ticket deadline passed"));
+                    // After waits on our own limiters, the time went to our pacing.
+                    unit.paced_out |= unit.limiter_waited > Duration::ZERO;
                     return ChainResult::Exhausted { errors, attempts };
                 }
                 let admission = loop {
@@ -183,23 +306,41 @@ impl ChainRunner<'_> {
                     errors.push(format!("{entry}: circuit open"));
                     break;
                 }
-                if let Some(limits) = &handle.limits {
-                    // Wait at most so long that the call keeps the budget it has now.
-                    let now = Instant::now();
-                    let budget = unit.deadline.saturating_duration_since(now);
-                    let wait_until = unit.hold_until.checked_sub(budget).unwrap_or(now).max(now);
-                    match limits.acquire(estimated_tokens, wait_until).await {
-                        Ok(waited) => {
-                            crate::telemetry::limiter_waited(provider_name, waited);
-                            if waited > Duration::from_millis(100) {
-                                tracing::debug!(ticket_id = %unit.ticket_id, provider = provider_name, waited_ms = waited.as_millis() as u64, "waited for rate limit");
-                            }
-                            unit.deadline = (unit.deadline + waited).min(unit.hold_until);
-                        }
-                        Err(e) => {
-                            // No call is made: a probe this call holds goes back, or the
-                            // circuit would stay half-open until the probe went stale.
+                if let Err(e) = pace(unit, handle, provider_name, estimated_tokens).await {
+                    unit.paced_out = true;
+                    // No call is made: a probe this call holds goes back, or the
+                    // circuit would stay half-open until the probe went stale.
+                    handle.breaker.release(admission);
+                    any_transient = true;
+                    errors.push(format!("{entry}: {e}"));
+                    break;
+                }
+                let call_id = uuid::Uuid::new_v4().to_string();
+                if let Some(journal) = unit.journal.clone() {
+                    let usage = Usage { input_tokens: input_estimate, cached_input_tokens: 0, output_tokens: 0 };
+                    let call = Call { stage, provider: provider_name, model, price, request: &request, latency_ms: 0 };
+                    let lost =
+                        Priced { usage, cost_usd: price.cost(&usage), outcome: CallOutcome::Lost, estimated: true };
+                    let estimate = self.cost_record(unit, &call, &call_id, lost);
+                    let writing = Instant::now();
+                    if journal.sent(&estimate).await.is_err() {
+                        handle.breaker.release(admission);
+                        unit.stopped = true;
+                        return ChainResult::Exhausted { errors: vec![format!("{entry}: not journaled")], attempts };
+                    }
+                    // A wait that long (the database was away) outlived the
+                    // rate-limit permit taken before it: calls held up by an outage
+                    // must not reach the provider as one burst, so this one paces
+                    // again.
+                    let waited = writing.elapsed();
+                    unit.outwait(waited);
+                    if waited > STALE_PERMIT {
+                        if let Err(e) = pace(unit, handle, provider_name, estimated_tokens).await {
+                            unit.paced_out = true;
                             handle.breaker.release(admission);
+                            if journal.ended(&call_id, None, None).await.is_err() {
+                                unit.stopped = true;
+                            }
                             any_transient = true;
                             errors.push(format!("{entry}: {e}"));
                             break;
@@ -236,7 +377,20 @@ impl ChainRunner<'_> {
                 );
                 let latency_ms = started.elapsed().as_millis() as u64;
                 let call = Call { stage, provider: provider_name, model, price, request: &request, latency_ms };
-                self.record(unit, &call, &outcome);
+                let recorded = self.record(unit, &call, &call_id, &outcome);
+                if let Some(journal) = unit.journal.clone() {
+                    let record = if recorded { unit.costs.last() } else { None };
+                    let answer = match &outcome {
+                        Outcome::Ok { text, .. } => Some(text.as_str()),
+                        _ => None,
+                    };
+                    let writing = Instant::now();
+                    if journal.ended(&call_id, record, answer).await.is_err() {
+                        unit.stopped = true;
+                        return ChainResult::Exhausted { errors: vec![format!("{entry}: not journaled")], attempts };
+                    }
+                    unit.outwait(writing.elapsed());
+                }
                 let retry_after = match outcome {
                     Outcome::Ok { text, .. } => {
                         return ChainResult::Answered {
@@ -286,14 +440,15 @@ impl ChainRunner<'_> {
         }
     }
 
-    /// Leaves the cost record of a call that reached a provider.
-    fn record(&self, unit: &mut UnitCalls, call: &Call<'_>, outcome: &Outcome) {
-        let Call { stage, provider, model, price, request, latency_ms } = *call;
+    /// Leaves the cost record of a call that reached a provider; false for one that
+    /// did not.
+    fn record(&self, unit: &mut UnitCalls, call: &Call<'_>, call_id: &str, outcome: &Outcome) -> bool {
+        let Call { price, request, .. } = *call;
         let (usage, call_outcome) = match outcome {
             Outcome::Ok { usage, .. } => (*usage, CallOutcome::Ok),
             Outcome::Refused { usage, .. } => (*usage, CallOutcome::Refused),
             Outcome::RateLimited { .. } => (Some(Usage::default()), CallOutcome::RateLimited),
-            Outcome::Transient { reached: false, .. } => return,
+            Outcome::Transient { reached: false, .. } => return false,
             Outcome::Transient { timeout: true, .. } => (Some(Usage::default()), CallOutcome::Timeout),
             Outcome::Transient { .. } | Outcome::Permanent { .. } => (Some(Usage::default()), CallOutcome::Error),
         };
@@ -308,11 +463,22 @@ impl ChainRunner<'_> {
             }
             (None, _) => (Usage::default(), 0.0, true),
         };
+        let priced = Priced { usage, cost_usd, outcome: call_outcome, estimated };
+        let record = self.cost_record(unit, call, call_id, priced);
+        unit.costs.push(record);
+        true
+    }
+
+    /// The cost record of `call` as it ended (or, outcome `lost`, as it stands before
+    /// it is sent), with its baseline price if it answered the unit.
+    fn cost_record(&self, unit: &UnitCalls, call: &Call<'_>, call_id: &str, priced: Priced) -> CostRecord {
+        let Call { stage, provider, model, latency_ms, .. } = *call;
+        let Priced { usage, cost_usd, outcome, estimated } = priced;
         let mut record = CostRecord {
             schema_version: SCHEMA_VERSION,
             ticket_id: unit.ticket_id.clone(),
             unit_id: unit.unit_id.clone(),
-            call_id: uuid::Uuid::new_v4().to_string(),
+            call_id: call_id.to_owned(),
             stage,
             provider: provider.to_owned(),
             model: model.to_owned(),
@@ -321,7 +487,7 @@ impl ChainRunner<'_> {
             output_tokens: usage.output_tokens,
             cost_usd,
             pricing_version: self.prices.version.clone(),
-            outcome: call_outcome,
+            outcome,
             latency_ms,
             at: now_rfc3339(),
             estimated,
@@ -330,8 +496,29 @@ impl ChainRunner<'_> {
         if record.is_answer() {
             record.baseline_cost_usd = self.prices.baseline_cost(&usage);
         }
-        unit.costs.push(record);
+        record
     }
+}
+
+/// A rate-limit permit older than this, because the call's journal write waited out
+/// a database outage, is replaced by a fresh one before the call is sent.
+const STALE_PERMIT: Duration = Duration::from_secs(1);
+
+/// Waits on the provider's rate limiter, if it has one, at most so long that the call
+/// keeps the budget it has now; the wait moves the unit's deadline (up to its hold).
+async fn pace(unit: &mut UnitCalls, handle: &super::ProviderHandle, provider: &str, tokens: u64) -> Result<(), String> {
+    let Some(limits) = &handle.limits else { return Ok(()) };
+    let now = Instant::now();
+    let budget = unit.deadline.saturating_duration_since(now);
+    let wait_until = unit.hold_until.checked_sub(budget).unwrap_or(now).max(now);
+    let waited = limits.acquire(tokens, wait_until).await.map_err(|e| e.to_string())?;
+    crate::telemetry::limiter_waited(provider, waited);
+    unit.limiter_waited += waited;
+    if waited > Duration::from_millis(100) {
+        tracing::debug!(ticket_id = %unit.ticket_id, provider, waited_ms = waited.as_millis() as u64, "waited for rate limit");
+    }
+    unit.deadline = (unit.deadline + waited).min(unit.hold_until);
+    Ok(())
 }
 
 /// Exponential backoff with full jitter: uniform in [0, min(max, base * 2^attempt)].

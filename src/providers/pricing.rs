@@ -74,11 +74,17 @@ impl PriceTable {
         let costs = match output {
             crate::ticket::Output::Reply { costs, .. } | crate::ticket::Output::DeadLetter { costs, .. } => costs,
         };
-        for c in costs.iter_mut().filter(|c| c.is_answer()) {
-            c.baseline_cost_usd = self.baseline_cost(&Usage {
-                input_tokens: c.input_tokens,
-                cached_input_tokens: c.cached_input_tokens,
-                output_tokens: c.output_tokens,
+        costs.iter_mut().for_each(|c| self.fill_baseline(c));
+    }
+
+    /// Prices the baseline of `record` if it answered its unit (a record read back
+    /// from the ledger carries none).
+    pub fn fill_baseline(&self, record: &mut crate::ticket::CostRecord) {
+        if record.is_answer() {
+            record.baseline_cost_usd = self.baseline_cost(&Usage {
+                input_tokens: record.input_tokens,
+                cached_input_tokens: record.cached_input_tokens,
+                output_tokens: record.output_tokens,
             });
         }
     }

@@ -43,10 +43,10 @@ impl Settings {
         if !self.database.tls_ca_file.is_empty() && !std::path::Path::new(&self.database.tls_ca_file).is_file() {
             problems.push(format!("database.tls_ca_file: no such file: {}", self.database.tls_ca_file));
         }
-        if self.database.lease_ms <= self.limits.ticket_deadline_ms {
+        if self.database.lease_ms < 1000 {
             problems.push(format!(
-                "database.lease_ms ({}) must be longer than limits.ticket_deadline_ms ({}), or a slow ticket's unit could be taken over while it is still being worked on",
-                self.database.lease_ms, self.limits.ticket_deadline_ms
+                "database.lease_ms ({}) must be at least 1000: a lease is renewed every quarter of it",
+                self.database.lease_ms
             ));
         }
         let rabbit = &self.broker.rabbitmq;

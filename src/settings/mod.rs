@@ -112,6 +112,12 @@ pub struct Limits {
     pub max_in_flight: usize,
     /// Time budget for one ticket across all its provider calls and retries.
     pub ticket_deadline_ms: u64,
+    /// How long beyond its deadline one attempt at a ticket may wait on our own rate
+    /// limiters; also the wait rate-aware admission plans for.
+    pub limiter_wait_ms: u64,
+    /// How long a ticket may wait in all for room under our own rate limits (from
+    /// its unit's first claim) before such waiting ends it as `providers_exhausted`.
+    pub max_ticket_age_ms: u64,
     /// Share (0..0.5) of each provider's rate limits left unused, absorbing clock and
     /// network jitter so the provider never sees more than its limit.
     pub rate_limit_headroom: f64,
@@ -282,9 +288,9 @@ pub struct DatabaseSettings {
     /// The server cancels a ledger statement running longer than this (0: never).
     /// Migrations and reports are not limited.
     pub statement_timeout_ms: u64,
-    /// How long a claimed unit stays reserved for its worker. Longer than a ticket can
-    /// take (`limits.ticket_deadline_ms`) plus publishing; when the worker dies, another
-    /// takes the unit over once this expires.
+    /// How long a claimed unit stays reserved for its worker without a renewal (the
+    /// worker renews every quarter of it); when the worker dies, another takes the
+    /// unit over once this expires.
     pub lease_ms: u64,
 }
 

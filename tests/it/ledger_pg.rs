@@ -169,7 +169,7 @@ async fn redelivery_republishes_replay_reopens_and_a_lost_lease_cannot_finish() 
     ledger.mark_published("B:1").await.unwrap();
     assert!(matches!(ledger.claim("B:1", "B", 0, "w1").await.unwrap(), Claim::Done), "a plain redelivery is done");
     match ledger.claim("B:1", "B", 1, "w1").await.unwrap() {
-        Claim::Fresh { attempts, prior_cost_usd } => {
+        Claim::Fresh { attempts, prior_cost_usd, .. } => {
             assert_eq!(attempts, 2);
             assert!((prior_cost_usd - 0.004).abs() < 1e-12);
         }
@@ -193,6 +193,81 @@ async fn redelivery_republishes_replay_reopens_and_a_lost_lease_cannot_finish() 
     let err = ledger.finish("C:1", "w1", &reply_output("C:1", 0.01)).await.unwrap_err();
     assert!(matches!(err, LedgerError::LeaseLost(_)));
     ledger.finish("C:1", "w2", &reply_output("C:1", 0.01)).await.unwrap();
+    db.drop_db().await;
+}
+
+/// The journal: a call's intent is fenced by ownership, its end replaces the lost
+/// estimate, and the next owner gets every call back (answers to reuse, calls cut off
+/// as `lost`); finishing moves them into the cost records and empties the journal.
+#[tokio::test]
+async fn the_next_owner_resumes_from_the_journal_and_finishing_records_every_call() {
+    let db = TestDb::new().await;
+    let ledger = db.ledger().await;
+    let Output::Reply { costs: golden, .. } = reply_output("J:1", 0.002) else { unreachable!() };
+    let call = |stage: Stage, outcome: CallOutcome, cost: f64| CostRecord {
+        call_id: uuid::Uuid::new_v4().to_string(),
+        stage,
+        outcome,
+        cost_usd: cost,
+        estimated: outcome == CallOutcome::Lost,
+        ..golden[0].clone()
+    };
+    ledger.claim("J:1", "J", 0, "w#1").await.unwrap();
+    // Nobody but the owner journals a call of the unit: the call must not be sent.
+    let stray = call(Stage::Triage, CallOutcome::Lost, 0.0001);
+    assert!(matches!(ledger.call_sent("w#2", &stray).await, Err(LedgerError::LeaseLost(_))));
+
+    let triage_sent = call(Stage::Triage, CallOutcome::Lost, 0.0001);
+    ledger.call_sent("w#1", &triage_sent).await.unwrap();
+    let triage = CostRecord { outcome: CallOutcome::Ok, cost_usd: 0.0003, estimated: false, ..triage_sent.clone() };
+    ledger.call_ended("J:1", &triage.call_id, Some(&triage), Some("{\"category\": \"billing\"}")).await.unwrap();
+    // A call that never reached the provider leaves nothing.
+    let unreached = call(Stage::Reply, CallOutcome::Lost, 0.002);
+    ledger.call_sent("w#1", &unreached).await.unwrap();
+    ledger.call_ended("J:1", &unreached.call_id, None, None).await.unwrap();
+    // The owner dies while its reply call is in flight.
+    let reply_sent = call(Stage::Reply, CallOutcome::Lost, 0.002);
+    ledger.call_sent("w#1", &reply_sent).await.unwrap();
+    assert_eq!(ledger.journal("J:1").await.unwrap().len(), 2);
+
+    ledger.release("J:1", "w#1").await.unwrap();
+    let journal = match ledger.claim("J:1", "J", 0, "w#3").await.unwrap() {
+        Claim::Fresh { attempts: 2, journal, .. } => journal,
+        other => panic!("{other:?}"),
+    };
+    let seen: Vec<_> = journal.iter().map(|c| (c.record.call_id.clone(), c.record.outcome, c.answer.clone())).collect();
+    assert_eq!(
+        seen,
+        vec![
+            (triage.call_id.clone(), CallOutcome::Ok, Some("{\"category\": \"billing\"}".to_owned())),
+            (reply_sent.call_id.clone(), CallOutcome::Lost, None),
+        ]
+    );
+    assert!((journal[0].record.cost_usd - 0.0003).abs() < 1e-12, "the real record replaced the estimate");
+    // The old owner's further calls are fenced off.
+    let late = call(Stage::Reply, CallOutcome::Lost, 0.002);
+    assert!(matches!(ledger.call_sent("w#1", &late).await, Err(LedgerError::LeaseLost(_))));
+
+    // The new owner answers with one more call and finishes with all three records.
+    let Output::Reply { reply, .. } = reply_output("J:1", 0.0) else { unreachable!() };
+    let mut costs: Vec<CostRecord> = journal.into_iter().map(|c| c.record).collect();
+    costs.push(call(Stage::Reply, CallOutcome::Ok, 0.004));
+    let total: f64 = costs.iter().map(|c| c.cost_usd).sum();
+    let output = Output::Reply { reply: Reply { cost_usd: total, ..reply }, costs };
+    ledger.finish("J:1", "w#3", &output).await.unwrap();
+    let client = db.client().await;
+    let row = client
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE outcome = 'lost' AND estimated), sum(cost_usd) FROM cost_records",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (3, 1));
+    assert!((row.get::<_, f64>(2) - total).abs() < 1e-12);
+    let journaled: i64 = client.query_one("SELECT count(*) FROM calls", &[]).await.unwrap().get(0);
+    assert_eq!(journaled, 0, "a finished unit leaves no journal behind");
+    drop(client);
     db.drop_db().await;
 }
 
@@ -718,6 +793,150 @@ async fn budgets_leased_through_the_database_never_exceed_the_cap_and_one_reserv
     let (granted, recorded): (f64, f64) = (row.get(0), row.get(1));
     assert!((recorded - spent).abs() < 1e-9, "the rows say {recorded} spent, the replicas {spent}");
     assert!((granted - spent).abs() < 1e-9, "after leaving, the leases hold only what was spent: {granted}");
+    drop(client);
+    db.drop_db().await;
+}
+
+/// A unit whose workers keep dying on it (a ticket that crashes its worker) is taken
+/// over a bounded number of times: then it ends as an `internal` dead letter naming
+/// the takeovers, carrying the calls the dead owners made, and is not worked on again.
+#[tokio::test]
+async fn a_unit_taken_over_too_often_becomes_one_internal_dead_letter_with_its_calls() {
+    use ticketflow::broker::memory::MemoryPublisher;
+    use ticketflow::dispatch::Attempt;
+    use ticketflow::pipeline::{HandleError, Handled, Pipeline};
+
+    let db = TestDb::new().await;
+    let ledger = Arc::new(db.ledger().await);
+    let settings = Arc::new(ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
+    let analyzer = Arc::new(ticketflow::triage::Analyzer::new(&settings.triage));
+    let providers = ticketflow::providers::Providers::from_settings(&settings, analyzer.clone()).unwrap();
+    let publisher = Arc::new(MemoryPublisher::new());
+    let pipeline = Pipeline::new(settings.clone(), analyzer, providers, ledger.clone(), publisher.clone());
+    let payload = r#"{"ticket_id": "K-1", "messages": [{"role": "customer", "text": "where is my order?"}]}"#;
+    let ticket = ticketflow::intake::parse(payload.as_bytes(), 1 << 20).unwrap();
+    let message = ticketflow::broker::Message {
+        payload: bytes::Bytes::from(payload),
+        full_len: None,
+        source: SourceRef { topic: "tickets".into(), partition: 0, offset: 3 },
+        key: Some("K-1".into()),
+        redelivered: true,
+        replay_count: 0,
+    };
+    // Each owner dies in its triage call: the call is journaled, never answered.
+    let bound = settings.limits.max_delivery_attempts;
+    let Output::Reply { costs: golden, .. } = reply_output(&ticket.unit_id, 0.002) else { unreachable!() };
+    for owner in 0..bound {
+        let claimer = format!("dead-{owner}#1");
+        assert!(matches!(ledger.claim(&ticket.unit_id, "K-1", 0, &claimer).await.unwrap(), Claim::Fresh { .. }));
+        let lost = CostRecord {
+            call_id: uuid::Uuid::new_v4().to_string(),
+            unit_id: ticket.unit_id.clone(),
+            outcome: CallOutcome::Lost,
+            ..golden[0].clone()
+        };
+        ledger.call_sent(&claimer, &lost).await.unwrap();
+        ledger.release(&ticket.unit_id, &claimer).await.unwrap();
+    }
+    let attempt = Attempt::first(9);
+    match pipeline.handle(&message, &attempt).await {
+        Err(HandleError::TakenOver { takeovers, .. }) => assert_eq!(takeovers, bound),
+        other => panic!("expected the takeover bound, got {other:?}"),
+    }
+    let reason = format!("unit {} was taken over {bound} times", ticket.unit_id);
+    let done = pipeline.give_up(&message, &attempt, &reason).await.unwrap();
+    assert_eq!(done.handled, Handled::DeadLettered(ErrorKind::Internal));
+    match publisher.outputs().as_slice() {
+        [Output::DeadLetter { dead_letter, costs }] => {
+            assert!(dead_letter.error.message.contains("taken over"), "{}", dead_letter.error.message);
+            assert_eq!(costs.len() as u32, bound, "every dead owner's call is a cost record");
+            assert!(costs.iter().all(|c| c.outcome == CallOutcome::Lost));
+        }
+        other => panic!("expected one dead letter, got {other:?}"),
+    }
+    assert!(matches!(ledger.claim(&ticket.unit_id, "K-1", 0, "late#1").await.unwrap(), Claim::Done));
+    drop((pipeline, ledger));
+    db.drop_db().await;
+}
+
+/// A poison message whose ack is lost comes back: it yields one dead letter, however
+/// often it is delivered; a replay of its dead letter is new input and is judged again.
+#[tokio::test]
+async fn a_poison_message_delivered_three_times_yields_one_dead_letter() {
+    use ticketflow::broker::memory::MemoryPublisher;
+    use ticketflow::dispatch::Attempt;
+    use ticketflow::pipeline::{Handled, Pipeline};
+
+    let db = TestDb::new().await;
+    let ledger = Arc::new(db.ledger().await);
+    let settings = Arc::new(ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
+    let analyzer = Arc::new(ticketflow::triage::Analyzer::new(&settings.triage));
+    let providers = ticketflow::providers::Providers::from_settings(&settings, analyzer.clone()).unwrap();
+    let publisher = Arc::new(MemoryPublisher::new());
+    let pipeline = Pipeline::new(settings.clone(), analyzer, providers, ledger.clone(), publisher.clone());
+    let poison = |replay_count| ticketflow::broker::Message {
+        payload: bytes::Bytes::from_static(b"not json at all"),
+        full_len: None,
+        source: SourceRef { topic: "tickets".into(), partition: 0, offset: 5 },
+        key: None,
+        redelivered: true,
+        replay_count,
+    };
+    let mut handled = Vec::new();
+    for seq in 0..3 {
+        handled.push(pipeline.handle(&poison(0), &Attempt::first(seq)).await.unwrap().handled);
+    }
+    assert_eq!(
+        handled,
+        vec![Handled::DeadLettered(ErrorKind::InvalidJson), Handled::Duplicate, Handled::Duplicate],
+        "the copies are acked with no new output"
+    );
+    assert_eq!(publisher.outputs().len(), 1, "one dead letter on the topic");
+    let recorded: i64 = db.client().await.query_one("SELECT count(*) FROM dead_letters", &[]).await.unwrap().get(0);
+    assert_eq!(recorded, 1, "one dead letter in the ledger");
+    let replayed = pipeline.handle(&poison(1), &Attempt::first(9)).await.unwrap().handled;
+    assert_eq!(replayed, Handled::DeadLettered(ErrorKind::InvalidJson), "a replay is judged again");
+    assert_eq!(publisher.outputs().len(), 2);
+    drop((pipeline, ledger));
+    db.drop_db().await;
+}
+
+/// A dead letter's calls stay in the journal, settled: its replay reuses their
+/// answers (no triage paid twice) without publishing their records again.
+#[tokio::test]
+async fn a_replay_reuses_the_answers_its_dead_letter_paid_for() {
+    let db = TestDb::new().await;
+    let ledger = db.ledger().await;
+    let Output::Reply { costs: golden, .. } = reply_output("P:1", 0.002) else { unreachable!() };
+    let triage =
+        CostRecord { call_id: uuid::Uuid::new_v4().to_string(), outcome: CallOutcome::Ok, ..golden[0].clone() };
+    ledger.claim("P:1", "P", 0, "w#1").await.unwrap();
+    ledger.call_sent("w#1", &CostRecord { outcome: CallOutcome::Lost, ..triage.clone() }).await.unwrap();
+    ledger.call_ended("P:1", &triage.call_id, Some(&triage), Some("{}")).await.unwrap();
+    let Output::DeadLetter { dead_letter, .. } = dead_letter_output("P:1", 0.0) else { unreachable!() };
+    let output = Output::DeadLetter { dead_letter, costs: vec![triage.clone()] };
+    ledger.finish("P:1", "w#1", &output).await.unwrap();
+    ledger.mark_published("P:1").await.unwrap();
+    assert!(ledger.journal("P:1").await.unwrap().is_empty(), "nothing left to publish");
+    match ledger.claim("P:1", "P", 1, "w#2").await.unwrap() {
+        Claim::Fresh { attempts: 2, journal, .. } => {
+            assert_eq!(journal.len(), 1);
+            assert!(journal[0].settled && journal[0].answer.as_deref() == Some("{}"), "{journal:?}");
+            assert_eq!(journal[0].record.call_id, triage.call_id);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Answered this time: the journal is gone, and the triage was recorded once.
+    ledger.finish("P:1", "w#2", &reply_output("P:1", 0.002)).await.unwrap();
+    let client = db.client().await;
+    let left: i64 = client.query_one("SELECT count(*) FROM calls", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0);
+    let triages: i64 = client
+        .query_one("SELECT count(*) FROM cost_records WHERE call_id = $1::text::uuid", &[&triage.call_id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triages, 1);
     drop(client);
     db.drop_db().await;
 }

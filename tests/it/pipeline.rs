@@ -94,6 +94,11 @@ impl World {
     }
 
     fn with_settings(settings: Settings) -> Self {
+        Self::limited(settings, &[])
+    }
+
+    /// A world whose `limited` providers enforce their configured rate limits.
+    fn limited(settings: Settings, limited: &[&str]) -> Self {
         let settings = Arc::new(settings);
         let analyzer = Arc::new(Analyzer::new(&settings.triage));
         let mut providers = BTreeMap::new();
@@ -108,7 +113,7 @@ impl World {
         let pipeline = Arc::new(Pipeline::new(
             settings.clone(),
             analyzer,
-            Providers::from_adapters(dyn_map, &settings, &[]),
+            Providers::from_adapters(dyn_map, &settings, limited),
             ledger.clone(),
             publisher.clone(),
         ));
@@ -574,4 +579,110 @@ async fn a_cancelled_attempt_releases_its_claim_at_once() {
         "another delivery may take the unit at once, without waiting out a lease"
     );
     assert!(w.outputs().is_empty(), "nothing was published for the cancelled attempt");
+}
+
+/// A unit cut off while its reply call is in flight (a kill, a drain deadline) is
+/// resumed by its next owner from the journal: its triage is not paid for again, and
+/// the call cut off is a `lost` cost record counted in the reply's cost.
+#[tokio::test]
+async fn a_unit_cut_off_mid_reply_resumes_from_its_journal_without_paying_triage_again() {
+    let w = World::new();
+    /// Answers from a script, but while `hang` is set a reply call never returns.
+    struct HangOnReply {
+        inner: Arc<Scripted>,
+        hang: Arc<AtomicBool>,
+        entered: Arc<tokio::sync::Notify>,
+    }
+    #[async_trait]
+    impl Provider for HangOnReply {
+        async fn complete(&self, request: &ChatRequest) -> Outcome {
+            let outcome = self.inner.complete(request).await;
+            if request.stage == Stage::Reply && self.hang.load(Ordering::SeqCst) {
+                self.entered.notify_one();
+                return std::future::pending().await;
+            }
+            outcome
+        }
+    }
+    let settings = Arc::new(ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
+    let analyzer = Arc::new(Analyzer::new(&settings.triage));
+    let (hang, entered) = (Arc::new(AtomicBool::new(true)), Arc::new(tokio::sync::Notify::new()));
+    let adapters: BTreeMap<String, Arc<dyn Provider>> = w
+        .providers
+        .iter()
+        .map(|(n, p)| {
+            let p = HangOnReply { inner: p.clone(), hang: hang.clone(), entered: entered.clone() };
+            (n.to_string(), Arc::new(p) as _)
+        })
+        .collect();
+    let pipeline = Arc::new(Pipeline::new(
+        settings.clone(),
+        analyzer,
+        Providers::from_adapters(adapters, &settings, &[]),
+        w.ledger.clone(),
+        w.publisher.clone(),
+    ));
+    let message = delivery("where is my order?", 0);
+    let first = Attempt::first(1);
+    let cancel = first.cancel.clone();
+    let work = {
+        let (pipeline, message) = (pipeline.clone(), message.clone());
+        tokio::spawn(async move { pipeline.handle(&message, &first).await })
+    };
+    entered.notified().await;
+    cancel.cancel();
+    assert!(matches!(work.await.unwrap(), Err(HandleError::Cancelled)));
+
+    hang.store(false, Ordering::SeqCst);
+    let handled = pipeline.handle(&message, &Attempt::first(2)).await.unwrap().handled;
+    assert_eq!(handled, Handled::Replied(ReplyStatus::Answered));
+    let stages: Vec<Stage> =
+        w.providers.values().flat_map(|p| p.requests.lock().unwrap().clone()).map(|r| r.stage).collect();
+    assert_eq!(stages.iter().filter(|s| **s == Stage::Triage).count(), 1, "triage was paid for once: {stages:?}");
+    assert_eq!(stages.iter().filter(|s| **s == Stage::Reply).count(), 2, "{stages:?}");
+    let outputs = w.outputs();
+    let (reply, costs) = only_reply(&outputs);
+    let outcomes: Vec<(Stage, CallOutcome)> = costs.iter().map(|c| (c.stage, c.outcome)).collect();
+    assert_eq!(
+        outcomes,
+        vec![(Stage::Triage, CallOutcome::Ok), (Stage::Reply, CallOutcome::Lost), (Stage::Reply, CallOutcome::Ok)],
+        "every call the providers saw is one cost record"
+    );
+    assert!(costs[1].estimated && costs[1].cost_usd > 0.0, "the lost call is priced at its estimate: {:?}", costs[1]);
+    let total: f64 = costs.iter().map(|c| c.cost_usd).sum();
+    assert!((reply.cost_usd - total).abs() < 1e-12, "cost_usd {} is the sum of its records {total}", reply.cost_usd);
+}
+
+/// Our own pacing is never a failure (SPEC §6): tickets that find no room under our
+/// own rate limiter before their hold ends wait in their lane and resume from their
+/// journal with a fresh deadline; none is dead-lettered, and a triage already paid
+/// for is not paid again.
+#[tokio::test]
+async fn tickets_that_wait_on_our_own_limiter_past_their_hold_resume_and_none_is_dead_lettered() {
+    let mut settings = ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap();
+    settings.retry.base_delay_ms = 0;
+    settings.retry.max_delay_ms = 0;
+    settings.breaker.failure_threshold = 1_000;
+    // One Qwen call every 200 ms, far less than four tickets want at once, and a hold
+    // of half a second: most attempts run out of room under the limiter.
+    settings.limits.ticket_deadline_ms = 300;
+    settings.limits.limiter_wait_ms = 200;
+    settings.limits.rate_limit_headroom = 0.0;
+    let qwen = settings.providers.get_mut("qwen").unwrap();
+    (qwen.requests_per_minute, qwen.tokens_per_minute) = (300, 1_000_000_000);
+    let w = World::limited(settings, &["qwen"]);
+    let texts: Vec<String> = (0..4).map(|i| format!("where is my order number {i}?")).collect();
+    let stats = dispatch_all(&w, &texts).await;
+    assert_eq!(stats.acked.load(Ordering::SeqCst), 4);
+    let outputs = w.outputs();
+    let dead: Vec<_> = outputs.iter().filter(|o| matches!(o, Output::DeadLetter { .. })).collect();
+    assert!(dead.is_empty(), "dead-lettered for our own pacing: {dead:?}");
+    assert_eq!(outputs.len(), 4, "one reply per ticket");
+    let triage = w.p("qwen").requests.lock().unwrap().iter().filter(|r| r.stage == Stage::Triage).count();
+    assert_eq!(triage, 4, "each ticket's triage paid for once");
+    for output in &outputs {
+        let Output::Reply { reply, costs } = output else { unreachable!() };
+        let total: f64 = costs.iter().map(|c| c.cost_usd).sum();
+        assert!((reply.cost_usd - total).abs() < 1e-12, "{} costs {} of {total}", reply.ticket_id, reply.cost_usd);
+    }
 }

@@ -19,9 +19,10 @@ pub struct Verdict {
     pub lost: usize,
     pub duplicated: usize,
     pub double_paid: usize,
-    /// Calls the provider was paid for but no cost record holds: in flight when a
-    /// worker was SIGKILLed (its ticket's next owner calls again).
+    /// Calls the provider was paid for but no cost record holds, not even a `lost` one.
     pub paid_unrecorded: usize,
+    /// Cost records of calls cut off in flight (outcome `lost`).
+    pub lost_calls: usize,
     pub order_violations: usize,
     /// Kinds of the dead letters of valid tickets.
     pub valid_dead: BTreeMap<String, usize>,
@@ -177,19 +178,14 @@ pub async fn check(
             .map_err(|e| format!("reading the ledger: {e}"))?
             .get(0)
     };
-    if (spend - published).abs() > 1e-9 || (spend - replied - dead_spend).abs() > 1e-6 {
+    // Written so that a NaN anywhere fails it.
+    let adds_up = (spend - published).abs() <= 1e-9 && (spend - replied - dead_spend).abs() <= 1e-6;
+    if !adds_up {
         v.fail(format!(
             "costs do not add up: ledger ${spend:.6}, cost records ${published:.6}, replies ${replied:.6} + dead letters ${dead_spend:.6}"
         ));
     }
-    let replayed: HashSet<String> = db
-        .query("SELECT ticket_id FROM units WHERE replay_count > 0", &[])
-        .await
-        .map_err(|e| format!("reading the ledger: {e}"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    paid_calls(&mut v, db, mock, &replayed).await?;
+    v.lost_calls = paid_calls(&mut v, db, mock).await?;
     // A ticket must never die waiting on our own rate limiter: pacing is ours.
     let paced: i64 = db
         .query_one(
@@ -226,54 +222,58 @@ pub async fn check(
     Ok(v)
 }
 
-/// The provider's own count of paid calls (answers and refusals) per ticket, stage,
-/// provider and outcome against the ledger's cost records. More in the ledger: a call
-/// recorded that was never made (or recorded twice). More at the provider: a call
-/// paid whose record was lost (a worker SIGKILLed during the call, whose ticket's
-/// next owner calls again). And one stage of a ticket answered twice, both recorded:
-/// paid twice (a replayed ticket does its triage again, so replays are left out).
-async fn paid_calls(
-    v: &mut Verdict,
-    db: &tokio_postgres::Client,
-    mock: &MockServer,
-    replayed: &HashSet<String>,
-) -> Result<(), String> {
-    type Key = (String, String, String, String);
-    let mut ledger: HashMap<Key, i64> = HashMap::new();
+/// The provider's own count of paid calls (answers and refusals) per ticket, stage and
+/// provider against the ledger's cost records. Every call is recorded exactly once,
+/// as what it was (`ok`, `refused`) or, when its answer never came back to a worker,
+/// as `lost` (or `timeout`: the answer came after we stopped waiting), so per ticket,
+/// stage and provider: known answers and refusals ≤ paid ≤ known + lost + timed out.
+/// More known than paid: a call recorded that was never made, or twice. More paid
+/// than all records: a call whose record vanished. And one stage of a ticket answered
+/// twice is paid twice, replays included (a replay resumes from the unit's journal).
+/// Returns the number of `lost` records.
+async fn paid_calls(v: &mut Verdict, db: &tokio_postgres::Client, mock: &MockServer) -> Result<usize, String> {
+    type Key = (String, String, String);
+    // Per ticket, stage and provider: known (ok, refused), uncertain (lost, timeout), ok.
+    let mut ledger: HashMap<Key, (i64, i64, i64)> = HashMap::new();
     let rows = db
         .query(
-            "SELECT ticket_id, stage, provider, outcome, count(*) FROM cost_records \
-             WHERE outcome IN ('ok', 'refused') GROUP BY 1, 2, 3, 4",
+            "SELECT ticket_id, stage, provider, count(*) FILTER (WHERE outcome IN ('ok', 'refused')), \
+             count(*) FILTER (WHERE outcome IN ('lost', 'timeout')), count(*) FILTER (WHERE outcome = 'ok') \
+             FROM cost_records GROUP BY 1, 2, 3",
             &[],
         )
         .await
         .map_err(|e| format!("reading the ledger: {e}"))?;
     for row in rows {
-        ledger.insert((row.get(0), row.get(1), row.get(2), row.get(3)), row.get(4));
+        ledger.insert((row.get(0), row.get(1), row.get(2)), (row.get(3), row.get(4), row.get(5)));
     }
+    let lost: i64 = db
+        .query_one("SELECT count(*) FROM cost_records WHERE outcome = 'lost'", &[])
+        .await
+        .map_err(|e| format!("reading the ledger: {e}"))?
+        .get(0);
     let mut provider: HashMap<Key, i64> = HashMap::new();
     for c in mock.tagged_calls() {
-        provider.insert((c.tag, c.stage, c.provider, c.outcome), c.paid as i64);
+        *provider.entry((c.tag, c.stage, c.provider)).or_default() += c.paid as i64;
     }
     let keys: HashSet<_> = ledger.keys().chain(provider.keys()).cloned().collect();
     let mut answers: HashMap<(String, String), i64> = HashMap::new();
     for key in keys {
-        let (recorded, paid) = (ledger.get(&key).copied().unwrap_or(0), provider.get(&key).copied().unwrap_or(0));
-        if recorded > paid {
-            v.double_paid += (recorded - paid) as usize;
-            v.fail(format!("{} {} at {} ({}): {recorded} calls recorded, {paid} made", key.0, key.1, key.2, key.3));
-        } else if paid > recorded {
-            v.paid_unrecorded += (paid - recorded) as usize;
+        let (known, uncertain, ok) = ledger.get(&key).copied().unwrap_or((0, 0, 0));
+        let paid = provider.get(&key).copied().unwrap_or(0);
+        if known > paid {
+            v.double_paid += (known - paid) as usize;
+            v.fail(format!("{} {} at {}: {known} calls recorded as made, {paid} paid", key.0, key.1, key.2));
+        } else if paid > known + uncertain {
+            v.paid_unrecorded += (paid - known - uncertain) as usize;
         }
-        if key.3 == "ok" {
-            *answers.entry((key.0, key.1)).or_default() += recorded;
+        *answers.entry((key.0, key.1)).or_default() += ok;
+    }
+    for ((ticket, stage), ok) in answers {
+        if ok > 1 {
+            v.double_paid += (ok - 1) as usize;
+            v.fail(format!("{ticket}: its {stage} answered and paid {ok} times"));
         }
     }
-    for ((ticket, stage), recorded) in answers {
-        if recorded > 1 && !replayed.contains(&ticket) {
-            v.double_paid += (recorded - 1) as usize;
-            v.fail(format!("{ticket}: its {stage} answered and paid {recorded} times"));
-        }
-    }
-    Ok(())
+    Ok(lost as usize)
 }

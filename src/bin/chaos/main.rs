@@ -183,7 +183,7 @@ fn parse() -> Options {
         every: 3.0,
         seed: 1,
         settle_timeout: 300,
-        lease_ms: 8000,
+        lease_ms: 10_000,
         rpm: None,
         latency_ms: 0,
         keep: false,
@@ -555,24 +555,21 @@ fn worker_env(o: &Options, db_url: &str, base: &str, rpm: u32) -> Vec<(String, S
     let mut env: Vec<(String, String)> = vec![
         ("TICKETFLOW__DATABASE__URL".into(), db_url.into()),
         ("TICKETFLOW__HTTP__LISTEN".into(), String::new()),
-        // A killed worker's claims wait for their lease to expire before another
-        // worker takes them over: short leases keep a run short. The deadline is a
-        // quarter of the lease, so a ticket may wait on our own limiters for half the
-        // lease (its hold, three quarters of the lease, less the deadline): enough for
-        // a replica's first share of the account (two heartbeats) and a busy
-        // machine's queue. The shipped values leave 7.5 s.
+        // A killed worker's claims are taken over once their lease runs out (the
+        // shipped 10 s unless --lease-ms says otherwise; live workers renew theirs).
+        // A 2 s deadline keeps outages short; a ticket may still wait on our own
+        // limiters for limits.limiter_wait_ms beyond it (15 s shipped).
         ("TICKETFLOW__DATABASE__LEASE_MS".into(), o.lease_ms.to_string()),
-        ("TICKETFLOW__LIMITS__TICKET_DEADLINE_MS".into(), (o.lease_ms / 4).to_string()),
+        ("TICKETFLOW__LIMITS__TICKET_DEADLINE_MS".into(), "2000".into()),
         // An open circuit lets a probe through after 2 s (30 s shipped), so that a
         // replay after an outage does not meet circuits still open.
         ("TICKETFLOW__BREAKER__COOLDOWN_MS".into(), COOLDOWN_MS.to_string()),
         (KEY_ENV.into(), PLANTED_KEY.into()),
     ];
     if !o.shares_limits() {
-        // With leases this short a ticket may wait on our limiters for a second or
-        // so, less than a restarted replica waits for its first share of the account
-        // (two heartbeats): the limits are far above the load here, so each worker
-        // keeps them whole. `flaky` and `--rpm` share binding limits.
+        // The limits are far above the load here, so each worker keeps them whole
+        // (no account heartbeats to wait for after a restart). `flaky` and `--rpm`
+        // share binding limits.
         env.push(("TICKETFLOW__LIMITS__ACCOUNT_HEARTBEAT_MS".into(), "0".into()));
     }
     for (name, kind) in PROVIDERS {
@@ -900,13 +897,23 @@ async fn drive(
         let kinds = format!("{:?}", verdict.valid_dead);
         verdict.fail(format!("valid tickets dead-lettered without a provider outage: {kinds}"));
     }
-    // A SIGKILL can cost the calls in flight in the killed worker; nothing else may.
-    let allowed = if o.scenario.kills() { kills * 256 } else { 0 };
-    if verdict.paid_unrecorded > allowed {
+    // Every paid call has its record, a call cut off by a kill a `lost` one.
+    if verdict.paid_unrecorded > 0 {
         verdict.fail(format!(
-            "{} calls paid at the provider have no cost record ({} kills)",
+            "{} calls paid at the provider have no cost record, not even a lost one ({} kills)",
             verdict.paid_unrecorded, kills
         ));
+    }
+    // Only a SIGKILL cuts calls off in flight: at most a worker's in-flight budget each.
+    let in_flight = 256;
+    let lost_allowed = if o.scenario.kills() { kills as usize * in_flight } else { 0 };
+    if verdict.lost_calls > lost_allowed {
+        verdict.fail(format!("{} calls lost in flight, more than {kills} kills can cut off", verdict.lost_calls));
+    }
+    // Identical copies of an output come from a fault between a publish and its
+    // record (a kill, a cut connection): at most the tickets in flight per fault.
+    if verdict.copies as u64 > faults * in_flight as u64 {
+        verdict.fail(format!("{} identical output copies from {faults} faults", verdict.copies));
     }
     let stats = mock.stats();
     let rpm = u64::from(o.requests_per_minute());
@@ -932,7 +939,7 @@ async fn drive(
     }
     let window = stats.providers.iter().map(|(n, s)| format!("{n} {}", s.max_sent_in_any_60s)).collect::<Vec<_>>();
     println!(
-        "scenario {}, {}: {} tickets ({} sent twice) + {} poison, {} workers, {faults} faults{}; lost {}, duplicated {}, double-paid {}, order violations {}{}; {} replies, {} dead letters ({} identical copies; of valid tickets: {:?}; {} answered after a replay), {} paid calls unrecorded ({kills} kills){commits}; busiest minute per provider (limit {}): {}; {:.1} s; worker peak RSS {} MB{soak}",
+        "scenario {}, {}: {} tickets ({} sent twice) + {} poison, {} workers, {faults} faults{}; lost {}, duplicated {}, double-paid {}, order violations {}{}; {} replies, {} dead letters ({} identical copies; of valid tickets: {:?}; {} answered after a replay), {} paid calls unrecorded, {} lost in flight ({kills} kills){commits}; busiest minute per provider (limit {}): {}; {:.1} s; worker peak RSS {} MB{soak}",
         o.scenario.name(),
         broker.name(),
         o.tickets,
@@ -951,6 +958,7 @@ async fn drive(
         verdict.valid_dead,
         verdict.replayed_answered,
         verdict.paid_unrecorded,
+        verdict.lost_calls,
         rpm,
         window.join(", "),
         wall.as_secs_f64(),

@@ -185,6 +185,7 @@ async fn feed(
             full_len: cut,
             source: SourceRef { topic: topic.clone(), partition: 0, offset: line_no },
             redelivered: false,
+            stable_offset: false,
             replay_count: 0,
         };
         if !producer.send(message).await {

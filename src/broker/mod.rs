@@ -32,6 +32,10 @@ pub struct Message {
     pub key: Option<String>,
     /// The broker delivered this message before (AMQP `redelivered`, a requeue).
     pub redelivered: bool,
+    /// The source's partition and offset name this message for good, so a copy
+    /// delivered again carries the same ones (Kafka); false where an offset names one
+    /// delivery only (an AMQP delivery tag) or a line of whichever file is read.
+    pub stable_offset: bool,
     /// How many times operators replayed this message from the dead-letter topic.
     pub replay_count: u32,
 }

@@ -175,6 +175,11 @@ impl<H: Handler> Dispatcher<H> {
         let mut stopping = false;
         let mut source_error = None;
         let mut drain_deadline: Option<Instant> = None;
+        // Admission changes with the providers' limiters (a replica's first share of
+        // the account, a 429's pause ending) and nothing else wakes this loop for it:
+        // a look every so often lets a budget that grew take in work at once.
+        let mut admission_tick = tokio::time::interval(ADMISSION_LOOK);
+        admission_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let ready = self.health.is_ready();
             let allowed = self.admission.allowed_in_flight(self.config.max_in_flight.max(1)).max(1);
@@ -245,6 +250,7 @@ impl<H: Handler> Dispatcher<H> {
                         }
                     }
                 }
+                _ = admission_tick.tick() => {}
                 _ = self.health.wait_ready(), if !ready => {}
                 _ = self.health.wait_not_ready(), if ready => {}
                 event = source.next(), if intake_open => match event {
@@ -393,6 +399,9 @@ impl<H: Handler> Dispatcher<H> {
         });
     }
 }
+
+/// How often the dispatcher looks at admission when nothing else wakes it.
+const ADMISSION_LOOK: Duration = Duration::from_millis(250);
 
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {

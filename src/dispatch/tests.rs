@@ -173,6 +173,7 @@ impl Harness {
             source: SourceRef { topic: "t".into(), partition, offset: 0 },
             key: key.map(str::to_owned),
             redelivered: false,
+            stable_offset: false,
             replay_count: 0,
         };
         let acker = Box::new(TestAcker { id: id.to_owned(), settled: self.settled_tx.clone() });

@@ -385,7 +385,8 @@ ORDER BY sent_at, call_id";
 
 /// Journal writes of many units: intents (fenced by ownership, and locking the unit's
 /// row so that a takeover committing meanwhile is seen), ends, and intents of calls
-/// that never reached the provider dropped.
+/// that never reached the provider dropped. Each is idempotent: a batch whose commit
+/// was not acknowledged (a cut connection) is run again.
 const JOURNAL: &str = "
 WITH sent AS (
     INSERT INTO calls (call_id, unit_id, owner, record)
@@ -393,6 +394,8 @@ WITH sent AS (
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS s(call_id, unit_id, owner, record)
     JOIN units u ON u.unit_id = s.unit_id AND u.owner = s.owner AND u.status = 'in_progress'
     FOR SHARE OF u
+    -- A write retried after its answer was lost with the connection finds its row.
+    ON CONFLICT (call_id) DO UPDATE SET owner = EXCLUDED.owner WHERE calls.owner = EXCLUDED.owner
     RETURNING call_id::text
 ), ended AS (
     UPDATE calls SET done = true, record = e.record, answer = e.answer

@@ -347,13 +347,19 @@ impl Handler for Pipeline {
     }
 }
 
-/// The ledger key of an input that never became a ticket: its bytes (all of them the
-/// source kept, and its full length), where it came from and its replay count. A
-/// redelivered copy has the same key; a replay of its dead letter does not.
+/// The ledger key of an input that never became a ticket. Where the source's offset
+/// names the message for good (Kafka), its topic, partition and offset; otherwise
+/// (RabbitMQ) its bytes (all the source kept, and its full length) and queue: there,
+/// two messages of the same bytes are one rejected input. The replay count is part of
+/// it. A redelivered copy has the same key; a replay of its dead letter does not.
 fn rejected_key(message: &Message) -> String {
+    let s = &message.source;
+    if message.stable_offset {
+        return format!("{}/{}/{}:{}", s.topic, s.partition, s.offset, message.replay_count);
+    }
     let hash = xxhash_rust::xxh3::xxh3_128(&message.payload);
     let len = message.full_len.unwrap_or(message.payload.len() as u64);
-    format!("{}:{}:{len}:{hash:032x}", message.source.topic, message.replay_count)
+    format!("{}:{}:{len}:{hash:032x}", s.topic, message.replay_count)
 }
 
 /// How long a cancelled attempt may take to wind down (release its claim) before it

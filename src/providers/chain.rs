@@ -75,6 +75,8 @@ pub struct UnitCalls {
     pub carried: usize,
     /// Time this attempt spent waiting on our own rate limiters.
     pub limiter_waited: Duration,
+    /// What such waits may take beyond the deadline (the hold less the deadline).
+    pub limiter_slack: Duration,
     /// A call could not go out for our own pacing: our limiter had no capacity
     /// before the unit's hold ended, or the deadline passed after waits on it. Such a
     /// unit is handed back to wait, not failed (SPEC §6).
@@ -109,6 +111,7 @@ impl UnitCalls {
             stopped: false,
             carried: 0,
             limiter_waited: Duration::ZERO,
+            limiter_slack: Duration::ZERO,
             paced_out: false,
         }
     }
@@ -158,6 +161,7 @@ impl UnitCalls {
     /// Lets limiter waits move the deadline up to `hold_until`.
     pub fn with_hold_until(mut self, hold_until: Instant) -> Self {
         self.hold_until = hold_until.max(self.deadline);
+        self.limiter_slack = self.hold_until - self.deadline;
         self
     }
 
@@ -275,8 +279,10 @@ impl ChainRunner<'_> {
             for attempt in 0..self.retry.max_attempts_per_model {
                 if Instant::now() >= unit.deadline {
                     errors.push(format!("{entry}: ticket deadline passed"));
-                    // After waits on our own limiters, the time went to our pacing.
-                    unit.paced_out |= unit.limiter_waited > Duration::ZERO;
+                    // The waits on our own limiters took all the slack they may move
+                    // the deadline by (it stands at the hold): the time went to our
+                    // pacing, not to the provider.
+                    unit.paced_out |= unit.limiter_waited >= unit.limiter_slack && unit.limiter_slack > Duration::ZERO;
                     return ChainResult::Exhausted { errors, attempts };
                 }
                 let admission = loop {

@@ -629,6 +629,7 @@ async fn a_database_outage_pauses_intake_and_nothing_is_lost_or_done_twice() {
                 full_len: None,
                 source: SourceRef { topic: "tickets".into(), partition: 0, offset: i as i64 },
                 redelivered: false,
+                stable_offset: false,
                 replay_count: 0,
             };
             assert!(producer.send(message).await);
@@ -821,6 +822,7 @@ async fn a_unit_taken_over_too_often_becomes_one_internal_dead_letter_with_its_c
         source: SourceRef { topic: "tickets".into(), partition: 0, offset: 3 },
         key: Some("K-1".into()),
         redelivered: true,
+        stable_offset: false,
         replay_count: 0,
     };
     // Each owner dies in its triage call: the call is journaled, never answered.
@@ -880,6 +882,7 @@ async fn a_poison_message_delivered_three_times_yields_one_dead_letter() {
         source: SourceRef { topic: "tickets".into(), partition: 0, offset: 5 },
         key: None,
         redelivered: true,
+        stable_offset: false,
         replay_count,
     };
     let mut handled = Vec::new();

@@ -164,6 +164,7 @@ fn delivery(text: &str, replay_count: u32) -> Message {
         source: SourceRef { topic: "tickets".into(), partition: 0, offset: 7 },
         key: Some("T-1".into()),
         redelivered: false,
+        stable_offset: false,
         replay_count,
     }
 }
@@ -463,6 +464,7 @@ async fn dispatch_all(w: &World, texts: &[String]) -> Arc<RunStats> {
                 source: SourceRef { topic: "tickets".into(), partition: 0, offset: i as i64 },
                 key: Some(format!("T-{i}")),
                 redelivered: false,
+                stable_offset: false,
                 replay_count: 0,
             }
         })

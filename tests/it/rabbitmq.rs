@@ -1289,3 +1289,82 @@ async fn a_replica_added_mid_run_and_a_database_cut_keep_every_minute_within_the
     names.delete(&conn).await;
     account.db.drop_db().await;
 }
+
+/// Issue 25: a worker SIGKILLed while its tickets are between their triage and their
+/// reply (the provider holds every reply request). The next owner takes the units
+/// over once the dead worker's leases run out (the shipped 10 s), resumes each from its
+/// journal and makes no triage call for it (the provider's own per-ticket counts);
+/// every reply's `cost_usd` is the sum of all its cost records, the dead worker's and
+/// the `lost` reply call cut off by the kill included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_between_triage_and_reply_is_resumed_without_paying_triage_again() {
+    const N: usize = 12;
+    const HOLD: &str = "zz-hold-zz";
+    let mut mock_config =
+        ticketflow::mock_provider::MockConfig { tag_prefix: Some("ref:".into()), ..Default::default() };
+    for p in mock_config.providers.values_mut() {
+        p.hold_words = vec![HOLD.into()];
+    }
+    let (base, mock) = ticketflow::mock_provider::spawn(mock_config).await.unwrap();
+    let names = Names::new();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    let mut env = crate::real_providers::mock_env(&base);
+    // The hold word is in every category's policy text, which only reply prompts carry.
+    let categories = ["order_status", "return_policy", "shipping", "account", "billing", "refund_dispute", "technical"];
+    for category in categories.iter().chain(&["product_question", "complaint", "other"]) {
+        let var = format!("TICKETFLOW__POLICIES__{}", category.to_uppercase());
+        env.push((var, format!("Answer from this policy only ({HOLD}).")));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let tickets: String = (0..N)
+        .map(|i| {
+            let text = format!("Where is my order {i}? It has not arrived. ref:K-{i}");
+            serde_json::json!({"ticket_id": format!("K-{i}"), "messages": [{"role": "customer", "text": text}]})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    crate::helpers::produce_stdin(names.env(), &tickets);
+    let paid = |stage: &str| -> std::collections::BTreeMap<String, u64> {
+        let mut per_ticket = std::collections::BTreeMap::new();
+        for c in mock.tagged_calls().into_iter().filter(|c| c.stage == stage) {
+            *per_ticket.entry(c.tag).or_default() += c.paid;
+        }
+        per_ticket
+    };
+    let requests = || mock.stats().providers.values().map(|p| p.requests).sum::<u64>();
+    let first = start_worker_with(&names, &db.url, &config, &env);
+    wait_until("every ticket triaged and its reply call held", async || {
+        paid("triage").len() == N && requests() >= 2 * N as u64
+    })
+    .await;
+    first.kill();
+    mock.release();
+    let second = start_worker_with(&names, &db.url, &config, &env);
+    let conn = connect().await;
+    wait_until("every ticket answered", async || ready(&conn, &names.queue("replies")).await as usize >= N).await;
+    let (status, said) = stop_worker(second);
+    assert!(status.success(), "{said}");
+
+    let triage = paid("triage");
+    assert_eq!(triage.len(), N);
+    assert!(triage.values().all(|n| *n == 1), "a triage paid for twice: {triage:?}");
+    let replies = take_all(&conn, &names.queue("replies")).await;
+    let costs = take_all(&conn, &names.queue("costs")).await;
+    assert_eq!(replies.len(), N, "one reply per ticket");
+    for reply in &replies {
+        let unit = reply["unit_id"].as_str().unwrap();
+        let records: Vec<&serde_json::Value> = costs.iter().filter(|c| c["unit_id"] == unit).collect();
+        let outcomes: Vec<(&str, &str)> =
+            records.iter().map(|c| (c["stage"].as_str().unwrap(), c["outcome"].as_str().unwrap())).collect();
+        assert_eq!(outcomes, [("triage", "ok"), ("reply", "lost"), ("reply", "ok")], "{unit}");
+        let total: f64 = records.iter().map(|c| c["cost_usd"].as_f64().unwrap()).sum();
+        let cost = reply["cost_usd"].as_f64().unwrap();
+        assert!((cost - total).abs() < 1e-9, "{unit}: cost_usd {cost}, its records {total}");
+        assert_eq!(records[1]["estimated"], true, "{unit}: a lost call is priced at its estimate");
+    }
+    names.delete(&conn).await;
+    db.drop_db().await;
+}

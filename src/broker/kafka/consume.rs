@@ -330,6 +330,7 @@ fn poll_loop(
                     source: SourceRef { topic: topic.clone(), partition, offset },
                     key,
                     redelivered: false,
+                    stable_offset: true,
                     replay_count,
                 };
                 let acker =

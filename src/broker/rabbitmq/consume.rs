@@ -118,6 +118,7 @@ impl RabbitSource {
             },
             key,
             redelivered: d.redelivered,
+            stable_offset: false,
             replay_count,
         }
     }

@@ -15,7 +15,9 @@
 # topics of six partitions) instead of the local RabbitMQ. MOCK_CONFIG=FILE configures
 # the mock provider (e.g. scripts/bench/mock_latency_1s.toml) and WORKER_CONFIG=FILE
 # the worker (default scripts/bench/zero_latency.toml; e.g. in_flight_5000.toml). The
-# worker's peak RSS is reported too.
+# worker's peak RSS is reported too, and the ledger's statements per ticket: the
+# transactions its database committed during the run (each ledger statement is one,
+# the lease renewals and account heartbeats included) over the tickets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20000}
@@ -41,7 +43,8 @@ trap cleanup EXIT
 
 . scripts/bench/mock_env.sh
 
-rates=(); cpus=(); rsss=()
+rates=(); cpus=(); rsss=(); stmts=()
+commits() { psql -h 127.0.0.1 -U postgres -d postgres -tAc "SELECT xact_commit FROM pg_stat_database WHERE datname = '$1'"; }
 for run in $(seq 1 "$RUNS"); do
   tag="tf-bench-$$-$run"
   db="tf_bench_worker_$$_$run"
@@ -66,6 +69,7 @@ for run in $(seq 1 "$RUNS"); do
     for _ in $(seq 1 50); do grep -q "listening on" "$WORK/mock.out" 2>/dev/null && break; sleep 0.1; done
     env_for_mock "$(sed -n 's/^listening on //p' "$WORK/mock.out")"
   fi
+  commits_before=$(commits "$db")
   start=$(date +%s.%N)
   "$BIN" --config "${WORKER_CONFIG:-scripts/bench/zero_latency.toml}" worker 2> "$WORK/worker.err" &
   worker=$!
@@ -79,15 +83,18 @@ for run in $(seq 1 "$RUNS"); do
   read -r utime stime < <(awk '{print $14, $15}' "/proc/$worker/stat")
   rss=$(awk '/^VmHWM/ {print int($2 / 1024)}' "/proc/$worker/status")
   kill -TERM "$worker"; wait "$worker" || true; worker=
+  # The worker's backends report their counts as they exit.
+  sleep 1
+  stmt=$(python3 -c "print(f'{($(commits "$db") - $commits_before) / $N:.2f}')")
   if [ -n "${mock:-}" ]; then kill "$mock"; wait "$mock" 2>/dev/null || true; mock=; fi
   rate=$(python3 -c "print(round($N / ($end - $start)))")
   cpu=$(python3 -c "print(f'{($utime + $stime) / $TICKS * 1000 / $N:.3f}')")
-  echo "run $run: $N tickets in $(python3 -c "print(f'{$end - $start:.2f}')") s: $rate tickets/s; worker CPU $cpu ms/ticket; worker peak RSS $rss MB"
-  rates+=("$rate"); cpus+=("$cpu"); rsss+=("$rss")
+  echo "run $run: $N tickets in $(python3 -c "print(f'{$end - $start:.2f}')") s: $rate tickets/s; worker CPU $cpu ms/ticket; worker peak RSS $rss MB; ledger statements $stmt/ticket"
+  rates+=("$rate"); cpus+=("$cpu"); rsss+=("$rss"); stmts+=("$stmt")
   if [ -n "${cluster:-}" ]; then kill "$cluster"; wait "$cluster" 2>/dev/null || true; cluster=; fi
   for q in in replies costs dlq; do rabbitmqctl -q delete_queue "$tag-$q" > /dev/null 2>&1 || true; done
   rabbitmqctl -q eval "rabbit_exchange:delete(rabbit_misc:r(<<\"/\">>, exchange, <<\"$tag-dlx\">>), false, <<\"bench\">>)." > /dev/null 2>&1 || true
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-echo "median of $RUNS: $(median "${rates[@]}") tickets/s; worker CPU $(median "${cpus[@]}") ms/ticket; peak RSS $(median "${rsss[@]}") MB ($PROVIDERS providers, $BROKER)"
+echo "median of $RUNS: $(median "${rates[@]}") tickets/s; worker CPU $(median "${cpus[@]}") ms/ticket; peak RSS $(median "${rsss[@]}") MB; ledger statements $(median "${stmts[@]}")/ticket ($PROVIDERS providers, $BROKER)"

@@ -798,22 +798,36 @@ async fn budgets_leased_through_the_database_never_exceed_the_cap_and_one_reserv
     db.drop_db().await;
 }
 
+/// The pipeline of the default configuration (simulated providers) on `db`'s ledger,
+/// publishing into memory.
+async fn pg_pipeline(
+    db: &TestDb,
+) -> (
+    Arc<ticketflow::settings::Settings>,
+    Arc<PgLedger>,
+    Arc<ticketflow::broker::memory::MemoryPublisher>,
+    ticketflow::pipeline::Pipeline,
+) {
+    let ledger = Arc::new(db.ledger().await);
+    let settings = Arc::new(ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
+    let analyzer = Arc::new(ticketflow::triage::Analyzer::new(&settings.triage));
+    let providers = ticketflow::providers::Providers::from_settings(&settings, analyzer.clone()).unwrap();
+    let publisher = Arc::new(ticketflow::broker::memory::MemoryPublisher::new());
+    let pipeline =
+        ticketflow::pipeline::Pipeline::new(settings.clone(), analyzer, providers, ledger.clone(), publisher.clone());
+    (settings, ledger, publisher, pipeline)
+}
+
 /// A unit whose workers keep dying on it (a ticket that crashes its worker) is taken
 /// over a bounded number of times: then it ends as an `internal` dead letter naming
 /// the takeovers, carrying the calls the dead owners made, and is not worked on again.
 #[tokio::test]
 async fn a_unit_taken_over_too_often_becomes_one_internal_dead_letter_with_its_calls() {
-    use ticketflow::broker::memory::MemoryPublisher;
     use ticketflow::dispatch::Attempt;
-    use ticketflow::pipeline::{HandleError, Handled, Pipeline};
+    use ticketflow::pipeline::{HandleError, Handled};
 
     let db = TestDb::new().await;
-    let ledger = Arc::new(db.ledger().await);
-    let settings = Arc::new(ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
-    let analyzer = Arc::new(ticketflow::triage::Analyzer::new(&settings.triage));
-    let providers = ticketflow::providers::Providers::from_settings(&settings, analyzer.clone()).unwrap();
-    let publisher = Arc::new(MemoryPublisher::new());
-    let pipeline = Pipeline::new(settings.clone(), analyzer, providers, ledger.clone(), publisher.clone());
+    let (settings, ledger, publisher, pipeline) = pg_pipeline(&db).await;
     let payload = r#"{"ticket_id": "K-1", "messages": [{"role": "customer", "text": "where is my order?"}]}"#;
     let ticket = ticketflow::intake::parse(payload.as_bytes(), 1 << 20).unwrap();
     let message = ticketflow::broker::Message {
@@ -865,17 +879,11 @@ async fn a_unit_taken_over_too_often_becomes_one_internal_dead_letter_with_its_c
 /// often it is delivered; a replay of its dead letter is new input and is judged again.
 #[tokio::test]
 async fn a_poison_message_delivered_three_times_yields_one_dead_letter() {
-    use ticketflow::broker::memory::MemoryPublisher;
     use ticketflow::dispatch::Attempt;
-    use ticketflow::pipeline::{Handled, Pipeline};
+    use ticketflow::pipeline::Handled;
 
     let db = TestDb::new().await;
-    let ledger = Arc::new(db.ledger().await);
-    let settings = Arc::new(ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
-    let analyzer = Arc::new(ticketflow::triage::Analyzer::new(&settings.triage));
-    let providers = ticketflow::providers::Providers::from_settings(&settings, analyzer.clone()).unwrap();
-    let publisher = Arc::new(MemoryPublisher::new());
-    let pipeline = Pipeline::new(settings.clone(), analyzer, providers, ledger.clone(), publisher.clone());
+    let (_, ledger, publisher, pipeline) = pg_pipeline(&db).await;
     let poison = |replay_count| ticketflow::broker::Message {
         payload: bytes::Bytes::from_static(b"not json at all"),
         full_len: None,

@@ -126,6 +126,15 @@ impl World {
         self.pipeline.handle(message, &Attempt::first(seq)).await.map(|c| c.handled)
     }
 
+    /// A pipeline of the default settings over `adapters`, sharing this world's
+    /// ledger and publisher.
+    fn pipeline_over(&self, adapters: BTreeMap<String, Arc<dyn Provider>>) -> Arc<Pipeline> {
+        let settings = Arc::new(ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
+        let analyzer = Arc::new(Analyzer::new(&settings.triage));
+        let providers = Providers::from_adapters(adapters, &settings, &[]);
+        Arc::new(Pipeline::new(settings, analyzer, providers, self.ledger.clone(), self.publisher.clone()))
+    }
+
     fn p(&self, name: &str) -> &Scripted {
         &self.providers[name]
     }
@@ -551,19 +560,11 @@ async fn a_cancelled_attempt_releases_its_claim_at_once() {
             std::future::pending().await
         }
     }
-    let settings = Arc::new(ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
-    let analyzer = Arc::new(Analyzer::new(&settings.triage));
     let adapters: BTreeMap<String, Arc<dyn Provider>> = ["qwen", "openai", "anthropic", "mistral", "deepseek"]
         .iter()
         .map(|n| (n.to_string(), Arc::new(Hang(signal.clone())) as _))
         .collect();
-    let pipeline = Arc::new(Pipeline::new(
-        settings.clone(),
-        analyzer,
-        Providers::from_adapters(adapters, &settings, &[]),
-        w.ledger.clone(),
-        w.publisher.clone(),
-    ));
+    let pipeline = w.pipeline_over(adapters);
     let message = delivery("where is my order?", 0);
     let attempt = Attempt::first(41);
     let cancel = attempt.cancel.clone();
@@ -606,8 +607,6 @@ async fn a_unit_cut_off_mid_reply_resumes_from_its_journal_without_paying_triage
             outcome
         }
     }
-    let settings = Arc::new(ticketflow::policy::load_from(None, &BTreeMap::new()).unwrap());
-    let analyzer = Arc::new(Analyzer::new(&settings.triage));
     let (hang, entered) = (Arc::new(AtomicBool::new(true)), Arc::new(tokio::sync::Notify::new()));
     let adapters: BTreeMap<String, Arc<dyn Provider>> = w
         .providers
@@ -617,13 +616,7 @@ async fn a_unit_cut_off_mid_reply_resumes_from_its_journal_without_paying_triage
             (n.to_string(), Arc::new(p) as _)
         })
         .collect();
-    let pipeline = Arc::new(Pipeline::new(
-        settings.clone(),
-        analyzer,
-        Providers::from_adapters(adapters, &settings, &[]),
-        w.ledger.clone(),
-        w.publisher.clone(),
-    ));
+    let pipeline = w.pipeline_over(adapters);
     let message = delivery("where is my order?", 0);
     let first = Attempt::first(1);
     let cancel = first.cancel.clone();

@@ -1038,7 +1038,9 @@ fn provider_limits<'a>(limits: &'a serde_json::Value, name: &str) -> &'a serde_j
 async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
     let _timed = crate::helpers::TIMED.lock().await;
     const RPM: u32 = 600;
-    const TICKETS: usize = 1200;
+    // About twice what the account answers while measured, so that the queue never
+    // runs dry and every replica keeps asking.
+    const TICKETS: usize = 2400;
     let account = MistralAccount::new(RPM).await;
     let names = Names::new();
     crate::helpers::produce_stdin(names.env(), &crate::helpers::order_tickets("S", TICKETS));
@@ -1055,20 +1057,33 @@ async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
     // replicas at full demand.
     tokio::time::sleep(std::time::Duration::from_secs(62)).await;
     let (to, to_at) = (mistral().requests, std::time::Instant::now());
-    // What an operator sees meanwhile: three replicas whose shares sum to the
-    // account, the busiest minute's recorded use within the limit.
-    let limits = account.limits();
-    let view = provider_limits(&limits, "mistral");
-    let shares: Vec<f64> = view["replicas"].as_array().unwrap().iter().map(|r| r["share"].as_f64().unwrap()).collect();
-    assert_eq!(shares.len(), 3, "{view}");
-    let total: f64 = shares.iter().sum();
-    assert!((0.9..=1.0 + 1e-9).contains(&total), "shares {shares:?}");
+    let conn = connect().await;
+    // Every replica could take more work the whole time: tickets were still waiting
+    // in the queue, beyond what the replicas had prefetched.
+    let waiting = ready(&conn, &names.queue("in")).await;
+    assert!(waiting > 0, "the queue ran dry during the measurement: a replica's demand may have ended");
+    // What an operator sees meanwhile: three replicas whose shares never sum above the
+    // account and sum to nearly all of it within a few heartbeats (a member lowers at
+    // once and the others raise two heartbeats later, so one look may fall between),
+    // the busiest minute's recorded use within the limit.
+    let mut looks = Vec::new();
+    let view = loop {
+        let limits = account.limits();
+        let view = provider_limits(&limits, "mistral").clone();
+        let shares: Vec<f64> =
+            view["replicas"].as_array().unwrap().iter().map(|r| r["share"].as_f64().unwrap()).collect();
+        assert_eq!(shares.len(), 3, "{view}");
+        let total: f64 = shares.iter().sum();
+        assert!(total <= 1.0 + 1e-9, "shares {shares:?} sum above the account");
+        looks.push(shares);
+        if total >= 0.9 {
+            break view;
+        }
+        assert!(looks.len() < 20, "the shares never summed to 90% of the account: {looks:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
     let used = view["requests_per_minute_used"].as_f64().unwrap();
     assert!(used > 0.8 * f64::from(RPM) && used <= f64::from(RPM), "{used} requests in the last minute");
-    let conn = connect().await;
-    // Prefetched tickets are not ready in the queue: count the answered ones.
-    let answered = ready(&conn, &names.queue("replies")).await as usize;
-    assert!(answered < TICKETS, "demand lasted the whole measurement ({answered} answered)");
     for worker in workers {
         let (status, said) = stop_worker(worker);
         assert!(status.success(), "{said}");
@@ -1077,12 +1092,13 @@ async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
     let rate = (to - from) as f64 / (to_at - from_at).as_secs_f64();
     let limit = f64::from(RPM) / 60.0;
     eprintln!(
-        "3 replicas at {RPM} rpm: {:.2} requests/s ({:.0}% of the limit), max {} sent in any 60 s, {} 429s; first answer after {:?}",
+        "3 replicas at {RPM} rpm: {:.2} requests/s ({:.0}% of the limit), max {} sent in any 60 s, {} 429s; first answer after {:?}; shares {:?}",
         rate,
         rate / limit * 100.0,
         stats.max_sent_in_any_60s,
         stats.rate_limited,
-        settle - started
+        settle - started,
+        looks
     );
     assert_eq!(stats.rate_limited, 0, "the account saw a 429");
     // No ticket died of waiting for a share, and every answer came from Mistral.

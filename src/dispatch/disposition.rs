@@ -5,7 +5,7 @@
 //! |---|---|
 //! | a completion (reply, dead letter, duplicate, republish) | ack |
 //! | cancellation (shutdown, revoked lane) | abandon: hand it back, unacked |
-//! | the unit busy in another worker, a lease lost to one | retry later, not counted |
+//! | the unit busy in another worker, a lease lost to one | retry later, not counted, its in-flight slot given up meanwhile |
 //! | our own rate limits had no room for the unit in time | retry later, not counted: pacing is ours |
 //! | the unit taken over too often (its workers keep dying on it) | an `internal` dead letter at once |
 //! | the database or the broker unavailable | retry later, not counted: outages are waited out |

@@ -10,6 +10,10 @@
 //! - **Admission follows the providers.** The budget is the smaller of
 //!   `limits.max_in_flight` and what [`Admission`] says the rate limiters can serve
 //!   (see `providers::admission`), so tickets wait in the broker, not in memory.
+//!   A delivery whose unit another worker holds (a killed worker's lease running
+//!   out, typically a whole prefetch window of them after a kill) gives its slot up
+//!   while it waits to try again, and takes one back, before any new work, when its
+//!   wait is over: the rest of what was delivered is worked on meanwhile.
 //! - **Lanes.** Each delivery belongs to a lane (partition, queue). A revoked lane's
 //!   unstarted deliveries are handed back at once, its running ones finish or are
 //!   cancelled at the drain deadline (releasing their ledger claims), and the source
@@ -159,6 +163,8 @@ impl<H: Handler> Dispatcher<H> {
                 lanes: HashMap::new(),
                 revocations: Vec::new(),
                 running: 0,
+                parked: 0,
+                returning: 0,
                 held: 0,
                 next_seq: 0,
                 paused: false,
@@ -168,6 +174,7 @@ impl<H: Handler> Dispatcher<H> {
                 all_cancel: all_cancel.clone(),
             }),
             wake: Notify::new(),
+            slot_freed: Notify::new(),
         });
         let mut intake_open = true;
         // Stopping (a signal or a source failure), as opposed to the input's end:
@@ -187,7 +194,8 @@ impl<H: Handler> Dispatcher<H> {
                 let mut st = sched.lock();
                 st.allowed = allowed;
                 st.may_start = ready && !all_cancel.is_cancelled();
-                while st.may_start && st.running < allowed {
+                // Parked tasks that want their slot back come first.
+                while st.may_start && st.running + st.returning < allowed {
                     let Some(p) = st.ready.pop_front() else { break };
                     st.running += 1;
                     let cancel = st.begin(&p);
@@ -337,6 +345,7 @@ impl<H: Handler> Dispatcher<H> {
                 let key = p.delivery.message.key.clone();
                 guard.current = Some((lane.clone(), key.clone()));
                 let ctx = task::TaskContext {
+                    sched: sched.clone(),
                     handler: handler.clone(),
                     observers: observers.clone(),
                     policy: policy.clone(),
@@ -358,6 +367,9 @@ impl<H: Handler> Dispatcher<H> {
                     });
                     st.wake_on_done
                 };
+                if next.is_none() {
+                    sched.slot_freed.notify_one();
+                }
                 if wake {
                     sched.wake.notify_one();
                 }

@@ -3,6 +3,7 @@
 //! and the counts that bound what runs and what is held.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
@@ -42,8 +43,14 @@ pub(super) struct State {
     pub ready: VecDeque<Pending>,
     pub lanes: HashMap<Lane, LaneState>,
     pub revocations: Vec<Revocation>,
-    /// Tasks alive, each running one delivery.
+    /// Tasks holding an in-flight slot, each running one delivery. A task whose
+    /// delivery waits on another worker's lease gives its slot up while it waits.
     pub running: usize,
+    /// Tasks waiting, slot given up, on a unit another worker holds.
+    pub parked: usize,
+    /// Parked tasks whose wait is over and that want a slot back: they come before
+    /// new work.
+    pub returning: usize,
     /// Deliveries taken in and not yet settled or handed back.
     pub held: usize,
     pub next_seq: u64,
@@ -90,7 +97,7 @@ impl State {
             l.running = l.running.saturating_sub(1);
         }
         let follower = key.and_then(|k| self.next_of(k));
-        let next = if self.may_start && self.running <= self.allowed {
+        let next = if self.may_start && self.running <= self.allowed && self.returning == 0 {
             follower.or_else(|| self.ready.pop_front())
         } else {
             if let Some(f) = follower {
@@ -110,6 +117,8 @@ impl State {
 pub(super) struct Sched {
     pub state: std::sync::Mutex<State>,
     pub wake: Notify,
+    /// Rung when a slot frees, for parked tasks that want theirs back.
+    pub slot_freed: Notify,
 }
 
 impl Sched {
@@ -117,6 +126,76 @@ impl Sched {
         // A panic while holding the lock leaves counters that are still the best
         // information there is; keep going with them.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A running task gives its slot up while its delivery waits on a unit another
+    /// worker holds (a dead worker's lease runs out in seconds, and a prefetch window
+    /// full of its redelivered tickets must not stop the rest from being worked on).
+    pub fn park(self: &Arc<Self>) -> Parked {
+        let mut st = self.lock();
+        st.running -= 1;
+        st.parked += 1;
+        crate::telemetry::in_flight(st.running);
+        drop(st);
+        self.wake.notify_one();
+        self.slot_freed.notify_one();
+        Parked { sched: self.clone(), returning: false, back: false }
+    }
+}
+
+/// A parked task's claim on a slot to come back to. Dropped without [`Parked::resume`]
+/// (the delivery cancelled or handed back meanwhile), it takes its slot back at once,
+/// over the budget if need be, for the task's ending to give back.
+pub(super) struct Parked {
+    sched: Arc<Sched>,
+    returning: bool,
+    back: bool,
+}
+
+impl Parked {
+    /// Waits for a free slot and takes it, before any new work.
+    pub async fn resume(mut self) {
+        loop {
+            let freed = self.sched.slot_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut st = self.sched.lock();
+                if !self.returning {
+                    self.returning = true;
+                    st.parked -= 1;
+                    st.returning += 1;
+                }
+                if st.running < st.allowed {
+                    st.running += 1;
+                    st.returning -= 1;
+                    self.back = true;
+                    crate::telemetry::in_flight(st.running);
+                    return;
+                }
+            }
+            // The budget may also grow (admission): look again now and then.
+            let _ = tokio::time::timeout(RESUME_LOOK, freed).await;
+        }
+    }
+}
+
+/// How often a parked task that wants its slot back looks, when no slot frees.
+const RESUME_LOOK: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        if self.back {
+            return;
+        }
+        let mut st = self.sched.lock();
+        if self.returning {
+            st.returning -= 1;
+        } else {
+            st.parked -= 1;
+        }
+        st.running += 1;
+        crate::telemetry::in_flight(st.running);
     }
 }
 
@@ -142,6 +221,7 @@ impl Drop for TaskGuard<'_> {
             }
             drop(st);
             self.sched.wake.notify_one();
+            self.sched.slot_freed.notify_one();
         }
     }
 }

@@ -26,6 +26,8 @@ pub enum Settled {
 
 /// What a task needs besides its delivery.
 pub(super) struct TaskContext<H> {
+    /// Where the task gives its slot up while its delivery waits on another worker.
+    pub sched: Arc<super::state::Sched>,
     pub handler: Arc<H>,
     pub observers: Arc<[Arc<dyn Observer>]>,
     pub policy: RetryPolicy,
@@ -88,11 +90,21 @@ pub(super) async fn run<H: Handler>(ctx: TaskContext<H>, delivery: Delivery, seq
                 } else {
                     tracing::info!(source = ?message.source, error = %e, retry_in_ms = delay.as_millis() as u64, "waiting before another attempt");
                 }
+                // A unit another worker holds (a dead one's lease runs out in
+                // seconds) waits outside the in-flight budget, so that the rest of
+                // what was delivered is worked on meanwhile.
+                let parked = waits_on_another_worker(&e).then(|| ctx.sched.park());
+                let waited = async {
+                    tokio::time::sleep(delay).await;
+                    if let Some(parked) = parked {
+                        parked.resume().await;
+                    }
+                };
                 tokio::select! {
                     biased;
                     _ = ctx.cancel.cancelled() => {}
                     _ = ctx.abort.cancelled() => {}
-                    _ = tokio::time::sleep(delay) => continue,
+                    _ = waited => continue,
                 }
                 if !ctx.abort.is_cancelled() {
                     let _ = tokio::time::timeout(ABANDON_GRACE, ctx.handler.abandon(&message, &attempt)).await;
@@ -119,6 +131,12 @@ pub(super) async fn run<H: Handler>(ctx: TaskContext<H>, delivery: Delivery, seq
             }
         }
     }
+}
+
+/// The unit is held by another worker, alive or not: nothing to do but wait.
+fn waits_on_another_worker(e: &Failure) -> bool {
+    use crate::ledger::LedgerError;
+    matches!(e, Failure::Handle(HandleError::Busy(_) | HandleError::Ledger(LedgerError::LeaseLost(_))))
 }
 
 async fn hand_back(acker: Box<dyn crate::broker::Acker>, message: &crate::broker::Message) -> Settled {

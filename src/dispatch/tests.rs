@@ -65,6 +65,11 @@ struct Held {
     started: Mutex<Option<mpsc::UnboundedSender<String>>>,
     gates: Mutex<HashMap<String, Arc<Semaphore>>>,
     panics: Mutex<HashMap<String, u32>>,
+    /// How many attempts at a message find its unit held by another worker first.
+    busy: Mutex<HashMap<String, u32>>,
+    /// Attempts inside the handler now, and the most there ever were.
+    inside: AtomicU32,
+    most_inside: AtomicU32,
     gave_up: Mutex<Vec<(String, String)>>,
     abandoned: Mutex<Vec<(String, u64)>>,
     attempts: AtomicU32,
@@ -103,14 +108,25 @@ impl Handler for Held {
         if panic_now {
             panic!("bug while handling {id}");
         }
+        let busy_now = {
+            let mut busy = self.busy.lock().unwrap();
+            busy.get_mut(&id).filter(|n| **n > 0).map(|n| *n -= 1).is_some()
+        };
+        if busy_now {
+            return Err(HandleError::Busy(id));
+        }
+        let inside = self.inside.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_inside.fetch_max(inside, Ordering::SeqCst);
         let gate = self.gate(&id);
-        tokio::select! {
+        let result = tokio::select! {
             _ = attempt.cancel.cancelled() => Err(HandleError::Cancelled),
             permit = gate.acquire() => {
                 permit.unwrap().forget();
                 Ok(Completion::nothing(Handled::Duplicate))
             }
-        }
+        };
+        self.inside.fetch_sub(1, Ordering::SeqCst);
+        result
     }
 
     async fn give_up(&self, message: &Message, _attempt: &Attempt, reason: &str) -> Result<Completion, HandleError> {
@@ -373,4 +389,45 @@ async fn a_delivery_abandoned_while_waiting_to_retry_gives_up_its_claim() {
     assert_eq!(abandoned, [("failing".to_owned(), 0)], "the claim of delivery #0 is released");
     assert!(h.handler.gave_up.lock().unwrap().is_empty());
     h.end().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_waiting_on_another_workers_lease_leaves_its_slot_to_the_rest() {
+    // One slot; the first delivery's unit is held by another worker for its next
+    // twenty attempts (a dead worker's lease running out).
+    let mut h = Harness::start(1, Duration::from_secs(10));
+    h.handler.busy.lock().unwrap().insert("leased".into(), 20);
+    h.handler.open("leased");
+    h.send("leased", Some("k"), 0);
+    h.send("leased-next", Some("k"), 0);
+    for id in ["free1", "free2", "free3"] {
+        h.handler.open(id);
+        h.send(id, None, 0);
+    }
+    h.handler.open("leased-next");
+    let mut settles = Vec::new();
+    for _ in 0..5 {
+        settles.push(h.next_settle().await);
+    }
+    let at = |id: &str| settles.iter().position(|s| *s == Settle::Ack(id.into())).unwrap();
+    assert!(at("free3") < at("leased"), "the others ran while it waited: {settles:?}");
+    assert!(at("leased") < at("leased-next"), "its conversation waited behind it: {settles:?}");
+    assert_eq!(h.handler.most_inside.load(Ordering::SeqCst), 1, "the budget held");
+    let stats = h.end().await;
+    assert_eq!(stats.acked.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_stopped_while_waiting_on_another_workers_lease_is_handed_back() {
+    let mut h = Harness::start(1, Duration::from_secs(2));
+    h.handler.busy.lock().unwrap().insert("leased".into(), u32::MAX);
+    h.send("leased", None, 0);
+    h.send("free", None, 0);
+    h.handler.open("free");
+    assert_eq!(h.next_settle().await, Settle::Ack("free".into()));
+    h.shutdown.stop_intake.cancel();
+    assert_eq!(h.next_settle().await, Settle::Requeue("leased".into()));
+    // The run ends: every count it waits on came back to zero.
+    let stats = h.end().await;
+    assert_eq!(stats.handed_back.load(Ordering::SeqCst), 1);
 }

@@ -1384,3 +1384,79 @@ async fn a_worker_killed_between_triage_and_reply_is_resumed_without_paying_tria
     names.delete(&conn).await;
     db.drop_db().await;
 }
+
+/// Issue 25, with the shipped defaults (10 s lease, in-flight budget, prefetch): two
+/// workers on one queue, one SIGKILLed mid-run. The broker hands the survivor the dead
+/// worker's unacked tickets, a few hundred of them leased to the dead worker until its
+/// leases run out; they wait without holding the survivor's slots, so the survivor
+/// keeps answering at more than half its rate before the kill in every stretch after
+/// it (a survivor whose budget filled with them answered nothing until the leases ran
+/// out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_keeps_its_pace_while_a_killed_workers_tickets_wait_for_their_leases() {
+    let _timed = crate::helpers::TIMED.lock().await;
+    const N: usize = 8000;
+    let names = Names::new();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    // Calls that take a while, so that each worker holds its whole budget in flight.
+    let env: Vec<(String, String)> = ["QWEN", "OPENAI", "ANTHROPIC", "MISTRAL", "DEEPSEEK"]
+        .iter()
+        .map(|p| (format!("TICKETFLOW__PROVIDERS__{p}__LATENCY_MS"), "1000".to_owned()))
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    crate::helpers::produce_stdin(names.env(), &crate::helpers::order_tickets("T", N));
+    let first = start_worker_with(&names, &db.url, &config, &env);
+    let mut second = start_worker_with(&names, &db.url, &config, &env);
+    wait_until("a tenth answered", async || published_units(&db).await >= N as i64 / 10).await;
+    let client = db.client().await;
+    let now = async || -> f64 {
+        client.query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[]).await.unwrap().get(0)
+    };
+    // Steady pace first: the last five seconds before the kill are measured.
+    let started = now().await;
+    wait_until("five seconds of work", async || now().await >= started + 5.0).await;
+    first.kill();
+    let killed = now().await;
+    wait_until("fifteen seconds after the kill", async || now().await >= killed + 15.0).await;
+    assert!(second.is_running(), "the survivor died");
+    // The survivor is the worker that decided anything after the kill.
+    let rows = client
+        .query(
+            "SELECT split_part(worker_id, '#', 1) AS w,
+                    floor(extract(epoch FROM decided_at)::float8 - $1::float8)::int AS s, count(*) AS n
+             FROM decisions GROUP BY 1, 2",
+            &[&killed],
+        )
+        .await
+        .unwrap();
+    let after: Vec<(String, i32, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let survivor = after.iter().find(|(_, s, _)| *s >= 1).map(|(w, _, _)| w.clone()).expect("decisions after the kill");
+    let answered = |from: i32, to: i32| -> f64 {
+        let n: i64 = after.iter().filter(|(w, s, _)| *w == survivor && (from..to).contains(s)).map(|r| r.2).sum();
+        n as f64 / f64::from(to - from)
+    };
+    let before = answered(-5, 0);
+    let stretches = [(0, 5), (5, 10), (10, 15)].map(|(a, b)| answered(a, b));
+    let takeovers: i64 = client.query_one("SELECT count(*) FROM units WHERE attempts > 1", &[]).await.unwrap().get(0);
+    let queued = ready(&connect().await, &names.queue("in")).await;
+    eprintln!(
+        "survivor: {before:.1} answers/s before the kill; after it, per 5 s: {stretches:.1?}; {takeovers} units taken over; {queued} tickets still queued"
+    );
+    assert!(queued > 0, "the queue ran dry: the survivor's pace was not measured");
+    assert!(takeovers > 0, "the kill left no unit to take over: nothing was measured");
+    for (i, rate) in stretches.iter().enumerate() {
+        assert!(
+            *rate > before / 2.0,
+            "{}-{} s after the kill: {rate:.1} answers/s of {before:.1} before",
+            i * 5,
+            i * 5 + 5
+        );
+    }
+    let (status, said) = stop_worker(second);
+    assert!(status.success(), "{said}");
+    drop(client);
+    names.delete(&connect().await).await;
+    db.drop_db().await;
+}

@@ -11,12 +11,16 @@
 //!   account while the others idle.
 //! - governor stays the enforcer in each process; only its quota changes
 //!   ([`ProviderLimits::set_share`]).
-//! - A member lowers its share at once and raises it only after two heartbeats, and
-//!   never above what the others leave unclaimed: each row carries the member's claim
+//! - A member lowers its share at once and raises it only after two heartbeats (from
+//!   no share at all, as soon as it has claimed the raise: a new or restarted replica
+//!   is at work one heartbeat after it first reported), and never above what the
+//!   others leave unclaimed: each row carries the member's claim
 //!   (its share, or the raise it is about to make), and a member raises only to what
 //!   it claimed itself and one minus the others' claims. Of two members that
 //!   heartbeat, at least one reads the other's new claim (each writes before it
 //!   reads), so the shares in force never sum above the limit, whatever the timing.
+//!   A member that lowers its share writes its lower claim at once (one more
+//!   statement, only then), so the room it leaves is usable a heartbeat sooner.
 //! - A member that stops heartbeating (killed, cut off) is dropped from the division
 //!   after three heartbeats, and its share goes to the others two heartbeats later. A
 //!   member that cannot reach the database keeps its share while the others still
@@ -252,7 +256,9 @@ impl Member {
         let error = match heard {
             Ok(Ok(snapshot)) => {
                 self.last_heard = Some(Instant::now());
-                self.apply(&snapshot);
+                if self.apply(&snapshot) {
+                    self.tell_lowered().await;
+                }
                 return;
             }
             Ok(Err(e)) => e.to_string(),
@@ -267,8 +273,10 @@ impl Member {
         self.unheard(&error);
     }
 
-    fn apply(&mut self, snapshot: &Snapshot) {
+    /// Applies the division; says whether a share was lowered.
+    fn apply(&mut self, snapshot: &Snapshot) -> bool {
         let now = Instant::now();
+        let mut lowered = false;
         for seat in &mut self.seats {
             seat.heard_demand = seat.sent_demand;
             if let Some(pause) = snapshot.pauses.get(&seat.name) {
@@ -285,6 +293,7 @@ impl Member {
                 seat.raise = None;
                 if target < current {
                     seat.limits.set_share(target);
+                    lowered = true;
                 }
                 continue;
             }
@@ -292,7 +301,11 @@ impl Member {
                 Some((lowest, since)) => (lowest.min(target), since),
                 None => (target, now),
             };
-            if now.duration_since(since) < self.timing.raise_after {
+            // A member with no share (new, restarted, idle until now) takes what the
+            // others' claims leave as soon as it has claimed it: a fresh replica is at
+            // work after one heartbeat more, not three. Other raises wait, so that
+            // shares do not swing with every change of demand.
+            if now.duration_since(since) < self.timing.raise_after && current > 0.0 {
                 seat.raise = Some((lowest, since));
                 continue;
             }
@@ -305,6 +318,25 @@ impl Member {
             }
             // Not all of it yet: claim the rest with the next report.
             seat.raise = (to < lowest).then_some((lowest, since));
+        }
+        lowered
+    }
+
+    /// A lowered share is claimed at once, not a heartbeat later: the member that
+    /// waits for the room (a new replica, one whose demand grew) raises into it on
+    /// its next heartbeat. Claims only fall here, so the others' raises stay safe
+    /// whether or not this write arrives.
+    async fn tell_lowered(&mut self) {
+        let mut reports = Vec::with_capacity(self.seats.len());
+        for seat in &mut self.seats {
+            let pending = seat.raise.map_or(0.0, |(lowest, _)| lowest);
+            seat.claimed = seat.claimed.min(seat.limits.share().max(pending));
+            reports.push(Report { provider: seat.name.clone(), demand: seat.sent_demand, claim: seat.claimed });
+        }
+        let t = self.timing;
+        let told = tokio::time::timeout(t.heartbeat, self.meeting.heartbeat(&self.id, &reports, &[], t.live_for)).await;
+        if !matches!(told, Ok(Ok(_))) {
+            tracing::debug!("could not claim a lowered share at once; the next heartbeat does");
         }
     }
 

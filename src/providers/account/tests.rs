@@ -160,6 +160,38 @@ async fn shares_lower_at_once_rise_after_the_others_lowered_and_never_sum_above_
     }
 }
 
+/// A replica that starts (or restarts) while another holds the whole account: once
+/// the other has lowered for it, it is at work on its second heartbeat, without the
+/// wait that other raises make; the shares in force never sum above one.
+#[tokio::test]
+async fn a_new_member_is_at_work_on_its_second_heartbeat() {
+    let table = Arc::new(Table::default());
+    let (pa, pb) = (providers(), providers());
+    let mut a = Member::new("a", T, table.clone(), &pa);
+    let busy_a = backlog(&pa);
+    tokio::task::yield_now().await;
+    for _ in 0..5 {
+        tokio::time::sleep(T.heartbeat).await;
+        a.beat(T.heartbeat).await;
+    }
+    assert!(share(&pa) > 0.95, "{}", share(&pa));
+    let mut b = Member::new("b", T, table.clone(), &pb);
+    let busy_b = backlog(&pb);
+    tokio::task::yield_now().await;
+    b.beat(T.heartbeat).await;
+    assert_eq!(share(&pb), 0.0, "nothing before the others have seen it");
+    a.beat(T.heartbeat).await;
+    assert!(share(&pa) <= 0.5 + 1e-9, "a lowered for b at once: {}", share(&pa));
+    // Well within the raise delay of the first report.
+    tokio::time::sleep(T.heartbeat / 4).await;
+    b.beat(T.heartbeat).await;
+    assert!((share(&pb) - 0.5).abs() < 0.02, "b at work on its second heartbeat: {}", share(&pb));
+    assert!(share(&pa) + share(&pb) <= 1.0 + 1e-9);
+    for t in busy_a.into_iter().chain(busy_b) {
+        t.abort();
+    }
+}
+
 /// The database cut off for every member (the usual outage): a member keeps its share
 /// while the others still count it, then decays toward the limit divided by the
 /// members it knew, never to nothing and never up; so the shares still sum to at most

@@ -618,3 +618,72 @@ async fn a_database_outage_of_a_minute_keeps_the_worker_in_its_group_and_loses_n
         }
     }
 }
+
+/// Issue 25: a ticket whose processing kills its worker every time (here: the worker
+/// is SIGKILLed whenever the ticket's triage call reaches the provider, as an
+/// out-of-memory on one huge ticket would). Each restart takes the unit over; after
+/// `limits.max_delivery_attempts` takeovers the next claim ends it as one `internal`
+/// dead letter naming them, the provider having seen at most that many calls for it
+/// (one per life), each published once as a `lost` cost record; the offset is
+/// committed past it, and the ticket behind it in the partition is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_that_kills_its_worker_every_time_ends_as_one_dead_letter_after_the_bound() {
+    const BOUND: u64 = 3;
+    const CRASH: &str = "zz-crash-zz";
+    let mut run = Run::new(Cluster::with_input_partitions(1)).await;
+    let mut mock_config = ticketflow::mock_provider::MockConfig::default();
+    for p in mock_config.providers.values_mut() {
+        p.hold_words = vec![CRASH.into()];
+    }
+    let (base, mock) = ticketflow::mock_provider::spawn(mock_config).await.unwrap();
+    run.env.extend(crate::real_providers::mock_env(&base));
+    run.env.extend([
+        ("TICKETFLOW__LIMITS__MAX_DELIVERY_ATTEMPTS".to_owned(), BOUND.to_string()),
+        // A dead worker's units are taken over when its lease runs out: short, to keep
+        // the test short (10 s by default).
+        ("TICKETFLOW__DATABASE__LEASE_MS".to_owned(), "2000".to_owned()),
+    ]);
+    let ticket = |id: &str, text: &str| {
+        serde_json::json!({"ticket_id": id, "messages": [{"role": "customer", "text": text}]}).to_string() + "\n"
+    };
+    produce_stdin(run.env.iter().cloned(), &ticket("X-1", &format!("My order is lost. {CRASH}")));
+    let c = &run.c;
+    let requests = || mock.stats().providers.values().map(|p| p.requests).sum::<u64>();
+    for life in 1..=BOUND {
+        let (mut worker, _said) = run.worker();
+        wait_for("the crashing ticket's call", &mut worker, async || requests() >= life).await;
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+    }
+    // A ticket behind it in the partition: the offset must get past the crasher.
+    produce_stdin(run.env.iter().cloned(), &ticket("X-2", "Where is my order 2?"));
+    let (mut last, last_said) = run.worker();
+    wait_for("both tickets settled", &mut last, async || {
+        c.count(&c.topic("dlq")) >= 1 && c.count(&c.topic("replies")) >= 1
+    })
+    .await;
+    let (_, end) =
+        c.consumer("tf-test-watermarks").fetch_watermarks(&c.topic("in"), 0, Duration::from_secs(10)).unwrap();
+    wait_for("the partition committed to its end", &mut last, async || c.committed(1) == [Offset::Offset(end)]).await;
+    let said = stop(last, last_said);
+    let dead: Vec<serde_json::Value> = c.read_all(&c.topic("dlq")).into_iter().flatten().collect();
+    assert_eq!(dead.len(), 1, "one dead letter: {dead:?}\n{said}");
+    assert_eq!(dead[0]["ticket_id"], "X-1");
+    assert_eq!(dead[0]["error"]["kind"], "internal");
+    let message = dead[0]["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&format!("taken over {BOUND} times")), "{message}");
+    let replies: Vec<serde_json::Value> = c.read_all(&c.topic("replies")).into_iter().flatten().collect();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0]["ticket_id"], "X-2");
+    // The provider saw one call per life for the crashing ticket (and the other
+    // ticket's two), and each of those calls is published once, as lost.
+    let reply_calls = 2;
+    assert_eq!(requests(), BOUND + reply_calls, "calls the provider saw");
+    let costs: Vec<serde_json::Value> = c.read_all(&c.topic("costs")).into_iter().flatten().collect();
+    let crashed: Vec<&serde_json::Value> = costs.iter().filter(|r| r["ticket_id"] == "X-1").collect();
+    assert_eq!(crashed.len() as u64, BOUND, "{crashed:?}");
+    assert!(crashed.iter().all(|r| r["outcome"] == "lost" && r["stage"] == "triage"), "{crashed:?}");
+    let ids: std::collections::BTreeSet<&str> = costs.iter().map(|r| r["call_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), costs.len(), "a call published twice");
+    run.db.drop_db().await;
+}

@@ -250,10 +250,22 @@ fn start_worker(names: &Names, db_url: &str, config: &std::path::Path) -> Worker
 }
 
 fn start_worker_with(names: &Names, db_url: &str, config: &std::path::Path, env: &[(&str, &str)]) -> Worker {
+    start_worker_args(names, db_url, config, env, &[])
+}
+
+/// A worker with `args` after `worker`.
+fn start_worker_args(
+    names: &Names,
+    db_url: &str,
+    config: &std::path::Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> Worker {
     let mut child = bin()
         .arg("--config")
         .arg(config)
         .arg("worker")
+        .args(args)
         .envs(names.env())
         .envs(env.iter().copied())
         .env("TICKETFLOW__DATABASE__URL", db_url)
@@ -1306,6 +1318,109 @@ async fn a_replica_added_mid_run_and_a_database_cut_keep_every_minute_within_the
     account.db.drop_db().await;
 }
 
+/// Tickets whose reply calls the mock provider holds until released (the hold word is
+/// in every category's policy text, which only reply prompts carry), tagged so that
+/// the mock counts each ticket's paid calls per stage.
+struct HeldReplies {
+    mock: ticketflow::mock_provider::MockServer,
+    names: Names,
+    db: crate::ledger_pg::TestDb,
+    config: std::path::PathBuf,
+    env: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+    n: usize,
+}
+
+impl HeldReplies {
+    const HOLD: &str = "zz-hold-zz";
+
+    async fn new(n: usize) -> Self {
+        let mut mock_config =
+            ticketflow::mock_provider::MockConfig { tag_prefix: Some("ref:".into()), ..Default::default() };
+        for p in mock_config.providers.values_mut() {
+            p.hold_words = vec![Self::HOLD.into()];
+        }
+        let (base, mock) = ticketflow::mock_provider::spawn(mock_config).await.unwrap();
+        let names = Names::new();
+        let db = crate::ledger_pg::TestDb::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::helpers::instant_config(dir.path());
+        let mut env = crate::real_providers::mock_env(&base);
+        let categories =
+            ["order_status", "return_policy", "shipping", "account", "billing", "refund_dispute", "technical"];
+        for category in categories.iter().chain(&["product_question", "complaint", "other"]) {
+            let var = format!("TICKETFLOW__POLICIES__{}", category.to_uppercase());
+            env.push((var, format!("Answer from this policy only ({}).", Self::HOLD)));
+        }
+        let tickets: String = (0..n)
+            .map(|i| {
+                let text = format!("Where is my order {i}? It has not arrived. ref:K-{i}");
+                serde_json::json!({"ticket_id": format!("K-{i}"), "messages": [{"role": "customer", "text": text}]})
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        crate::helpers::produce_stdin(names.env(), &tickets);
+        HeldReplies { mock, names, db, config, env, _dir: dir, n }
+    }
+
+    fn worker(&self, args: &[&str]) -> Worker {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        start_worker_args(&self.names, &self.db.url, &self.config, &env, args)
+    }
+
+    /// Paid calls of `stage` per ticket, as the provider counted them.
+    fn paid(&self, stage: &str) -> std::collections::BTreeMap<String, u64> {
+        let mut per_ticket = std::collections::BTreeMap::new();
+        for c in self.mock.tagged_calls().into_iter().filter(|c| c.stage == stage) {
+            *per_ticket.entry(c.tag).or_default() += c.paid;
+        }
+        per_ticket
+    }
+
+    async fn wait_every_reply_held(&self) {
+        let requests = || self.mock.stats().providers.values().map(|p| p.requests).sum::<u64>();
+        wait_until("every ticket triaged and its reply call held", async || {
+            self.paid("triage").len() == self.n && requests() >= 2 * self.n as u64
+        })
+        .await;
+    }
+
+    /// Lets the held calls go; a worker started now answers every ticket; then: no
+    /// triage paid twice (the provider's own counts), each reply's `cost_usd` the sum
+    /// of all its cost records, which are the triage, the reply call cut off (`lost`,
+    /// priced at its estimate) and the reply.
+    async fn resume_and_check(self) {
+        self.mock.release();
+        let worker = self.worker(&[]);
+        let conn = connect().await;
+        let n = self.n;
+        wait_until("every ticket answered", async || ready(&conn, &self.names.queue("replies")).await as usize >= n)
+            .await;
+        let (status, said) = stop_worker(worker);
+        assert!(status.success(), "{said}");
+        let triage = self.paid("triage");
+        assert_eq!(triage.len(), n);
+        assert!(triage.values().all(|n| *n == 1), "a triage paid for twice: {triage:?}");
+        let replies = take_all(&conn, &self.names.queue("replies")).await;
+        let costs = take_all(&conn, &self.names.queue("costs")).await;
+        assert_eq!(replies.len(), n, "one reply per ticket");
+        for reply in &replies {
+            let unit = reply["unit_id"].as_str().unwrap();
+            let records: Vec<&serde_json::Value> = costs.iter().filter(|c| c["unit_id"] == unit).collect();
+            let outcomes: Vec<(&str, &str)> =
+                records.iter().map(|c| (c["stage"].as_str().unwrap(), c["outcome"].as_str().unwrap())).collect();
+            assert_eq!(outcomes, [("triage", "ok"), ("reply", "lost"), ("reply", "ok")], "{unit}");
+            let total: f64 = records.iter().map(|c| c["cost_usd"].as_f64().unwrap()).sum();
+            let cost = reply["cost_usd"].as_f64().unwrap();
+            assert!((cost - total).abs() < 1e-9, "{unit}: cost_usd {cost}, its records {total}");
+            assert_eq!(records[1]["estimated"], true, "{unit}: a lost call is priced at its estimate");
+        }
+        self.names.delete(&conn).await;
+        self.db.drop_db().await;
+    }
+}
+
 /// Issue 25: a worker SIGKILLed while its tickets are between their triage and their
 /// reply (the provider holds every reply request). The next owner takes the units
 /// over once the dead worker's leases run out (the shipped 10 s), resumes each from its
@@ -1314,75 +1429,40 @@ async fn a_replica_added_mid_run_and_a_database_cut_keep_every_minute_within_the
 /// the `lost` reply call cut off by the kill included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_between_triage_and_reply_is_resumed_without_paying_triage_again() {
-    const N: usize = 12;
-    const HOLD: &str = "zz-hold-zz";
-    let mut mock_config =
-        ticketflow::mock_provider::MockConfig { tag_prefix: Some("ref:".into()), ..Default::default() };
-    for p in mock_config.providers.values_mut() {
-        p.hold_words = vec![HOLD.into()];
-    }
-    let (base, mock) = ticketflow::mock_provider::spawn(mock_config).await.unwrap();
-    let names = Names::new();
-    let db = crate::ledger_pg::TestDb::new().await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = crate::helpers::instant_config(dir.path());
-    let mut env = crate::real_providers::mock_env(&base);
-    // The hold word is in every category's policy text, which only reply prompts carry.
-    let categories = ["order_status", "return_policy", "shipping", "account", "billing", "refund_dispute", "technical"];
-    for category in categories.iter().chain(&["product_question", "complaint", "other"]) {
-        let var = format!("TICKETFLOW__POLICIES__{}", category.to_uppercase());
-        env.push((var, format!("Answer from this policy only ({HOLD}).")));
-    }
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let tickets: String = (0..N)
-        .map(|i| {
-            let text = format!("Where is my order {i}? It has not arrived. ref:K-{i}");
-            serde_json::json!({"ticket_id": format!("K-{i}"), "messages": [{"role": "customer", "text": text}]})
-                .to_string()
-                + "\n"
-        })
-        .collect();
-    crate::helpers::produce_stdin(names.env(), &tickets);
-    let paid = |stage: &str| -> std::collections::BTreeMap<String, u64> {
-        let mut per_ticket = std::collections::BTreeMap::new();
-        for c in mock.tagged_calls().into_iter().filter(|c| c.stage == stage) {
-            *per_ticket.entry(c.tag).or_default() += c.paid;
-        }
-        per_ticket
-    };
-    let requests = || mock.stats().providers.values().map(|p| p.requests).sum::<u64>();
-    let first = start_worker_with(&names, &db.url, &config, &env);
-    wait_until("every ticket triaged and its reply call held", async || {
-        paid("triage").len() == N && requests() >= 2 * N as u64
-    })
-    .await;
+    let held = HeldReplies::new(12).await;
+    let first = held.worker(&[]);
+    held.wait_every_reply_held().await;
     first.kill();
-    mock.release();
-    let second = start_worker_with(&names, &db.url, &config, &env);
-    let conn = connect().await;
-    wait_until("every ticket answered", async || ready(&conn, &names.queue("replies")).await as usize >= N).await;
-    let (status, said) = stop_worker(second);
-    assert!(status.success(), "{said}");
+    held.resume_and_check().await;
+}
 
-    let triage = paid("triage");
-    assert_eq!(triage.len(), N);
-    assert!(triage.values().all(|n| *n == 1), "a triage paid for twice: {triage:?}");
-    let replies = take_all(&conn, &names.queue("replies")).await;
-    let costs = take_all(&conn, &names.queue("costs")).await;
-    assert_eq!(replies.len(), N, "one reply per ticket");
-    for reply in &replies {
-        let unit = reply["unit_id"].as_str().unwrap();
-        let records: Vec<&serde_json::Value> = costs.iter().filter(|c| c["unit_id"] == unit).collect();
-        let outcomes: Vec<(&str, &str)> =
-            records.iter().map(|c| (c["stage"].as_str().unwrap(), c["outcome"].as_str().unwrap())).collect();
-        assert_eq!(outcomes, [("triage", "ok"), ("reply", "lost"), ("reply", "ok")], "{unit}");
-        let total: f64 = records.iter().map(|c| c["cost_usd"].as_f64().unwrap()).sum();
-        let cost = reply["cost_usd"].as_f64().unwrap();
-        assert!((cost - total).abs() < 1e-9, "{unit}: cost_usd {cost}, its records {total}");
-        assert_eq!(records[1]["estimated"], true, "{unit}: a lost call is priced at its estimate");
-    }
-    names.delete(&conn).await;
-    db.drop_db().await;
+/// Issue 25: SIGTERM with a drain deadline (1 s) shorter than the calls in flight (the
+/// provider holds every reply request). The worker abandons them at the deadline and
+/// exits cleanly; the calls that completed (every triage) are in the journal, the
+/// reply calls cut off are in it as intents; after a restart no completed call is
+/// paid again and each cut-off call is published once, as `lost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_deadline_shorter_than_the_calls_in_flight_pays_no_completed_call_again() {
+    let held = HeldReplies::new(8).await;
+    let first = held.worker(&["--drain-timeout-secs", "1"]);
+    held.wait_every_reply_held().await;
+    let (status, said) = stop_worker(first);
+    assert!(status.success(), "{said}");
+    assert!(said.contains("drain deadline passed"), "{said}");
+    let client = held.db.client().await;
+    let journal: Vec<(String, bool)> = client
+        .query("SELECT record::json->>'stage', done FROM calls ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let count = |stage: &str, done: bool| journal.iter().filter(|(s, d)| s == stage && *d == done).count();
+    assert_eq!(count("triage", true), held.n, "every completed triage journaled: {journal:?}");
+    assert_eq!(count("reply", false), held.n, "every reply call cut off journaled as sent: {journal:?}");
+    assert_eq!(journal.len(), 2 * held.n, "{journal:?}");
+    drop(client);
+    held.resume_and_check().await;
 }
 
 /// Issue 25, with the shipped defaults (10 s lease, in-flight budget, prefetch): two

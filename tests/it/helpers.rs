@@ -238,3 +238,78 @@ pub fn expected_baseline(costs: &[Value]) -> f64 {
 /// (the chaos runs): on two cores, one of them at a time, so that a measurement is
 /// not of another test's load.
 pub static TIMED: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The tickets of `jsonl` with ` ref:<ticket_id>` added to their last message, so
+/// that a mock provider with `tag_prefix = "ref:"` counts each ticket's paid calls.
+pub fn tagged(jsonl: &str) -> String {
+    let mut out = String::new();
+    for line in jsonl.lines().filter(|l| !l.trim().is_empty()) {
+        let mut t: Value = serde_json::from_str(line).unwrap();
+        let tag = format!(" ref:{}", t["ticket_id"].as_str().unwrap());
+        let last = t["messages"].as_array_mut().unwrap().last_mut().unwrap();
+        last["text"] = (last["text"].as_str().unwrap().to_owned() + &tag).into();
+        out.push_str(&t.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// A mock provider that counts paid calls per ticket tag (see [`tagged`]), with calls
+/// that take 3 ± 3 ms (see [`jittery_calls`]), and the workers' environment for it.
+pub async fn counting_mock() -> (ticketflow::mock_provider::MockServer, Vec<(String, String)>) {
+    let mut config = ticketflow::mock_provider::MockConfig { tag_prefix: Some("ref:".into()), ..Default::default() };
+    for p in config.providers.values_mut() {
+        p.latency_ms = 3;
+        p.jitter_ms = 3;
+    }
+    let (base, mock) = ticketflow::mock_provider::spawn(config).await.unwrap();
+    (mock, crate::real_providers::mock_env(&base))
+}
+
+/// Issue 25: the provider's own count of paid calls (answers and refusals) per
+/// ticket and stage against the published cost records, each call once (by call id):
+/// the calls recorded as made (`ok`, `refused`) ≤ the calls paid ≤ those plus the
+/// calls cut off (`lost`, `timeout`), and no stage of a ticket answered twice. More
+/// recorded than paid is a call recorded twice or never made; more paid than
+/// recorded, a paid call whose record vanished. Returns the `lost` calls.
+pub fn check_paid_calls(mock: &ticketflow::mock_provider::MockServer, costs: &[Value]) -> usize {
+    type Key = (String, String);
+    let mut calls: BTreeMap<&str, &Value> = BTreeMap::new();
+    for c in costs {
+        calls.insert(c["call_id"].as_str().unwrap(), c);
+    }
+    // Per ticket and stage: made, cut off, answered.
+    let mut recorded: BTreeMap<Key, (u64, u64, u64)> = BTreeMap::new();
+    let mut lost = 0;
+    for c in calls.values() {
+        let key = (c["ticket_id"].as_str().unwrap().to_owned(), c["stage"].as_str().unwrap().to_owned());
+        let entry = recorded.entry(key).or_default();
+        match c["outcome"].as_str().unwrap() {
+            "ok" => {
+                entry.0 += 1;
+                entry.2 += 1;
+            }
+            "refused" => entry.0 += 1,
+            "lost" => {
+                entry.1 += 1;
+                lost += 1;
+            }
+            "timeout" => entry.1 += 1,
+            _ => {}
+        }
+    }
+    let mut paid: BTreeMap<Key, u64> = BTreeMap::new();
+    for c in mock.tagged_calls() {
+        *paid.entry((c.tag, c.stage)).or_default() += c.paid;
+    }
+    assert!(!paid.is_empty(), "the mock counted no call: are the tickets tagged?");
+    let keys: std::collections::BTreeSet<&Key> = recorded.keys().chain(paid.keys()).collect();
+    for key in keys {
+        let (made, cut_off, answered) = recorded.get(key).copied().unwrap_or_default();
+        let p = paid.get(key).copied().unwrap_or_default();
+        assert!(made <= p, "{key:?}: {made} calls recorded as made, {p} paid");
+        assert!(p <= made + cut_off, "{key:?}: {p} calls paid, {made} recorded and {cut_off} cut off");
+        assert!(answered <= 1, "{key:?}: answered {answered} times");
+    }
+    lost
+}

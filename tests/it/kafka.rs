@@ -372,8 +372,10 @@ async fn workers_joining_and_one_killed_lose_nothing_answer_nothing_twice_and_co
     // leases keep the test short (the default is three minutes).
     env.push(("TICKETFLOW__LIMITS__TICKET_DEADLINE_MS".into(), "3000".into()));
     env.push(("TICKETFLOW__DATABASE__LEASE_MS".into(), "5000".into()));
-    env.extend(crate::helpers::jittery_calls());
-    produce_stdin(run.env.iter().cloned(), &synth_tickets(total, conversations));
+    // The provider counts each ticket's paid calls (calls of 3 ± 3 ms).
+    let (mock, mock_env) = crate::helpers::counting_mock().await;
+    env.extend(mock_env);
+    produce_stdin(run.env.iter().cloned(), &crate::helpers::tagged(&synth_tickets(total, conversations)));
     let (c, db) = (&run.c, &run.db);
     let (mut first, _) = run.worker();
     let (mut second, second_said) = run.worker();
@@ -395,13 +397,20 @@ async fn workers_joining_and_one_killed_lose_nothing_answer_nothing_twice_and_co
     }
     let (first_replies, _) = c.first_replies(false);
     assert_eq!(first_replies.len(), total, "every ticket answered");
-    // No call paid twice: the ledger's paid calls are the distinct published ones.
+    // No call paid twice: the ledger's paid calls are the distinct published ones,
+    // and those are the calls the provider counted, per ticket and stage.
     let mut calls = HashMap::new();
+    let mut costs = Vec::new();
     for partition in c.read_all(&c.topic("costs")) {
         for cost in partition {
-            calls.insert(cost["call_id"].as_str().unwrap().to_owned(), cost["cost_usd"].as_f64().unwrap());
+            let call = cost["call_id"].as_str().unwrap().to_owned();
+            if calls.insert(call, cost["cost_usd"].as_f64().unwrap()).is_none() {
+                costs.push(cost);
+            }
         }
     }
+    let lost = crate::helpers::check_paid_calls(&mock, &costs);
+    eprintln!("{} paid calls checked against the provider's counts, {lost} lost", costs.len());
     let client = db.client().await;
     let row = client.query_one("SELECT count(*), coalesce(sum(cost_usd), 0) FROM cost_records", &[]).await.unwrap();
     assert_eq!(row.get::<_, i64>(0) as usize, calls.len(), "every paid call published, none paid twice");

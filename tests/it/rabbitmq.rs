@@ -396,6 +396,8 @@ struct Settled {
     /// Replies published more than once (identical copies: a confirm lost with a
     /// connection); never a second answer.
     duplicate_replies: usize,
+    /// Every cost record published, once per call.
+    costs: Vec<serde_json::Value>,
 }
 
 impl Settled {
@@ -431,10 +433,14 @@ impl Settled {
         // Costs: one record per paid call, whatever was republished; their sum is the
         // ledger's spend and the replies' cost.
         let mut calls: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
+        let mut costs = Vec::new();
         for cost in take_all(conn, &names.queue("costs")).await {
             let amount = cost["cost_usd"].as_f64().unwrap();
             let earlier = calls.insert(cost["call_id"].as_str().unwrap().to_owned(), amount);
             assert!(earlier.is_none_or(|e| e == amount), "a call republished with another price");
+            if earlier.is_none() {
+                costs.push(cost);
+            }
         }
         let published: f64 = calls.values().sum();
         let replied: f64 = first.values().map(|r| r["cost_usd"].as_f64().unwrap()).sum();
@@ -451,7 +457,7 @@ impl Settled {
         assert_eq!((units, marked), (total as i64, total as i64), "one unit per ticket, each published");
         assert_eq!(paid_calls as usize, calls.len(), "every paid call published once, no call paid twice");
         assert!((spend - published).abs() < 1e-9 && (spend - replied).abs() < 1e-9, "{spend} {published} {replied}");
-        Settled { duplicate_replies }
+        Settled { duplicate_replies, costs }
     }
 }
 
@@ -475,21 +481,41 @@ struct Scenario {
     conn: Connection,
     total: usize,
     conversations: usize,
+    /// The mock provider the workers call, counting paid calls per ticket, and its
+    /// environment; simulated providers without it.
+    mock: Option<(ticketflow::mock_provider::MockServer, Vec<(String, String)>)>,
 }
 
 impl Scenario {
     async fn new(total: usize, conversations: usize) -> Scenario {
+        Self::with(total, conversations, None).await
+    }
+
+    /// Workers that call the mock provider, which counts each ticket's paid calls:
+    /// `finish` checks them against the cost records.
+    async fn against_mock(total: usize, conversations: usize) -> Scenario {
+        Self::with(total, conversations, Some(crate::helpers::counting_mock().await)).await
+    }
+
+    async fn with(
+        total: usize,
+        conversations: usize,
+        mock: Option<(ticketflow::mock_provider::MockServer, Vec<(String, String)>)>,
+    ) -> Scenario {
         let names = Names::new();
         let db = crate::ledger_pg::TestDb::new().await;
         let dir = tempfile::tempdir().unwrap();
         let config = crate::helpers::instant_config(dir.path());
-        produce_text(&names, &synth_tickets(total, conversations));
+        produce_text(&names, &crate::helpers::tagged(&synth_tickets(total, conversations)));
         let conn = connect().await;
-        Scenario { names, db, _dir: dir, config, conn, total, conversations }
+        Scenario { names, db, _dir: dir, config, conn, total, conversations, mock }
     }
 
     fn worker(&self, env: &[(&str, &str)]) -> Worker {
-        start_worker_with(&self.names, &self.db.url, &self.config, env)
+        let mut all: Vec<(&str, &str)> =
+            self.mock.iter().flat_map(|(_, e)| e.iter().map(|(k, v)| (k.as_str(), v.as_str()))).collect();
+        all.extend_from_slice(env);
+        start_worker_with(&self.names, &self.db.url, &self.config, &all)
     }
 
     async fn wait_for_a_third(&self) {
@@ -511,6 +537,10 @@ impl Scenario {
         assert!(leftover.len() <= max_copies, "{} tickets left in the input", leftover.len());
         let settled = Settled::check(&self.conn, &self.names, &self.db, self.total, self.conversations).await;
         assert!(settled.duplicate_replies <= max_copies, "{} copies", settled.duplicate_replies);
+        if let Some((mock, _)) = &self.mock {
+            let lost = crate::helpers::check_paid_calls(mock, &settled.costs);
+            eprintln!("{} paid calls checked against the provider's counts, {lost} lost", settled.costs.len());
+        }
         self.names.delete(&self.conn).await;
         self.db.drop_db().await;
     }
@@ -550,7 +580,7 @@ async fn the_worker_reconnects_by_itself_after_its_broker_connection_drops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_run_and_restarted_loses_nothing_and_pays_nothing_twice() {
-    let run = Scenario::new(3_000, 600).await;
+    let run = Scenario::against_mock(3_000, 600).await;
     // The killed worker's claims hold its units until their lease expires: short
     // leases keep the test short (the default is three minutes).
     let short_leases = [("TICKETFLOW__LIMITS__TICKET_DEADLINE_MS", "3000"), ("TICKETFLOW__DATABASE__LEASE_MS", "5000")];

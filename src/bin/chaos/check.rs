@@ -69,10 +69,12 @@ pub async fn check(
             once_dead.insert(ticket.to_owned());
         }
     }
-    // Replies: one per ticket; copies identical; conversations in order (a
-    // conversation's replies share a partition).
+    // Replies: one per ticket; copies identical; conversations in order. A
+    // conversation's replies must share a partition (their key): in two, no consumer
+    // could tell their order, which counts as a violation.
     let mut first: HashMap<String, Value> = HashMap::new();
-    for partition in &outputs.replies {
+    let mut home: HashMap<String, usize> = HashMap::new();
+    for (at, partition) in outputs.replies.iter().enumerate() {
         let mut last: HashMap<String, usize> = HashMap::new();
         let mut inverted: HashSet<String> = HashSet::new();
         for bytes in partition {
@@ -94,6 +96,13 @@ pub async fn check(
             if once_dead.contains(&ticket) {
                 first.insert(ticket, reply);
                 continue;
+            }
+            let elsewhere = *home.entry(conversation.clone()).or_insert(at) != at;
+            if elsewhere && inverted.insert(conversation.clone()) {
+                v.order_violations += 1;
+                if p.ordered {
+                    v.fail(format!("{conversation}: C-{index} answered in another partition than its earlier turns"));
+                }
             }
             if let Some(before) = last.insert(conversation.clone(), index) {
                 if before > index && inverted.insert(conversation.clone()) {

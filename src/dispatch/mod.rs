@@ -163,7 +163,6 @@ impl<H: Handler> Dispatcher<H> {
                 lanes: HashMap::new(),
                 revocations: Vec::new(),
                 running: 0,
-                parked: 0,
                 returning: 0,
                 held: 0,
                 next_seq: 0,

@@ -46,8 +46,6 @@ pub(super) struct State {
     /// Tasks holding an in-flight slot, each running one delivery. A task whose
     /// delivery waits on another worker's lease gives its slot up while it waits.
     pub running: usize,
-    /// Tasks waiting, slot given up, on a unit another worker holds.
-    pub parked: usize,
     /// Parked tasks whose wait is over and that want a slot back: they come before
     /// new work.
     pub returning: usize,
@@ -134,7 +132,6 @@ impl Sched {
     pub fn park(self: &Arc<Self>) -> Parked {
         let mut st = self.lock();
         st.running -= 1;
-        st.parked += 1;
         crate::telemetry::in_flight(st.running);
         drop(st);
         self.wake.notify_one();
@@ -163,7 +160,6 @@ impl Parked {
                 let mut st = self.sched.lock();
                 if !self.returning {
                     self.returning = true;
-                    st.parked -= 1;
                     st.returning += 1;
                 }
                 if st.running < st.allowed {
@@ -191,8 +187,6 @@ impl Drop for Parked {
         let mut st = self.sched.lock();
         if self.returning {
             st.returning -= 1;
-        } else {
-            st.parked -= 1;
         }
         st.running += 1;
         crate::telemetry::in_flight(st.running);

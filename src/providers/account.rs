@@ -170,6 +170,20 @@ struct Seat {
     sent_demand: f64,
 }
 
+impl Seat {
+    /// The most this member may enforce until its next heartbeat: its share in force,
+    /// or the raise it is waiting to make if higher.
+    fn claim_now(&self) -> f64 {
+        let pending = self.raise.map_or(0.0, |(lowest, _)| lowest);
+        self.limits.share().max(pending)
+    }
+
+    /// What the others hear: the demand and claim last settled.
+    fn report(&self) -> Report {
+        Report { provider: self.name.clone(), demand: self.sent_demand, claim: self.claimed }
+    }
+}
+
 /// This process as a member of its account's division.
 pub struct Member {
     id: String,
@@ -241,9 +255,8 @@ impl Member {
             // holds, instead of losing it the moment it is heard again and then
             // queueing those tickets behind a share too small for them.
             seat.sent_demand = (rate + backlog).max(seat.heard_demand * DEMAND_DECAY);
-            let pending = seat.raise.map_or(0.0, |(lowest, _)| lowest);
-            seat.claimed = seat.limits.share().max(pending);
-            reports.push(Report { provider: seat.name.clone(), demand: seat.sent_demand, claim: seat.claimed });
+            seat.claimed = seat.claim_now();
+            reports.push(seat.report());
             if let Some(until) = seat.limits.take_pause_to_share() {
                 pauses.push((seat.name.clone(), until));
             }
@@ -329,9 +342,8 @@ impl Member {
     async fn tell_lowered(&mut self) {
         let mut reports = Vec::with_capacity(self.seats.len());
         for seat in &mut self.seats {
-            let pending = seat.raise.map_or(0.0, |(lowest, _)| lowest);
-            seat.claimed = seat.claimed.min(seat.limits.share().max(pending));
-            reports.push(Report { provider: seat.name.clone(), demand: seat.sent_demand, claim: seat.claimed });
+            seat.claimed = seat.claimed.min(seat.claim_now());
+            reports.push(seat.report());
         }
         let t = self.timing;
         let told = tokio::time::timeout(t.heartbeat, self.meeting.heartbeat(&self.id, &reports, &[], t.live_for)).await;

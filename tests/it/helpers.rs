@@ -204,10 +204,16 @@ pub async fn published_units(db: &crate::ledger_pg::TestDb) -> i64 {
 /// Provider calls that take a random few milliseconds (3 ± 3 ms): later tickets of a
 /// conversation would overtake earlier ones if a worker let them run side by side.
 pub fn jittery_calls() -> Vec<(String, String)> {
+    calls_taking(3, 3)
+}
+
+/// Simulated provider calls that take `latency_ms` ± `jitter_ms`: the workers'
+/// environment for it.
+pub fn calls_taking(latency_ms: u64, jitter_ms: u64) -> Vec<(String, String)> {
     let mut env = Vec::new();
     for p in ["QWEN", "OPENAI", "ANTHROPIC", "MISTRAL", "DEEPSEEK"] {
-        env.push((format!("TICKETFLOW__PROVIDERS__{p}__LATENCY_MS"), "3".to_owned()));
-        env.push((format!("TICKETFLOW__PROVIDERS__{p}__JITTER_MS"), "3".to_owned()));
+        env.push((format!("TICKETFLOW__PROVIDERS__{p}__LATENCY_MS"), latency_ms.to_string()));
+        env.push((format!("TICKETFLOW__PROVIDERS__{p}__JITTER_MS"), jitter_ms.to_string()));
     }
     env
 }

@@ -1511,10 +1511,7 @@ async fn a_survivor_keeps_its_pace_while_a_killed_workers_tickets_wait_for_their
     let dir = tempfile::tempdir().unwrap();
     let config = crate::helpers::instant_config(dir.path());
     // Calls that take a while, so that each worker holds its whole budget in flight.
-    let env: Vec<(String, String)> = ["QWEN", "OPENAI", "ANTHROPIC", "MISTRAL", "DEEPSEEK"]
-        .iter()
-        .map(|p| (format!("TICKETFLOW__PROVIDERS__{p}__LATENCY_MS"), "1000".to_owned()))
-        .collect();
+    let env = crate::helpers::calls_taking(1000, 0);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     crate::helpers::produce_stdin(names.env(), &crate::helpers::order_tickets("T", N));
     let first = start_worker_with(&names, &db.url, &config, &env);

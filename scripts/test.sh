@@ -26,8 +26,19 @@ ensure_rabbitmq() {
   echo "warning: RabbitMQ is not reachable on 127.0.0.1:5672" >&2
 }
 
+# The worker's input shards are a consistent-hash exchange: its plugin ships with
+# RabbitMQ and is enabled here (a no-op when it already is).
+enable_hash_exchange() {
+  command -v rabbitmq-plugins >/dev/null || return 0
+  rabbitmq-plugins -q is_enabled rabbitmq_consistent_hash_exchange >/dev/null 2>&1 && return 0
+  echo "enabling RabbitMQ's rabbitmq_consistent_hash_exchange plugin"
+  rabbitmq-plugins -q enable rabbitmq_consistent_hash_exchange >/dev/null ||
+    echo "warning: could not enable rabbitmq_consistent_hash_exchange" >&2
+}
+
 ensure_postgres
 ensure_rabbitmq
+enable_hash_exchange
 
 # Each PostgreSQL test creates its own database (tf_test_<uuid>) and drops it when it
 # passes; drop any left behind by failed runs.

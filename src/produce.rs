@@ -15,7 +15,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::broker::kafka;
-use crate::broker::rabbitmq::publish::{Confirmed, Unconfirmed};
+use crate::broker::rabbitmq::publish::{Confirmed, Input, Unconfirmed};
 use crate::broker::rabbitmq::{self, topology, RabbitError};
 use crate::intake;
 use crate::settings::{BrokerKind, Settings};
@@ -58,7 +58,8 @@ pub async fn run(settings: &Settings, input: &Path) -> Result<ProduceReport, Pro
             let result = async {
                 topology::declare(&conn, &settings.broker).await?;
                 let channel = Confirmed::open(&conn).await?;
-                produce(settings, reader, Sink::Rabbit { channel, queue: topic, waiting: VecDeque::new() }).await
+                let input = Input::of(&settings.broker);
+                produce(settings, reader, Sink::Rabbit { channel, input, waiting: VecDeque::new() }).await
             }
             .await;
             rabbitmq::close(&conn, 200, "done").await;
@@ -73,7 +74,7 @@ pub async fn run(settings: &Settings, input: &Path) -> Result<ProduceReport, Pro
 
 /// Where the tickets go, and the sends not yet confirmed.
 enum Sink {
-    Rabbit { channel: Confirmed, queue: String, waiting: VecDeque<(u64, Unconfirmed)> },
+    Rabbit { channel: Confirmed, input: Input, waiting: VecDeque<(u64, Unconfirmed)> },
     Kafka { producer: FutureProducer, topic: String, waiting: VecDeque<(u64, DeliveryFuture)> },
 }
 
@@ -83,8 +84,8 @@ impl Sink {
     async fn send(&mut self, line_no: u64, line: &[u8], ticket: &crate::ticket::Ticket, report: &mut ProduceReport) {
         let headers = [("conversation_id", ticket.conversation_id.as_str()), ("ticket_id", &ticket.ticket_id)];
         match self {
-            Sink::Rabbit { channel, queue, waiting } => {
-                match channel.send(queue, line, &ticket.unit_id, &headers).await {
+            Sink::Rabbit { channel, input, waiting } => {
+                match channel.send_ticket(input, line, &ticket.unit_id, &headers, &ticket.conversation_id).await {
                     Ok(unconfirmed) => waiting.push_back((line_no, unconfirmed)),
                     Err(e) => report.refused.push(format!("line {line_no}: {e}")),
                 }

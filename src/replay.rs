@@ -26,7 +26,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use crate::broker::kafka::progress::Progress;
 use crate::broker::kafka::{self, KafkaSetupError};
 use crate::broker::rabbitmq::consume::{as_u32, CONVERSATION_HEADER, REPLAY_COUNT_HEADER};
-use crate::broker::rabbitmq::publish::Confirmed;
+use crate::broker::rabbitmq::publish::{Confirmed, Input};
 use crate::broker::rabbitmq::{self, reason, topology, RabbitError};
 use crate::settings::{BrokerKind, Settings};
 use crate::ticket::DeadLetter;
@@ -217,7 +217,7 @@ pub async fn run(settings: &Settings, options: &ReplayOptions) -> Result<ReplayR
 async fn replay(settings: &Settings, o: &ReplayOptions, conn: &lapin::Connection) -> Result<ReplayReport, ReplayError> {
     topology::declare(conn, &settings.broker).await?;
     let dlq = settings.broker.topics.dead_letters.as_str();
-    let input = settings.broker.topics.input.as_str();
+    let input = Input::of(&settings.broker);
     let broker = |e: lapin::Error| RabbitError::Broker { what: format!("reading `{dlq}`"), reason: reason(&e) };
     let channel = conn.create_channel().await.map_err(broker)?;
     let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
@@ -248,7 +248,10 @@ async fn replay(settings: &Settings, o: &ReplayOptions, conn: &lapin::Connection
         if let Some(c) = &conversation {
             headers.push((CONVERSATION_HEADER, c.as_str()));
         }
-        match out.publish(input, &dead.payload, &ticket, &headers).await {
+        // Through the shards' exchange with the original conversation, so the replayed
+        // ticket joins its conversation's shard.
+        let key = conversation.as_deref().unwrap_or(ticket.as_str());
+        match async { out.send_ticket(&input, &dead.payload, &ticket, &headers, key).await?.confirmed().await }.await {
             Ok(()) => {
                 delivery.acker.ack(BasicAckOptions::default()).await.map_err(broker)?;
                 report.moved += 1;

@@ -49,6 +49,7 @@ pub const BREAKER: &str = "ticketflow_breaker_state";
 pub const IN_FLIGHT: &str = "ticketflow_in_flight";
 pub const CONSUMER_LAG: &str = "ticketflow_consumer_lag";
 pub const QUEUE_DEPTH: &str = "ticketflow_queue_depth";
+pub const SHARD_CONSUMED: &str = "ticketflow_shard_consumed";
 pub const LEDGER_LATENCY: &str = "ticketflow_ledger_operation_duration_seconds";
 pub const BUDGET_SPENT: &str = "ticketflow_budget_spent_usd";
 pub const READY: &str = "ticketflow_ready";
@@ -97,7 +98,13 @@ pub const FAMILIES: &[Family] = &[
         &["topic", "partition"],
         "Kafka: messages behind the end of each assigned partition, from the first unfinished one.",
     ),
-    family(QUEUE_DEPTH, Kind::Gauge, &["queue"], "RabbitMQ: ready messages in the input and dead-letter queues."),
+    family(QUEUE_DEPTH, Kind::Gauge, &["queue"], "RabbitMQ: ready messages in the input queues this worker consumes and the dead-letter queue."),
+    family(
+        SHARD_CONSUMED,
+        Kind::Gauge,
+        &["queue"],
+        "RabbitMQ input shards: 1 for each shard queue this worker is given and consumes (active, or standby until the previous owner lets go), 0 for the others.",
+    ),
     family(
         LEDGER_LATENCY,
         Kind::Histogram,
@@ -193,6 +200,14 @@ pub fn consumer_lag(topic: &str, partition: i32, lag: i64) {
 /// RabbitMQ: ready messages in `queue`.
 pub fn queue_depth(queue: &str, ready: u32) {
     gauge!(QUEUE_DEPTH, "queue" => queue.to_owned()).set(f64::from(ready));
+}
+
+/// RabbitMQ input shards: which of `shards` queues of `input` this worker consumes.
+pub fn shards_consumed(shards: u16, consumed: &[u16], input: &str) {
+    for shard in 0..shards {
+        let queue = crate::broker::rabbitmq::shards::queue(input, shard);
+        gauge!(SHARD_CONSUMED, "queue" => queue).set(if consumed.contains(&shard) { 1.0 } else { 0.0 });
+    }
 }
 
 /// A ledger operation took `elapsed`.

@@ -21,11 +21,12 @@ use crate::broker::kafka::publish::KafkaPublisher;
 use crate::broker::kafka::KafkaSetupError;
 use crate::broker::rabbitmq::link::Link;
 use crate::broker::rabbitmq::publish::RabbitPublisher;
+use crate::broker::rabbitmq::shards::{self, Membership};
 use crate::broker::rabbitmq::RabbitError;
 use crate::broker::{BrokerError, Publisher, Source};
 use crate::dispatch::{DispatchConfig, Dispatcher, RetryPolicy, RunStats, Shutdown};
 use crate::endpoints::{Readiness, LEDGER_CHECK_INTERVAL};
-use crate::ledger::meeting::{PgBank, PgMeeting};
+use crate::ledger::meeting::{PgBank, PgMeeting, PgRoster};
 use crate::ledger::postgres::PgLedger;
 use crate::ledger::resilient::{Health, Resilient};
 use crate::ledger::LedgerError;
@@ -68,18 +69,44 @@ pub async fn run(
     };
     let endpoints = listener.map(|l| (l, metrics));
     let store = Arc::new(PgLedger::connect(&settings.database).await?);
+    // A member name of its own per process: two processes configured with the same
+    // worker id must not count as one.
+    let member_id = format!("{}#{:08x}", settings.worker.id, rand::random::<u32>());
     match settings.broker.kind {
         BrokerKind::Rabbitmq => {
             // The dispatcher holds up to twice its budget; the broker sends no more ahead.
             let prefetch = u16::try_from(settings.limits.max_in_flight.saturating_mul(2)).unwrap_or(u16::MAX);
-            let (link, source) = Link::open(settings.clone(), prefetch).await?;
+            let rabbit = &settings.broker.rabbitmq;
+            // The roster outlives the link: this worker leaves it once its connection
+            // has closed and the broker has taken its shards' deliveries back.
+            let stop_roster = CancellationToken::new();
+            let _stop_roster = stop_roster.clone().drop_guard();
+            let (given, roster) = if rabbit.shards > 0 {
+                let membership = Membership {
+                    roster: Arc::new(PgRoster::new(store.pool().clone())),
+                    scope: shards::scope(&rabbit.url, &settings.broker.topics.input),
+                    member: member_id.clone(),
+                    shards: rabbit.shards,
+                    heartbeat: Duration::from_millis(rabbit.member_heartbeat_ms),
+                };
+                let (given, task) = membership.start(stop_roster.clone());
+                (Some(given), Some(task))
+            } else {
+                (None, None)
+            };
+            let (link, source) = Link::open(settings.clone(), prefetch, given).await?;
             let publisher = Arc::new(RabbitPublisher::new(link.clone(), &settings.broker.topics));
             let connected = {
                 let link = link.clone();
                 Box::new(move || link.is_connected())
             };
-            let result = serve(&settings, store, publisher, source, shutdown, endpoints, connected).await;
+            let result =
+                serve(&settings, store, Broker { publisher, source, connected }, shutdown, endpoints, &member_id).await;
             link.close().await;
+            stop_roster.cancel();
+            if let Some(roster) = roster {
+                let _ = tokio::time::timeout(Duration::from_secs(3), roster).await;
+            }
             result
         }
         BrokerKind::Kafka => {
@@ -87,9 +114,17 @@ pub async fn run(
             let source = KafkaSource::start(&settings)?;
             let flag = source.connected();
             let connected = Box::new(move || flag.load(std::sync::atomic::Ordering::Relaxed));
-            serve(&settings, store, publisher, source, shutdown, endpoints, connected).await
+            serve(&settings, store, Broker { publisher, source, connected }, shutdown, endpoints, &member_id).await
         }
     }
+}
+
+/// The broker's side of a worker: its input, its publisher, and whether it is
+/// connected (for readiness).
+struct Broker<S> {
+    publisher: Arc<dyn Publisher>,
+    source: S,
+    connected: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// The pipeline and the dispatcher over `source`, publishing with `publisher`, and
@@ -97,23 +132,20 @@ pub async fn run(
 async fn serve(
     settings: &Arc<Settings>,
     store: Arc<PgLedger>,
-    publisher: Arc<dyn Publisher>,
-    source: impl Source,
+    broker: Broker<impl Source>,
     shutdown: Shutdown,
     endpoints: Option<(tokio::net::TcpListener, metrics_exporter_prometheus::PrometheusHandle)>,
-    broker_connected: Box<dyn Fn() -> bool + Send + Sync>,
+    member_id: &str,
 ) -> Result<Arc<RunStats>, WorkerError> {
+    let Broker { publisher, source, connected: broker_connected } = broker;
     let analyzer = Arc::new(Analyzer::new(&settings.triage));
     let providers = Providers::from_settings(settings, analyzer.clone())?;
     let health = Health::new();
     let pool = store.pool().clone();
     let ledger = Arc::new(Resilient::new(store, health.clone(), Backoff::default()));
-    // A member name of its own per process: two processes configured with the same
-    // worker id must not count as one.
-    let member_id = format!("{}#{:08x}", settings.worker.id, rand::random::<u32>());
     let budgets = (!settings.budgets.is_empty()).then(|| {
         let bank = Arc::new(PgBank::new(pool.clone()));
-        Arc::new(Budgets::shared(settings.budgets.clone(), settings.budget_zone(), bank, &member_id))
+        Arc::new(Budgets::shared(settings.budgets.clone(), settings.budget_zone(), bank, member_id))
     });
     let mut pipeline = Pipeline::new(settings.clone(), analyzer, providers.clone(), ledger.clone(), publisher);
     if let Some(budgets) = &budgets {
@@ -137,7 +169,7 @@ async fn serve(
     if settings.limits.account_heartbeat_ms > 0 {
         let timing = Timing::every(Duration::from_millis(settings.limits.account_heartbeat_ms));
         let meeting = Arc::new(PgMeeting::new(pool));
-        member = Some(tokio::spawn(Member::new(&member_id, timing, meeting, &providers).run(stop_member.clone())));
+        member = Some(tokio::spawn(Member::new(member_id, timing, meeting, &providers).run(stop_member.clone())));
     }
     if let Some(budgets) = &budgets {
         let every = Duration::from_millis(settings.limits.account_heartbeat_ms.max(1000));
@@ -165,9 +197,10 @@ async fn serve(
             "worker {} consuming `{}` on {}{serving} (SIGTERM/Ctrl-C stops intake and finishes what is in flight)",
             settings.worker.id,
             settings.broker.topics.input,
-            match settings.broker.kind {
-                BrokerKind::Rabbitmq => "RabbitMQ",
-                BrokerKind::Kafka => "Kafka",
+            match (settings.broker.kind, settings.broker.rabbitmq.shards) {
+                (BrokerKind::Rabbitmq, 0) => "RabbitMQ".to_owned(),
+                (BrokerKind::Rabbitmq, n) => format!("RabbitMQ, {n} shards divided among the live workers"),
+                (BrokerKind::Kafka, _) => "Kafka".to_owned(),
             }
         ),
     );

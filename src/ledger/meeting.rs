@@ -2,6 +2,8 @@
 //! - [`PgMeeting`] divides their accounts' rate limits ([`crate::providers::account`])
 //!   in the `limit_members` and `limit_pauses` tables. The database's clock decides
 //!   who is live, so the members' clocks need not agree.
+//! - [`PgRoster`] keeps the members among which the RabbitMQ input shards are
+//!   divided, in `shard_members`.
 //! - [`PgBank`] leases parts of the tiers' daily budget caps
 //!   ([`crate::routing::budget`]) in `budget_leases`: one transaction per lease,
 //!   serialized per tier and day by an advisory lock.
@@ -13,6 +15,7 @@ use deadpool_postgres::Pool;
 
 use super::postgres::classify;
 use super::LedgerError;
+use crate::broker::rabbitmq::shards::Roster;
 use crate::providers::account::{Meeting, Report, Seen, Snapshot};
 use crate::routing::budget::{grant, Bank, Use};
 
@@ -144,6 +147,58 @@ impl Bank for PgBank {
             .execute(&report, &[&tier, &day, &member, &use_.spent, &use_.reserved, &use_.keep])
             .await
             .map_err(classify)?;
+        Ok(())
+    }
+}
+
+const ROSTER_BEAT: &str = "INSERT INTO shard_members (scope, member, seen_at) VALUES ($1, $2, now()) \
+     ON CONFLICT (scope, member) DO UPDATE SET seen_at = now()";
+const ROSTER_LIVE: &str = "SELECT member FROM shard_members \
+     WHERE scope = $1 AND seen_at > now() - make_interval(secs => $2) ORDER BY member";
+const ROSTER_FORGET: &str =
+    "DELETE FROM shard_members WHERE scope = $1 AND seen_at < now() - make_interval(secs => $2)";
+const ROSTER_LEAVE: &str = "DELETE FROM shard_members WHERE scope = $1 AND member = $2";
+
+/// The roster of the RabbitMQ input shards in `shard_members`
+/// ([`crate::broker::rabbitmq::shards`]).
+pub struct PgRoster {
+    pool: Pool,
+}
+
+impl PgRoster {
+    pub fn new(pool: Pool) -> Self {
+        PgRoster { pool }
+    }
+}
+
+#[async_trait]
+impl Roster for PgRoster {
+    async fn beat(&self, scope: &str, member: &str, live_for: Duration) -> Result<Vec<String>, LedgerError> {
+        let client = self.pool.get().await.map_err(classify)?;
+        let beat = client.prepare_cached(ROSTER_BEAT).await.map_err(classify)?;
+        client.execute(&beat, &[&scope, &member]).await.map_err(classify)?;
+        let live = client.prepare_cached(ROSTER_LIVE).await.map_err(classify)?;
+        let members = client
+            .query(&live, &[&scope, &live_for.as_secs_f64()])
+            .await
+            .map_err(classify)?
+            .into_iter()
+            .map(|row| row.get(0))
+            .collect();
+        let forget = client.prepare_cached(ROSTER_FORGET).await.map_err(classify)?;
+        client.execute(&forget, &[&scope, &FORGET_AFTER.max(live_for * 2).as_secs_f64()]).await.map_err(classify)?;
+        Ok(members)
+    }
+
+    async fn members(&self, scope: &str, live_for: Duration) -> Result<Vec<String>, LedgerError> {
+        let client = self.pool.get().await.map_err(classify)?;
+        let rows = client.query(ROSTER_LIVE, &[&scope, &live_for.as_secs_f64()]).await.map_err(classify)?;
+        Ok(rows.into_iter().map(|row| row.get(0)).collect())
+    }
+
+    async fn leave(&self, scope: &str, member: &str) -> Result<(), LedgerError> {
+        let client = self.pool.get().await.map_err(classify)?;
+        client.execute(ROSTER_LEAVE, &[&scope, &member]).await.map_err(classify)?;
         Ok(())
     }
 }

@@ -59,6 +59,12 @@ impl Settings {
         if rabbit.reconnect_max_secs == 0 || rabbit.stall_timeout_secs == 0 {
             problems.push("broker.rabbitmq.reconnect_max_secs and stall_timeout_secs must be at least 1".into());
         }
+        if rabbit.shards > 1024 {
+            problems.push(format!("broker.rabbitmq.shards is {}: at most 1024 (a queue each)", rabbit.shards));
+        }
+        if rabbit.shards > 0 && rabbit.member_heartbeat_ms == 0 {
+            problems.push("broker.rabbitmq.member_heartbeat_ms must be at least 1 when shards is not 0".into());
+        }
         for (key, path) in [
             ("tls_ca_file", &rabbit.tls_ca_file),
             ("tls_client_cert_file", &rabbit.tls_client_cert_file),

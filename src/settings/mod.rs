@@ -236,6 +236,13 @@ pub struct RabbitSettings {
     /// A consumer that received nothing for this long while the queue has ready
     /// messages (and the worker has room for them) is restarted.
     pub stall_timeout_secs: u64,
+    /// Input shards: 0 for the single input queue (unordered across replicas);
+    /// otherwise the input is a consistent-hash exchange over this many queues
+    /// `<input>.0` … with single active consumer, divided among the live workers.
+    pub shards: u16,
+    /// How often a worker renews its membership in the shards' roster (the ledger's
+    /// `shard_members`); one unseen for three of these loses its shards.
+    pub member_heartbeat_ms: u64,
     /// `amqps://` only: PEM file of the CA certificates that sign the server's
     /// certificate; empty for the system's roots.
     pub tls_ca_file: String,

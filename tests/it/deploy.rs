@@ -1013,3 +1013,17 @@ fn the_image_builds_in_stages_runs_unprivileged_and_carries_its_configuration() 
         }
     }
 }
+
+/// Issue 26: the compose broker has the consistent-hash exchange the input shards
+/// need (`broker.rabbitmq.shards`), besides the image's own plugins.
+#[test]
+fn the_compose_broker_enables_the_consistent_hash_exchange() {
+    let compose = compose();
+    let target = mount_target(service(&compose, "rabbitmq"), "deploy/rabbitmq/enabled_plugins");
+    assert_eq!(target, "/etc/rabbitmq/enabled_plugins");
+    let plugins = read("deploy/rabbitmq/enabled_plugins");
+    for plugin in ["rabbitmq_consistent_hash_exchange", "rabbitmq_management", "rabbitmq_prometheus"] {
+        assert!(plugins.contains(plugin), "{plugins}");
+    }
+    assert!(plugins.trim_end().ends_with("]."), "an Erlang term ending in a full stop: {plugins}");
+}

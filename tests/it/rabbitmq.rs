@@ -16,22 +16,44 @@ use crate::helpers::{bin, published_units, repo_path, synth_tickets, Proxy};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// Names of one test's topology.
+/// Names of one test's topology: the shipped single input queue (`shards = 0`), or 16
+/// input shards (`Names::sharded`).
 struct Names {
     prefix: String,
+    shards: u16,
 }
+
+/// The input shards of the sharded tests.
+const SHARDS: u16 = 16;
 
 impl Names {
     fn new() -> Self {
-        Names { prefix: format!("tf-test-{}", uuid::Uuid::new_v4().simple()) }
+        Names { prefix: format!("tf-test-{}", uuid::Uuid::new_v4().simple()), shards: 0 }
+    }
+    /// The single input queue, whatever the shipped default.
+    fn single() -> Self {
+        Names { shards: 0, ..Names::new() }
+    }
+    /// Input shards (`broker.rabbitmq.shards = 16`).
+    fn sharded() -> Self {
+        Names { shards: SHARDS, ..Names::new() }
     }
     fn queue(&self, what: &str) -> String {
         format!("{}-{what}", self.prefix)
+    }
+    /// The queues tickets wait in: the shard queues, or the single input queue.
+    fn inputs(&self) -> Vec<String> {
+        if self.shards == 0 {
+            vec![self.queue("in")]
+        } else {
+            (0..self.shards).map(|s| format!("{}.{s}", self.queue("in"))).collect()
+        }
     }
     fn env(&self) -> Vec<(String, String)> {
         vec![
             ("TICKETFLOW__BROKER__KIND".into(), "rabbitmq".into()),
             ("TICKETFLOW__BROKER__RABBITMQ__URL".into(), URL.into()),
+            ("TICKETFLOW__BROKER__RABBITMQ__SHARDS".into(), self.shards.to_string()),
             ("TICKETFLOW__BROKER__TOPICS__INPUT".into(), self.queue("in")),
             ("TICKETFLOW__BROKER__TOPICS__REPLIES".into(), self.queue("replies")),
             ("TICKETFLOW__BROKER__TOPICS__COSTS".into(), self.queue("costs")),
@@ -47,10 +69,30 @@ impl Names {
     }
     async fn delete(&self, conn: &Connection) {
         let ch = conn.create_channel().await.unwrap();
-        for q in ["in", "replies", "costs", "dlq"] {
-            let _ = ch.queue_delete(self.queue(q).as_str().into(), QueueDeleteOptions::default()).await;
+        let mut queues: Vec<String> = ["replies", "costs", "dlq"].iter().map(|q| self.queue(q)).collect();
+        queues.extend(self.inputs());
+        for q in queues {
+            let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
         }
         let _ = ch.exchange_delete(self.queue("dlx").as_str().into(), Default::default()).await;
+        if self.shards > 0 {
+            let _ = ch.exchange_delete(self.queue("in").as_str().into(), Default::default()).await;
+        }
+    }
+    /// Publishes `payload` to the input as a helpdesk would: to the shards' exchange
+    /// with the conversation as routing key, or to the single queue.
+    async fn publish_input(&self, channel: &Confirmed, payload: &[u8], id: &str, conversation: &str) {
+        let input = ticketflow::broker::rabbitmq::publish::Input::of(&settings_of(self, &[]).broker);
+        let headers = [("conversation_id", conversation)];
+        channel.send_ticket(&input, payload, id, &headers, conversation).await.unwrap().confirmed().await.unwrap();
+    }
+    /// Ready messages over every input queue.
+    async fn ready_input(&self, conn: &Connection) -> u32 {
+        let mut n = 0;
+        for q in self.inputs() {
+            n += ready(conn, &q).await;
+        }
+        n
     }
 }
 
@@ -70,7 +112,7 @@ fn stderr(o: &Output) -> String {
 
 #[tokio::test]
 async fn topics_creates_the_topology_once_and_rejected_input_reaches_the_dead_letter_queue() {
-    let names = Names::new();
+    let names = Names::single();
     let first = names.topics(&[]);
     assert!(first.status.success(), "{}", stderr(&first));
     let created = stdout(&first);
@@ -119,7 +161,7 @@ async fn wait_get(ch: &lapin::Channel, queue: &str) -> lapin::message::BasicGetM
 
 #[tokio::test]
 async fn a_queue_declared_otherwise_is_named_with_its_argument_in_one_line() {
-    let names = Names::new();
+    let names = Names::single();
     assert!(names.topics(&[]).status.success());
     let out = names.topics(&[("TICKETFLOW__BROKER__RABBITMQ__QUEUE_TYPE", "classic")]);
     assert_eq!(out.status.code(), Some(1));
@@ -144,7 +186,7 @@ fn an_unreachable_broker_or_a_wrong_password_is_one_line_without_the_password() 
 
 #[tokio::test]
 async fn produce_sends_valid_tickets_in_order_with_their_conversation_and_reports_bad_lines() {
-    let names = Names::new();
+    let names = Names::single();
     let dir = tempfile::tempdir().unwrap();
     let examples = std::fs::read_to_string(repo_path("examples/tickets.jsonl")).unwrap();
     let valid: Vec<&str> = examples.lines().filter(|l| !l.trim().is_empty()).take(40).collect();
@@ -186,7 +228,7 @@ async fn the_publisher_confirms_outputs_into_their_queues_and_a_missing_queue_is
         ticketflow::policy::load_from(None, &env).unwrap()
     };
     let conn = connect().await;
-    let (link, _source) = Link::open(std::sync::Arc::new(settings.clone()), 1).await.unwrap();
+    let (link, _source) = Link::open(std::sync::Arc::new(settings.clone()), 1, None).await.unwrap();
     let publisher = RabbitPublisher::new(link.clone(), &settings.broker.topics);
     let output: ticketflow::ticket::Output = serde_json::from_str(
         &std::fs::read_to_string(repo_path("tests/golden/reply.json"))
@@ -225,6 +267,11 @@ fn held_by_consumers(queue: &str) -> Option<u64> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix(queue)?.strip_prefix('\t')?.trim().parse().ok())
+}
+
+/// `held_by_consumers` over every input queue of `names`.
+fn held_in_inputs(names: &Names) -> Option<u64> {
+    names.inputs().iter().map(|q| held_by_consumers(q)).sum()
 }
 
 /// Messages ready in `queue` (nobody consumes the output queues in these tests).
@@ -343,7 +390,7 @@ async fn the_worker_answers_every_produced_ticket_once_and_redelivery_pays_nothi
     let (status, said) = stop_worker(worker);
     assert!(status.success(), "{said}");
     assert!(said.contains(&format!("{total} message(s) received, {total} acked")), "{said}");
-    assert_eq!(ready(&conn, &names.queue("in")).await, 0);
+    assert_eq!(names.ready_input(&conn).await, 0);
     assert_eq!(ready(&conn, &names.queue("dlq")).await, 0);
     let costs = ready(&conn, &names.queue("costs")).await;
     assert!(costs >= total, "{costs} cost records for {total} tickets");
@@ -359,12 +406,12 @@ async fn the_worker_answers_every_produced_ticket_once_and_redelivery_pays_nothi
         // Not only delivered (ready 0) but acked: the broker's count of ready and
         // unacknowledged messages, which lags a few seconds (the loop covers a stale 0).
         wait_until("the input queue drained", async || {
-            ready(&conn, &names.queue("in")).await == 0 && held_by_consumers(&names.queue("in")) == Some(0)
+            names.ready_input(&conn).await == 0 && held_in_inputs(&names) == Some(0)
         })
         .await;
         let (status, said) = stop_worker(worker);
         assert!(status.success(), "{said}");
-        if ready(&conn, &names.queue("in")).await == 0 {
+        if names.ready_input(&conn).await == 0 {
             break;
         }
     }
@@ -380,11 +427,25 @@ async fn the_worker_answers_every_produced_ticket_once_and_redelivery_pays_nothi
 
 /// Every message of `queue`, taken off it in order.
 async fn take_all(conn: &Connection, queue: &str) -> Vec<serde_json::Value> {
+    take_messages(conn, queue).await.iter().map(|m| serde_json::from_slice(&m.data).unwrap()).collect()
+}
+
+/// Every message ready in `queue`, taken off it through a consumer (quorum queues
+/// with single active consumer, the input shards, refuse `basic.get`).
+async fn take_messages(conn: &Connection, queue: &str) -> Vec<lapin::message::Delivery> {
+    use futures_util::StreamExt as _;
+    let count = ready(conn, queue).await as usize;
+    let mut out = Vec::with_capacity(count);
+    if count == 0 {
+        return out;
+    }
     let ch = conn.create_channel().await.unwrap();
-    let mut out = Vec::new();
-    let options = BasicGetOptions { no_ack: true };
-    while let Some(m) = ch.basic_get(queue.into(), options).await.unwrap() {
-        out.push(serde_json::from_slice(&m.delivery.data).unwrap());
+    let options = lapin::options::BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let mut consumer =
+        ch.basic_consume(queue.into(), "take-all".into(), options, lapin::types::FieldTable::default()).await.unwrap();
+    while out.len() < count {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(30), consumer.next()).await;
+        out.push(next.expect("a ready message delivered").unwrap().unwrap());
     }
     let _ = ch.close(200, "done".into()).await;
     out
@@ -533,7 +594,10 @@ impl Scenario {
     /// tickets still in the input (all of them answered: `check` sees every ticket
     /// answered), `max_copies` of each at most.
     async fn finish(self, max_copies: usize) {
-        let leftover = take_all(&self.conn, &self.names.queue("in")).await;
+        let mut leftover = Vec::new();
+        for queue in self.names.inputs() {
+            leftover.extend(take_all(&self.conn, &queue).await);
+        }
         assert!(leftover.len() <= max_copies, "{} tickets left in the input", leftover.len());
         let settled = Settled::check(&self.conn, &self.names, &self.db, self.total, self.conversations).await;
         assert!(settled.duplicate_replies <= max_copies, "{} copies", settled.duplicate_replies);
@@ -612,7 +676,7 @@ fn header_of(m: &lapin::message::BasicGetMessage, name: &str) -> Option<String> 
 
 #[tokio::test]
 async fn replay_moves_matching_dead_letters_once_confirmed_and_leaves_the_rest_in_order() {
-    let names = Names::new();
+    let names = Names::single();
     assert!(names.topics(&[]).status.success());
     let conn = connect().await;
     let dlq = names.queue("dlq");
@@ -680,7 +744,7 @@ async fn two_workers_poison_and_an_outage_then_replay_answer_every_ticket_once()
     let channel = Confirmed::open(&conn).await.unwrap();
     let poison = [&b"{not json"[..], br#"{"ticket_id":"P-1","messages":[]}"#];
     for p in poison {
-        channel.publish(&names.queue("in"), p, "poison", &[]).await.unwrap();
+        names.publish_input(&channel, p, "poison", "poison").await;
     }
     let mut env = crate::real_providers::mock_env(&base);
     env.extend([
@@ -779,7 +843,15 @@ async fn a_worker_whose_stderr_was_closed_still_stops_on_sigterm() {
     drop(child.stderr.take());
     let mut worker = Worker { child, reader: None };
     let conn = connect().await;
-    wait_until("the worker consuming", async || consumers(&conn, &names.queue("in")).await == 1).await;
+    wait_until("the worker consuming", async || {
+        for queue in names.inputs() {
+            if consumers(&conn, &queue).await != 1 {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
     worker.terminate();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let status = loop {
@@ -811,11 +883,11 @@ fn settings_of(names: &Names, extra: &[(&str, &str)]) -> std::sync::Arc<ticketfl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_link_is_not_ready_while_disconnected_and_consumes_again_after() {
     use ticketflow::broker::{Source, SourceEvent};
-    let names = Names::new();
+    let names = Names::single();
     let proxy = Proxy::start("127.0.0.1:5672").await;
     let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     let settings = settings_of(&names, &[("TICKETFLOW__BROKER__RABBITMQ__URL", &url)]);
-    let (link, mut source) = Link::open(settings, 4).await.unwrap();
+    let (link, mut source) = Link::open(settings, 4, None).await.unwrap();
     assert!(link.is_connected());
     let conn = connect().await;
     let channel = Confirmed::open(&conn).await.unwrap();
@@ -824,6 +896,7 @@ async fn the_link_is_not_ready_while_disconnected_and_consumes_again_after() {
     };
 
     channel.publish(&names.queue("in"), b"one", "1", &[]).await.unwrap();
+    assert!(matches!(next(&mut source).await, SourceEvent::Assigned(_)), "the first connection's lane");
     let SourceEvent::Delivery(first) = next(&mut source).await else { panic!("a delivery first") };
     assert_eq!(&first.message.payload[..], b"one");
 
@@ -862,7 +935,7 @@ async fn the_link_is_not_ready_while_disconnected_and_consumes_again_after() {
 
 #[tokio::test]
 async fn a_ticket_past_the_delivery_limit_lands_in_the_dead_letter_queue_and_replays() {
-    let names = Names::new();
+    let names = Names::single();
     let limit = [("TICKETFLOW__BROKER__RABBITMQ__DELIVERY_LIMIT", "1")];
     assert!(names.topics(&limit).status.success());
     let conn = connect().await;
@@ -984,7 +1057,7 @@ async fn the_worker_serves_metrics_matching_its_outputs_and_readiness_follows_th
         let (_, page) = get("/metrics").await.unwrap();
         samples(&page)
             .iter()
-            .any(|(n, l, v)| n == "ticketflow_queue_depth" && l["queue"] == names.queue("in") && *v == 0.0)
+            .any(|(n, l, v)| n == "ticketflow_queue_depth" && l["queue"] == names.inputs()[0] && *v == 0.0)
     })
     .await;
     assert_eq!(get("/readyz").await.unwrap(), (200, "ready\n".to_owned()));
@@ -1102,7 +1175,7 @@ async fn three_replicas_share_one_account_limit_without_a_429_and_use_it() {
     let conn = connect().await;
     // Every replica could take more work the whole time: tickets were still waiting
     // in the queue, beyond what the replicas had prefetched.
-    let waiting = ready(&conn, &names.queue("in")).await;
+    let waiting = names.ready_input(&conn).await;
     assert!(waiting > 0, "the queue ran dry during the measurement: a replica's demand may have ended");
     // What an operator sees meanwhile: three replicas whose shares never sum above the
     // account and sum to nearly all of it within a few heartbeats (a member lowers at
@@ -1547,7 +1620,7 @@ async fn a_survivor_keeps_its_pace_while_a_killed_workers_tickets_wait_for_their
     let before = answered(-5, 0);
     let stretches = [(0, 5), (5, 10), (10, 15)].map(|(a, b)| answered(a, b));
     let takeovers: i64 = client.query_one("SELECT count(*) FROM units WHERE attempts > 1", &[]).await.unwrap().get(0);
-    let queued = ready(&connect().await, &names.queue("in")).await;
+    let queued = names.ready_input(&connect().await).await;
     eprintln!(
         "survivor: {before:.1} answers/s before the kill; after it, per 5 s: {stretches:.1?}; {takeovers} units taken over; {queued} tickets still queued"
     );
@@ -1566,4 +1639,216 @@ async fn a_survivor_keeps_its_pace_while_a_killed_workers_tickets_wait_for_their
     drop(client);
     names.delete(&connect().await).await;
     db.drop_db().await;
+}
+
+/// (queue, consumer tag) of every consumer of the broker, standby ones included
+/// (`rabbitmqctl list_consumers`; a queue's consumer count leaves those out).
+fn consumer_tags() -> Vec<(String, String)> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_consumers", "queue_name", "consumer_tag"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(q, t)| (q.to_owned(), t.to_owned()))
+        .collect()
+}
+
+/// Issue 26 (shards opt-in, `broker.rabbitmq.shards = 16`): a shard moving to a new owner while a conversation's ticket is in flight
+/// does not start that conversation's next ticket until the first is settled. Worker
+/// A holds every shard and every conversation's first ticket in flight (the provider
+/// holds those calls); worker B joins and subscribes to the shards it is given
+/// (standby: A still consumes them); each conversation's second ticket is published
+/// now. None may start while the first tickets are held (without single active
+/// consumer B would take some at once); once they are let go, B answers the second
+/// tickets of the shards it took, each after its first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_moving_while_a_ticket_is_in_flight_starts_the_next_only_after_it() {
+    const HOLD: &str = "zz-hold-zz";
+    const CONVERSATIONS: usize = 32;
+    let mut mock_config =
+        ticketflow::mock_provider::MockConfig { tag_prefix: Some("ref:".into()), ..Default::default() };
+    for p in mock_config.providers.values_mut() {
+        p.hold_words = vec![HOLD.into()];
+    }
+    let (base, mock) = ticketflow::mock_provider::spawn(mock_config).await.unwrap();
+    let names = Names::sharded();
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    let env = crate::real_providers::mock_env(&base);
+    let ticket = |c: usize, turn: usize, extra: &str| {
+        let text = format!("Where is my order {c}? It has not arrived. {extra} ref:K-{c}-{turn}");
+        serde_json::json!({
+            "ticket_id": format!("K-{c}-{turn}"),
+            "conversation_id": format!("C-{c}"),
+            "created_at": format!("2026-12-07T10:00:0{turn}Z"),
+            "messages": [{"role": "customer", "text": text}],
+        })
+        .to_string()
+            + "\n"
+    };
+    let firsts: String = (0..CONVERSATIONS).map(|c| ticket(c, 1, HOLD)).collect();
+    crate::helpers::produce_stdin(names.env(), &firsts);
+    let worker = |id: &'static str| {
+        let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        all.push(("TICKETFLOW__WORKER__ID", id));
+        start_worker_with(&names, &db.url, &config, &all)
+    };
+    let a = worker("shard-a");
+    let requests = || mock.stats().providers.values().map(|p| p.requests).sum::<u64>();
+    wait_until("every first ticket in flight at A", async || requests() >= CONVERSATIONS as u64).await;
+
+    let b = worker("shard-b");
+    let conn = connect().await;
+    let client = db.client().await;
+    let members = async || -> Vec<String> {
+        client
+            .query("SELECT member FROM shard_members ORDER BY member", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    wait_until("both workers in the roster", async || members().await.len() == 2).await;
+    let roster = members().await;
+    let member_b = roster.iter().find(|m| m.starts_with("shard-b#")).unwrap().clone();
+    let given_b = ticketflow::broker::rabbitmq::shards::assign(SHARDS, &roster, &member_b);
+    assert!(!given_b.is_empty(), "B is given shards: {roster:?}");
+    let queues_b: Vec<String> =
+        given_b.iter().map(|s| ticketflow::broker::rabbitmq::shards::queue(&names.queue("in"), *s)).collect();
+    wait_until("B subscribed to its shards (standby behind A where A is busy)", async || {
+        let tags = consumer_tags();
+        queues_b.iter().all(|q| tags.iter().any(|(queue, tag)| queue == q && tag.starts_with("shard-b ")))
+    })
+    .await;
+
+    let seconds: String = (0..CONVERSATIONS).map(|c| ticket(c, 2, "")).collect();
+    crate::helpers::produce_stdin(names.env(), &seconds);
+    wait_until("every second ticket delivered", async || names.ready_input(&conn).await == 0).await;
+    // A second ticket started would show at the provider within milliseconds (its
+    // calls are not held); none may while the first ones are.
+    let started_second = || mock.tagged_calls().iter().filter(|c| c.tag.ends_with("-2")).count();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        assert_eq!(started_second(), 0, "a conversation's second ticket started while its first was in flight");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    mock.release();
+    wait_until("every ticket answered", async || published_units(&db).await == 2 * CONVERSATIONS as i64).await;
+    for w in [a, b] {
+        let (status, said) = stop_worker(w);
+        assert!(status.success(), "{said}");
+    }
+    let replies = take_all(&conn, &names.queue("replies")).await;
+    let order: Vec<&str> = replies.iter().map(|r| r["ticket_id"].as_str().unwrap()).collect();
+    assert_eq!(order.len(), 2 * CONVERSATIONS, "one reply per ticket: {order:?}");
+    let mut moved = 0;
+    for c in 0..CONVERSATIONS {
+        let (one, two) = (format!("K-{c}-1"), format!("K-{c}-2"));
+        let at = |t: &str| order.iter().position(|x| *x == t).unwrap();
+        assert!(at(&one) < at(&two), "C-{c} answered out of order: {order:?}");
+        let by: String =
+            client.query_one("SELECT worker_id FROM decisions WHERE ticket_id = $1", &[&two]).await.unwrap().get(0);
+        moved += usize::from(by.starts_with("shard-b#"));
+    }
+    assert!(moved > 0, "some conversations' shards moved to B while their first ticket was in flight");
+    eprintln!("{moved} of {CONVERSATIONS} conversations moved to B mid-conversation");
+    drop(client);
+    names.delete(&conn).await;
+    db.drop_db().await;
+}
+
+/// Issue 26: `produce` and `replay` publish through the shards' exchange with the
+/// conversation as routing key, so every ticket of a conversation lands in one shard,
+/// in order, a replayed one in its conversation's shard too; the dead-letter queue
+/// stays one queue. An id too long for an AMQP routing key (128 CJK characters) is
+/// published too, under its hash.
+#[tokio::test]
+async fn every_ticket_of_a_conversation_lands_in_one_shard_in_order_and_replays_join_it() {
+    let names = Names::sharded();
+    let mut text = String::new();
+    for turn in 0..3 {
+        for c in 0..20 {
+            let t = serde_json::json!({
+                "ticket_id": format!("T-{c}-{turn}"), "conversation_id": format!("C-{c}"),
+                "messages": [{"role": "customer", "text": format!("turn {turn}")}],
+            });
+            text.push_str(&format!("{t}\n"));
+        }
+    }
+    let long = "会".repeat(128);
+    text.push_str(&format!(
+        "{}\n",
+        serde_json::json!({"ticket_id": long, "conversation_id": long, "messages": [{"role": "customer", "text": "hi"}]})
+    ));
+    crate::helpers::produce_stdin(names.env(), &text);
+    let conn = connect().await;
+
+    let mut shard_of = std::collections::HashMap::new();
+    let mut seen = 0;
+    for queue in names.inputs() {
+        let mut turns: std::collections::HashMap<String, Vec<usize>> = std::collections::HashMap::new();
+        for m in take_messages(&conn, &queue).await {
+            let v: serde_json::Value = serde_json::from_slice(&m.data).unwrap();
+            let conversation = v["conversation_id"].as_str().unwrap().to_owned();
+            let header = m.properties.headers().as_ref().and_then(|h| h.inner().get("conversation_id").cloned());
+            let header = header.and_then(|v| v.as_long_string().map(|s| s.to_string()));
+            assert_eq!(header.as_deref(), Some(conversation.as_str()));
+            let turn = v["messages"][0]["text"].as_str().unwrap().trim_start_matches("turn ").parse().unwrap_or(0);
+            turns.entry(conversation.clone()).or_default().push(turn);
+            let earlier = shard_of.insert(conversation.clone(), queue.clone());
+            assert!(earlier.is_none_or(|q| q == queue), "{conversation} in two shards");
+            seen += 1;
+        }
+        for (conversation, turns) in turns {
+            assert!(turns.windows(2).all(|w| w[0] < w[1]), "{conversation} out of order in {queue}: {turns:?}");
+        }
+    }
+    assert_eq!(seen, 61, "every ticket in some shard");
+    assert!(shard_of.values().collect::<BTreeSet<_>>().len() > 4, "conversations spread over the shards");
+
+    // A dead letter of C-3 replays into C-3's shard.
+    let dlq = Confirmed::open(&conn).await.unwrap();
+    let payload = r#"{"ticket_id":"T-3-9","conversation_id":"C-3","messages":[{"role":"customer","text":"turn 9"}]}"#;
+    dlq.publish(&names.queue("dlq"), &dead_letter("T-3-9", "providers_exhausted", 0, payload), "T-3-9", &[])
+        .await
+        .unwrap();
+    let out = bin().arg("replay").envs(names.env()).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let home = &shard_of["C-3"];
+    wait_until("the replayed ticket in its conversation's shard", async || ready(&conn, home).await == 1).await;
+    let back = take_all(&conn, home).await;
+    assert_eq!(back[0]["ticket_id"], "T-3-9");
+    names.delete(&conn).await;
+}
+
+/// Issue 26: `topics` declares the sharded input: the consistent-hash exchange, one
+/// queue per shard with single active consumer, bound to it.
+#[tokio::test]
+async fn topics_declares_the_shards_with_single_active_consumer() {
+    let names = Names { shards: 4, ..Names::sharded() };
+    let out = names.topics(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains(&format!("created exchange `{}` (x-consistent-hash, 4 shards)", names.queue("in"))),
+        "{said}"
+    );
+    for q in names.inputs() {
+        assert!(said.contains(&format!("created queue `{q}` (quorum)")), "{said}");
+    }
+    let listed =
+        std::process::Command::new("rabbitmqctl").args(["-q", "list_queues", "name", "arguments"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for q in names.inputs() {
+        let line = listed.lines().find(|l| l.starts_with(&format!("{q}\t"))).unwrap_or_else(|| panic!("{listed}"));
+        assert!(line.contains("x-single-active-consumer"), "{line}");
+    }
+    let again = names.topics(&[]);
+    assert!(!stdout(&again).contains("created"), "{}", stdout(&again));
+    names.delete(&connect().await).await;
 }

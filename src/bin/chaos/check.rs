@@ -43,7 +43,8 @@ pub struct Promises {
     /// Valid tickets (`C-0` .. `C-{n-1}`) and poison messages sent.
     pub valid: usize,
     pub poison: usize,
-    /// Conversations answered in order (Kafka; RabbitMQ with one worker).
+    /// Conversations answered in order (Kafka; RabbitMQ's input shards, or one worker
+    /// on a single queue).
     pub ordered: bool,
     /// Dead letters of valid tickets were replayed: each must end as a reply too.
     pub replayed: bool,

@@ -40,7 +40,8 @@
 //! Invariants: every valid ticket ends as exactly one reply (copies of a reply must be
 //! identical: a confirm lost to a fault) or one dead letter, every poison message as
 //! one dead letter, and a replayed ticket as a reply; conversations answered in order
-//! (Kafka; RabbitMQ with one worker: across RabbitMQ workers inversions are counted,
+//! (Kafka, and RabbitMQ's input shards, the default, whatever the workers; with a
+//! single RabbitMQ input queue (`shards = 0`) inversions across workers are counted,
 //! not promised); every paid call published once and recorded once, and the
 //! provider's own count of paid calls per ticket and stage equal to the cost records
 //! (a SIGKILL may cost a call in flight, counted as paid-unrecorded and bounded);
@@ -851,7 +852,11 @@ async fn drive(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let ordered = o.kafka || o.workers == 1 && o.scenario != Scenario::Storm;
+    // Kafka keeps a conversation in one partition, and RabbitMQ in one input shard
+    // (single active consumer); the single RabbitMQ queue (`shards = 0`) only within
+    // one worker.
+    let sharded = matches!(&broker, Broker::Rabbit(r) if r.sharded());
+    let ordered = o.kafka || sharded || o.workers == 1 && o.scenario != Scenario::Storm;
     let outputs = broker.outputs().await?;
     note("reading outputs");
     let promises = Promises {
@@ -951,7 +956,7 @@ async fn drive(
         verdict.duplicated,
         verdict.double_paid,
         verdict.order_violations,
-        if ordered { "" } else { " (not promised across RabbitMQ workers)" },
+        if ordered { "" } else { " (not promised across workers on one RabbitMQ queue)" },
         verdict.replies,
         verdict.dead_letters,
         verdict.copies,

@@ -20,6 +20,8 @@ pub struct Rabbit {
     pub url: String,
     tag: String,
     own: Option<OwnNode>,
+    /// The workers' input shards: the shipped `broker.rabbitmq.shards`.
+    shards: u16,
 }
 
 impl Rabbit {
@@ -27,13 +29,32 @@ impl Rabbit {
     pub async fn start(tag: &str, own: bool, dir: &Path) -> Result<Rabbit, String> {
         let own = if own { Some(OwnNode::start(tag, dir)?) } else { None };
         let url = own.as_ref().map_or(SHARED.to_owned(), |n| format!("amqp://guest:guest@127.0.0.1:{}/%2f", n.port));
-        let rabbit = Rabbit { url, tag: tag.to_owned(), own };
+        let shards = ticketflow::policy::load_from(None, &Default::default())
+            .map_err(|e| format!("the shipped configuration: {e}"))?
+            .broker
+            .rabbitmq
+            .shards;
+        let rabbit = Rabbit { url, tag: tag.to_owned(), own, shards };
         rabbit.connect().await?; // reachable before anything starts
         Ok(rabbit)
     }
 
+    /// Whether the workers consume input shards (conversations in order across them).
+    pub fn sharded(&self) -> bool {
+        self.shards > 0
+    }
+
     pub fn queue(&self, what: &str) -> String {
         format!("{}-{what}", self.tag)
+    }
+
+    /// The queues tickets wait in: the shard queues, or the single input queue.
+    fn inputs(&self) -> Vec<String> {
+        if self.shards == 0 {
+            vec![self.queue("in")]
+        } else {
+            (0..self.shards).map(|s| ticketflow::broker::rabbitmq::shards::queue(&self.queue("in"), s)).collect()
+        }
     }
 
     pub fn env(&self) -> Vec<(String, String)> {
@@ -54,13 +75,28 @@ impl Rabbit {
             .map_err(|e| format!("RabbitMQ at {}: {e}", self.url.rsplit('@').next().unwrap_or_default()))
     }
 
+    /// Publishes as a helpdesk integration would: through the input shards' exchange
+    /// with the ticket's conversation as routing key (the payload's, or `poison` for
+    /// what has none), or to the single input queue.
     pub async fn publish(&self, payloads: &[Vec<u8>]) -> Result<(), String> {
         let conn = self.connect().await?;
         let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
         ch.confirm_select(Default::default()).await.map_err(|e| e.to_string())?;
+        let input = self.queue("in");
         for p in payloads {
-            let props = BasicProperties::default().with_delivery_mode(2);
-            ch.basic_publish("".into(), self.queue("in").as_str().into(), BasicPublishOptions::default(), p, props)
+            let conversation = ticketflow::intake::conversation_key(p).unwrap_or_else(|| "poison".into());
+            let mut headers = lapin::types::FieldTable::default();
+            headers.insert(
+                "conversation_id".into(),
+                lapin::types::AMQPValue::LongString(conversation.as_bytes().to_vec().into()),
+            );
+            let props = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+            let (exchange, key) = if self.shards == 0 {
+                ("", input.clone())
+            } else {
+                (input.as_str(), ticketflow::broker::rabbitmq::shards::routing_key(&conversation).into_owned())
+            };
+            ch.basic_publish(exchange.into(), key.as_str().into(), BasicPublishOptions::default(), p, props)
                 .await
                 .map_err(|e| e.to_string())?
                 .await
@@ -79,12 +115,15 @@ impl Rabbit {
         n
     }
 
-    /// Whether the input queue has nothing ready.
+    /// Whether the input queues have nothing ready.
     pub async fn drained(&self) -> bool {
         let Ok(conn) = self.connect().await else { return false };
-        let depth = self.depth(&conn, &self.queue("in")).await;
+        let mut drained = true;
+        for queue in self.inputs() {
+            drained &= self.depth(&conn, &queue).await == Some(0);
+        }
         let _ = conn.close(200, "done".into()).await;
-        depth == Some(0)
+        drained
     }
 
     /// Every message of a queue, taken off it (the workers are stopped by then).
@@ -134,17 +173,23 @@ impl Rabbit {
         }
         if let Ok(conn) = self.connect().await {
             if let Ok(ch) = conn.create_channel().await {
-                for q in ["in", "replies", "costs", "dlq"] {
-                    let _ = ch.queue_delete(self.queue(q).as_str().into(), QueueDeleteOptions::default()).await;
+                let mut queues: Vec<String> = ["replies", "costs", "dlq"].iter().map(|q| self.queue(q)).collect();
+                queues.extend(self.inputs());
+                for q in queues {
+                    let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
                 }
                 let _ = ch.exchange_delete(self.queue("dlx").as_str().into(), Default::default()).await;
+                if self.shards > 0 {
+                    let _ = ch.exchange_delete(self.queue("in").as_str().into(), Default::default()).await;
+                }
             }
             let _ = conn.close(200, "done".into()).await;
         }
     }
 }
 
-/// A RabbitMQ node of the run's own: its own name, ports, data and logs, no plugins.
+/// A RabbitMQ node of the run's own: its own name, ports, data and logs, and of the
+/// plugins only the consistent-hash exchange (the input shards).
 struct OwnNode {
     name: String,
     port: u16,
@@ -160,7 +205,8 @@ impl OwnNode {
         let config = root.join("rabbitmq.conf");
         std::fs::write(&config, format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"))
             .map_err(|e| format!("{}: {e}", config.display()))?;
-        std::fs::write(root.join("plugins"), "[].\n").map_err(|e| format!("{}: {e}", root.display()))?;
+        std::fs::write(root.join("plugins"), "[rabbitmq_consistent_hash_exchange].\n")
+            .map_err(|e| format!("{}: {e}", root.display()))?;
         give(&root, "rabbitmq")?;
         let name = format!("{tag}@localhost");
         let pid_file = root.join("pid");

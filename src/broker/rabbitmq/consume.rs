@@ -1,31 +1,39 @@
-//! Consuming the input queue: manual acks, `basic_qos` prefetch bounding what the
-//! broker sends ahead (twice the in-flight budget, what the dispatcher may hold),
-//! and each AMQP delivery turned into a [`Message`] with its ordering key (the
-//! `conversation_id` header, or the ticket's own `conversation_id` when a producer
-//! set no header) and its replay count (the `x-replay-count` header).
+//! Consuming the input: manual acks, `basic_qos` prefetch bounding what the broker
+//! sends ahead (twice the in-flight budget, what the dispatcher may hold, divided
+//! among the shards consumed), and each AMQP delivery turned into a [`Message`] with
+//! its ordering key (the `conversation_id` header, or the ticket's own
+//! `conversation_id` when a producer set no header) and its replay count (the
+//! `x-replay-count` header).
 //!
-//! Each consumer (one per connection of the [`Link`]) is a lane, numbered by the
-//! connection's generation: a message's `source.partition` is that number and its
-//! `source.offset` the delivery tag on that channel. When a consumer ends, its lane
-//! is revoked and the link reconnects; the new consumer's lane is then assigned. An
-//! acker settles its delivery on the channel it came on; once that channel is gone
-//! the broker redelivers the message, and settling it is a logged no-op.
+//! Each subscription (the single input queue, or one shard queue, on a channel of its
+//! own) is a lane with a number of its own: a message's `source.topic` is its queue,
+//! `source.partition` that number and `source.offset` the delivery tag on that
+//! channel. A shard this worker is no longer given is let go in order (see
+//! [`super::shards`]): its lane revoked, its started deliveries settled, then its
+//! channel closed. When a consumer ends, every lane is revoked and the link
+//! reconnects; the new connection's subscriptions are then assigned. An acker
+//! settles its delivery on the channel it came on; once that channel is gone the
+//! broker redelivers the message, and settling it is a logged no-op.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::future::Future as _;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 
 use async_trait::async_trait;
 use futures_util::StreamExt as _;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, Consumer};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::link::Link;
 use super::{reason, RabbitError};
 use crate::broker::{Acker, BrokerError, Delivery, Lane, Message, Source, SourceEvent};
 use crate::intake;
+use crate::settings::BrokerSettings;
 use crate::ticket::SourceRef;
 
 /// The header carrying how many times operators replayed a message.
@@ -36,63 +44,196 @@ pub const CONVERSATION_HEADER: &str = "conversation_id";
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
 /// Starts consuming `queue` on a channel of its own, with `prefetch` unacknowledged
-/// deliveries at most.
+/// deliveries at most; returns the channel and the consumer.
 pub(super) async fn subscribe(
     conn: &Connection,
     queue: &str,
     prefetch: u16,
     tag: &str,
-) -> Result<Consumer, RabbitError> {
+) -> Result<(lapin::Channel, Consumer), RabbitError> {
     let broker = |e: lapin::Error| RabbitError::Broker { what: format!("consuming `{queue}`"), reason: reason(&e) };
     let channel = conn.create_channel().await.map_err(broker)?;
     channel.basic_qos(prefetch.max(1), BasicQosOptions::default()).await.map_err(broker)?;
-    channel
+    let consumer = channel
         .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
-        .map_err(broker)
+        .map_err(broker)?;
+    Ok((channel, consumer))
 }
 
-/// The consumer of the input queue, across reconnections.
-pub struct RabbitSource {
+/// One subscription: a consumer on a channel of its own, for one lane.
+struct Sub {
     queue: String,
+    lane: Lane,
+    generation: u32,
+    channel: lapin::Channel,
+    consumer: Consumer,
+}
+
+/// The consumer of the input, across reconnections: the single input queue, or the
+/// shards this worker is given ([`super::shards`]), each on a channel of its own.
+pub struct RabbitSource {
+    input: String,
+    shards: u16,
     link: Arc<Link>,
-    /// The current consumer and its generation; `None` between a loss and the
-    /// link's next connection.
-    current: Option<(u32, Consumer)>,
-    /// Consumers of new connections, from the link's supervisor.
-    fresh: mpsc::Receiver<(u32, Consumer)>,
+    /// The connection the subscriptions are on; `None` between a loss and the link's
+    /// next connection.
+    generation: Option<u32>,
+    /// Subscriptions by shard (0 for the single input queue).
+    subs: BTreeMap<u16, Sub>,
+    /// Shards being let go: revoked in the dispatcher, their channels closed once it
+    /// reports their started deliveries settled.
+    releasing: Vec<(u16, Sub, oneshot::Receiver<()>)>,
+    /// The shards this worker is given, from the roster; `None` for the single queue.
+    given: Option<watch::Receiver<BTreeSet<u16>>>,
+    given_closed: bool,
+    /// New connections' generations, from the link's supervisor.
+    fresh: mpsc::Receiver<u32>,
     pending: VecDeque<SourceEvent>,
     paused: bool,
+    /// Lanes handed out so far: each subscription's lane has a number of its own.
+    lanes: u32,
+    /// Where the next poll of the subscriptions starts, so that none is starved.
+    rotation: usize,
+    /// The consumers' prefetch was set for this many subscriptions.
+    qos_for: usize,
     /// Delivery limit of the queue, for the warning when a message nears it.
     delivery_limit: u32,
 }
 
 impl RabbitSource {
-    pub(super) fn new(queue: &str, link: Arc<Link>, first: Consumer, fresh: mpsc::Receiver<(u32, Consumer)>) -> Self {
+    pub(super) fn new(
+        broker: &BrokerSettings,
+        link: Arc<Link>,
+        fresh: mpsc::Receiver<u32>,
+        given: Option<watch::Receiver<BTreeSet<u16>>>,
+    ) -> Self {
         let delivery_limit = link.delivery_limit();
+        let shards = broker.rabbitmq.shards;
         RabbitSource {
-            queue: queue.to_owned(),
+            input: broker.topics.input.clone(),
+            shards,
             link,
-            current: Some((0, first)),
+            generation: Some(0),
+            subs: BTreeMap::new(),
+            releasing: Vec::new(),
+            given: if shards == 0 { None } else { given },
+            given_closed: false,
             fresh,
             pending: VecDeque::new(),
             paused: false,
+            lanes: 0,
+            rotation: 0,
+            qos_for: 0,
             delivery_limit,
         }
     }
 
-    fn lane(&self, generation: u32) -> Lane {
-        Lane { topic: self.queue.clone(), partition: generation as i32 }
+    /// Subscribes what is wanted now on the first connection; a refusal is returned.
+    pub(super) async fn start(&mut self) -> Result<(), RabbitError> {
+        self.reconcile_with(true).await
     }
 
-    fn revoked(&self, generation: u32) -> SourceEvent {
-        // Nothing waits for the drain: the lost channel's deliveries are the
-        // broker's again already.
-        let (drained, _) = oneshot::channel();
-        SourceEvent::Revoked { lanes: vec![self.lane(generation)], drained }
+    /// The queue of `shard`.
+    fn queue_of(&self, shard: u16) -> String {
+        if self.shards == 0 {
+            self.input.clone()
+        } else {
+            super::shards::queue(&self.input, shard)
+        }
     }
 
-    fn message(&self, generation: u32, d: &lapin::message::Delivery) -> Message {
+    /// What should be consumed now: the single input queue, or the given shards
+    /// (none without a roster).
+    fn wanted(&self) -> BTreeSet<u16> {
+        match &self.given {
+            _ if self.shards == 0 => BTreeSet::from([0]),
+            None => BTreeSet::new(),
+            Some(given) => given.borrow().clone(),
+        }
+    }
+
+    /// Lets go of the subscriptions no longer wanted and subscribes the wanted ones
+    /// (a shard still being let go is subscribed again once that is done).
+    async fn reconcile(&mut self) {
+        if let Err(e) = self.reconcile_with(false).await {
+            if let Some(generation) = self.generation.take() {
+                self.link.lost(generation, e.to_string());
+            }
+        }
+    }
+
+    async fn reconcile_with(&mut self, first: bool) -> Result<(), RabbitError> {
+        let Some(generation) = self.generation else { return Ok(()) };
+        let wanted = self.wanted();
+        let gone: Vec<u16> = self.subs.keys().filter(|s| !wanted.contains(s)).copied().collect();
+        for shard in gone {
+            if let Some(sub) = self.subs.remove(&shard) {
+                self.consumed(&sub.queue, false);
+                let (drained, waiting) = oneshot::channel();
+                tracing::info!(queue = %sub.queue, "letting a shard go: its started tickets finish, then its consumer is cancelled");
+                self.pending.push_back(SourceEvent::Revoked { lanes: vec![sub.lane.clone()], drained });
+                self.releasing.push((shard, sub, waiting));
+            }
+        }
+        let missing: Vec<u16> = wanted
+            .iter()
+            .filter(|s| !self.subs.contains_key(s) && !self.releasing.iter().any(|(r, _, _)| r == *s))
+            .copied()
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let Some(session) = self.link.session().filter(|s| s.generation == generation) else {
+            return Ok(());
+        };
+        let prefetch = self.link.prefetch_for(wanted.len());
+        if self.qos_for != wanted.len() {
+            for sub in self.subs.values() {
+                let _ = sub.channel.basic_qos(prefetch, BasicQosOptions::default()).await;
+            }
+            self.qos_for = wanted.len();
+        }
+        for shard in missing {
+            let queue = self.queue_of(shard);
+            let number = self.lanes;
+            self.lanes += 1;
+            let tag = format!("{} {number}", self.link.worker_id());
+            let (channel, consumer) = subscribe(session.conn(), &queue, prefetch, &tag).await?;
+            if self.shards > 0 && !first {
+                tracing::info!(%queue, "consuming a shard (standby until its previous owner lets it go)");
+            }
+            let lane = Lane { topic: queue.clone(), partition: number as i32 };
+            self.consumed(&queue, true);
+            self.pending.push_back(SourceEvent::Assigned(vec![lane.clone()]));
+            self.subs.insert(shard, Sub { queue, lane, generation, channel, consumer });
+        }
+        crate::telemetry::shards_consumed(self.shards, &self.subs.keys().copied().collect::<Vec<_>>(), &self.input);
+        Ok(())
+    }
+
+    fn consumed(&self, queue: &str, yes: bool) {
+        let mut consumed = self.link.activity.consumed.lock().unwrap_or_else(|e| e.into_inner());
+        if yes {
+            consumed.insert(queue.to_owned());
+        } else {
+            consumed.remove(queue);
+        }
+    }
+
+    /// The connection is gone: every subscription's lane is revoked (the broker has
+    /// taken their deliveries back already), and nothing waits for a drain.
+    fn lose_all(&mut self) {
+        for (_, sub) in std::mem::take(&mut self.subs) {
+            let (drained, _) = oneshot::channel();
+            self.pending.push_back(SourceEvent::Revoked { lanes: vec![sub.lane], drained });
+        }
+        self.releasing.clear();
+        self.link.activity.consumed.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.qos_for = 0;
+    }
+
+    fn message(&self, sub: &Sub, d: &lapin::message::Delivery) -> Message {
         let headers = d.properties.headers().as_ref();
         let header = |name: &str| headers.and_then(|h| h.inner().get(name).cloned());
         let key = header(CONVERSATION_HEADER)
@@ -102,7 +243,7 @@ impl RabbitSource {
         let deliveries = header(DELIVERY_COUNT_HEADER).and_then(|v| as_u32(&v)).unwrap_or(0);
         if deliveries.saturating_add(2) >= self.delivery_limit {
             tracing::warn!(
-                queue = %self.queue,
+                queue = %sub.queue,
                 earlier_deliveries = deliveries,
                 delivery_limit = self.delivery_limit,
                 "a message nears the queue's delivery limit: handed back again, the broker dead-letters it to the dead-letter queue (replayable)"
@@ -112,8 +253,8 @@ impl RabbitSource {
             payload: bytes::Bytes::from(d.data.clone()),
             full_len: None,
             source: SourceRef {
-                topic: self.queue.clone(),
-                partition: generation as i32,
+                topic: sub.queue.clone(),
+                partition: sub.lane.partition,
                 offset: d.delivery_tag as i64,
             },
             key,
@@ -124,11 +265,47 @@ impl RabbitSource {
     }
 }
 
-/// The next delivery of the current consumer; pending while there is none.
-async fn next_of(current: &mut Option<(u32, Consumer)>) -> Option<Result<lapin::message::Delivery, lapin::Error>> {
-    match current {
-        Some((_, consumer)) => consumer.next().await,
-        None => std::future::pending().await,
+/// The next delivery of any subscription, polled in turn from `start`; pending while
+/// there is none.
+async fn next_of(
+    subs: &mut BTreeMap<u16, Sub>,
+    start: usize,
+) -> (u16, Option<Result<lapin::message::Delivery, lapin::Error>>) {
+    std::future::poll_fn(|cx| {
+        let first = start % subs.len().max(1);
+        for (shard, sub) in subs.iter_mut().skip(first) {
+            if let Poll::Ready(d) = sub.consumer.poll_next_unpin(cx) {
+                return Poll::Ready((*shard, d));
+            }
+        }
+        for (shard, sub) in subs.iter_mut().take(first) {
+            if let Poll::Ready(d) = sub.consumer.poll_next_unpin(cx) {
+                return Poll::Ready((*shard, d));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// The first of `releasing` whose drain the dispatcher reported (or gave up on).
+async fn drained_of(releasing: &mut [(u16, Sub, oneshot::Receiver<()>)]) -> usize {
+    std::future::poll_fn(|cx| {
+        for (i, (_, _, waiting)) in releasing.iter_mut().enumerate() {
+            if Pin::new(waiting).poll(cx).is_ready() {
+                return Poll::Ready(i);
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Until the given shards change (pending for ever once their sender is gone).
+async fn given_changed(given: &mut Option<watch::Receiver<BTreeSet<u16>>>, closed: bool) -> bool {
+    match given {
+        Some(rx) if !closed => rx.changed().await.is_ok(),
+        _ => std::future::pending().await,
     }
 }
 
@@ -154,41 +331,65 @@ impl Source for RabbitSource {
             if let Some(event) = self.pending.pop_front() {
                 return Ok(Some(event));
             }
+            self.reconcile().await;
+            if !self.pending.is_empty() {
+                continue;
+            }
             // While paused, deliveries wait here (the prefetch bounds how many the
-            // broker sends ahead), but a new connection's consumer is still taken.
-            let deliver = !self.paused;
+            // broker sends ahead), but a new connection is still taken.
+            let deliver = !self.paused && !self.subs.is_empty();
+            let releasing = !self.releasing.is_empty();
+            let start = self.rotation;
             tokio::select! {
                 biased;
                 fresh = self.fresh.recv() => match fresh {
-                    Some((generation, consumer)) => {
-                        if let Some((old, _)) = self.current.take() {
-                            self.pending.push_back(self.revoked(old));
-                        }
-                        self.current = Some((generation, consumer));
-                        self.pending.push_back(SourceEvent::Assigned(vec![self.lane(generation)]));
+                    Some(generation) => {
+                        self.lose_all();
+                        self.generation = Some(generation);
                     }
                     // The link is closed: the worker is stopping.
                     None => return Ok(None),
                 },
-                delivery = next_of(&mut self.current), if deliver => match delivery {
-                    Some(Ok(d)) => {
-                        let Some((generation, _)) = self.current else { continue };
-                        let message = self.message(generation, &d);
-                        self.link.activity.delivered();
-                        let acker = Box::new(RabbitAcker { acker: d.acker, link: self.link.clone(), generation });
-                        return Ok(Some(SourceEvent::Delivery(Delivery { message, acker })));
+                changed = given_changed(&mut self.given, self.given_closed) => {
+                    if !changed {
+                        self.given_closed = true;
                     }
-                    ended => {
-                        let why = match ended {
-                            Some(Err(e)) => format!("consuming `{}`: {}", self.queue, reason(&e)),
-                            _ => format!("the broker cancelled the consumer of `{}`", self.queue),
-                        };
-                        if let Some((generation, _)) = self.current.take() {
-                            self.link.lost(generation, why);
-                            self.pending.push_back(self.revoked(generation));
+                }
+                i = drained_of(&mut self.releasing), if releasing => {
+                    let (_, sub, _) = self.releasing.remove(i);
+                    // The broker takes back what the dispatcher did not start, in
+                    // its order, and activates the standby consumer.
+                    super::close_channel(&sub.channel, "shard let go").await;
+                    tracing::info!(queue = %sub.queue, "shard let go");
+                }
+                (shard, delivery) = next_of(&mut self.subs, start), if deliver => {
+                    self.rotation = self.rotation.wrapping_add(1);
+                    match delivery {
+                        Some(Ok(d)) => {
+                            let Some(sub) = self.subs.get(&shard) else { continue };
+                            let message = self.message(sub, &d);
+                            self.link.activity.delivered();
+                            let acker = Box::new(RabbitAcker {
+                                acker: d.acker,
+                                link: self.link.clone(),
+                                generation: sub.generation,
+                                defer_requeue: self.shards > 0,
+                            });
+                            return Ok(Some(SourceEvent::Delivery(Delivery { message, acker })));
+                        }
+                        ended => {
+                            let queue = self.queue_of(shard);
+                            let why = match ended {
+                                Some(Err(e)) => format!("consuming `{queue}`: {}", reason(&e)),
+                                _ => format!("the broker cancelled the consumer of `{queue}`"),
+                            };
+                            if let Some(generation) = self.generation.take() {
+                                self.link.lost(generation, why);
+                            }
+                            self.lose_all();
                         }
                     }
-                },
+                }
             }
         }
     }
@@ -216,6 +417,11 @@ struct RabbitAcker {
     acker: lapin::Acker,
     link: Arc<Link>,
     generation: u32,
+    /// Shards: a delivery handed back (requeue) stays unacknowledged until its
+    /// channel closes (the shard let go, the connection closed at a stop or a
+    /// reconnection), when the broker returns all of them in their order. Nacked one
+    /// by one they would return in the order of the nacks, which is not the queue's.
+    defer_requeue: bool,
 }
 
 impl RabbitAcker {
@@ -260,6 +466,10 @@ impl Acker for RabbitAcker {
     }
 
     async fn nack(self: Box<Self>, requeue: bool) -> Result<(), BrokerError> {
+        if requeue && self.defer_requeue {
+            tracing::debug!("handed back: the broker returns the delivery when its channel closes");
+            return Ok(());
+        }
         let options = BasicNackOptions { requeue, ..BasicNackOptions::default() };
         let result = tokio::time::timeout(SETTLE_TIMEOUT, self.acker.nack(options)).await;
         self.settled("nack", result)

@@ -21,6 +21,7 @@
 //! running ones finish (their acks are logged no-ops: the broker redelivers those
 //! messages, and the ledger answers them from its record without paying twice).
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,12 +29,12 @@ use std::time::Duration;
 use futures_util::StreamExt as _;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use lapin::{Connection, Consumer};
+use lapin::Connection;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::consume::{self, RabbitSource};
+use super::consume::RabbitSource;
 use super::publish::Confirmed;
 use super::{reason, topology, RabbitError};
 use crate::backoff::Backoff;
@@ -61,6 +62,8 @@ pub(super) struct Activity {
     /// Deliveries handed out and not yet settled.
     pub(super) outstanding: AtomicUsize,
     pub(super) paused: AtomicBool,
+    /// The queues consumed (the input queue, or this worker's shards).
+    pub(super) consumed: Mutex<BTreeSet<String>>,
 }
 
 impl Activity {
@@ -91,10 +94,16 @@ pub struct Link {
 }
 
 impl Link {
-    /// Connects and starts consuming the input queue with `prefetch` unacknowledged
-    /// deliveries at most; returns the link (for publishing) and the source.
-    pub async fn open(settings: Arc<Settings>, prefetch: u16) -> Result<(Arc<Link>, RabbitSource), RabbitError> {
-        let (session, consumer) = establish(&settings, 0, prefetch).await?;
+    /// Connects and starts consuming the input with `prefetch` unacknowledged
+    /// deliveries at most; returns the link (for publishing) and the source. With
+    /// input shards, `given` holds the shards this worker is given (the roster's
+    /// [`super::shards::Membership`]), and the source consumes those.
+    pub async fn open(
+        settings: Arc<Settings>,
+        prefetch: u16,
+        given: Option<watch::Receiver<BTreeSet<u16>>>,
+    ) -> Result<(Arc<Link>, RabbitSource), RabbitError> {
+        let session = establish(&settings, 0).await?;
         let now = Instant::now();
         let link = Arc::new(Link {
             settings: settings.clone(),
@@ -108,14 +117,29 @@ impl Link {
                 last_delivery_ms: AtomicU64::new(0),
                 outstanding: AtomicUsize::new(0),
                 paused: AtomicBool::new(false),
+                consumed: Mutex::new(BTreeSet::new()),
             },
             stop: CancellationToken::new(),
             reconnections: AtomicU64::new(0),
         });
-        let (consumers, fresh) = mpsc::channel(1);
-        let source = RabbitSource::new(&settings.broker.topics.input, link.clone(), consumer, fresh);
-        tokio::spawn(link.clone().supervise(consumers));
+        let (sessions, fresh) = mpsc::channel(1);
+        let mut source = RabbitSource::new(&settings.broker, link.clone(), fresh, given);
+        // The single input queue is consumed at once, so that a refusal (access
+        // rights) is reported here, in one line, before the worker says it runs.
+        source.start().await?;
+        tokio::spawn(link.clone().supervise(sessions));
         Ok((link, source))
+    }
+
+    /// The prefetch of each consumer: the worker's whole window for the single input
+    /// queue; divided among `consumers` shard queues (at least 8 each), which the
+    /// dispatcher's pause bounds anyway.
+    pub(super) fn prefetch_for(&self, consumers: usize) -> u16 {
+        if self.settings.broker.rabbitmq.shards == 0 {
+            return self.prefetch;
+        }
+        let each = usize::from(self.prefetch).div_ceil(consumers.max(1)).max(8);
+        u16::try_from(each).unwrap_or(u16::MAX)
     }
 
     /// The current session; `None` while reconnecting.
@@ -132,6 +156,11 @@ impl Link {
     pub async fn wait_connected(&self, connected: bool) {
         let mut rx = self.connected.subscribe();
         let _ = rx.wait_for(|c| *c == connected).await;
+    }
+
+    /// This worker's id, for consumer tags.
+    pub(super) fn worker_id(&self) -> &str {
+        &self.settings.worker.id
     }
 
     /// The input queue's delivery limit (quorum queues), or `u32::MAX`.
@@ -169,7 +198,7 @@ impl Link {
         self.connected.send_replace(false);
     }
 
-    async fn supervise(self: Arc<Self>, consumers: mpsc::Sender<(u32, Consumer)>) {
+    async fn supervise(self: Arc<Self>, sessions: mpsc::Sender<u32>) {
         let rabbit = &self.settings.broker.rabbitmq;
         let backoff =
             Backoff { initial: Duration::from_millis(200), max: Duration::from_secs(rabbit.reconnect_max_secs) };
@@ -187,8 +216,8 @@ impl Link {
             let down = Instant::now();
             generation += 1;
             let mut waits = backoff.waits();
-            let (session, consumer) = loop {
-                let attempt = tokio::time::timeout(SETUP_TIMEOUT, establish(&self.settings, generation, self.prefetch));
+            let session = loop {
+                let attempt = tokio::time::timeout(SETUP_TIMEOUT, establish(&self.settings, generation));
                 tokio::select! {
                     _ = self.stop.cancelled() => return,
                     result = attempt => match result {
@@ -208,7 +237,7 @@ impl Link {
             let session = Arc::new(session);
             *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.clone());
             self.reconnections.fetch_add(1, Ordering::Relaxed);
-            if self.stop.is_cancelled() || consumers.send((generation, consumer)).await.is_err() {
+            if self.stop.is_cancelled() || sessions.send(generation).await.is_err() {
                 self.session.lock().unwrap_or_else(|e| e.into_inner()).take();
                 super::close(&session.conn, 200, "worker stopping").await;
                 return;
@@ -263,10 +292,14 @@ impl Link {
         }
     }
 
-    /// Ready messages of the input and dead-letter queues, for the metrics.
+    /// Ready messages of the queues this worker consumes and of the dead-letter
+    /// queue, for the metrics.
     async fn report_depths(&self, session: &Session) {
         let topics = &self.settings.broker.topics;
-        for queue in [&topics.input, &topics.dead_letters] {
+        let mut queues: Vec<String> =
+            self.activity.consumed.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        queues.push(topics.dead_letters.clone());
+        for queue in &queues {
             match queue_counts(&session.conn, queue).await {
                 Ok((ready, _)) => crate::telemetry::queue_depth(queue, ready),
                 Err(e) => tracing::debug!(%queue, error = %reason(&e), "could not read the queue depth"),
@@ -274,9 +307,24 @@ impl Link {
         }
     }
 
-    /// Whether the consumer of `session` has silently stopped receiving.
+    /// Whether a consumer of `session` has silently stopped receiving: a queue it
+    /// consumes shows no consumer (the broker dropped ours), or, for the single input
+    /// queue, nothing came for `timeout` while the queue has ready messages and the
+    /// worker has room. (A shard's consumer may be standby behind the shard's previous
+    /// owner, so a quiet shard is not a stall.)
     async fn stalled(&self, session: &Session, timeout: Duration) -> Option<String> {
         let a = &self.activity;
+        let consumed: Vec<String> = a.consumed.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect();
+        if self.settings.broker.rabbitmq.shards > 0 {
+            for queue in &consumed {
+                match queue_counts(&session.conn, queue).await {
+                    Ok((_, 0)) => return Some(format!("`{queue}` shows no consumer: the broker dropped ours")),
+                    Ok(_) => {}
+                    Err(e) => return Some(format!("checking `{queue}` failed: {}", reason(&e))),
+                }
+            }
+            return None;
+        }
         let has_room = a.outstanding.load(Ordering::Relaxed) < usize::from(self.prefetch);
         let quiet = a.idle_for() >= timeout && session.started.elapsed() >= timeout;
         if a.paused.load(Ordering::Relaxed) || !has_room || !quiet {
@@ -299,13 +347,19 @@ impl Link {
     }
 }
 
-/// Connects, declares the topology, opens the publishing channel and the consumer.
-async fn establish(settings: &Settings, generation: u32, prefetch: u16) -> Result<(Session, Consumer), RabbitError> {
+/// Connects, declares the topology and opens the publishing channel; the source
+/// then subscribes on the new connection.
+async fn establish(settings: &Settings, generation: u32) -> Result<Session, RabbitError> {
     let conn = super::connect(&settings.broker.rabbitmq, &settings.worker.id).await?;
     topology::declare(&conn, &settings.broker).await?;
     let publish = Confirmed::open(&conn).await?;
-    let consumer = consume::subscribe(&conn, &settings.broker.topics.input, prefetch, &settings.worker.id).await?;
-    Ok((Session { generation, conn, publish, started: Instant::now() }, consumer))
+    Ok(Session { generation, conn, publish, started: Instant::now() })
+}
+
+impl Session {
+    pub(super) fn conn(&self) -> &Connection {
+        &self.conn
+    }
 }
 
 /// Ready messages and consumers of `queue`, from a passive declare on a channel of

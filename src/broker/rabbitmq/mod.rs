@@ -6,6 +6,7 @@
 pub mod consume;
 pub mod link;
 pub mod publish;
+pub mod shards;
 pub mod topology;
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
@@ -23,6 +24,9 @@ pub enum RabbitError {
     /// A queue or exchange exists with other settings than ours.
     #[error("{what} exists with other settings: {reason}; delete it (it must be empty) or change the configuration to match")]
     Mismatch { what: String, reason: String },
+    /// A plugin the configuration needs is not enabled.
+    #[error("{reason}")]
+    Plugin { reason: String },
     #[error("broker.rabbitmq.{key} {path}: {reason}")]
     Tls { key: &'static str, path: String, reason: String },
 }

@@ -62,6 +62,26 @@ impl Confirmed {
         self.send(queue, payload, message_id, headers).await?.confirmed().await
     }
 
+    /// Sends a ticket to the input: to the sharded input's exchange with its
+    /// conversation as routing key ([`super::shards::routing_key`]), or to the single
+    /// input queue; its confirmation is awaited later ([`Unconfirmed::confirmed`]).
+    pub async fn send_ticket(
+        &self,
+        input: &Input,
+        payload: &[u8],
+        message_id: &str,
+        headers: &[(&str, &str)],
+        conversation_id: &str,
+    ) -> Result<Unconfirmed, BrokerError> {
+        match input {
+            Input::Queue(queue) => self.send(queue, payload, message_id, headers).await,
+            Input::Sharded(exchange) => {
+                let key = super::shards::routing_key(conversation_id);
+                self.send_via(exchange, &key, exchange, payload, message_id, headers).await
+            }
+        }
+    }
+
     /// Sends `payload` to `queue` without waiting for the confirmation: messages sent
     /// one after another keep their order in the queue, and their confirmations can
     /// be awaited later ([`Unconfirmed::confirmed`]).
@@ -72,6 +92,21 @@ impl Confirmed {
         message_id: &str,
         headers: &[(&str, &str)],
     ) -> Result<Unconfirmed, BrokerError> {
+        self.send_via("", queue, queue, payload, message_id, headers).await
+    }
+
+    /// Sends through `exchange` with `routing_key`; `to` names the destination in
+    /// errors. A message id longer than an AMQP short string travels as its hash.
+    async fn send_via(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        to: &str,
+        payload: &[u8],
+        message_id: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Unconfirmed, BrokerError> {
+        let queue = to;
         let mut table = FieldTable::default();
         for (k, v) in headers {
             table.insert((*k).into(), AMQPValue::LongString(LongString::from(v.as_bytes().to_vec())));
@@ -79,10 +114,10 @@ impl Confirmed {
         let properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_content_type("application/json".into())
-            .with_message_id(message_id.into())
+            .with_message_id(super::shards::short(message_id).as_ref().into())
             .with_headers(table);
         let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-        let publish = self.channel.basic_publish("".into(), queue.into(), options, payload, properties);
+        let publish = self.channel.basic_publish(exchange.into(), routing_key.into(), options, payload, properties);
         let confirm = match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
             Ok(sent) => sent.map_err(|e| BrokerError::Publish(format!("publishing to `{queue}`: {}", reason(&e))))?,
             Err(_) => {
@@ -90,6 +125,25 @@ impl Confirmed {
             }
         };
         Ok(Unconfirmed { queue: queue.to_owned(), confirm })
+    }
+}
+
+/// Where tickets are published: the sharded input's exchange, or the single input
+/// queue (`broker.rabbitmq.shards` = 0).
+#[derive(Debug, Clone)]
+pub enum Input {
+    Queue(String),
+    Sharded(String),
+}
+
+impl Input {
+    pub fn of(broker: &crate::settings::BrokerSettings) -> Self {
+        let input = broker.topics.input.clone();
+        if broker.rabbitmq.shards == 0 {
+            Input::Queue(input)
+        } else {
+            Input::Sharded(input)
+        }
     }
 }
 

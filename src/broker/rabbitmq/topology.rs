@@ -1,9 +1,12 @@
 //! The RabbitMQ topology, declared idempotently by `ticketflow topics` (and the
 //! worker at start):
 //!
-//! - the input queue, durable, of `broker.rabbitmq.queue_type` (quorum with
-//!   `x-delivery-limit` by default), dead-lettering into the dead-letter exchange
-//!   with the dead-letter queue's name as routing key;
+//! - the input: with `broker.rabbitmq.shards` = N > 0, an `x-consistent-hash`
+//!   exchange (durable) bound with weight 1 to N shard queues `<input>.0` …, each with
+//!   single active consumer ([`super::shards`]); with 0, one input queue. Input queues
+//!   are durable, of `broker.rabbitmq.queue_type` (quorum with `x-delivery-limit` by
+//!   default), dead-lettering into the dead-letter exchange with the dead-letter
+//!   queue's name as routing key;
 //! - the dead-letter exchange (direct, durable), and the reply, cost and dead-letter
 //!   queues, durable and of the same type, so any client can read them by name;
 //! - the dead-letter queue bound to the dead-letter exchange; with
@@ -39,10 +42,13 @@ impl std::fmt::Display for Declared {
     }
 }
 
-/// The arguments of the input queue.
+/// The arguments of the input queue (each shard queue's, with single active consumer).
 pub fn input_arguments(broker: &BrokerSettings) -> FieldTable {
     let r = &broker.rabbitmq;
     let mut args = queue_type_arguments(r.queue_type);
+    if r.shards > 0 {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
     args.insert("x-dead-letter-exchange".into(), long_string(&r.dead_letter_exchange));
     args.insert("x-dead-letter-routing-key".into(), long_string(&broker.topics.dead_letters));
     if r.queue_type == QueueType::Quorum {
@@ -71,7 +77,17 @@ pub async fn declare(conn: &Connection, broker: &BrokerSettings) -> Result<Vec<D
     if !r.output_exchange.is_empty() {
         report.push(exchange(conn, &r.output_exchange).await?);
     }
-    report.push(queue(conn, &t.input, input_arguments(broker), r.queue_type).await?);
+    if r.shards == 0 {
+        report.push(queue(conn, &t.input, input_arguments(broker), r.queue_type).await?);
+    } else {
+        report.push(hash_exchange(conn, &t.input, r.shards).await?);
+        for shard in 0..r.shards {
+            let name = super::shards::queue(&t.input, shard);
+            report.push(queue(conn, &name, input_arguments(broker), r.queue_type).await?);
+            // The binding key is the shard's weight in the hash ring: equal for all.
+            bind(conn, &name, &t.input, "1").await?;
+        }
+    }
     for name in [&t.replies, &t.costs, &t.dead_letters] {
         report.push(queue(conn, name, output_args.clone(), r.queue_type).await?);
     }
@@ -98,6 +114,41 @@ async fn queue(conn: &Connection, name: &str, args: FieldTable, kind: QueueType)
     )
     .await
 }
+
+/// The broker's words when an exchange type is not known to it (a plugin not enabled).
+const UNKNOWN_TYPE: &str = "invalid exchange type";
+
+/// Declares the input's consistent-hash exchange; a broker without the plugin is
+/// told in one line how to enable it.
+async fn hash_exchange(conn: &Connection, name: &str, shards: u16) -> Result<Declared, RabbitError> {
+    let passive = ExchangeDeclareOptions { passive: true, durable: true, ..ExchangeDeclareOptions::default() };
+    let options = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
+    let declare = |options| {
+        move |ch: lapin::Channel| async move {
+            let kind = ExchangeKind::Custom(HASH_EXCHANGE.into());
+            ch.exchange_declare(name.into(), kind, options, FieldTable::default()).await
+        }
+    };
+    let declared = checked(
+        conn,
+        format!("exchange `{name}`"),
+        format!("exchange `{name}` ({HASH_EXCHANGE}, {shards} shards)"),
+        declare(passive),
+        declare(options),
+    )
+    .await;
+    match declared {
+        Err(RabbitError::Broker { reason, .. }) if reason.contains(UNKNOWN_TYPE) => Err(RabbitError::Plugin {
+            reason: format!(
+                "RabbitMQ lacks the {HASH_EXCHANGE} exchange type that broker.rabbitmq.shards = {shards} needs: enable it with `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange` (or set broker.rabbitmq.shards = 0 for one unordered input queue)"
+            ),
+        }),
+        other => other,
+    }
+}
+
+/// The exchange type of the sharded input.
+pub const HASH_EXCHANGE: &str = "x-consistent-hash";
 
 async fn exchange(conn: &Connection, name: &str) -> Result<Declared, RabbitError> {
     let passive = ExchangeDeclareOptions { passive: true, durable: true, ..ExchangeDeclareOptions::default() };

@@ -97,6 +97,10 @@ pub struct RabbitSource {
     rotation: usize,
     /// The consumers' prefetch was set for this many subscriptions.
     qos_for: usize,
+    /// Something that decides the subscriptions changed since the last reconcile
+    /// (the given shards, a drain, a connection): checked before each delivery, the
+    /// subscriptions are only recomputed when set.
+    dirty: bool,
     /// Delivery limit of the queue, for the warning when a message nears it.
     delivery_limit: u32,
 }
@@ -125,6 +129,7 @@ impl RabbitSource {
             lanes: 0,
             rotation: 0,
             qos_for: 0,
+            dirty: true,
             delivery_limit,
         }
     }
@@ -156,6 +161,9 @@ impl RabbitSource {
     /// Lets go of the subscriptions no longer wanted and subscribes the wanted ones
     /// (a shard still being let go is subscribed again once that is done).
     async fn reconcile(&mut self) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
         if let Err(e) = self.reconcile_with(false).await {
             if let Some(generation) = self.generation.take() {
                 self.link.lost(generation, e.to_string());
@@ -346,6 +354,7 @@ impl Source for RabbitSource {
                     Some(generation) => {
                         self.lose_all();
                         self.generation = Some(generation);
+                        self.dirty = true;
                     }
                     // The link is closed: the worker is stopping.
                     None => return Ok(None),
@@ -354,9 +363,11 @@ impl Source for RabbitSource {
                     if !changed {
                         self.given_closed = true;
                     }
+                    self.dirty = true;
                 }
                 i = drained_of(&mut self.releasing), if releasing => {
                     let (_, sub, _) = self.releasing.remove(i);
+                    self.dirty = true;
                     // The broker takes back what the dispatcher did not start, in
                     // its order, and activates the standby consumer.
                     super::close_channel(&sub.channel, "shard let go").await;

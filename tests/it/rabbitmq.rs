@@ -318,13 +318,24 @@ fn start_worker_args(
         .env("TICKETFLOW__DATABASE__URL", db_url)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
+        .envs(std::env::var_os("TICKETFLOW_TEST_LOG").map(|level| ("TICKETFLOW_LOG", level)))
         .spawn()
         .unwrap();
-    // Read what it says as it goes, so a chatty worker never blocks on a full pipe.
-    let mut stderr = child.stderr.take().unwrap();
+    // Read what it says as it goes, so a chatty worker never blocks on a full pipe;
+    // with TICKETFLOW_TEST_LOGS set to a directory, also into `<pid>.log` there (what
+    // a killed worker said is otherwise lost), at the level TICKETFLOW_TEST_LOG sets.
+    let stderr = child.stderr.take().unwrap();
+    let mut copy = std::env::var_os("TICKETFLOW_TEST_LOGS")
+        .and_then(|dir| std::fs::File::create(std::path::Path::new(&dir).join(format!("{}.log", child.id()))).ok());
     let reader = std::thread::spawn(move || {
         let mut said = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut said);
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if let Some(file) = copy.as_mut() {
+                let _ = std::io::Write::write_all(file, format!("{line}\n").as_bytes());
+            }
+            said.push_str(&line);
+            said.push('\n');
+        }
         said
     });
     Worker { child, reader: Some(reader) }
@@ -549,21 +560,26 @@ struct Scenario {
 
 impl Scenario {
     async fn new(total: usize, conversations: usize) -> Scenario {
-        Self::with(total, conversations, None).await
+        Self::with(Names::new(), total, conversations, None).await
     }
 
     /// Workers that call the mock provider, which counts each ticket's paid calls:
     /// `finish` checks them against the cost records.
     async fn against_mock(total: usize, conversations: usize) -> Scenario {
-        Self::with(total, conversations, Some(crate::helpers::counting_mock().await)).await
+        Self::with(Names::new(), total, conversations, Some(crate::helpers::counting_mock().await)).await
+    }
+
+    /// [`Scenario::against_mock`] on input shards.
+    async fn sharded_against_mock(total: usize, conversations: usize) -> Scenario {
+        Self::with(Names::sharded(), total, conversations, Some(crate::helpers::counting_mock().await)).await
     }
 
     async fn with(
+        names: Names,
         total: usize,
         conversations: usize,
         mock: Option<(ticketflow::mock_provider::MockServer, Vec<(String, String)>)>,
     ) -> Scenario {
-        let names = Names::new();
         let db = crate::ledger_pg::TestDb::new().await;
         let dir = tempfile::tempdir().unwrap();
         let config = crate::helpers::instant_config(dir.path());
@@ -580,8 +596,11 @@ impl Scenario {
     }
 
     async fn wait_for_a_third(&self) {
-        let third = self.total as u32 / 3;
-        wait_until("a third answered", async || replies_ready(&self.conn, &self.names).await >= third).await;
+        self.wait_for_answers(self.total as u32 / 3).await;
+    }
+
+    async fn wait_for_answers(&self, n: u32) {
+        wait_until(&format!("{n} answered"), async || replies_ready(&self.conn, &self.names).await >= n).await;
     }
 
     /// Copies in the replies queue do not count: the ledger's published units do.
@@ -656,6 +675,29 @@ async fn a_worker_killed_mid_run_and_restarted_loses_nothing_and_pays_nothing_tw
     let (status, said) = stop_worker(worker);
     assert!(status.success(), "{said}");
     run.finish(300).await; // a tenth: confirms lost with the connection
+}
+
+/// Issue 26: three workers on input shards, one killed and another added mid-run:
+/// every conversation is answered in order (its first replies in the order of its
+/// tickets), nothing is lost and no call is paid twice. The killed worker's shards
+/// move when its connection closes and the roster drops it, the added worker takes
+/// about a quarter of them from the others, each after its previous owner drained it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sharded_workers_one_killed_one_added_keep_every_conversation_in_order() {
+    let run = Scenario::sharded_against_mock(6_000, 1_500).await;
+    let short_leases = [("TICKETFLOW__LIMITS__TICKET_DEADLINE_MS", "3000"), ("TICKETFLOW__DATABASE__LEASE_MS", "5000")];
+    let killed = run.worker(&short_leases);
+    let others = [run.worker(&short_leases), run.worker(&short_leases)];
+    run.wait_for_a_third().await;
+    killed.kill();
+    run.wait_for_answers(run.total as u32 / 2).await;
+    let added = run.worker(&short_leases);
+    run.wait_for_all().await;
+    for worker in others.into_iter().chain([added]) {
+        let (status, said) = stop_worker(worker);
+        assert!(status.success(), "{said}");
+    }
+    run.finish(600).await; // a tenth: confirms lost with the killed connection
 }
 
 /// A dead letter as the worker writes it (SPEC §3.4), carrying `payload`.
@@ -1851,4 +1893,116 @@ async fn topics_declares_the_shards_with_single_active_consumer() {
     let again = names.topics(&[]);
     assert!(!stdout(&again).contains("created"), "{}", stdout(&again));
     names.delete(&connect().await).await;
+}
+
+/// The dispatcher drops an unfinished `Source::next` whenever another of its branches
+/// fires (an admission look every 250 ms, a finished task): a source that subscribes
+/// its shards inside `next` and is dropped half-way left consumers nobody polled, each
+/// holding its prefetch of tickets (the stall after a kill and restart). Here every
+/// call to `next` is dropped after its first poll: the shards are still consumed,
+/// once each, and every ticket is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_are_consumed_whole_though_the_dispatcher_drops_unfinished_polls() {
+    use ticketflow::broker::{Source, SourceEvent};
+    let names = Names { shards: 4, ..Names::sharded() };
+    assert!(names.topics(&[]).status.success());
+    let conn = connect().await;
+    let channel = Confirmed::open(&conn).await.unwrap();
+    const TICKETS: usize = 40;
+    for i in 0..TICKETS {
+        let ticket = format!(r#"{{"ticket_id":"T-{i}","conversation_id":"C-{i}","messages":[]}}"#);
+        names.publish_input(&channel, ticket.as_bytes(), &format!("T-{i}"), &format!("C-{i}")).await;
+    }
+    let (give, given) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
+    let (link, mut source) = Link::open(settings_of(&names, &[]), 8, Some(given)).await.unwrap();
+    give.send((0..names.shards).collect()).unwrap();
+
+    let mut lanes = std::collections::BTreeSet::new();
+    let mut delivered = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while delivered.len() < TICKETS && std::time::Instant::now() < deadline {
+        // One poll, then dropped: a timeout that has already passed.
+        match tokio::time::timeout(std::time::Duration::ZERO, source.next()).await {
+            Ok(Ok(Some(SourceEvent::Assigned(assigned)))) => lanes.extend(assigned.into_iter().map(|l| l.topic)),
+            Ok(Ok(Some(SourceEvent::Delivery(d)))) => {
+                assert!(delivered.insert(d.message.payload.clone()), "delivered twice");
+                d.acker.ack().await.unwrap();
+            }
+            Ok(other) => panic!("unexpected {:?}", other.map(|e| e.map(|_| ()))),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+        }
+    }
+    assert_eq!(delivered.len(), TICKETS, "every ticket delivered (lanes assigned: {lanes:?})");
+    assert_eq!(lanes, names.inputs().into_iter().collect(), "each shard assigned once");
+    let ours: Vec<_> = consumer_tags().into_iter().filter(|(q, _)| names.inputs().contains(q)).collect();
+    assert_eq!(ours.len(), names.inputs().len(), "one consumer per shard, none left over: {ours:?}");
+    link.close().await;
+    names.delete(&conn).await;
+}
+
+/// A worker letting a shard go hands the next owner its unsettled tickets first, in
+/// the queue's order: its channel is closed (the broker returns them, then activates
+/// the standby consumer), never its consumer cancelled first (the standby would be
+/// sent the tickets after them while they are still out, and answer them first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_let_go_hands_its_unsettled_tickets_to_the_next_owner_first() {
+    use ticketflow::broker::rabbitmq::consume::RabbitSource;
+    use ticketflow::broker::{Source, SourceEvent};
+    let names = Names { shards: 1, ..Names::sharded() };
+    assert!(names.topics(&[]).status.success());
+    let conn = connect().await;
+    let channel = Confirmed::open(&conn).await.unwrap();
+    for i in 0..40 {
+        let ticket = format!(r#"{{"ticket_id":"T-{i:02}","conversation_id":"C-{i}","messages":[]}}"#);
+        names.publish_input(&channel, ticket.as_bytes(), &format!("T-{i:02}"), &format!("C-{i}")).await;
+    }
+    let next = async |source: &mut RabbitSource| within(source.next()).await.unwrap().unwrap();
+    let id = |event: SourceEvent| match event {
+        SourceEvent::Delivery(d) => (String::from_utf8_lossy(&d.message.payload)[14..18].to_owned(), d),
+        _ => panic!("a delivery expected"),
+    };
+    let shard = std::collections::BTreeSet::from([0]);
+    let (give_a, given_a) = tokio::sync::watch::channel(shard.clone());
+    let (link_a, mut a) = Link::open(settings_of(&names, &[]), 8, Some(given_a)).await.unwrap();
+    assert!(matches!(next(&mut a).await, SourceEvent::Assigned(_)));
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let (ticket, d) = id(next(&mut a).await);
+        assert_eq!(ticket, format!("T-{i:02}"));
+        if i < 3 {
+            d.acker.ack().await.unwrap();
+        } else {
+            held.push(d);
+        }
+    }
+    // B is given the shard too (its roster does not know A yet): standby behind A.
+    let (_give_b, given_b) = tokio::sync::watch::channel(shard);
+    let (link_b, mut b) = Link::open(settings_of(&names, &[]), 8, Some(given_b)).await.unwrap();
+    assert!(matches!(next(&mut b).await, SourceEvent::Assigned(_)));
+    let input = names.inputs().remove(0);
+    wait_until("B standing by", async || consumer_tags().iter().filter(|(q, _)| *q == input).count() == 2).await;
+
+    // A lets the shard go: the dispatcher hands back what it did not start, then
+    // reports the lane drained.
+    give_a.send(Default::default()).unwrap();
+    let SourceEvent::Revoked { drained, .. } = next(&mut a).await else { panic!("the lane revoked") };
+    for d in held {
+        d.acker.nack(true).await.unwrap();
+    }
+    drained.send(()).unwrap();
+    // A's source closes the channel when polled again (it waits for nothing else).
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), a.next()).await;
+
+    for i in 3..12 {
+        let (ticket, d) = id(next(&mut b).await);
+        assert_eq!(ticket, format!("T-{i:02}"), "B answers in the queue's order");
+        if i < 8 {
+            assert!(d.message.redelivered, "T-{i:02} was out with A");
+        }
+        d.acker.ack().await.unwrap();
+    }
+    drop(a);
+    link_a.close().await;
+    link_b.close().await;
+    names.delete(&conn).await;
 }

@@ -1,6 +1,7 @@
 //! Consuming the input: manual acks, `basic_qos` prefetch bounding what the broker
-//! sends ahead (twice the in-flight budget, what the dispatcher may hold, divided
-//! among the shards consumed), and each AMQP delivery turned into a [`Message`] with
+//! sends ahead (twice the in-flight budget, what the dispatcher may hold; the same
+//! for every shard, see [`Link::prefetch_for_shards`]), and each AMQP delivery turned
+//! into a [`Message`] with
 //! its ordering key (the `conversation_id` header, or the ticket's own
 //! `conversation_id` when a producer set no header) and its replay count (the
 //! `x-replay-count` header).
@@ -10,7 +11,9 @@
 //! `source.partition` that number and `source.offset` the delivery tag on that
 //! channel. A shard this worker is no longer given is let go in order (see
 //! [`super::shards`]): its lane revoked, its started deliveries settled, then its
-//! channel closed. When a consumer ends, every lane is revoked and the link
+//! channel closed (never its consumer cancelled first: see [`Sub::let_go`]). Nothing
+//! in [`Source::next`] waits on the broker, so that the dispatcher may drop it at any
+//! point. When a consumer ends, every lane is revoked and the link
 //! reconnects; the new connection's subscriptions are then assigned. An acker
 //! settles its delivery on the channel it came on; once that channel is gone the
 //! broker redelivers the message, and settling it is a logged no-op.
@@ -28,6 +31,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, Bas
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, Consumer};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 
 use super::link::Link;
 use super::{reason, RabbitError};
@@ -63,12 +67,38 @@ pub(super) async fn subscribe(
 
 /// One subscription: a consumer on a channel of its own, for one lane.
 struct Sub {
+    shard: u16,
     queue: String,
     lane: Lane,
     generation: u32,
     channel: lapin::Channel,
     consumer: Consumer,
 }
+
+impl Sub {
+    /// Ends the subscription by closing its channel, on a task of its own. Never by
+    /// dropping the consumer while the channel is open: lapin then cancels it
+    /// (`basic.cancel`), and a single-active-consumer queue activates the next
+    /// consumer at once while this one's unsettled deliveries are still out; they
+    /// come back after what the next consumer was sent meanwhile, out of the
+    /// queue's order. A closed channel returns them first, in their order.
+    fn let_go(self, why: &'static str) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            super::close_channel(&self.channel, why).await;
+            if why == LET_GO {
+                tracing::info!(queue = %self.queue, "shard let go");
+            }
+            drop(self.consumer);
+        });
+    }
+}
+
+/// What a subscribing task made, on the connection of that generation.
+type Subscribed = (u32, Result<Vec<Sub>, RabbitError>);
+
+/// Why a shard's channel is closed when this worker lets it go.
+const LET_GO: &str = "shard let go";
 
 /// The consumer of the input, across reconnections: the single input queue, or the
 /// shards this worker is given ([`super::shards`]), each on a channel of its own.
@@ -95,12 +125,15 @@ pub struct RabbitSource {
     lanes: u32,
     /// Where the next poll of the subscriptions starts, so that none is starved.
     rotation: usize,
-    /// The consumers' prefetch was set for this many subscriptions.
-    qos_for: usize,
     /// Something that decides the subscriptions changed since the last reconcile
     /// (the given shards, a drain, a connection): checked before each delivery, the
     /// subscriptions are only recomputed when set.
     dirty: bool,
+    /// Subscriptions being made, on a task of their own: the dispatcher drops an
+    /// unfinished [`Source::next`] whenever another of its branches fires, and a
+    /// consumer whose making was dropped half-way would take its prefetch of
+    /// deliveries that nobody polls, holding its shard until the connection closes.
+    subscribing: Option<JoinHandle<Subscribed>>,
     /// Delivery limit of the queue, for the warning when a message nears it.
     delivery_limit: u32,
 }
@@ -128,15 +161,23 @@ impl RabbitSource {
             paused: false,
             lanes: 0,
             rotation: 0,
-            qos_for: 0,
             dirty: true,
+            subscribing: None,
             delivery_limit,
         }
     }
 
     /// Subscribes what is wanted now on the first connection; a refusal is returned.
     pub(super) async fn start(&mut self) -> Result<(), RabbitError> {
-        self.reconcile_with(true).await
+        self.reconcile();
+        if let Some(subscribing) = self.subscribing.take() {
+            let (_, made) = subscribing.await.map_err(|e| RabbitError::Broker {
+                what: format!("consuming `{}`", self.input),
+                reason: e.to_string(),
+            })?;
+            self.adopt(made?, true);
+        }
+        Ok(())
     }
 
     /// The queue of `shard`.
@@ -158,21 +199,15 @@ impl RabbitSource {
         }
     }
 
-    /// Lets go of the subscriptions no longer wanted and subscribes the wanted ones
-    /// (a shard still being let go is subscribed again once that is done).
-    async fn reconcile(&mut self) {
-        if !std::mem::take(&mut self.dirty) {
+    /// Lets go of the subscriptions no longer wanted and starts subscribing the
+    /// wanted ones (a shard still being let go is subscribed again once that is
+    /// done). Nothing here waits: the subscribing runs on a task whose end
+    /// [`Source::next`] takes ([`Self::adopt`]), and until then nothing else changes.
+    fn reconcile(&mut self) {
+        if self.subscribing.is_some() || !std::mem::take(&mut self.dirty) {
             return;
         }
-        if let Err(e) = self.reconcile_with(false).await {
-            if let Some(generation) = self.generation.take() {
-                self.link.lost(generation, e.to_string());
-            }
-        }
-    }
-
-    async fn reconcile_with(&mut self, first: bool) -> Result<(), RabbitError> {
-        let Some(generation) = self.generation else { return Ok(()) };
+        let Some(generation) = self.generation else { return };
         let wanted = self.wanted();
         let gone: Vec<u16> = self.subs.keys().filter(|s| !wanted.contains(s)).copied().collect();
         for shard in gone {
@@ -190,34 +225,74 @@ impl RabbitSource {
             .copied()
             .collect();
         if missing.is_empty() {
-            return Ok(());
+            return;
         }
         let Some(session) = self.link.session().filter(|s| s.generation == generation) else {
-            return Ok(());
+            return;
         };
-        let prefetch = self.link.prefetch_for(wanted.len());
-        if self.qos_for != wanted.len() {
-            for sub in self.subs.values() {
-                let _ = sub.channel.basic_qos(prefetch, BasicQosOptions::default()).await;
-            }
-            self.qos_for = wanted.len();
-        }
+        let prefetch = self.link.prefetch_for_shards();
+        let mut plan = Vec::with_capacity(missing.len());
         for shard in missing {
-            let queue = self.queue_of(shard);
             let number = self.lanes;
             self.lanes += 1;
+            let queue = self.queue_of(shard);
             let tag = format!("{} {number}", self.link.worker_id());
-            let (channel, consumer) = subscribe(session.conn(), &queue, prefetch, &tag).await?;
-            if self.shards > 0 && !first {
-                tracing::info!(%queue, "consuming a shard (standby until its previous owner lets it go)");
+            plan.push((shard, queue, number, tag));
+        }
+        self.subscribing = Some(tokio::spawn(async move {
+            let mut made = Vec::with_capacity(plan.len());
+            for (shard, queue, number, tag) in plan {
+                let (channel, consumer) = match subscribe(session.conn(), &queue, prefetch, &tag).await {
+                    Ok(subscribed) => subscribed,
+                    Err(e) => return (generation, Err(e)),
+                };
+                let lane = Lane { topic: queue.clone(), partition: number as i32 };
+                made.push(Sub { shard, queue, lane, generation, channel, consumer });
             }
-            let lane = Lane { topic: queue.clone(), partition: number as i32 };
-            self.consumed(&queue, true);
-            self.pending.push_back(SourceEvent::Assigned(vec![lane.clone()]));
-            self.subs.insert(shard, Sub { queue, lane, generation, channel, consumer });
+            (generation, Ok(made))
+        }));
+    }
+
+    /// Takes the subscriptions a reconcile made: their lanes are assigned.
+    fn adopt(&mut self, made: Vec<Sub>, first: bool) {
+        for sub in made {
+            if self.shards > 0 && !first {
+                tracing::info!(queue = %sub.queue, "consuming a shard (standby until its previous owner lets it go)");
+            }
+            self.consumed(&sub.queue, true);
+            self.pending.push_back(SourceEvent::Assigned(vec![sub.lane.clone()]));
+            self.subs.insert(sub.shard, sub);
         }
         crate::telemetry::shards_consumed(self.shards, &self.subs.keys().copied().collect::<Vec<_>>(), &self.input);
-        Ok(())
+    }
+
+    /// A reconcile's subscribing ended: its subscriptions are taken if they are on
+    /// the current connection (closed otherwise), a failure replaces the connection.
+    fn subscribed(&mut self, done: Result<Subscribed, tokio::task::JoinError>) {
+        self.dirty = true;
+        let (generation, made) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                if let Some(generation) = self.generation.take() {
+                    self.link.lost(generation, format!("consuming `{}`: {e}", self.input));
+                }
+                return;
+            }
+        };
+        match made {
+            Ok(made) if self.generation == Some(generation) => self.adopt(made, false),
+            Ok(stale) => {
+                for sub in stale {
+                    sub.let_go("connection replaced");
+                }
+            }
+            Err(e) => {
+                if self.generation == Some(generation) {
+                    self.generation = None;
+                    self.link.lost(generation, e.to_string());
+                }
+            }
+        }
     }
 
     fn consumed(&self, queue: &str, yes: bool) {
@@ -234,11 +309,13 @@ impl RabbitSource {
     fn lose_all(&mut self) {
         for (_, sub) in std::mem::take(&mut self.subs) {
             let (drained, _) = oneshot::channel();
-            self.pending.push_back(SourceEvent::Revoked { lanes: vec![sub.lane], drained });
+            self.pending.push_back(SourceEvent::Revoked { lanes: vec![sub.lane.clone()], drained });
+            sub.let_go("connection lost");
         }
-        self.releasing.clear();
+        for (_, sub, _) in self.releasing.drain(..) {
+            sub.let_go("connection lost");
+        }
         self.link.activity.consumed.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        self.qos_for = 0;
     }
 
     fn message(&self, sub: &Sub, d: &lapin::message::Delivery) -> Message {
@@ -269,6 +346,19 @@ impl RabbitSource {
             redelivered: d.redelivered,
             stable_offset: false,
             replay_count,
+        }
+    }
+}
+
+impl Drop for RabbitSource {
+    /// The worker stops: every channel is closed before its consumer goes (see
+    /// [`Sub::let_go`]), so that what was handed back returns in order.
+    fn drop(&mut self) {
+        for (_, sub) in std::mem::take(&mut self.subs) {
+            sub.let_go("worker stopping");
+        }
+        for (_, sub, _) in self.releasing.drain(..) {
+            sub.let_go("worker stopping");
         }
     }
 }
@@ -309,6 +399,14 @@ async fn drained_of(releasing: &mut [(u16, Sub, oneshot::Receiver<()>)]) -> usiz
     .await
 }
 
+/// The end of the subscribing task (pending while there is none).
+async fn joined<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Until the given shards change (pending for ever once their sender is gone).
 async fn given_changed(given: &mut Option<watch::Receiver<BTreeSet<u16>>>, closed: bool) -> bool {
     match given {
@@ -339,7 +437,7 @@ impl Source for RabbitSource {
             if let Some(event) = self.pending.pop_front() {
                 return Ok(Some(event));
             }
-            self.reconcile().await;
+            self.reconcile();
             if !self.pending.is_empty() {
                 continue;
             }
@@ -347,6 +445,7 @@ impl Source for RabbitSource {
             // broker sends ahead), but a new connection is still taken.
             let deliver = !self.paused && !self.subs.is_empty();
             let releasing = !self.releasing.is_empty();
+            let subscribing = self.subscribing.is_some();
             let start = self.rotation;
             tokio::select! {
                 biased;
@@ -365,13 +464,16 @@ impl Source for RabbitSource {
                     }
                     self.dirty = true;
                 }
+                done = joined(&mut self.subscribing), if subscribing => {
+                    self.subscribing = None;
+                    self.subscribed(done);
+                }
                 i = drained_of(&mut self.releasing), if releasing => {
                     let (_, sub, _) = self.releasing.remove(i);
                     self.dirty = true;
                     // The broker takes back what the dispatcher did not start, in
                     // its order, and activates the standby consumer.
-                    super::close_channel(&sub.channel, "shard let go").await;
-                    tracing::info!(queue = %sub.queue, "shard let go");
+                    sub.let_go(LET_GO);
                 }
                 (shard, delivery) = next_of(&mut self.subs, start), if deliver => {
                     self.rotation = self.rotation.wrapping_add(1);
@@ -379,6 +481,7 @@ impl Source for RabbitSource {
                         Some(Ok(d)) => {
                             let Some(sub) = self.subs.get(&shard) else { continue };
                             let message = self.message(sub, &d);
+                            tracing::trace!(queue = %sub.queue, lane = sub.lane.partition, tag = d.delivery_tag, redelivered = d.redelivered, id = ?d.properties.message_id(), "delivery");
                             self.link.activity.delivered();
                             let acker = Box::new(RabbitAcker {
                                 acker: d.acker,

@@ -132,13 +132,24 @@ impl Link {
     }
 
     /// The prefetch of each consumer: the worker's whole window for the single input
-    /// queue; divided among `consumers` shard queues (at least 8 each), which the
-    /// dispatcher's pause bounds anyway.
-    pub(super) fn prefetch_for(&self, consumers: usize) -> u16 {
-        if self.settings.broker.rabbitmq.shards == 0 {
+    /// queue; for a shard queue, the same for every shard and every replica that
+    /// shares the configuration (twice the window divided by the shards, at least 8),
+    /// whatever the number of shards this worker holds. The dispatcher's pause bounds
+    /// what is taken in anyway.
+    ///
+    /// Equal prefetches keep a shard in order across a handover. The broker puts a
+    /// departed consumer's unsettled deliveries at the tail of the queue's returns,
+    /// ahead of its fresh messages, and the next consumer is sent the returns first,
+    /// as many as its prefetch allows. Had it a smaller prefetch than its
+    /// predecessor, part of the returns would stay behind, and when this consumer in
+    /// turn let the shard go, its own returns (earlier tickets) would queue behind
+    /// them: a conversation's later ticket would go out first.
+    pub(super) fn prefetch_for_shards(&self) -> u16 {
+        let shards = self.settings.broker.rabbitmq.shards;
+        if shards == 0 {
             return self.prefetch;
         }
-        let each = usize::from(self.prefetch).div_ceil(consumers.max(1)).max(8);
+        let each = (2 * usize::from(self.prefetch)).div_ceil(usize::from(shards)).max(8);
         u16::try_from(each).unwrap_or(u16::MAX)
     }
 

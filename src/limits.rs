@@ -79,6 +79,19 @@ pub struct BudgetView {
     pub replicas: Vec<Lease>,
 }
 
+/// Which live worker holds which RabbitMQ input shard, as the workers compute it
+/// from the roster (`shard_members`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ShardsView {
+    /// The roster's scope: the broker's vhost and the input.
+    pub scope: String,
+    pub shards: u16,
+    /// Workers heard within this long divide the shards.
+    pub live_for_s: f64,
+    /// Each live worker and the shards it is given.
+    pub members: BTreeMap<String, Vec<u16>>,
+}
+
 /// Everything `ticketflow limits` shows.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Limits {
@@ -92,6 +105,8 @@ pub struct Limits {
     pub minutes: u32,
     pub providers: Vec<ProviderView>,
     pub budgets: Vec<BudgetView>,
+    /// RabbitMQ input shards (`broker.rabbitmq.shards` > 0); none otherwise.
+    pub input_shards: Option<ShardsView>,
 }
 
 const MEMBERS: &str = "SELECT provider, member, share, demand, extract(epoch FROM now() - seen_at)::float8 \
@@ -184,7 +199,9 @@ pub async fn gather(pool: &deadpool_postgres::Pool, settings: &Settings, minutes
             }
         })
         .collect();
+    let input_shards = shards_view(pool, settings).await?;
     Ok(Limits {
+        input_shards,
         shared,
         live_for_s: live_for,
         budget_time_zone: settings.limits.budget_time_zone.clone(),
@@ -192,6 +209,24 @@ pub async fn gather(pool: &deadpool_postgres::Pool, settings: &Settings, minutes
         providers,
         budgets,
     })
+}
+
+/// The input shards' division among the live workers, when the broker is RabbitMQ
+/// with shards.
+async fn shards_view(pool: &deadpool_postgres::Pool, settings: &Settings) -> Result<Option<ShardsView>, LedgerError> {
+    use crate::broker::rabbitmq::shards;
+    use shards::Roster as _;
+    let rabbit = &settings.broker.rabbitmq;
+    if settings.broker.kind != crate::settings::BrokerKind::Rabbitmq || rabbit.shards == 0 {
+        return Ok(None);
+    }
+    let scope = shards::scope(&rabbit.url, &settings.broker.topics.input);
+    let live_for = std::time::Duration::from_millis(rabbit.member_heartbeat_ms.max(1)) * shards::LIVE_HEARTBEATS;
+    let mut live = crate::ledger::meeting::PgRoster::new(pool.clone()).members(&scope, live_for).await?;
+    live.sort();
+    let members =
+        live.iter().map(|m| (m.clone(), shards::assign(rabbit.shards, &live, m).into_iter().collect())).collect();
+    Ok(Some(ShardsView { scope, shards: rabbit.shards, live_for_s: live_for.as_secs_f64(), members }))
 }
 
 /// The tables for a terminal.
@@ -241,6 +276,7 @@ pub fn render_table(l: &Limits) -> String {
     }
     if l.budgets.is_empty() {
         out.push_str("\nNo budget caps configured ([budgets.<tier>]) and none leased today.\n");
+        render_shards(l, &mut out);
         return out;
     }
     let mut budgets = Table::new();
@@ -283,7 +319,27 @@ pub fn render_table(l: &Limits) -> String {
         ]);
     }
     let _ = writeln!(out, "\nDaily budgets (days in {}):\n{budgets}", l.budget_time_zone);
+    render_shards(l, &mut out);
     out
+}
+
+/// Which worker holds which input shard, when there are shards.
+fn render_shards(l: &Limits, out: &mut String) {
+    if let Some(view) = &l.input_shards {
+        let mut table = Table::new();
+        table.load_preset(UTF8_FULL_CONDENSED).set_header(["worker", "input shards"]);
+        for (member, given) in &view.members {
+            let list: Vec<String> = given.iter().map(u16::to_string).collect();
+            table.add_row([member.clone(), list.join(",")]);
+        }
+        let heard = format!("workers heard within {:.0} s", view.live_for_s);
+        if view.members.is_empty() {
+            let _ =
+                writeln!(out, "\nInput shards of {} ({} shards): no live worker ({heard})", view.scope, view.shards);
+        } else {
+            let _ = writeln!(out, "\nInput shards of {} ({} shards, {heard}):\n{table}", view.scope, view.shards);
+        }
+    }
 }
 
 /// `part` as a percentage of `whole`; a whole of nothing is over as soon as anything

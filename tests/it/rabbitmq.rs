@@ -693,6 +693,21 @@ async fn three_sharded_workers_one_killed_one_added_keep_every_conversation_in_o
     run.wait_for_answers(run.total as u32 / 2).await;
     let added = run.worker(&short_leases);
     run.wait_for_all().await;
+    // `ticketflow limits` shows the three live workers and a shard division among
+    // them that leaves no shard out and gives none twice.
+    let out = bin()
+        .args(["limits", "--format", "json", "--database-url", &run.db.url])
+        .envs(run.names.env())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let limits: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let members = limits["input_shards"]["members"].as_object().unwrap_or_else(|| panic!("{limits}"));
+    assert_eq!(members.len(), 3, "{members:?}");
+    let mut given: Vec<u64> =
+        members.values().flat_map(|s| s.as_array().unwrap().iter().map(|n| n.as_u64().unwrap())).collect();
+    given.sort();
+    assert_eq!(given, (0..u64::from(SHARDS)).collect::<Vec<_>>(), "{members:?}");
     for worker in others.into_iter().chain([added]) {
         let (status, said) = stop_worker(worker);
         assert!(status.success(), "{said}");

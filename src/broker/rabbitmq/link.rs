@@ -104,6 +104,9 @@ impl Link {
         given: Option<watch::Receiver<BTreeSet<u16>>>,
     ) -> Result<(Arc<Link>, RabbitSource), RabbitError> {
         let session = establish(&settings, 0).await?;
+        if settings.broker.rabbitmq.shards > 0 {
+            warn_of_unsharded_tickets(&session.conn, &settings.broker.topics.input).await;
+        }
         let now = Instant::now();
         let link = Arc::new(Link {
             settings: settings.clone(),
@@ -370,6 +373,21 @@ async fn establish(settings: &Settings, generation: u32) -> Result<Session, Rabb
 impl Session {
     pub(super) fn conn(&self) -> &Connection {
         &self.conn
+    }
+}
+
+/// With input shards, tickets left in a queue named like the input (the single queue
+/// of `shards = 0`, from before an upgrade) are consumed by nobody: said once, at
+/// start, with what to do.
+async fn warn_of_unsharded_tickets(conn: &Connection, input: &str) {
+    if let Ok((ready, _)) = queue_counts(conn, input).await {
+        if ready > 0 {
+            tracing::warn!(
+                queue = input,
+                ready,
+                "the queue `{input}` (the single input queue of broker.rabbitmq.shards = 0) holds tickets that workers with input shards do not consume: drain it with one worker started with TICKETFLOW__BROKER__RABBITMQ__SHARDS=0 (README: Moving from the single queue to shards)"
+            );
+        }
     }
 }
 

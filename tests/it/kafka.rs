@@ -29,10 +29,16 @@ impl Cluster {
     }
 
     fn with_input_partitions(input: i32) -> Cluster {
+        let c = Cluster::without_input();
+        c.cluster.create_topic(&c.topic("in"), input, 1).unwrap();
+        c
+    }
+
+    /// The output topics only: the input topic is created later.
+    fn without_input() -> Cluster {
         let cluster = MockCluster::new(1).unwrap();
         let prefix = format!("tf-test-{}", uuid::Uuid::new_v4().simple());
         let c = Cluster { cluster, prefix };
-        c.cluster.create_topic(&c.topic("in"), input, 1).unwrap();
         for t in ["replies", "costs", "dlq"] {
             c.cluster.create_topic(&c.topic(t), PARTITIONS, 1).unwrap();
         }
@@ -757,5 +763,32 @@ async fn six_partitions_far_above_the_account_limit_are_answered_without_one_dea
     // The limit was binding: the work took at least the time the account needed for it.
     let needed = Duration::from_secs_f64(qwen.requests as f64 / (f64::from(RPM) / 60.0));
     assert!(took >= needed.mul_f64(0.9), "took {took:?}, the limit alone needs {needed:?}");
+    run.db.drop_db().await;
+}
+
+/// Issue 26: a worker started before its input topic exists says every few seconds
+/// that it waits for it (not one ERROR and silence), and answers the tickets produced
+/// once the topic is created, within seconds (librdkafka looks for a topic it lacks
+/// only at its metadata refresh, every five minutes by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_its_input_topic_exists_answers_once_it_is_created() {
+    let run = Run::new(Cluster::without_input()).await;
+    let (mut worker, said) = run.worker();
+    // Long enough for the worker to have joined its group and found no topic.
+    let waited = std::time::Instant::now();
+    while waited.elapsed() < Duration::from_secs(8) {
+        assert!(worker.try_wait().unwrap().is_none(), "the worker must wait, not exit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run.c.cluster.create_topic(&run.c.topic("in"), PARTITIONS, 1).unwrap();
+    let created = std::time::Instant::now();
+    produce_stdin(run.env.iter().cloned(), &synth_tickets(60, 20));
+    wait_for("every ticket answered", &mut worker, async || published_units(&run.db).await == 60).await;
+    let took = created.elapsed();
+    let said = stop(worker, said);
+    assert!(took < Duration::from_secs(30), "answered {took:?} after the topic was created");
+    let waits = said.matches("waiting for the input topic").count();
+    assert!(waits >= 2, "the worker says it waits, every few seconds: {said}");
+    assert!(!said.contains("ERROR"), "{said}");
     run.db.drop_db().await;
 }

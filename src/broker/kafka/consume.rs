@@ -66,6 +66,11 @@ impl ClientContext for Ctx {
         if self.statistics && error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
             self.connected.store(false, Ordering::Relaxed);
         }
+        if missing_topic(&error) {
+            // The polling thread says that it waits for the input, every few seconds.
+            tracing::debug!("librdkafka: {error}: {reason}");
+            return;
+        }
         tracing::error!("librdkafka: {error}: {reason}");
     }
 
@@ -221,6 +226,10 @@ impl KafkaSource {
             // dispatcher holds: a bound on memory while partitions are paused.
             .set("queued.max.messages.kbytes", "16384")
             .set("statistics.interval.ms", k.statistics_interval_ms.to_string())
+            // A subscribed topic that does not exist yet is looked for again at each
+            // metadata refresh: every five minutes by default, so a worker started
+            // before its input topic would wait that long once it is created.
+            .set("topic.metadata.refresh.interval.ms", INPUT_LOOK.as_millis().to_string())
             .create_with_context(Ctx {
                 control: control_tx,
                 offsets: offsets.clone(),
@@ -242,7 +251,8 @@ impl KafkaSource {
             .spawn({
                 let (consumer, offsets, stop) = (consumer.clone(), offsets.clone(), stop.clone());
                 let want_paused = want_paused.clone();
-                move || poll_loop(consumer, offsets, deliveries_tx, stop, want_paused)
+                let input = input.clone();
+                move || poll_loop(consumer, &input, offsets, deliveries_tx, stop, want_paused)
             })
             .map_err(|e| KafkaSetupError::Config(format!("cannot start the polling thread: {e}")))?;
         Ok(KafkaSource {
@@ -291,8 +301,27 @@ fn pause_assignment(consumer: &BaseConsumer<Ctx>, pause: bool) -> rdkafka::error
     }
 }
 
+/// How often a worker without partitions looks whether its input topic exists (and
+/// librdkafka refreshes its metadata, which finds a topic created meanwhile).
+const INPUT_LOOK: Duration = Duration::from_secs(5);
+
+/// An error that says a topic does not exist (yet).
+fn missing_topic(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::{UnknownTopic, UnknownTopicOrPartition};
+    matches!(error.rdkafka_error_code(), Some(UnknownTopic | UnknownTopicOrPartition))
+}
+
+/// Whether `topic` exists with partitions, as the cluster says; `None` when it could
+/// not be asked.
+fn topic_exists(consumer: &BaseConsumer<Ctx>, topic: &str) -> Option<bool> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(2)).ok()?;
+    let found = metadata.topics().iter().find(|t| t.name() == topic);
+    Some(found.is_some_and(|t| t.error().is_none() && !t.partitions().is_empty()))
+}
+
 fn poll_loop(
     consumer: Arc<BaseConsumer<Ctx>>,
+    input: &str,
     offsets: Arc<Offsets>,
     deliveries: mpsc::UnboundedSender<Delivery>,
     stop: Arc<AtomicBool>,
@@ -300,7 +329,21 @@ fn poll_loop(
 ) {
     let mut applied: Option<bool> = None;
     let mut applied_at = Instant::now();
+    // The first look a second after the start, when the group has had time to assign.
+    let mut looked_at = Instant::now().checked_sub(INPUT_LOOK - Duration::from_secs(1)).unwrap_or_else(Instant::now);
     while !stop.load(Ordering::Relaxed) {
+        // Without partitions, say every few seconds whether the input is missing.
+        if looked_at.elapsed() >= INPUT_LOOK {
+            looked_at = Instant::now();
+            let unassigned = consumer.assignment().is_ok_and(|a| a.count() == 0);
+            if unassigned && topic_exists(&consumer, input) == Some(false) {
+                tracing::warn!(
+                    topic = input,
+                    "waiting for the input topic `{input}`: it does not exist yet (`ticketflow topics` creates it); looking again in {} s",
+                    INPUT_LOOK.as_secs()
+                );
+            }
+        }
         let want = want_paused.load(Ordering::Relaxed);
         let reassigned = consumer.context().reassigned.swap(false, Ordering::Relaxed);
         if applied != Some(want) || reassigned || !want && applied_at.elapsed() >= RESUME_AGAIN {
@@ -339,6 +382,7 @@ fn poll_loop(
                     break; // the source is gone
                 }
             }
+            Some(Err(e)) if missing_topic(&e) => tracing::debug!(error = %super::reason(&e), "a topic is missing"),
             Some(Err(e)) => tracing::warn!(error = %super::reason(&e), "Kafka consumer error"),
             None => {}
         }

@@ -70,6 +70,16 @@ pub async fn check(
             once_dead.insert(ticket.to_owned());
         }
     }
+    // RabbitMQ's replay takes the dead letters off their queue: the ledger keeps them.
+    let recorded = db
+        .query(
+            "SELECT ticket_id FROM dead_letters WHERE ticket_id IS NOT NULL \
+             UNION SELECT ticket_id FROM units WHERE replay_count > 0",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("reading the ledger: {e}"))?;
+    once_dead.extend(recorded.iter().map(|r| r.get::<_, String>(0)));
     // Replies: one per ticket; copies identical; conversations in order. A
     // conversation's replies must share a partition (their key): in two, no consumer
     // could tell their order, which counts as a violation.

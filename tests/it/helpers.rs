@@ -319,3 +319,38 @@ pub fn check_paid_calls(mock: &ticketflow::mock_provider::MockServer, costs: &[V
     }
     lost
 }
+
+/// Tickets whose `ticket_id` and `conversation_id` are 128 characters (the most the
+/// intake allows) of 1, 3 and 4 bytes in UTF-8 (issue 27): 128, 384 and 512 bytes, past
+/// every 255-byte protocol field.
+pub fn longest_ids() -> Vec<(String, String)> {
+    ["x", "会", "𝒜"]
+        .iter()
+        .map(|c| {
+            let id = c.repeat(128);
+            let ticket = serde_json::json!({
+                "ticket_id": id, "conversation_id": id,
+                "messages": [{"role": "customer", "text": "Where is my order? It has been a week."}],
+            });
+            (id, ticket.to_string())
+        })
+        .collect()
+}
+
+/// Checks the outputs of [`longest_ids`]' tickets: one reply each, no dead letter,
+/// every cost record published once and each ticket's calls recorded in the ledger.
+pub async fn check_longest_ids(db: &crate::ledger_pg::TestDb, replies: &[Value], costs: &[Value], dead: usize) {
+    let ids: std::collections::BTreeSet<String> = longest_ids().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(dead, 0, "no dead letter");
+    let answered: std::collections::BTreeSet<String> =
+        replies.iter().map(|r| r["ticket_id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(answered, ids, "every ticket answered");
+    assert_eq!(replies.len(), ids.len(), "one reply each");
+    let mut calls = std::collections::BTreeSet::new();
+    for c in costs {
+        assert!(calls.insert(c["call_id"].as_str().unwrap().to_owned()), "a cost record published twice: {c}");
+        assert!(ids.contains(c["ticket_id"].as_str().unwrap()), "{c}");
+    }
+    let recorded: i64 = db.client().await.query_one("SELECT count(*) FROM cost_records", &[]).await.unwrap().get(0);
+    assert_eq!(recorded as usize, calls.len(), "the ledger's cost records are the published ones");
+}

@@ -792,3 +792,22 @@ async fn a_worker_started_before_its_input_topic_exists_answers_once_it_is_creat
     assert!(!said.contains("ERROR"), "{said}");
     run.db.drop_db().await;
 }
+
+/// Issue 27: tickets whose ids are 128 characters of 1, 3 and 4 bytes are answered on
+/// Kafka, each reply and cost record published once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_with_the_longest_ids_are_answered_once_on_kafka() {
+    let run = Run::new(Cluster::new()).await;
+    let tickets: Vec<String> = crate::helpers::longest_ids().into_iter().map(|(_, t)| t).collect();
+    produce_stdin(run.env.iter().cloned(), &(tickets.join("\n") + "\n"));
+    let (mut worker, said) = run.worker();
+    wait_for("every ticket answered", &mut worker, async || published_units(&run.db).await == tickets.len() as i64)
+        .await;
+    let said = stop(worker, said);
+    assert!(!said.contains("panicked"), "{said}");
+    let replies: Vec<serde_json::Value> = run.c.read_all(&run.c.topic("replies")).into_iter().flatten().collect();
+    let costs: Vec<serde_json::Value> = run.c.read_all(&run.c.topic("costs")).into_iter().flatten().collect();
+    let dead = run.c.count(&run.c.topic("dlq")) as usize;
+    crate::helpers::check_longest_ids(&run.db, &replies, &costs, dead).await;
+    run.db.drop_db().await;
+}

@@ -2021,3 +2021,28 @@ async fn a_shard_let_go_hands_its_unsettled_tickets_to_the_next_owner_first() {
     link_b.close().await;
     names.delete(&conn).await;
 }
+
+/// Issue 27: tickets whose ids are 128 characters of 1, 3 and 4 bytes (up to 512
+/// bytes, past the 255 bytes of an AMQP short string) are answered through the
+/// sharded input, each reply and cost record published once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_with_the_longest_ids_are_answered_once_on_rabbitmq() {
+    let names = Names { shards: 4, ..Names::sharded() };
+    let db = crate::ledger_pg::TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::helpers::instant_config(dir.path());
+    let tickets: Vec<String> = crate::helpers::longest_ids().into_iter().map(|(_, t)| t).collect();
+    produce_text(&names, &(tickets.join("\n") + "\n"));
+    let worker = start_worker_with(&names, &db.url, &config, &[]);
+    wait_until("every ticket answered", async || published_units(&db).await == tickets.len() as i64).await;
+    let (status, said) = stop_worker(worker);
+    assert!(status.success(), "{said}");
+    assert!(!said.contains("panicked"), "{said}");
+    let conn = connect().await;
+    let replies = take_all(&conn, &names.queue("replies")).await;
+    let costs = take_all(&conn, &names.queue("costs")).await;
+    let dead = take_all(&conn, &names.queue("dlq")).await;
+    crate::helpers::check_longest_ids(&db, &replies, &costs, dead.len()).await;
+    names.delete(&conn).await;
+    db.drop_db().await;
+}

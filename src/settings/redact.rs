@@ -13,9 +13,10 @@ impl Settings {
         }
         copy.broker.rabbitmq.url = redact_url(&copy.broker.rabbitmq.url);
         // Passthrough librdkafka properties may carry secrets (`sasl.password`,
-        // `ssl.key.password`, `sasl.oauthbearer.client.secret`).
+        // `ssl.key.pem`, `sasl.oauthbearer.config`): redacted by the shape of their
+        // name, not by a list of the ones known today.
         for (key, value) in copy.broker.kafka.properties.iter_mut() {
-            if ["password", "secret", "token"].iter().any(|s| key.contains(s)) {
+            if secret_shaped(key) && !value.is_empty() {
                 *value = "REDACTED".into();
             }
         }
@@ -26,31 +27,49 @@ impl Settings {
     }
 }
 
+/// Whether a property's name says its value may be a secret: it holds key, pem,
+/// secret, token, password, credential, oauth or sasl (`ssl.key.location` too, which
+/// is only a path: hiding a little too much is the safe side).
+pub fn secret_shaped(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["key", "pem", "secret", "token", "password", "credential", "oauth", "sasl"].iter().any(|s| name.contains(s))
+}
+
 /// Replaces the password of a URL, when it has one, and the values of query
 /// parameters that may carry secrets (`password`, `key`, `token`, `secret`, ...).
 /// A URL without a password shows none: `REDACTED` always stands for a secret that
 /// is there.
+///
+/// A password is not always percent-encoded as it should be: one holding `?`, `#`,
+/// `/` or `@` must not come out in part. So the user information runs from the
+/// scheme to the *last* `@` of the URL, whatever comes between; with a `@` in a query
+/// value this hides more than the password (the host too), never less.
 pub fn redact_url(url: &str) -> String {
     if !url.contains("://") && url.contains('=') {
         return redact_conninfo(url);
     }
-    let (base, query) = match url.split_once('?') {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_owned() };
+    let (mut out, rest) = match url[scheme_end..].rfind('@').map(|i| scheme_end + i) {
+        Some(at) => {
+            let userinfo = &url[scheme_end..at];
+            let shown = match userinfo.split_once(':') {
+                Some((user, _password)) => format!("{user}:REDACTED"),
+                None => userinfo.to_owned(),
+            };
+            (format!("{}{shown}@", &url[..scheme_end]), &url[at + 1..])
+        }
+        None => (url[..scheme_end].to_owned(), &url[scheme_end..]),
+    };
+    let (base, query) = match rest.split_once('?') {
         Some((base, query)) => (base, Some(query)),
-        None => (url, None),
+        None => (rest, None),
     };
-    let mut out = match (base.find("://"), base.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => match base[scheme_end + 3..at].split_once(':') {
-            Some((user, _password)) => format!("{}{user}:REDACTED{}", &base[..scheme_end + 3], &base[at..]),
-            None => base.to_owned(),
-        },
-        _ => base.to_owned(),
-    };
+    out.push_str(base);
     if let Some(query) = query {
-        let secret = secret_key;
         let params: Vec<String> = query
             .split('&')
             .map(|param| match param.split_once('=') {
-                Some((key, _)) if secret(key) => format!("{key}=REDACTED"),
+                Some((key, _)) if secret_key(key) => format!("{key}=REDACTED"),
                 _ => param.to_owned(),
             })
             .collect();
@@ -133,5 +152,41 @@ mod tests {
             redact_url("postgres://u@h/db?sslmode=verify-full&password=hunter2&sslrootcert=/ca.pem"),
             "postgres://u@h/db?sslmode=verify-full&password=REDACTED&sslrootcert=/ca.pem"
         );
+    }
+
+    #[test]
+    fn a_password_with_url_delimiters_in_it_is_hidden_whole() {
+        for password in ["pa?ss", "pa#ss", "pa@ss", "p/a?s#s@w", "?#@"] {
+            for url in [format!("postgres://u:{password}@h:5432/db"), format!("amqp://u:{password}@h/%2f?heartbeat=5")]
+            {
+                let shown = redact_url(&url);
+                assert!(
+                    shown.starts_with("postgres://u:REDACTED@h") || shown.starts_with("amqp://u:REDACTED@h"),
+                    "{url} -> {shown}"
+                );
+                assert!(!shown.contains(password), "{url} -> {shown}");
+            }
+        }
+        assert_eq!(redact_url("postgres://u:pa?ss@h/db"), "postgres://u:REDACTED@h/db");
+        assert_eq!(redact_url("amqp://u:a#b@c@h/%2f?heartbeat=5"), "amqp://u:REDACTED@h/%2f?heartbeat=5");
+    }
+
+    #[test]
+    fn properties_shaped_like_secrets_are_secret() {
+        for name in [
+            "sasl.password",
+            "ssl.key.pem",
+            "sasl.oauthbearer.config",
+            "ssl.keystore.password",
+            "ssl.certificate.pem",
+            "sasl.username",
+            "x.api_token",
+            "client.credentials",
+        ] {
+            assert!(secret_shaped(name), "{name}");
+        }
+        for name in ["fetch.max.bytes", "linger.ms", "compression.type", "client.rack"] {
+            assert!(!secret_shaped(name), "{name}");
+        }
     }
 }

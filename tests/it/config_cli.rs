@@ -91,13 +91,20 @@ fn kafka_passthrough_secrets_are_redacted() {
     let file = dir.path().join("kafka.toml");
     std::fs::write(
         &file,
-        "[broker.kafka.properties]\n\"sasl.password\" = \"hunter2\"\n\"fetch.max.bytes\" = \"1048576\"\n",
+        "[broker.kafka.properties]\n\"sasl.password\" = \"hunter2\"\n\"fetch.max.bytes\" = \"1048576\"\n\
+         \"ssl.key.pem\" = \"-----BEGIN PRIVATE KEY-----planted-pem\"\n\
+         \"sasl.oauthbearer.config\" = \"principal=x planted-oauth\"\n",
     )
     .unwrap();
-    let out = bin().arg("--config").arg(&file).arg("config").output().unwrap();
+    // Issue 27: a database password with URL delimiters in it, not percent-encoded.
+    let url = "postgres://u:pl?an@ted#pw@127.0.0.1:5432/db";
+    let out = bin().arg("--config").arg(&file).arg("config").env("TICKETFLOW__DATABASE__URL", url).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!text.contains("hunter2"), "{text}");
+    for planted in ["hunter2", "planted-pem", "planted-oauth", "pl?an", "ted#pw", "an@ted"] {
+        assert!(!text.contains(planted), "{planted}: {text}");
+    }
+    assert!(text.contains("postgres://u:REDACTED@127.0.0.1:5432/db"), "{text}");
     assert!(text.contains("\"fetch.max.bytes\" = \"1048576\""), "{text}");
 }
 

@@ -3,8 +3,9 @@
 //!
 //! One Aho-Corasick automaton per set scans the text once, whatever the number of
 //! words. Words in scripts with spaces (Latin, Vietnamese) must stand as whole words,
-//! so `sue` does not fire on "issue"; words in scripts without spaces (Chinese, Thai)
-//! match anywhere.
+//! so `sue` does not fire on "issue", and numbers as whole numbers, so `12315` does
+//! not fire on order `#112315`; words in scripts without spaces (Chinese, Thai) match
+//! anywhere, next to digits too (`拨打12315投诉`).
 
 use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 
@@ -34,7 +35,9 @@ impl KeywordSet {
                 if w.is_empty() {
                     continue;
                 }
-                let whole_word = w.chars().any(|c| c.is_alphabetic() && !is_unspaced_script(c));
+                // Letters of spaced scripts and digits stand as whole words and
+                // numbers: `12315` (a complaints hotline) is not in order `#112315`.
+                let whole_word = w.chars().any(|c| c.is_alphanumeric() && !is_unspaced_script(c));
                 patterns.push((gi, whole_word));
                 words.push(w);
             }
@@ -130,6 +133,16 @@ mod tests {
         assert_eq!(s.count("there is an issue"), vec![0]);
         assert_eq!(s.count("i will sue you"), vec![1]);
         assert_eq!(s.count("i'll take legal action."), vec![1]);
+    }
+
+    #[test]
+    fn numbers_need_number_boundaries_in_every_script() {
+        let s = set(&["12315"]);
+        assert_eq!(s.count("where is my order #112315?"), vec![0]);
+        assert_eq!(s.count("order 123150 and 912315"), vec![0]);
+        assert_eq!(s.count("i will call 12315 today"), vec![1]);
+        assert_eq!(s.count("我要打12315投诉"), vec![1]);
+        assert_eq!(s.count("订单号1123156还没到"), vec![0]);
     }
 
     #[test]

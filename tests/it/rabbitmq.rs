@@ -86,6 +86,15 @@ impl Names {
         let headers = [("conversation_id", conversation)];
         channel.send_ticket(&input, payload, id, &headers, conversation).await.unwrap().confirmed().await.unwrap();
     }
+    /// Publishes `n` tickets `T-00`, `T-01`, … each in a conversation of its own, as
+    /// [`Names::publish_input`] does.
+    async fn publish_numbered(&self, conn: &Connection, n: usize) {
+        let channel = Confirmed::open(conn).await.unwrap();
+        for i in 0..n {
+            let ticket = format!(r#"{{"ticket_id":"T-{i:02}","conversation_id":"C-{i}","messages":[]}}"#);
+            self.publish_input(&channel, ticket.as_bytes(), &format!("T-{i:02}"), &format!("C-{i}")).await;
+        }
+    }
     /// Ready messages over every input queue.
     async fn ready_input(&self, conn: &Connection) -> u32 {
         let mut n = 0;
@@ -1922,12 +1931,8 @@ async fn shards_are_consumed_whole_though_the_dispatcher_drops_unfinished_polls(
     let names = Names { shards: 4, ..Names::sharded() };
     assert!(names.topics(&[]).status.success());
     let conn = connect().await;
-    let channel = Confirmed::open(&conn).await.unwrap();
     const TICKETS: usize = 40;
-    for i in 0..TICKETS {
-        let ticket = format!(r#"{{"ticket_id":"T-{i}","conversation_id":"C-{i}","messages":[]}}"#);
-        names.publish_input(&channel, ticket.as_bytes(), &format!("T-{i}"), &format!("C-{i}")).await;
-    }
+    names.publish_numbered(&conn, TICKETS).await;
     let (give, given) = tokio::sync::watch::channel(std::collections::BTreeSet::new());
     let (link, mut source) = Link::open(settings_of(&names, &[]), 8, Some(given)).await.unwrap();
     give.send((0..names.shards).collect()).unwrap();
@@ -1966,11 +1971,7 @@ async fn a_shard_let_go_hands_its_unsettled_tickets_to_the_next_owner_first() {
     let names = Names { shards: 1, ..Names::sharded() };
     assert!(names.topics(&[]).status.success());
     let conn = connect().await;
-    let channel = Confirmed::open(&conn).await.unwrap();
-    for i in 0..40 {
-        let ticket = format!(r#"{{"ticket_id":"T-{i:02}","conversation_id":"C-{i}","messages":[]}}"#);
-        names.publish_input(&channel, ticket.as_bytes(), &format!("T-{i:02}"), &format!("C-{i}")).await;
-    }
+    names.publish_numbered(&conn, 40).await;
     let next = async |source: &mut RabbitSource| within(source.next()).await.unwrap().unwrap();
     let id = |event: SourceEvent| match event {
         SourceEvent::Delivery(d) => (String::from_utf8_lossy(&d.message.payload)[14..18].to_owned(), d),

@@ -1,10 +1,9 @@
 //! Consuming the input: manual acks, `basic_qos` prefetch bounding what the broker
 //! sends ahead (twice the in-flight budget, what the dispatcher may hold; the same
 //! for every shard, see [`Link::prefetch_for_shards`]), and each AMQP delivery turned
-//! into a [`Message`] with
-//! its ordering key (the `conversation_id` header, or the ticket's own
-//! `conversation_id` when a producer set no header) and its replay count (the
-//! `x-replay-count` header).
+//! into a [`Message`] with its ordering key (the `conversation_id` header, or the
+//! ticket's own `conversation_id` when a producer set no header) and its replay count
+//! (the `x-replay-count` header).
 //!
 //! Each subscription (the single input queue, or one shard queue, on a channel of its
 //! own) is a lane with a number of its own: a message's `source.topic` is its queue,
@@ -214,7 +213,7 @@ impl RabbitSource {
             if let Some(sub) = self.subs.remove(&shard) {
                 self.consumed(&sub.queue, false);
                 let (drained, waiting) = oneshot::channel();
-                tracing::info!(queue = %sub.queue, "letting a shard go: its started tickets finish, then its consumer is cancelled");
+                tracing::info!(queue = %sub.queue, "letting a shard go: its started tickets finish, then its channel is closed");
                 self.pending.push_back(SourceEvent::Revoked { lanes: vec![sub.lane.clone()], drained });
                 self.releasing.push((shard, sub, waiting));
             }
@@ -307,15 +306,22 @@ impl RabbitSource {
     /// The connection is gone: every subscription's lane is revoked (the broker has
     /// taken their deliveries back already), and nothing waits for a drain.
     fn lose_all(&mut self) {
-        for (_, sub) in std::mem::take(&mut self.subs) {
+        for sub in self.subs.values() {
             let (drained, _) = oneshot::channel();
             self.pending.push_back(SourceEvent::Revoked { lanes: vec![sub.lane.clone()], drained });
-            sub.let_go("connection lost");
+        }
+        self.let_go_all("connection lost");
+        self.link.activity.consumed.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Lets go of every subscription, those being let go included.
+    fn let_go_all(&mut self, why: &'static str) {
+        for (_, sub) in std::mem::take(&mut self.subs) {
+            sub.let_go(why);
         }
         for (_, sub, _) in self.releasing.drain(..) {
-            sub.let_go("connection lost");
+            sub.let_go(why);
         }
-        self.link.activity.consumed.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     fn message(&self, sub: &Sub, d: &lapin::message::Delivery) -> Message {
@@ -354,12 +360,7 @@ impl Drop for RabbitSource {
     /// The worker stops: every channel is closed before its consumer goes (see
     /// [`Sub::let_go`]), so that what was handed back returns in order.
     fn drop(&mut self) {
-        for (_, sub) in std::mem::take(&mut self.subs) {
-            sub.let_go("worker stopping");
-        }
-        for (_, sub, _) in self.releasing.drain(..) {
-            sub.let_go("worker stopping");
-        }
+        self.let_go_all("worker stopping");
     }
 }
 
